@@ -1,0 +1,590 @@
+"""CrossFormer (arXiv 2108.00154) and CrossFormer++ (arXiv 2303.06908).
+
+Parts, in the papers' names:
+- CEL, cross-scale embedding layer: several convolutions of different kernel sizes (same
+  stride) whose outputs are concatenated along channels (``PatchEmbed``, ``PatchMerging``).
+- LSDA, long short distance attention: blocks alternate SDA (adjacent ``G x G`` groups) and
+  LDA (``G x G`` tokens sampled with a fixed ``interval``) (``CrossFormerBlock``).
+- DPB, dynamic position bias: an MLP maps relative coordinates to per-head biases
+  (``DynamicPosBias``), so no weight depends on the input size.
+- PGS, progressive group size (CrossFormer++): per-stage group sizes / intervals.
+- ACL, amplitude cooling layer (CrossFormer++): depthwise 3x3 conv + LayerNorm after every
+  third block of a stage except the stage's last block.
+
+Parameter names and shapes equal the official release, so its checkpoints load with
+``strict=True``. Padding and masks are computed for the size given at run time (cached per
+size), so one instance runs at any ``H, W`` that are multiples of 32.
+
+Attention uses ``F.scaled_dot_product_attention`` with the position bias and padding mask
+merged into one additive bias in the query dtype; ``Attention.reference_attention`` keeps
+the plain explicit formulation for tests.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint as checkpoint
+from timm.layers import DropPath, Mlp, trunc_normal_
+
+_logger = logging.getLogger(__name__)
+
+# Input sizes must be multiples of this: stem stride 4 times three stride-2 merges.
+SIZE_DIVISOR = 32
+
+
+def check_input_size(height: int, width: int) -> None:
+    """Raise a ValueError unless ``height`` and ``width`` are positive multiples of 32.
+
+    Args:
+        height: input image height in pixels.
+        width: input image width in pixels.
+    """
+    if height <= 0 or width <= 0 or height % SIZE_DIVISOR or width % SIZE_DIVISOR:
+        raise ValueError(
+            f"input size {height}x{width} is not supported: CrossFormer needs height and width "
+            f"that are positive multiples of {SIZE_DIVISOR} (e.g. 224, 256, 384); "
+            f"resize or pad the input"
+        )
+
+
+def relative_position_index(group_h: int, group_w: int, device: torch.device) -> torch.Tensor:
+    """Index into the ``(2Gh-1)*(2Gw-1)`` relative-offset table for every token pair.
+
+    Args:
+        group_h: group height ``Gh`` in tokens.
+        group_w: group width ``Gw`` in tokens.
+        device: device of the result.
+
+    Returns:
+        ``(Gh*Gw, Gh*Gw)`` int64 tensor.
+    """
+    coords = torch.stack(
+        torch.meshgrid(
+            torch.arange(group_h, device=device), torch.arange(group_w, device=device), indexing="ij"
+        )
+    ).flatten(1)  # (2, N)
+    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N)
+    return (rel[0] + group_h - 1) * (2 * group_w - 1) + (rel[1] + group_w - 1)
+
+
+def relative_offsets(group_h: int, group_w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """All relative offsets ``(dh, dw)`` of a ``Gh x Gw`` group, row-major.
+
+    Returns:
+        ``((2Gh-1)*(2Gw-1), 2)`` tensor of ``dtype``.
+    """
+    dh = torch.arange(1 - group_h, group_h, device=device)
+    dw = torch.arange(1 - group_w, group_w, device=device)
+    return torch.stack(torch.meshgrid(dh, dw, indexing="ij")).flatten(1).t().to(dtype)
+
+
+class DynamicPosBias(nn.Module):
+    """DPB: an MLP from a relative offset ``(dh, dw)`` to one bias per head.
+
+    Args:
+        dim: width of the hidden layers.
+        num_heads: number of attention heads (outputs).
+    """
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.pos_proj = nn.Linear(2, dim)
+        self.pos1 = nn.Sequential(nn.LayerNorm(dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+        self.pos2 = nn.Sequential(nn.LayerNorm(dim), nn.ReLU(inplace=True), nn.Linear(dim, dim))
+        self.pos3 = nn.Sequential(nn.LayerNorm(dim), nn.ReLU(inplace=True), nn.Linear(dim, num_heads))
+
+    def forward(self, offsets: torch.Tensor) -> torch.Tensor:
+        """``(M, 2)`` offsets -> ``(M, num_heads)`` biases."""
+        return self.pos3(self.pos2(self.pos1(self.pos_proj(offsets))))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention inside groups, with a dynamic position bias.
+
+    Args:
+        dim: token width.
+        num_heads: number of heads.
+        qkv_bias: whether the qkv projection has a bias.
+        attn_drop: dropout on attention weights.
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}; choose a divisor")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.pos = DynamicPosBias(dim // 4 // 4, num_heads)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        # Eval-mode cache of the position bias: key -> (nH, N, N) tensor.
+        self._bias_cache: Dict[tuple, torch.Tensor] = {}
+
+    def clear_cache(self) -> None:
+        """Drop the cached eval-mode position bias."""
+        self._bias_cache = {}
+
+    def _weights_version(self) -> int:
+        # In-place updates (optimizer steps, load_state_dict, EMA) bump _version.
+        return sum(p._version for p in self.pos.parameters())
+
+    def position_bias(self, group_h: int, group_w: int, device: torch.device) -> torch.Tensor:
+        """Position bias of a ``Gh x Gw`` group, float32, ``(nH, N, N)``.
+
+        Computed once per call; in eval mode without autograd it is cached until the DPB
+        weights change.
+        """
+        use_cache = not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        key = (group_h, group_w, device, self._weights_version())
+        if use_cache and key in self._bias_cache:
+            return self._bias_cache[key]
+        table = self.pos(relative_offsets(group_h, group_w, device, self.pos.pos_proj.weight.dtype))  # ((2Gh-1)(2Gw-1), nH)
+        index = relative_position_index(group_h, group_w, device)  # (N, N)
+        bias = table[index.view(-1)].view(index.shape[0], index.shape[1], -1).permute(2, 0, 1)  # (nH, N, N)
+        if use_cache:
+            self._bias_cache = {key: bias}
+        return bias
+
+    def forward(self, qkv: torch.Tensor, bias: torch.Tensor, reference: bool = False) -> torch.Tensor:
+        """Attention over grouped, already projected ``qkv``.
+
+        Args:
+            qkv: ``(3, B, nG, nH, N, d)``.
+            bias: additive bias, ``(nH, N, N)`` (shared by all groups) or ``(nG, nH, N, N)``.
+            reference: use the plain explicit formulation (softmax of QK^T*scale + bias, then V).
+
+        Returns:
+            ``(B, nG, nH, N, d)``.
+        """
+        _, batch, num_groups, heads, tokens, head_dim = qkv.shape
+        q, k, v = qkv.unbind(0)
+        if reference:
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, nG, nH, N, N)
+            attn = (attn + bias).softmax(dim=-1)
+            attn = F.dropout(attn, self.attn_drop, self.training)
+            return attn @ v
+        bias = bias.to(q.dtype)
+        if bias.dim() == 3:
+            # One bias for every group: fold groups into the batch dimension.
+            shape = (batch * num_groups, heads, tokens, head_dim)
+            mask = bias.unsqueeze(0)  # (1, nH, N, N)
+        else:
+            # Per-group bias (padding): fold groups into the head dimension instead.
+            shape = (batch, num_groups * heads, tokens, head_dim)
+            mask = bias.reshape(1, num_groups * heads, tokens, tokens)
+        out = F.scaled_dot_product_attention(
+            q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=mask,
+            dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale,
+        )
+        return out.view(batch, num_groups, heads, tokens, head_dim)
+
+
+class CrossFormerBlock(nn.Module):
+    """Transformer block with SDA or LDA grouping, an MLP, and an optional ACL.
+
+    Args:
+        dim: token width.
+        num_heads: number of heads.
+        group_size: SDA group side ``G`` (and the threshold under which the whole map is one group).
+        interval: LDA sampling interval ``I``.
+        long_distance: True for LDA, False for SDA.
+        mlp_ratio: MLP hidden width / dim.
+        drop: dropout rate.
+        attn_drop: attention dropout rate.
+        drop_path: stochastic depth rate.
+        use_acl: append an amplitude cooling layer (depthwise 3x3 conv + LayerNorm).
+    """
+
+    def __init__(
+        self, dim: int, num_heads: int, group_size: int, interval: int, long_distance: bool,
+        mlp_ratio: float = 4.0, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+        use_acl: bool = False,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.group_size = group_size
+        self.interval = interval
+        self.long_distance = long_distance
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+        self.use_acl = use_acl
+        if use_acl:
+            self.ex_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+            self.ex_ln = nn.LayerNorm(dim)
+        # Padding masks, cached per (H, W, device): see grouping().
+        self._mask_cache: Dict[tuple, Optional[torch.Tensor]] = {}
+        self.reference_attention = False
+
+    def grouping(self, height: int, width: int) -> Tuple[int, int, int, int]:
+        """How an ``height x width`` map is grouped.
+
+        SDA groups are adjacent ``G x G`` windows. LDA groups are ``G x G`` tokens sampled with
+        interval ``I`` inside regions of ``G*I x G*I`` tokens. SDA is LDA with ``I = 1``. A map
+        no larger than a group (``min(H, W) <= G``) is one SDA group of side ``max(H, W)``.
+
+        Returns:
+            ``(group, interval, pad_h, pad_w)``: group side, sampling interval, and the
+            bottom / right padding that makes the map a multiple of ``group * interval``.
+        """
+        if min(height, width) <= self.group_size:
+            group, interval = max(height, width), 1
+        else:
+            group, interval = self.group_size, (self.interval if self.long_distance else 1)
+        unit = group * interval
+        return group, interval, (-height) % unit, (-width) % unit
+
+    def padding_mask(self, height: int, width: int, device: torch.device) -> Optional[torch.Tensor]:
+        """Additive key mask of padded tokens per group (cached per size), or None without padding.
+
+        Returns:
+            ``(nG, 1, 1, N)`` float32: 0 for real tokens, -inf for padding.
+        """
+        key = (height, width, device)
+        if key not in self._mask_cache:
+            group, interval, pad_h, pad_w = self.grouping(height, width)
+            mask = None
+            if pad_h or pad_w:
+                padded = torch.zeros(1, height + pad_h, width + pad_w, 1, device=device)
+                padded[:, height:] = float("-inf")
+                padded[:, :, width:] = float("-inf")
+                mask = group_tokens(padded, group, interval)  # (1, nG, N, 1)
+                mask = mask[0].transpose(1, 2).unsqueeze(1)  # (nG, 1, 1, N)
+            self._mask_cache[key] = mask
+        return self._mask_cache[key]
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Grouped self-attention with output projection, ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
+        batch, height, width, channels = x.shape
+        group, interval, pad_h, pad_w = self.grouping(height, width)
+        heads, head_dim = self.attn.num_heads, self.attn.head_dim
+        padding = (0, 0, 0, pad_w, 0, pad_h)
+        if self.reference_attention:
+            # The official formulation: pad the tokens, then project every (padded) token.
+            qkv = self.attn.qkv(F.pad(x, padding))  # (B, Hp, Wp, 3C)
+        else:
+            # qkv is per-token, so project before grouping (the grouping permute then moves qkv
+            # once) and before padding: values at padded positions do not matter, as they are
+            # masked as keys and cropped as queries.
+            qkv = F.pad(self.attn.qkv(x), padding)  # (B, Hp, Wp, 3C)
+        grouped = group_tokens(qkv, group, interval)  # (B, nG, N, 3C)
+        num_groups, tokens = grouped.shape[1], grouped.shape[2]
+        grouped = grouped.view(batch, num_groups, tokens, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5)
+        bias = self.attn.position_bias(group, group, x.device)  # (nH, N, N)
+        mask = self.padding_mask(height, width, x.device)
+        if mask is not None:
+            bias = bias + mask  # (nG, nH, N, N)
+        out = self.attn(grouped, bias, reference=self.reference_attention)  # (B, nG, nH, N, d)
+        out = out.transpose(2, 3).reshape(batch, num_groups, tokens, channels)  # (B, nG, N, C)
+        out = ungroup_tokens(out, group, interval, height + pad_h, width + pad_w)  # (B, Hp, Wp, C)
+        out = out[:, :height, :width]
+        return self.attn.proj_drop(self.attn.proj(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` -> ``(B, H, W, C)``."""
+        x = x + self.drop_path(self.attention(self.norm1(x)))
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.use_acl:
+            # Amplitude cooling: no residual, the LayerNorm resets the amplitude.
+            x = self.ex_ln(self.ex_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        return x
+
+
+def group_tokens(x: torch.Tensor, group: int, interval: int) -> torch.Tensor:
+    """Split a padded map into groups of ``group x group`` tokens.
+
+    Token ``(r*G*I + g*I + i)`` along each axis belongs to group ``(r, i)`` at position ``g``:
+    ``interval=1`` gives adjacent windows (SDA), ``interval=I`` tokens ``I`` apart (LDA).
+
+    Args:
+        x: ``(B, Hp, Wp, C)`` with ``Hp, Wp`` multiples of ``group * interval``.
+        group: group side ``G``.
+        interval: sampling interval ``I``.
+
+    Returns:
+        ``(B, nG, G*G, C)`` with groups ordered (region row, region col, i_h, i_w).
+    """
+    batch, height, width, channels = x.shape
+    rows, cols = height // (group * interval), width // (group * interval)
+    x = x.view(batch, rows, group, interval, cols, group, interval, channels)
+    x = x.permute(0, 1, 4, 3, 6, 2, 5, 7)  # (B, Rh, Rw, I, I, G, G, C)
+    return x.reshape(batch, rows * cols * interval * interval, group * group, channels)
+
+
+def ungroup_tokens(x: torch.Tensor, group: int, interval: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`group_tokens`: ``(B, nG, G*G, C)`` -> ``(B, Hp, Wp, C)``."""
+    batch, channels = x.shape[0], x.shape[-1]
+    rows, cols = height // (group * interval), width // (group * interval)
+    x = x.view(batch, rows, cols, interval, interval, group, group, channels)
+    x = x.permute(0, 1, 5, 3, 2, 6, 4, 7)  # (B, Rh, G, I, Rw, G, I, C)
+    return x.reshape(batch, height, width, channels)
+
+
+def cross_scale_split(out_dim: int, num_kernels: int) -> List[int]:
+    """Output channels of each CEL convolution: halves, the last two equal (64 -> 32, 16, 8, 8)."""
+    return [out_dim // 2 ** (i + 1) if i < num_kernels - 1 else out_dim // 2 ** i for i in range(num_kernels)]
+
+
+class PatchEmbed(nn.Module):
+    """CEL stem: convolutions of several kernel sizes, stride ``kernel_sizes[0]``, concatenated.
+
+    Args:
+        kernel_sizes: e.g. ``(4, 8, 16, 32)``; the first one is the stride.
+        in_chans: input channels.
+        embed_dim: output channels (split by :func:`cross_scale_split`).
+    """
+
+    def __init__(self, kernel_sizes: Sequence[int], in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        stride = kernel_sizes[0]
+        self.projs = nn.ModuleList(
+            nn.Conv2d(in_chans, dim, kernel, stride=stride, padding=(kernel - stride) // 2)
+            for kernel, dim in zip(kernel_sizes, cross_scale_split(embed_dim, len(kernel_sizes)))
+        )
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> ``(B, H/4, W/4, C)``."""
+        x = torch.cat([proj(x) for proj in self.projs], dim=1)
+        return self.norm(x.permute(0, 2, 3, 1))
+
+
+class PatchMerging(nn.Module):
+    """CEL between stages: LayerNorm, then stride-2 convolutions of several kernel sizes.
+
+    Args:
+        dim: input channels; the output has ``2 * dim``.
+        kernel_sizes: e.g. ``(2, 4)``.
+    """
+
+    def __init__(self, dim: int, kernel_sizes: Sequence[int]) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        stride = 2
+        self.reductions = nn.ModuleList(
+            nn.Conv2d(dim, out, kernel, stride=stride, padding=(kernel - stride) // 2)
+            for kernel, out in zip(kernel_sizes, cross_scale_split(2 * dim, len(kernel_sizes)))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` -> ``(B, H/2, W/2, 2C)``."""
+        x = self.norm(x).permute(0, 3, 1, 2)
+        return torch.cat([reduction(x) for reduction in self.reductions], dim=1).permute(0, 2, 3, 1)
+
+
+class Stage(nn.Module):
+    """Blocks alternating SDA / LDA, then an optional patch merging.
+
+    Args:
+        dim: token width.
+        depth: number of blocks.
+        num_heads: heads per block.
+        group_size: SDA group side.
+        interval: LDA interval.
+        mlp_ratio: MLP ratio.
+        drop, attn_drop: dropout rates.
+        drop_path: per-block stochastic depth rates (``depth`` values).
+        merge_kernels: kernel sizes of the following patch merging, or None for the last stage.
+        use_acl: amplitude cooling after blocks 3, 6, ... except the last block.
+    """
+
+    def __init__(
+        self, dim: int, depth: int, num_heads: int, group_size: int, interval: int, mlp_ratio: float,
+        drop: float, attn_drop: float, drop_path: Sequence[float], merge_kernels: Optional[Sequence[int]],
+        use_acl: bool,
+    ) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            CrossFormerBlock(
+                dim, num_heads, group_size, interval, long_distance=i % 2 == 1, mlp_ratio=mlp_ratio,
+                drop=drop, attn_drop=attn_drop, drop_path=drop_path[i],
+                use_acl=use_acl and (i + 1) % 3 == 0 and i != depth - 1,
+            )
+            for i in range(depth)
+        )
+        self.downsample = PatchMerging(dim, merge_kernels) if merge_kernels else None
+        self.grad_checkpointing = False
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, H, W, C)`` through all blocks."""
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(B, H, W, C)`` -> (stage output ``(B, H, W, C)``, next stage input or the same)."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint.checkpoint(self.run_blocks, x, use_reentrant=False)
+        else:
+            x = self.run_blocks(x)
+        return x, (self.downsample(x) if self.downsample is not None else x)
+
+
+class CrossFormer(nn.Module):
+    """CrossFormer / CrossFormer++ classifier and backbone.
+
+    Args:
+        num_classes: classes of the head; 0 for a feature extractor (``head`` is Identity).
+        embed_dim: stage-1 width (doubles every stage).
+        depths: blocks per stage.
+        num_heads: heads per stage.
+        group_size: SDA group side per stage.
+        crs_interval: LDA interval per stage.
+        use_acl: amplitude cooling layers (CrossFormer++).
+        patch_size: CEL stem kernels (the first is the stride).
+        merge_size: CEL merge kernels per stage transition.
+        mlp_ratio: MLP ratio per stage.
+        in_chans: input channels.
+        drop_rate, attn_drop_rate: dropout rates.
+        drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
+        use_checkpoint: gradient checkpointing per stage.
+    """
+
+    def __init__(
+        self, num_classes: int = 1000, embed_dim: int = 64, depths: Sequence[int] = (2, 2, 18, 2),
+        num_heads: Sequence[int] = (2, 4, 8, 16), group_size: Sequence[int] = (4, 4, 14, 7),
+        crs_interval: Sequence[int] = (4, 2, 1, 1), use_acl: bool = True,
+        patch_size: Sequence[int] = (4, 8, 16, 32),
+        merge_size: Sequence[Sequence[int]] = ((2, 4), (2, 4), (2, 4)),
+        mlp_ratio: Sequence[float] = (4.0, 4.0, 4.0, 4.0), in_chans: int = 3, drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        num_stages = len(depths)
+        for name, values in (("num_heads", num_heads), ("group_size", group_size),
+                             ("crs_interval", crs_interval), ("mlp_ratio", mlp_ratio)):
+            if len(values) != num_stages:
+                raise ValueError(
+                    f"{name} has {len(values)} entries but depths has {num_stages} stages; give one per stage"
+                )
+        if len(merge_size) != num_stages - 1:
+            raise ValueError(f"merge_size needs {num_stages - 1} entries (one per stage transition), got {len(merge_size)}")
+        self.num_classes = num_classes
+        self.num_features = embed_dim * 2 ** (num_stages - 1)
+        self.stage_dims = [embed_dim * 2 ** i for i in range(num_stages)]
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.pos_drop = nn.Dropout(drop_rate)
+        total = sum(depths)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]  # linear from 0
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            start = sum(depths[:i])
+            self.layers.append(Stage(
+                self.stage_dims[i], depth, num_heads[i], group_size[i], crs_interval[i], mlp_ratio[i],
+                drop_rate, attn_drop_rate, rates[start:start + depth],
+                merge_size[i] if i < num_stages - 1 else None, use_acl,
+            ))
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+        self.set_grad_checkpointing(use_checkpoint)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage's activations in backward to save memory."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    def set_reference_attention(self, enable: bool = True) -> None:
+        """Use the plain explicit attention (softmax(QK^T*scale + bias) V) in every block."""
+        for module in self.modules():
+            if isinstance(module, CrossFormerBlock):
+                module.reference_attention = enable
+
+    def no_weight_decay(self) -> Set[str]:
+        """Names of parameters that take no weight decay: norms, biases and other 1-D tensors."""
+        return {name for name, param in self.named_parameters() if param.ndim <= 1 or name.endswith(".bias")}
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head (freshly initialised) for ``num_classes`` (0 = Identity)."""
+        self.num_classes = num_classes
+        device = self.norm.weight.device
+        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        self.head.apply(_init_weights)
+
+    def forward_stages(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Feature maps of all stages for dense prediction.
+
+        Args:
+            x: ``(B, 3, H, W)``, ``H, W`` multiples of 32.
+
+        Returns:
+            One ``(B, C_i, H / 2^(i+2), W / 2^(i+2))`` tensor per stage (before patch merging).
+        """
+        return [out.permute(0, 3, 1, 2) for out in self._stages(x)[0]]
+
+    def _stages(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        check_input_size(x.shape[-2], x.shape[-1])
+        x = self.pos_drop(self.patch_embed(x))  # (B, H/4, W/4, C)
+        outs = []
+        for stage in self.layers:
+            out, x = stage(x)
+            outs.append(out)
+        return outs, x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> pooled features ``(B, num_features)``."""
+        x = self._stages(x)[1]
+        return self.norm(x).mean(dim=(1, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> logits ``(B, num_classes)`` (features if ``num_classes == 0``)."""
+        return self.head(self.forward_features(x))
+
+    @torch.no_grad()
+    def macs(self, img_size: int | Tuple[int, int] = 224, reference: bool = True) -> int:
+        """Multiply-accumulates of one forward pass of one image.
+
+        Counted with ``torch.utils.flop_counter.FlopCounterMode`` (its FLOP total / 2):
+        convolutions, linear layers, attention matmuls and the position-bias MLP of every
+        block. With ``reference=True`` (default) the count runs the plain reference
+        formulation, which is the official one, so the numbers compare with the papers' and
+        the model zoo's. ``reference=False`` counts the fast path, which does slightly less
+        work (no qkv projection of padding tokens).
+
+        Args:
+            img_size: ``H`` (square) or ``(H, W)``.
+            reference: count the reference formulation instead of the fast path.
+        """
+        from torch.utils.flop_counter import FlopCounterMode
+
+        height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+        param = next(self.parameters())
+        x = torch.zeros(1, 3, height, width, device=param.device, dtype=param.dtype)
+        was_training = self.training
+        blocks = [m for m in self.modules() if isinstance(m, CrossFormerBlock)]
+        saved = [block.reference_attention for block in blocks]
+        # Eval mode (no randomness) with empty caches: every block's DPB MLP is counted once.
+        self.eval()
+        self.set_reference_attention(reference)
+        for block in blocks:
+            block.attn.clear_cache()
+        try:
+            with FlopCounterMode(display=False) as counter:
+                self(x)
+        finally:
+            self.train(was_training)
+            for block, flag in zip(blocks, saved):
+                block.reference_attention = flag
+        return counter.get_total_flops() // 2
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

@@ -1,0 +1,217 @@
+"""Models: official parity (fixtures), registry, any input size, gradients, fast vs reference path."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import models
+from models import CrossFormer, create_model, list_models
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
+VARIANTS = json.loads((FIXTURES / "variants.json").read_text())
+
+# Table of the models issue (and the model zoo in the README).
+EXPECTED_PARAMS = {
+    "crossformer_t": 27_776_794,
+    "crossformer_s": 30_657_394,
+    "crossformer_b": 51_971_554,
+    "crossformer_l": 91_971_184,
+    "crossformerpp_s": 23_325_340,
+    "crossformerpp_b": 51_994_594,
+    "crossformerpp_l": 92_001_904,
+    "crossformerpp_h": 95_962_944,
+}
+
+
+def tiny(name: str = "crossformerpp_s", **overrides) -> CrossFormer:
+    args = dict(embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], num_classes=10, drop_path_rate=0.0)
+    args.update(overrides)
+    return create_model(name, **args)
+
+
+def test_registry_names() -> None:
+    assert list_models() == list(EXPECTED_PARAMS)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_PARAMS))
+def test_params_state_dict_and_macs(name: str) -> None:
+    with torch.device("meta"):
+        model = create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == EXPECTED_PARAMS[name] == VARIANTS[name]["params"]
+    shapes = {key: list(value.shape) for key, value in model.state_dict().items()}
+    assert shapes == VARIANTS[name]["state_dict_shapes"]
+    macs = model.macs(224)
+    assert abs(macs / VARIANTS[name]["macs_224"] - 1) < 0.01
+    # The fast path skips the qkv projection of padding tokens: never more work.
+    assert model.macs(224, reference=False) <= macs
+
+
+@pytest.mark.parametrize("fixture", ["cf_tiny", "pp_tiny"])
+@pytest.mark.parametrize("reference", [False, True])
+def test_official_fixtures(fixture: str, reference: bool, tmp_path: Path) -> None:
+    data = torch.load(FIXTURES / f"{fixture}.pth", weights_only=True)
+    model = CrossFormer(**data["constructor"]).eval()
+    # A checkpoint in the official format loads strictly.
+    torch.save({"model": data["state_dict"]}, tmp_path / "official.pth")
+    model.load_state_dict(torch.load(tmp_path / "official.pth", weights_only=True)["model"], strict=True)
+    model.set_reference_attention(reference)
+    assert len(data["cases"]) >= 2  # one instance, several sizes (with padding and masks)
+    for size, case in data["cases"].items():
+        with torch.no_grad():
+            logits = model(case["input"])
+        assert logits.shape == case["logits"].shape
+        assert (logits - case["logits"]).abs().max().item() < 1e-5, f"{fixture} at {size}"
+
+
+def test_timm_registration() -> None:
+    model = timm.create_model("crossformerpp_s", num_classes=7, embed_dim=32, depths=[1, 1, 1, 1],
+                              num_heads=[1, 2, 4, 8])
+    assert isinstance(model, CrossFormer) and model.num_classes == 7
+    with pytest.raises(ValueError, match="never downloaded"):
+        timm.create_model("crossformerpp_s", pretrained=True)
+
+
+def test_unknown_name() -> None:
+    with pytest.raises(ValueError, match=r"unknown model name 'crossformerpp_m'.*did you mean"):
+        create_model("crossformerpp_m")
+
+
+def test_any_input_size_one_instance() -> None:
+    torch.manual_seed(0)
+    model = tiny().eval()
+    for height, width in [(224, 224), (256, 256), (288, 288), (384, 384), (96, 160), (32, 64)]:
+        with torch.no_grad():
+            logits = model(torch.randn(1, 3, height, width))
+        assert logits.shape == (1, 10) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("size", [(225, 224), (224, 200), (16, 32), (0, 32)])
+def test_bad_input_size(size: tuple) -> None:
+    model = tiny()
+    with pytest.raises(ValueError, match=rf"input size {size[0]}x{size[1]} .*multiples of 32"):
+        model(torch.randn(1, 3, *size))
+
+
+def test_feature_maps_and_feature_extractor() -> None:
+    model = tiny(num_classes=0).eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        maps = model.forward_stages(x)
+        features = model(x)
+    assert [tuple(m.shape) for m in maps] == [(2, 32, 16, 24), (2, 64, 8, 12), (2, 128, 4, 6), (2, 256, 2, 3)]
+    assert features.shape == (2, 256)
+    model.reset_classifier(5)
+    assert model(x).shape == (2, 5)
+
+
+def test_no_weight_decay_set() -> None:
+    model = tiny()
+    skip = model.no_weight_decay()
+    params = dict(model.named_parameters())
+    assert skip and skip <= set(params)
+    assert all(params[name].ndim <= 1 for name in skip)
+    assert all(name in skip for name, p in params.items() if p.ndim <= 1 or name.endswith(".bias"))
+    assert "head.weight" not in skip and "layers.0.blocks.0.attn.qkv.weight" not in skip
+
+
+def test_every_parameter_gets_a_gradient() -> None:
+    torch.manual_seed(0)
+    model = tiny()  # no stochastic depth: a dropped branch would get no gradient this step
+    model(torch.randn(2, 3, 64, 64)).logsumexp(-1).sum().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        # The DPB output bias adds one constant per head to every logit of a row, which the
+        # softmax cancels: its gradient is zero up to rounding. Every other one is not.
+        if not name.endswith("attn.pos.pos3.2.bias"):
+            assert param.grad.abs().sum() > 0, name
+
+
+def test_stochastic_depth_rule() -> None:
+    model = tiny(drop_path_rate=0.3)
+    rates = [getattr(block.drop_path, "drop_prob", 0.0) for stage in model.layers for block in stage.blocks]
+    assert rates == pytest.approx([0.3 * i / 7 for i in range(8)])
+
+
+def test_gradient_checkpointing_is_exact() -> None:
+    x = torch.randn(2, 3, 64, 64)
+    results = []
+    for use_checkpoint in (False, True):
+        torch.manual_seed(0)
+        model = tiny(drop_path_rate=0.2, use_checkpoint=use_checkpoint).train()
+        torch.manual_seed(1)
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad for p in model.parameters()]))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    for grad_a, grad_b in zip(grads_a, grads_b):
+        torch.testing.assert_close(grad_a, grad_b, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (96, 160), (224, 224), (320, 320)])
+def test_fast_path_matches_reference(size: tuple) -> None:
+    """SDPA fast path vs plain explicit attention, float64: outputs and gradients.
+
+    64x64 and 96x160 run whole-map, non-square and unpadded groups; 224 and 320 pad the LDA
+    regions of stages 1-2, and 320 also the SDA windows of stage 4.
+    """
+    torch.manual_seed(0)
+    model = tiny().double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    results = []
+    for reference in (False, True):
+        model.zero_grad()
+        model.set_reference_attention(reference)
+        out = model(x)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (out_fast, grads_fast), (out_ref, grads_ref) = results
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-12)
+    for grad_fast, grad_ref in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(grad_fast, grad_ref, rtol=1e-9, atol=1e-12)
+
+
+def test_padding_is_exercised() -> None:
+    model = tiny()
+    blocks = [block for stage in model.layers for block in stage.blocks]
+    # At 224: stage 1 (56x56) LDA regions of 16 pad to 64; at 320 stage 4 (10x10) SDA pads to 14.
+    assert any(block.grouping(56, 56)[2] for block in blocks[:2])
+    assert blocks[-2].grouping(10, 10) == (7, 1, 4, 4)
+    # A map no larger than the group is one group of side max(H, W).
+    assert blocks[-1].grouping(7, 5) == (7, 1, 0, 2)
+
+
+def test_eval_cache_follows_weight_changes() -> None:
+    torch.manual_seed(0)
+    model = tiny().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        first = model(x)
+        assert torch.equal(model(x), first)  # cached bias, same result
+        model.layers[0].blocks[0].attn.pos.pos3[2].weight.mul_(3.0)  # in-place, like an optimizer step
+        changed = model(x)
+    fresh = tiny().eval()
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.equal(changed, first)
+        torch.testing.assert_close(changed, fresh(x), rtol=0, atol=0)
+
+
+def test_bf16_autocast_cpu() -> None:
+    torch.manual_seed(0)
+    model = tiny()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    with torch.no_grad():
+        torch.testing.assert_close(out.float(), model(x), rtol=0.1, atol=0.1)
+
+
+def test_package_exports() -> None:
+    assert models.check_input_size(32, 64) is None
