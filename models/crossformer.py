@@ -127,7 +127,9 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        # Eval-mode cache of the position bias: key -> (nH, N, N) tensor.
+        # Eval-mode cache of the position bias: key -> (nH, N, N) tensor. The reference
+        # (official) formulation turns it off and recomputes the DPB MLP on every forward.
+        self.cache_bias = True
         self._bias_cache: Dict[tuple, torch.Tensor] = {}
 
     def clear_cache(self) -> None:
@@ -144,7 +146,10 @@ class Attention(nn.Module):
         Computed once per call; in eval mode without autograd it is cached until the DPB
         weights change.
         """
-        use_cache = not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        use_cache = (
+            self.cache_bias and not self.training and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        )
         key = (group_h, group_w, device, self._weights_version())
         if use_cache and key in self._bias_cache:
             return self._bias_cache[key]
@@ -497,10 +502,16 @@ class CrossFormer(nn.Module):
             stage.grad_checkpointing = enable
 
     def set_reference_attention(self, enable: bool = True) -> None:
-        """Use the plain explicit attention (softmax(QK^T*scale + bias) V) in every block."""
+        """Switch every block to the plain reference formulation, the official one.
+
+        Reference: pad the tokens, project them, explicit softmax(QK^T*scale + bias) V, and the
+        position bias recomputed on every forward. Fast (default): SDPA with one additive bias
+        in the query dtype, no projection of padding, position bias cached in eval mode.
+        """
         for module in self.modules():
             if isinstance(module, CrossFormerBlock):
                 module.reference_attention = enable
+                module.attn.cache_bias = not enable
 
     def no_weight_decay(self) -> Set[str]:
         """Names of parameters that take no weight decay: norms, biases and other 1-D tensors."""
