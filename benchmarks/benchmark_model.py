@@ -1,0 +1,171 @@
+"""Model speed: inference and training images/s of the fast path against the official formulation.
+
+Example (this machine's CPU, 2 threads)::
+
+    python benchmarks/benchmark_model.py --model crossformerpp_s crossformerpp_b --batch-size 16 \
+        --precision fp32 bf16 --impl fast reference --threads 2 --json benchmark.json
+
+``reference`` is the official formulation (pad then project every token, explicit
+softmax(QK^T*scale + bias) V materialising each attention matrix, position-bias MLP re-run in
+every block on every forward); ``fast`` is ours (SDPA with one additive bias in the query dtype,
+no projection of padding, bias cached in eval mode). Both run the same weights on the same
+input. Each number is the median over ``--trials`` timed trials after ``--warmup`` untimed ones.
+Training = forward, backward and AdamW step (fused on CUDA, foreach elsewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import models  # noqa: E402
+
+_logger = logging.getLogger("benchmark_model")
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_rate(step: Callable[[], None], items: int, warmup: int, trials: int, device: torch.device) -> float:
+    """Median of ``items / seconds`` over ``trials`` calls of ``step`` after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    rates = []
+    for _ in range(trials):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        rates.append(items / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def peak_memory_mib(device: torch.device) -> Optional[float]:
+    """Peak allocated memory since the last reset, where the device reports it."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return None
+
+
+def measure(name: str, batch_size: int, img_size: int, precision: str, impl: str, compile_model: bool,
+            device: torch.device, warmup: int, trials: int) -> Dict[str, object]:
+    """One row of the table: inference and training images/s (and peak memory) of one setting.
+
+    Args:
+        name: registered model name.
+        batch_size: images per step.
+        img_size: square input side.
+        precision: "fp32" or "bf16" (autocast).
+        impl: "fast" or "reference".
+        compile_model: wrap the model in torch.compile.
+        device: where to run.
+        warmup: untimed steps.
+        trials: timed steps (median reported).
+    """
+    torch.manual_seed(0)
+    model = models.create_model(name).to(device)
+    model.set_reference_attention(impl == "reference")
+    runner = torch.compile(model) if compile_model else model
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    target = torch.randint(0, model.num_classes, (batch_size,), device=device)
+    dtype = PRECISIONS[precision]
+    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
+
+    def infer() -> None:
+        with torch.inference_mode(), autocast():
+            runner(x)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **(
+        {"fused": True} if device.type == "cuda" else {"foreach": True}))
+
+    def train() -> None:
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(runner(x), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    row: Dict[str, object] = dict(model=name, batch_size=batch_size, img_size=img_size, precision=precision,
+                                  impl=impl, compiled=compile_model, device=str(device))
+    model.eval()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    row["infer_imgs_per_sec"] = median_rate(infer, batch_size, warmup, trials, device)
+    row["infer_peak_mib"] = peak_memory_mib(device)
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    row["train_imgs_per_sec"] = median_rate(train, batch_size, warmup, trials, device)
+    row["train_peak_mib"] = peak_memory_mib(device)
+    return row
+
+
+def speedups(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
+    """Fast / reference ratios for every setting measured with both implementations."""
+    out = []
+    for fast in (r for r in rows if r["impl"] == "fast"):
+        for ref in rows:
+            same = all(ref[k] == fast[k] for k in ("model", "batch_size", "img_size", "precision", "compiled"))
+            if ref["impl"] == "reference" and same:
+                out.append(dict(model=fast["model"], precision=fast["precision"], compiled=fast["compiled"],
+                                infer_speedup=fast["infer_imgs_per_sec"] / ref["infer_imgs_per_sec"],
+                                train_speedup=fast["train_imgs_per_sec"] / ref["train_imgs_per_sec"]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", nargs="+", default=["crossformerpp_s"], choices=models.list_models())
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=list(PRECISIONS))
+    parser.add_argument("--impl", nargs="+", default=["fast", "reference"], choices=["fast", "reference"])
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None, help="write rows and speedups here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows = []
+    for name in args.model:
+        for precision in args.precision:
+            for compiled in ([False, True] if args.compile else [False]):
+                for impl in args.impl:
+                    row = measure(name, args.batch_size, args.img_size, precision, impl, compiled, device,
+                                  args.warmup, args.trials)
+                    rows.append(row)
+                    _logger.info(
+                        "%-16s %-5s %-9s compiled=%-5s infer %8.2f img/s  train %8.2f img/s  peak %s MiB",
+                        name, precision, impl, compiled, row["infer_imgs_per_sec"], row["train_imgs_per_sec"],
+                        row["train_peak_mib"])
+    ratios = speedups(rows)
+    for ratio in ratios:
+        _logger.info("%-16s %-5s compiled=%-5s fast/reference: infer x%.2f  train x%.2f", ratio["model"],
+                     ratio["precision"], ratio["compiled"], ratio["infer_speedup"], ratio["train_speedup"])
+    result = dict(threads=torch.get_num_threads(), torch=torch.__version__, rows=rows, speedups=ratios)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
