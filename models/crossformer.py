@@ -294,8 +294,10 @@ class CrossFormerBlock(nn.Module):
         out = self.attn(grouped, bias, reference=self.reference_attention)  # (B, nG, nH, N, d)
         out = out.transpose(2, 3).reshape(batch, num_groups, tokens, channels)  # (B, nG, N, C)
         out = ungroup_tokens(out, group, interval, height + pad_h, width + pad_w)  # (B, Hp, Wp, C)
-        out = out[:, :height, :width]
-        return self.attn.proj_drop(self.attn.proj(out))
+        if self.reference_attention:
+            # The official formulation projects every token, padding included, then crops.
+            return self.attn.proj_drop(self.attn.proj(out)[:, :height, :width])
+        return self.attn.proj_drop(self.attn.proj(out[:, :height, :width]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` -> ``(B, H, W, C)``."""
@@ -504,8 +506,9 @@ class CrossFormer(nn.Module):
     def set_reference_attention(self, enable: bool = True) -> None:
         """Switch every block to the plain reference formulation, the official one.
 
-        Reference: pad the tokens, project them, explicit softmax(QK^T*scale + bias) V, and the
-        position bias recomputed on every forward. Fast (default): SDPA with one additive bias
+        Reference: pad the tokens, project them, explicit softmax(QK^T*scale + bias) V, output
+        projection of every token before cropping, and the position bias recomputed on every
+        forward. Fast (default): SDPA with one additive bias
         in the query dtype, no projection of padding, position bias cached in eval mode.
         """
         for module in self.modules():
@@ -562,7 +565,7 @@ class CrossFormer(nn.Module):
         block. With ``reference=True`` (default) the count runs the plain reference
         formulation, which is the official one, so the numbers compare with the papers' and
         the model zoo's. ``reference=False`` counts the fast path, which does slightly less
-        work (no qkv projection of padding tokens).
+        work (no qkv or output projection of padding tokens).
 
         Args:
             img_size: ``H`` (square) or ``(H, W)``.
