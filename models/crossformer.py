@@ -284,19 +284,25 @@ class CrossFormerBlock(nn.Module):
             # once) and before padding: values at padded positions do not matter, as they are
             # masked as keys and cropped as queries.
             qkv = F.pad(self.attn.qkv(x), padding)  # (B, Hp, Wp, 3C)
-        grouped = group_tokens(qkv, group, interval)  # (B, nG, N, 3C)
-        num_groups, tokens = grouped.shape[1], grouped.shape[2]
-        grouped = grouped.view(batch, num_groups, tokens, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5)
         bias = self.attn.position_bias(group, group, x.device)  # (nH, N, N)
         mask = self.padding_mask(height, width, x.device)
         if mask is not None:
             bias = bias + mask  # (nG, nH, N, N)
-        out = self.attn(grouped, bias, reference=self.reference_attention)  # (B, nG, nH, N, d)
-        out = out.transpose(2, 3).reshape(batch, num_groups, tokens, channels)  # (B, nG, N, C)
-        out = ungroup_tokens(out, group, interval, height + pad_h, width + pad_w)  # (B, Hp, Wp, C)
+        padded_h, padded_w = height + pad_h, width + pad_w
         if self.reference_attention:
-            # The official formulation projects every token, padding included, then crops.
+            # The official sequence: group, split heads, attend, merge heads, ungroup, project
+            # every token (padding included), crop; each step a contiguous copy.
+            grouped = group_tokens(qkv, group, interval)  # (B, nG, N, 3C)
+            num_groups, tokens = grouped.shape[1], grouped.shape[2]
+            grouped = grouped.view(batch, num_groups, tokens, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5)
+            out = self.attn(grouped.contiguous(), bias, reference=True)  # (B, nG, nH, N, d)
+            out = out.transpose(2, 3).reshape(batch, num_groups, tokens, channels)  # (B, nG, N, C)
+            out = ungroup_tokens(out, group, interval, padded_h, padded_w)  # (B, Hp, Wp, C)
             return self.attn.proj_drop(self.attn.proj(out)[:, :height, :width])
+        # One copy in: qkv straight to (3, B, nG, nH, N, d); one copy out: heads and groups
+        # straight back to the (B, Hp, Wp, C) map.
+        out = self.attn(group_heads(qkv, group, interval, heads), bias)  # (B, nG, nH, N, d)
+        out = ungroup_heads(out, group, interval, padded_h, padded_w)  # (B, Hp, Wp, C)
         return self.attn.proj_drop(self.attn.proj(out[:, :height, :width]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -328,6 +334,42 @@ def group_tokens(x: torch.Tensor, group: int, interval: int) -> torch.Tensor:
     x = x.view(batch, rows, group, interval, cols, group, interval, channels)
     x = x.permute(0, 1, 4, 3, 6, 2, 5, 7)  # (B, Rh, Rw, I, I, G, G, C)
     return x.reshape(batch, rows * cols * interval * interval, group * group, channels)
+
+
+def group_heads(qkv: torch.Tensor, group: int, interval: int, heads: int) -> torch.Tensor:
+    """:func:`group_tokens` fused with the split into q, k, v and heads: one copy.
+
+    Args:
+        qkv: ``(B, Hp, Wp, 3*C)``, channels ordered (q/k/v, head, head_dim).
+        group: group side ``G``.
+        interval: sampling interval ``I``.
+        heads: number of heads ``nH``.
+
+    Returns:
+        ``(3, B, nG, nH, G*G, d)`` contiguous.
+    """
+    batch, height, width, channels = qkv.shape
+    rows, cols = height // (group * interval), width // (group * interval)
+    head_dim = channels // (3 * heads)
+    x = qkv.view(batch, rows, group, interval, cols, group, interval, 3, heads, head_dim)
+    x = x.permute(7, 0, 1, 4, 3, 6, 8, 2, 5, 9)  # (3, B, Rh, Rw, I, I, nH, G, G, d)
+    return x.reshape(3, batch, rows * cols * interval * interval, heads, group * group, head_dim)
+
+
+def ungroup_heads(x: torch.Tensor, group: int, interval: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`group_heads` for the attention output: one copy.
+
+    Args:
+        x: ``(B, nG, nH, G*G, d)``.
+
+    Returns:
+        ``(B, Hp, Wp, nH*d)``.
+    """
+    batch, _, heads, _, head_dim = x.shape
+    rows, cols = height // (group * interval), width // (group * interval)
+    x = x.view(batch, rows, cols, interval, interval, heads, group, group, head_dim)
+    x = x.permute(0, 1, 6, 3, 2, 7, 4, 5, 8)  # (B, Rh, G, I, Rw, G, I, nH, d)
+    return x.reshape(batch, height, width, heads * head_dim)
 
 
 def ungroup_tokens(x: torch.Tensor, group: int, interval: int, height: int, width: int) -> torch.Tensor:
