@@ -155,7 +155,7 @@ class Attention(nn.Module):
             return self._bias_cache[key]
         table = self.pos(relative_offsets(group_h, group_w, device, self.pos.pos_proj.weight.dtype))  # ((2Gh-1)(2Gw-1), nH)
         index = relative_position_index(group_h, group_w, device)  # (N, N)
-        bias = table[index.view(-1)].view(index.shape[0], index.shape[1], -1).permute(2, 0, 1)  # (nH, N, N)
+        bias = table.t()[:, index]  # (nH, N, N), contiguous: SDPA would copy a strided bias every call
         if use_cache:
             self._bias_cache = {key: bias}
         return bias
