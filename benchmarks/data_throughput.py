@@ -1,0 +1,104 @@
+"""Images/s of the train loaders (dali, pytorch) with the default augmentation, with and without RandAugment.
+
+Examples:
+    python benchmarks/data_throughput.py --make-images 512 --data-path /tmp/bench500   # 500x375 JPEGs
+    python benchmarks/data_throughput.py --data-path /tmp/bench500 --threads 2
+    python benchmarks/data_throughput.py --toy --img-size 64 --threads 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from config import _C  # noqa: E402
+from data import build_loader  # noqa: E402
+from data.toy import CLASSES, draw_toy_image  # noqa: E402
+
+logger = logging.getLogger("data_throughput")
+
+
+def make_images(root: Path, count: int, width: int = 500, height: int = 375) -> None:
+    """Write ``count`` photo-like JPEGs (toy shapes plus sensor-like noise, ~ImageNet file sizes)
+    to ``root/{train,val}/<class>/``.
+
+    Args:
+        root: Destination.
+        count: Training images (val gets one per class).
+        width: Image width.
+        height: Image height.
+    """
+    for split, per_class in (("train", max(1, count // len(CLASSES))), ("val", 1)):
+        for label, name in enumerate(CLASSES):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for n in range(per_class):
+                rng = random.Random(f"bench/{split}/{label}/{n}")
+                image = np.asarray(draw_toy_image(label, rng, width), dtype=np.float32)[:height]
+                noise = np.random.default_rng(n).normal(0, 12, image.shape)
+                Image.fromarray((image + noise).clip(0, 255).astype(np.uint8)).save(folder / f"{n}.JPEG",
+                                                                                     quality=90)
+
+
+def measure(cfg, batches: int) -> float:
+    """Images/s over ``batches`` train batches after one warm-up batch (loader start-up excluded)."""
+    train = build_loader(cfg, torch.device("cpu")).train
+    seen, start = 0, None
+    while seen < batches * cfg.DATA.BATCH_SIZE:
+        for images, _ in train:
+            if start is None:
+                start = time.perf_counter()  # after the first batch: workers/pipeline are warm
+                continue
+            seen += images.shape[0]
+            if seen >= batches * cfg.DATA.BATCH_SIZE:
+                break
+    return seen / (time.perf_counter() - start)
+
+
+def main(argv: List[str] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-path", type=Path, help="folder with train/<class>/ images")
+    parser.add_argument("--toy", action="store_true", help="benchmark the built-in toy dataset")
+    parser.add_argument("--make-images", type=int, default=0, help="first write this many 500x375 JPEGs")
+    parser.add_argument("--loaders", nargs="+", default=["dali", "pytorch"], choices=["dali", "pytorch"])
+    parser.add_argument("--threads", nargs="+", type=int, default=[2], help="DALI threads / PyTorch workers")
+    parser.add_argument("--img-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=15, help="timed batches per measurement")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.make_images:
+        make_images(args.data_path, args.make_images)
+    torch.set_num_threads(1)  # the main process only copies batches; workers/DALI threads do the work
+    print("| loader | threads | augmentation | images/s |")
+    print("|---|---|---|---|")
+    for randaug in (False, True):
+        for threads in args.threads:
+            for loader in args.loaders:
+                cfg = _C.clone()
+                cfg.DATA.DATASET = "toy" if args.toy else "imagenet"
+                cfg.DATA.DATA_PATH = str(args.data_path or "")
+                cfg.DATA.LOADER = loader
+                cfg.DATA.IMG_SIZE = args.img_size
+                cfg.DATA.BATCH_SIZE = args.batch_size
+                cfg.DATA.NUM_WORKERS = threads
+                cfg.DATA.PIN_MEMORY = False
+                cfg.MODEL.NUM_CLASSES = len(CLASSES)
+                if not randaug:  # decode + random resized crop + flip + normalise only
+                    cfg.AUG.AUTO_AUGMENT, cfg.AUG.COLOR_JITTER, cfg.AUG.REPROB = "", 0.0, 0.0
+                name = "RRC+flip+norm" + (f" + {cfg.AUG.AUTO_AUGMENT} + erase {cfg.AUG.REPROB}" if randaug else "")
+                print(f"| {loader} | {threads} | {name} | {measure(cfg, args.batches):.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

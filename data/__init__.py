@@ -1,0 +1,9 @@
+"""Data pipelines: ``build_loader(config, device)`` and ``build_mixup(config)``.
+
+Datasets (``DATA.DATASET``): ``imagenet`` (folder layout), ``toy`` (generated JPEGs),
+``synthetic`` (random tensors on device). Loaders (``DATA.LOADER``): ``dali``, ``pytorch``.
+"""
+from .build import build_loader, build_mixup
+from .common import Loaders
+
+__all__ = ["build_loader", "build_mixup", "Loaders"]

@@ -1,0 +1,363 @@
+"""``dali`` loader: NVIDIA DALI pipelines, GPU ("mixed" decode + GPU augmentation) or CPU-only.
+
+Every rank feeds its own shard through ``fn.external_source`` from the same ``EpochBatchSampler``
+as the PyTorch loader, so sample order is a function of ``(SEED, epoch)``, positioning is exact
+and validation shards partition the set. Augmentation randomness comes from the pipeline's seed
+(``SEED``, rank): bitwise-identical augmentation after a mid-epoch resume is not guaranteed.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import deque
+from itertools import chain
+from typing import Deque, Iterator, List, Optional, Set, Tuple
+
+import numpy as np
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.auto_aug import augmentations as aa
+from nvidia.dali.auto_aug.rand_augment import apply_rand_augment
+from nvidia.dali.plugin.pytorch import feed_ndarray
+from timm.data.random_erasing import RandomErasing
+from yacs.config import CfgNode
+
+from .common import IMAGENET_MEAN, IMAGENET_STD, SALT_BATCH_AUGMENT, EpochBatchSampler, Loaders, mix_seed
+from .folder import ImageSplit
+from .torch_loader import MAX_REPLACEMENTS, load_rgb, seeded_rng
+
+logger = logging.getLogger(__name__)
+
+INTERPOLATIONS = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}
+
+# Leading bytes of the formats DALI's decoders read; anything else is reported as corrupt
+# before it can fail inside the pipeline (which would stop the whole batch).
+MAGIC_BYTES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF8", b"II*\x00", b"MM\x00*", b"RIFF")
+
+
+def parse_rand_augment(policy: str) -> Tuple[int, int, float]:
+    """Read ``(num_layers, magnitude, magnitude_std)`` from a timm string such as ``rand-m9-mstd0.5-inc1``.
+
+    Args:
+        policy: ``AUG.AUTO_AUGMENT``.
+    """
+    parts = policy.split("-")
+    if parts[0] != "rand":
+        raise ValueError(f"AUG.AUTO_AUGMENT={policy!r}: the dali loader supports RandAugment policies "
+                         "'rand-m<M>[-n<N>][-mstd<S>][-inc1]' only; use DATA.LOADER pytorch for other policies")
+    layers, magnitude, magnitude_std = 2, 10, 0.0
+    for part in parts[1:]:
+        if part.startswith("mstd"):
+            magnitude_std = float(part[4:])
+        elif part.startswith("inc"):
+            if part != "inc1":
+                raise ValueError(f"AUG.AUTO_AUGMENT={policy!r}: the dali loader implements the increasing "
+                                 "('inc1') RandAugment ops only; add -inc1 or use DATA.LOADER pytorch")
+        elif part[:1] == "m" and part[1:].isdigit():
+            magnitude = int(part[1:])
+        elif part[:1] == "n" and part[1:].isdigit():
+            layers = int(part[1:])
+        else:
+            raise ValueError(f"AUG.AUTO_AUGMENT={policy!r}: option {part!r} is not supported by the dali loader; "
+                             "use m<M>, n<N>, mstd<S>, inc1 or DATA.LOADER pytorch")
+    if "inc1" not in parts:
+        raise ValueError(f"AUG.AUTO_AUGMENT={policy!r}: the dali loader implements the increasing ('inc1') "
+                         "RandAugment ops only; add -inc1 or use DATA.LOADER pytorch")
+    if not 0 <= magnitude <= 10:
+        raise ValueError(f"AUG.AUTO_AUGMENT={policy!r}: magnitude {magnitude} is outside timm's 0..10")
+    return layers, magnitude, magnitude_std
+
+
+def timm_rand_augment_suite(image_size: int) -> List:
+    """DALI versions of timm's 15 increasing RandAugment ops (``_RAND_INCREASING_TRANSFORMS``),
+    with timm's magnitude ranges on 11 bins (bin = timm level 0..10).
+
+    Args:
+        image_size: Side of the (square) images; translations reach 45% of it, as timm's.
+    """
+    return [
+        aa.auto_contrast, aa.equalize, aa.invert,
+        aa.rotate.augmentation((0, 30), True),
+        aa.posterize.augmentation((0, 4), False, aa.poster_mask_uint8),
+        aa.solarize.augmentation((256, 0)),
+        aa.solarize_add,
+        aa.color.augmentation((0, 0.9), True, aa.shift_enhance_range),
+        aa.contrast.augmentation((0, 0.9), True, aa.shift_enhance_range),
+        aa.brightness.augmentation((0, 0.9), True, aa.shift_enhance_range),
+        aa.sharpness.augmentation((0, 0.9), True, aa.sharpness_kernel),
+        aa.shear_x.augmentation((0, 0.3), True),
+        aa.shear_y.augmentation((0, 0.3), True),
+        aa.translate_x_no_shape.augmentation((0, 0.45 * image_size), True),
+        aa.translate_y_no_shape.augmentation((0, 0.45 * image_size), True),
+    ]
+
+
+class ShardSource:
+    """``external_source`` callback: this rank's next batch of encoded files and labels.
+
+    Files that cannot be read, or whose first bytes are no known image format, are replaced by
+    the next good file (training) or dropped (validation). Files that pass that check but fail
+    inside the decoder stop the pipeline; ``find_corrupt`` then decodes the batches still in
+    flight with PIL to name them, and ``replay`` feeds those batches again without them. Paths of
+    bad files are queued in ``bad`` for the consumer to log.
+
+    Args:
+        split: The scanned split.
+        sampler: Batch sampler giving this rank's ``(index, epoch)`` batches.
+    """
+
+    def __init__(self, split: ImageSplit, sampler: EpochBatchSampler) -> None:
+        self.samples = split.samples
+        self.sampler = sampler
+        self.bad: List[str] = []
+        self.known_bad: Set[str] = set()
+        # Batches handed to DALI and not yet returned by it: (sampler batch, paths fed).
+        self.pending: Deque[Tuple[List[Tuple[int, int]], List[str]]] = deque()
+        self._batches: Iterator[List[Tuple[int, int]]] = iter(())
+
+    def start(self) -> None:
+        """Begin the epoch and position that ``sampler.set_epoch`` selected."""
+        self._batches = iter(self.sampler)
+        self.pending.clear()
+
+    def stop(self) -> None:
+        """End the current pass early (the next call raises StopIteration)."""
+        self._batches = iter(())
+        self.pending.clear()
+
+    def consumed(self) -> None:
+        """The oldest batch in flight came out of the pipeline."""
+        self.pending.popleft()
+
+    def replay(self) -> None:
+        """Feed the batches in flight again (after the pipeline was rebuilt)."""
+        self._batches = chain([batch for batch, _ in self.pending], self._batches)
+        self.pending.clear()
+
+    def find_corrupt(self) -> int:
+        """Decode every file in flight with PIL; mark the failures bad and return how many there were."""
+        found = 0
+        for _, paths in self.pending:
+            for path in paths:
+                try:
+                    load_rgb(path)
+                except Exception as error:  # any decoder failure: PIL raises several types
+                    self._mark_bad(path, f"{type(error).__name__}: {error}")
+                    found += 1
+        return found
+
+    def _mark_bad(self, path: str, reason: str) -> None:
+        self.known_bad.add(path)
+        self.bad.append(f"{path} ({reason})")
+
+    def _read(self, path: str) -> Optional[np.ndarray]:
+        if path in self.known_bad:
+            return None
+        try:
+            data = np.fromfile(path, dtype=np.uint8)
+        except OSError as error:
+            self._mark_bad(path, str(error))
+            return None
+        if not data[:8].tobytes().startswith(MAGIC_BYTES):
+            self._mark_bad(path, f"not a recognised image format, {data.size} bytes")
+            return None
+        return data
+
+    def __call__(self) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+        encoded, labels, paths = [], [], []
+        while not encoded:  # a validation batch of only corrupt files is skipped entirely
+            batch = next(self._batches)
+            for index, _epoch in batch:
+                attempts = MAX_REPLACEMENTS if self.sampler.train else 1
+                for attempt in range(attempts):
+                    path, label = self.samples[(index + attempt) % len(self.samples)]
+                    data = self._read(path)
+                    if data is not None:
+                        encoded.append(data)
+                        labels.append(np.array([label], dtype=np.int64))
+                        paths.append(path)
+                        break
+                else:
+                    if self.sampler.train:
+                        raise RuntimeError(f"{attempts} consecutive images from {self.samples[index][0]} on "
+                                           "are unreadable; check the dataset for corruption")
+        self.pending.append((batch, paths))
+        return encoded, labels
+
+
+def _train_graph(encoded, config: CfgNode, decode_device: str, aug_device: str):
+    """Decode+random-crop, resize, RandAugment / colour jitter (uint8), flip+normalise (float CHW)."""
+    size = config.DATA.IMG_SIZE
+    interp = INTERPOLATIONS[config.DATA.INTERPOLATION]
+    images = fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
+                                           random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
+                                           num_attempts=10, jpeg_fancy_upsampling=True)
+    images = fn.resize(images, device=aug_device, resize_x=size, resize_y=size, interp_type=interp,
+                       antialias=True)  # (H, W, 3) uint8
+    if config.AUG.AUTO_AUGMENT:
+        layers, magnitude, _ = parse_rand_augment(config.AUG.AUTO_AUGMENT)
+        suite = timm_rand_augment_suite(size)
+        for _ in range(layers):
+            # timm applies each of the `layers` picked ops with probability 0.5.
+            if fn.random.coin_flip(probability=0.5):
+                images = apply_rand_augment(suite, images, n=1, m=magnitude, num_magnitude_bins=11,
+                                            fill_value=128, interp_type=types.INTERP_LINEAR)
+    elif config.AUG.COLOR_JITTER > 0:
+        strength = config.AUG.COLOR_JITTER
+        images = fn.color_twist(images, brightness=fn.random.uniform(range=[1 - strength, 1 + strength]),
+                                contrast=fn.random.uniform(range=[1 - strength, 1 + strength]),
+                                saturation=fn.random.uniform(range=[1 - strength, 1 + strength]))
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                    mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
+                                    mirror=fn.random.coin_flip(probability=0.5))  # (3, H, W) float
+
+
+def _val_graph(encoded, config: CfgNode, decode_device: str):
+    """Decode, resize the shorter side to ``floor(IMG_SIZE / CROP_PCT)``, center crop, normalise."""
+    size = config.DATA.IMG_SIZE
+    images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, jpeg_fancy_upsampling=True)
+    images = fn.resize(images, resize_shorter=int(size / config.TEST.CROP_PCT),
+                       interp_type=INTERPOLATIONS[config.DATA.INTERPOLATION], antialias=True)
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", crop=(size, size),
+                                    crop_pos_x=0.5, crop_pos_y=0.5,
+                                    mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])
+
+
+class DaliLoader:
+    """Iterates a DALI pipeline fed by ``ShardSource``; delivers float batches on ``device``.
+
+    Args:
+        config: The run's config.
+        split: The scanned split.
+        sampler: This rank's batch sampler.
+        device: CPU (CPU-only pipeline, ``device_id=None``) or a CUDA device (mixed decode, GPU ops).
+        rank: This process's rank (seeds the pipeline).
+    """
+
+    def __init__(self, config: CfgNode, split: ImageSplit, sampler: EpochBatchSampler, device: torch.device,
+                 rank: int) -> None:
+        self.sampler = sampler
+        self.device = device
+        self.seed = config.SEED
+        self.rank = rank
+        self.source = ShardSource(split, sampler)
+        self.num_bad = 0
+        self._running = False
+        gpu = device.type == "cuda"
+        if config.DATA.INTERPOLATION not in INTERPOLATIONS:
+            raise ValueError(f"DATA.INTERPOLATION={config.DATA.INTERPOLATION!r} is not supported; "
+                             f"use one of {', '.join(INTERPOLATIONS)}")
+        self.erase = (RandomErasing(config.AUG.REPROB, mode=config.AUG.REMODE, max_count=config.AUG.RECOUNT,
+                                    device=str(device)) if sampler.train and config.AUG.REPROB > 0 else None)
+
+        self.config = config
+        self.pipe = self._make_pipeline()
+
+    def _make_pipeline(self):
+        """Build the DALI pipeline (again after a decoder failure left the old one unusable)."""
+        config, sampler, gpu = self.config, self.sampler, self.device.type == "cuda"
+
+        @pipeline_def(enable_conditionals=True)
+        def pipeline():
+            encoded, labels = fn.external_source(source=self.source, num_outputs=2, batch=True,
+                                                 dtype=[types.UINT8, types.INT64])
+            if sampler.train:
+                images = _train_graph(encoded, config, "mixed" if gpu else "cpu", "gpu" if gpu else "cpu")
+            else:
+                images = _val_graph(encoded, config, "mixed" if gpu else "cpu")
+            return images, (labels.gpu() if gpu else labels)
+
+        with warnings.catch_warnings():  # DALI's auto_aug still calls its own deprecated aliases
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pipe = pipeline(batch_size=sampler.batch_size, num_threads=max(1, config.DATA.NUM_WORKERS),
+                            device_id=(self.device.index or 0) if gpu else None,
+                            seed=mix_seed(config.SEED, SALT_BATCH_AUGMENT, self.rank) % 2**31,
+                            prefetch_queue_depth=2, exec_dynamic=True)
+            pipe.build()
+        return pipe
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next iteration yield batches ``start_batch..`` of ``epoch``.
+
+        Args:
+            epoch: Epoch index.
+            start_batch: First batch to yield, for resuming mid-epoch.
+        """
+        self.sampler.set_epoch(epoch, start_batch)
+
+    def _to_torch(self, tensor_list) -> torch.Tensor:
+        tensor = tensor_list.as_tensor()
+        out = torch.empty(tensor.shape(), dtype=torch.float32 if tensor.dtype == types.FLOAT else torch.int64,
+                          device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        return feed_ndarray(tensor, out, cuda_stream=stream)
+
+    def _log_bad(self) -> None:
+        while self.source.bad:
+            self.num_bad += 1
+            logger.warning("unreadable image %s (%s so far); %s", self.source.bad.pop(0), self.num_bad,
+                           "replaced by the next image" if self.sampler.train else "skipped")
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        if self._running:  # the previous pass was abandoned: drop its prefetched batches
+            self.source.stop()
+            try:
+                while True:
+                    self.pipe.run()
+            except StopIteration:
+                self.pipe.reset()
+            except RuntimeError:  # a corrupt file among the dropped batches: start afresh
+                self.pipe = self._make_pipeline()
+        self.source.start()
+        self._running = True
+        batch = self.sampler.start_batch
+        while True:
+            try:
+                images_tl, labels_tl = self.pipe.run()
+            except StopIteration:
+                break
+            except RuntimeError as error:
+                # A file passed the header check but failed in the decoder; DALI pipelines do not
+                # survive that, so name the culprits, rebuild, and feed the batches in flight again.
+                if self.source.find_corrupt() == 0:
+                    raise
+                self._log_bad()
+                del self.pipe
+                self.pipe = self._make_pipeline()
+                self.source.replay()
+                logger.debug("rebuilt the DALI pipeline after %s", str(error).splitlines()[0])
+                continue
+            self.source.consumed()
+            images = self._to_torch(images_tl)  # (B, 3, H, W) float32
+            labels = self._to_torch(labels_tl).view(-1)  # (B,) int64
+            self._log_bad()
+            if self.erase is not None:
+                with seeded_rng(mix_seed(self.seed, SALT_BATCH_AUGMENT, self.sampler.epoch, batch, self.rank)):
+                    images = self.erase(images)
+            batch += 1
+            yield images, labels
+        self._log_bad()
+        self.pipe.reset()
+        self._running = False
+
+
+def build_dali_loaders(config: CfgNode, train_split: ImageSplit, val_split: ImageSplit, device: torch.device,
+                       rank: int, world_size: int) -> Loaders:
+    """Train and val ``DaliLoader``s for this rank.
+
+    Args:
+        config: The run's config.
+        train_split: Scanned training split.
+        val_split: Scanned validation split.
+        device: Where batches are delivered.
+        rank: This process's rank.
+        world_size: Number of processes.
+    """
+    loaders = []
+    for split, train in ((train_split, True), (val_split, False)):
+        sampler = EpochBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size, train)
+        loaders.append(DaliLoader(config, split, sampler, device, rank))
+    return Loaders(train=loaders[0], val=loaders[1], num_classes=len(train_split.classes))

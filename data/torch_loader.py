@@ -1,0 +1,227 @@
+"""``pytorch`` loader: torchvision ImageFolder + timm transforms, per-sample seeded augmentation."""
+from __future__ import annotations
+
+import logging
+import random
+from contextlib import contextmanager
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_transform
+from timm.data.auto_augment import RandAugment, posterize
+from torch.utils.data import DataLoader
+from torchvision.datasets import ImageFolder
+from yacs.config import CfgNode
+
+from .common import SALT_AUGMENT, EpochBatchSampler, Loaders, mix_seed
+from .folder import ImageSplit
+
+logger = logging.getLogger(__name__)
+
+# How many following images a training sample may try before giving up on a run of bad files.
+MAX_REPLACEMENTS = 32
+
+Sample = Tuple[Optional[torch.Tensor], int, Tuple[str, ...]]
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's global CPU generators (used by timm/torchvision transforms),
+    restoring their previous states on exit so the caller's streams are untouched.
+
+    Args:
+        seed: 63-bit seed for this sample.
+    """
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open and fully decode an image as RGB (raises on unreadable or truncated files)."""
+    with open(path, "rb") as f:
+        image = Image.open(f)
+        image.load()
+        return image.convert("RGB")
+
+
+class SeededImageFolder(ImageFolder):
+    """torchvision ImageFolder over a pre-scanned split, indexed by ``(index, epoch)``.
+
+    The transform runs under generators seeded by ``(seed, epoch, index)``, so a sample's
+    augmentation does not depend on worker count, order or resume point. A file that fails to
+    decode is replaced by the next readable image (training) or dropped (validation); the bad
+    paths travel with the sample so the main process can count and log them.
+
+    Args:
+        split: The scanned split (its class list and samples are used as-is, no rescan).
+        transform: timm transform producing a normalised (3, H, W) float tensor.
+        seed: The run's ``SEED``.
+        train: Replace (True) or drop (False) unreadable images.
+    """
+
+    def __init__(self, split: ImageSplit, transform, seed: int, train: bool) -> None:
+        self._split = split
+        super().__init__(str(split.root), transform=transform)
+        self.seed = seed
+        self.train = train
+
+    def find_classes(self, directory: str) -> Tuple[List[str], dict]:
+        return self._split.classes, {name: i for i, name in enumerate(self._split.classes)}
+
+    def make_dataset(self, directory: str, class_to_idx: dict, extensions=None, is_valid_file=None,
+                     allow_empty: bool = False) -> List[Tuple[str, int]]:
+        return list(self._split.samples)
+
+    def __getitem__(self, key: Tuple[int, int]) -> Sample:  # type: ignore[override]
+        index, epoch = key
+        bad: List[str] = []
+        attempts = MAX_REPLACEMENTS if self.train else 1
+        for attempt in range(attempts):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                image = load_rgb(path)
+            except Exception as error:  # any decoder failure: PIL raises several types
+                bad.append(f"{path} ({type(error).__name__}: {error})")
+                continue
+            with seeded_rng(mix_seed(self.seed, SALT_AUGMENT, epoch, index)):
+                tensor = self.transform(image)  # (3, H, W) float32, normalised
+            return tensor, label, tuple(bad)
+        if self.train:
+            raise RuntimeError(f"{attempts} consecutive images from {self.samples[index][0]} on failed to decode: "
+                               f"{bad[:3]}; check the dataset for corruption")
+        return None, -1, tuple(bad)
+
+
+def collate(batch: Sequence[Sample]) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+    """Stack images and labels, dropping validation samples that failed to decode."""
+    kept = [(image, label) for image, label, _ in batch if image is not None]
+    bad = [path for _, _, paths in batch for path in paths]
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64), bad
+    images = torch.stack([image for image, _ in kept])  # (B, 3, H, W)
+    labels = torch.tensor([label for _, label in kept], dtype=torch.int64)  # (B,)
+    return images, labels, bad
+
+
+class TorchLoader:
+    """A DataLoader over ``EpochBatchSampler`` that delivers batches on ``device`` and logs bad files.
+
+    Args:
+        dataset: The seeded dataset.
+        sampler: Batch sampler giving this rank's ``(index, epoch)`` batches.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        pin_memory: Pin host batches (only used when ``device`` is CUDA).
+        device: Where batches are delivered.
+    """
+
+    def __init__(self, dataset: SeededImageFolder, sampler: EpochBatchSampler, num_workers: int,
+                 pin_memory: bool, device: torch.device) -> None:
+        self.sampler = sampler
+        self.device = device
+        self.bad_files: set = set()
+        self.loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                                 pin_memory=pin_memory and device.type == "cuda",
+                                 persistent_workers=num_workers > 0,
+                                 prefetch_factor=4 if num_workers > 0 else None,
+                                 # Own generator: the loader's per-pass base seed must not consume
+                                 # (and so shift) the training process's global torch RNG.
+                                 generator=torch.Generator())
+
+    @property
+    def num_bad(self) -> int:
+        """Number of distinct unreadable files met so far."""
+        return len(self.bad_files)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Make the next iteration yield batches ``start_batch..`` of ``epoch``.
+
+        Args:
+            epoch: Epoch index.
+            start_batch: First batch to yield, for resuming mid-epoch.
+        """
+        self.sampler.set_epoch(epoch, start_batch)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, bad in self.loader:
+            for report in bad:
+                if report not in self.bad_files:  # each bad file is logged once, not every epoch
+                    self.bad_files.add(report)
+                    logger.warning("unreadable image %s (%d so far); %s", report, self.num_bad,
+                                   "replaced by the next image" if self.sampler.train else "skipped")
+            if len(labels) == 0:
+                continue
+            yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+
+
+def posterize_allow_zero_bits(image: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, keeping its pre-Pillow-13 meaning for 0 bits (a black image).
+
+    timm 1.0.31's ``PosterizeIncreasing`` maps level 10 (reached by ``mstd`` noise, clipped at 10)
+    to 0 bits, which Pillow >= 13 rejects with "bits must be between or equal to 1 and 8".
+    """
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return posterize(image, bits_to_keep, **kwargs)
+
+
+def _patch_posterize(transform) -> None:
+    """Point the posterize ops of any RandAugment inside ``transform`` at ``posterize_allow_zero_bits``."""
+    for step in getattr(transform, "transforms", []):
+        if isinstance(step, RandAugment):
+            for op in step.ops:
+                if op.aug_fn is posterize:
+                    op.aug_fn = posterize_allow_zero_bits
+
+
+def build_transforms(config: CfgNode, train: bool):
+    """timm's reference ImageNet transforms for ``config`` (train: RRC, flip, RandAugment or colour
+    jitter, normalise, random erasing; eval: resize to ``IMG_SIZE / CROP_PCT``, center crop, normalise).
+
+    Args:
+        config: Reads ``DATA.IMG_SIZE``, ``DATA.INTERPOLATION``, ``AUG.*`` and ``TEST.CROP_PCT``.
+        train: Training or evaluation transform.
+    """
+    if train:
+        aug = config.AUG
+        transform = create_transform(config.DATA.IMG_SIZE, is_training=True,
+                                     color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
+                                     auto_augment=aug.AUTO_AUGMENT or None,
+                                     interpolation=config.DATA.INTERPOLATION,
+                                     re_prob=aug.REPROB, re_mode=aug.REMODE, re_count=aug.RECOUNT)
+        _patch_posterize(transform)
+        return transform
+    return create_transform(config.DATA.IMG_SIZE, is_training=False, interpolation=config.DATA.INTERPOLATION,
+                            crop_pct=config.TEST.CROP_PCT)
+
+
+def build_torch_loaders(config: CfgNode, train_split: ImageSplit, val_split: ImageSplit, device: torch.device,
+                        rank: int, world_size: int) -> Loaders:
+    """Train and val ``TorchLoader``s for this rank.
+
+    Args:
+        config: The run's config.
+        train_split: Scanned training split.
+        val_split: Scanned validation split.
+        device: Where batches are delivered.
+        rank: This process's rank.
+        world_size: Number of processes.
+    """
+    loaders = []
+    for split, train in ((train_split, True), (val_split, False)):
+        dataset = SeededImageFolder(split, build_transforms(config, train), config.SEED, train)
+        sampler = EpochBatchSampler(len(dataset), config.DATA.BATCH_SIZE, config.SEED, rank, world_size, train)
+        loaders.append(TorchLoader(dataset, sampler, config.DATA.NUM_WORKERS, config.DATA.PIN_MEMORY, device))
+    return Loaders(train=loaders[0], val=loaders[1], num_classes=len(train_split.classes))

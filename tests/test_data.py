@@ -1,0 +1,324 @@
+"""Data pipelines: datasets, loaders, layout checks, order, sharding, parity, corrupt files."""
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from config import _C
+from data import build_loader, build_mixup
+from data.common import IMAGENET_MEAN, IMAGENET_STD, EpochBatchSampler
+from data.folder import scan_image_folder
+from data.toy import CLASSES, DEFAULT_TOY_SPEC, ToySpec, ensure_toy_dataset, generate_toy_dataset
+
+LOADERS = ["pytorch", "dali"]
+CPU = torch.device("cpu")
+TRAIN_PER_CLASS, VAL_PER_CLASS = 12, 3  # 120 train and 30 val images
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory) -> Path:
+    """A small 10-class dataset of 48x48 toy JPEGs in the ImageNet layout."""
+    return ensure_toy_dataset(tmp_path_factory.mktemp("toy"), ToySpec(TRAIN_PER_CLASS, VAL_PER_CLASS, 48))
+
+
+def make_config(root: Path, loader: str, **overrides):
+    """Config for ``root`` with 32x32 images, batch 8, one worker; ``overrides`` are ``SECTION__KEY=value``."""
+    cfg = _C.clone()
+    cfg.DATA.DATASET = "imagenet"
+    cfg.DATA.DATA_PATH = str(root)
+    cfg.DATA.LOADER = loader
+    cfg.DATA.IMG_SIZE = 32
+    cfg.DATA.BATCH_SIZE = 8
+    cfg.DATA.NUM_WORKERS = 1
+    cfg.MODEL.NUM_CLASSES = 10
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    return cfg
+
+
+def denormalise(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) normalised -> 0..1."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return images * std + mean
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_shapes_resume_and_sharding() -> None:
+    cfg = _C.clone()
+    cfg.DATA.DATASET = "synthetic"
+    cfg.DATA.SYNTHETIC_TRAIN_SIZE, cfg.DATA.SYNTHETIC_VAL_SIZE = 100, 23
+    cfg.DATA.BATCH_SIZE, cfg.DATA.IMG_SIZE, cfg.MODEL.NUM_CLASSES = 8, 16, 5
+    loaders = build_loader(cfg, CPU)
+    assert (len(loaders.train), len(loaders.val), loaders.num_classes) == (12, 3, 5)
+    loaders.train.set_epoch(2)
+    batches = list(loaders.train)
+    images, labels = batches[0]
+    assert images.shape == (8, 3, 16, 16) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 5
+    fresh = build_loader(cfg, CPU).train
+    fresh.set_epoch(2, start_batch=7)
+    resumed = list(fresh)
+    assert len(resumed) == 5
+    for (a, b), (c, d) in zip(batches[7:], resumed):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    loaders.train.set_epoch(3)
+    assert not torch.equal(next(iter(loaders.train))[0], images)
+    # Validation: ranks together see each of the 23 samples once.
+    sizes = [sum(len(y) for _, y in build_loader(cfg, CPU, rank=r, world_size=3).val) for r in range(3)]
+    assert sizes == [8, 8, 7]
+
+
+# ----------------------------------------------------------------------------- toy dataset
+
+
+def test_toy_generation_is_deterministic(tmp_path: Path) -> None:
+    spec = ToySpec(2, 1, 32, seed=3)
+    generate_toy_dataset(tmp_path / "a", spec)
+    generate_toy_dataset(tmp_path / "b", spec)
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.jpg"))
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.jpg"))
+    assert files_a == files_b and len(files_a) == 3 * len(CLASSES) >= 30
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files_a)
+    other = ToySpec(2, 1, 32, seed=4)
+    generate_toy_dataset(tmp_path / "c", other)
+    assert (tmp_path / "c" / files_a[0]).read_bytes() != (tmp_path / "a" / files_a[0]).read_bytes()
+
+
+def test_toy_dataset_through_build_loader(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path, "pytorch", DATA__DATASET="toy", DATA__TOY_ROOT=str(tmp_path), DATA__NUM_WORKERS=0)
+    loaders = build_loader(cfg, CPU)  # generates the default toy dataset once
+    spec = DEFAULT_TOY_SPEC
+    assert loaders.num_classes == len(CLASSES) == 10
+    assert len(loaders.train) == spec.train_per_class * 10 // 8
+    assert sum(1 for _ in (tmp_path / spec.tag / "val").rglob("*.jpg")) == spec.val_per_class * 10
+    images, labels = next(iter(loaders.val))
+    assert images.shape == (8, 3, 32, 32)
+    cfg.MODEL.NUM_CLASSES = 1000
+    with pytest.raises(ValueError, match="set MODEL.NUM_CLASSES 10"):
+        build_loader(cfg, CPU)  # cached: no regeneration, only the check
+
+
+# ----------------------------------------------------------------------------- folder layout errors
+
+
+def _copy(root: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(root, target)
+    return target
+
+
+def test_layout_errors(image_root: Path, tmp_path: Path) -> None:
+    root = _copy(image_root, tmp_path)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'missing'} does not exist"):
+        scan_image_folder(tmp_path / "missing", 10)
+    with pytest.raises(ValueError, match="set MODEL.NUM_CLASSES 10"):
+        scan_image_folder(root, 1000)
+    empty = root / "train" / "00_circle"
+    for file in empty.iterdir():
+        file.unlink()
+    with pytest.raises(ValueError, match=f"class directory {empty} has no images"):
+        scan_image_folder(root, 10)
+    shutil.rmtree(empty)
+    with pytest.raises(ValueError, match=r"differ \(only in train: \[\]; only in val: \['00_circle'\]\)"):
+        scan_image_folder(root, 10)
+    shutil.rmtree(root / "val")
+    with pytest.raises(ValueError, match=f"split directory {root / 'val'} is missing"):
+        scan_image_folder(root, 9)
+    cfg = make_config(root, "pytorch", DATA__DATA_PATH="")
+    with pytest.raises(ValueError, match="DATA.DATA_PATH is empty"):
+        build_loader(cfg, CPU)
+    with pytest.raises(ValueError, match="DATA.LOADER='tf' is unknown"):
+        build_loader(make_config(image_root, "tf"), CPU)
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_loader_batches(image_root: Path, loader: str) -> None:
+    loaders = build_loader(make_config(image_root, loader), CPU)
+    assert loaders.num_classes == 10
+    assert len(loaders.train) == 120 // 8 and len(loaders.val) == -(-30 // 8)
+    train = list(loaders.train)
+    assert len(train) == 15
+    for images, labels in train:
+        assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32 and images.device == CPU
+        assert labels.shape == (8,) and labels.dtype == torch.int64
+        assert torch.isfinite(images).all() and 0 <= labels.min() and labels.max() < 10
+    # Normalised: the batch statistics are near 0 / 1, not the 0..255 or 0..1 scale.
+    all_images = torch.cat([images for images, _ in train])
+    assert -1.0 < all_images.mean() < 1.0 and 0.5 < all_images.std() < 2.0
+    val = list(loaders.val)
+    assert [len(labels) for _, labels in val] == [8, 8, 8, 6]
+    pixels = denormalise(torch.cat([images for images, _ in val]))
+    assert pixels.min() > -0.01 and pixels.max() < 1.01
+    # Validation walks the sorted file list: labels are 3 of each class, in order.
+    assert torch.cat([labels for _, labels in val]).tolist() == [c for c in range(10) for _ in range(3)]
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_order_is_a_function_of_seed_and_epoch(image_root: Path, loader: str) -> None:
+    cfg = make_config(image_root, loader, AUG__REPROB=0.0)
+    first = build_loader(cfg, CPU).train
+    first.set_epoch(1)
+    full = list(first)
+    second = build_loader(make_config(image_root, loader, AUG__REPROB=0.0, DATA__NUM_WORKERS=2), CPU).train
+    second.set_epoch(1, start_batch=4)
+    resumed = list(second)
+    assert len(resumed) == len(full) - 4
+    for (_, labels_a), (_, labels_b) in zip(full[4:], resumed):
+        assert torch.equal(labels_a, labels_b)
+    second.set_epoch(2)
+    other_epoch = torch.cat([labels for _, labels in second])
+    assert not torch.equal(other_epoch, torch.cat([labels for _, labels in full]))
+    # Abandoning a pass mid-epoch and repositioning continues exactly.
+    first.set_epoch(1, start_batch=2)
+    iterator = iter(first)
+    next(iterator)
+    first.set_epoch(1, start_batch=10)
+    assert torch.equal(next(iter(first))[1], full[10][1])
+
+
+def test_pytorch_resume_is_bitwise_exact(image_root: Path) -> None:
+    """Augmentation (incl. random erasing) depends on (SEED, epoch, index) only, not on workers."""
+    direct = build_loader(make_config(image_root, "pytorch", DATA__NUM_WORKERS=0), CPU).train
+    direct.set_epoch(3)
+    full = list(direct)
+    resumed = build_loader(make_config(image_root, "pytorch", DATA__NUM_WORKERS=2), CPU).train
+    resumed.set_epoch(3, start_batch=9)
+    for (images_a, labels_a), (images_b, labels_b) in zip(full[9:], resumed):
+        assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+    state = torch.get_rng_state()
+    list(direct)  # per-sample seeding restores the caller's generators
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_sharding_covers_every_sample_once() -> None:
+    for num_samples, world_size in ((103, 4), (50, 3), (7, 8)):
+        val = [i for rank in range(world_size)
+               for batch in EpochBatchSampler(num_samples, 5, 0, rank, world_size, train=False)
+               for i, _ in batch]
+        assert sorted(val) == list(range(num_samples))
+    train = [[i for batch in EpochBatchSampler(103, 5, 0, rank, 4, train=True) for i, _ in batch]
+             for rank in range(4)]
+    assert all(len(shard) == 25 for shard in train)  # 103 // 4 = 25 each, 5 full batches
+    flat = [i for shard in train for i in shard]
+    assert len(set(flat)) == len(flat)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_val_shards_through_build_loader(image_root: Path, loader: str) -> None:
+    labels = [torch.cat([y for _, y in build_loader(make_config(image_root, loader), CPU, rank=r,
+                                                    world_size=4).val]) for r in range(4)]
+    assert [len(y) for y in labels] == [8, 8, 7, 7]
+    merged = sorted(torch.cat(labels).tolist())
+    assert merged == [c for c in range(10) for _ in range(3)]
+
+
+def test_val_parity_dali_vs_pytorch(image_root: Path) -> None:
+    outputs = {}
+    for loader in LOADERS:
+        outputs[loader] = denormalise(torch.cat([x for x, _ in build_loader(make_config(image_root, loader), CPU).val]))
+    difference = (outputs["pytorch"] - outputs["dali"]).abs().mean()
+    assert difference < 2 / 255, f"mean abs difference {difference * 255:.2f}/255"
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_corrupt_files_are_replaced_or_skipped(image_root: Path, tmp_path: Path, loader: str, caplog) -> None:
+    root = _copy(image_root, tmp_path)
+    good = (root / "train" / "00_circle" / "00000.jpg").read_bytes()
+    bad_train = [root / "train" / "03_star" / "00003.jpg", root / "train" / "05_ring" / "00007.jpg",
+                 root / "train" / "00_circle" / "00000.jpg"]
+    bad_train[0].write_bytes(good[:len(good) // 2])  # truncated: fails inside the decoder
+    bad_train[1].write_bytes(b"\xff\xd8\xff" + bytes(range(256)) * 8)  # JPEG magic, garbage body
+    bad_train[2].write_bytes(b"")
+    bad_val = root / "val" / "01_square" / "00001.jpg"
+    bad_val.write_bytes(b"not an image")
+    caplog.set_level(logging.WARNING)
+    loaders = build_loader(make_config(root, loader), CPU)
+    for _ in range(2):
+        batches = list(loaders.train)
+        assert len(batches) == 15 and all(images.shape == (8, 3, 32, 32) for images, _ in batches)
+    assert loaders.train.num_bad == 3
+    val_labels = torch.cat([labels for _, labels in loaders.val])
+    assert len(val_labels) == 29 and loaders.val.num_bad == 1
+    for path in bad_train + [bad_val]:
+        assert sum(str(path) in record.getMessage() for record in caplog.records) == 1
+
+
+def test_build_mixup() -> None:
+    cfg = _C.clone()
+    cfg.MODEL.NUM_CLASSES = 10
+    mixup = build_mixup(cfg)
+    assert mixup.num_classes == 10 and mixup.label_smoothing == cfg.MODEL.LABEL_SMOOTHING
+    images, labels = torch.randn(4, 3, 8, 8), torch.arange(4)
+    _, targets = mixup(images, labels)
+    assert targets.shape == (4, 10) and torch.allclose(targets.sum(1), torch.ones(4))
+    cfg.AUG.MIXUP = cfg.AUG.CUTMIX = 0.0
+    assert build_mixup(cfg) is None
+
+
+# ----------------------------------------------------------------------------- stress
+
+
+def _stress_dataset(root: Path) -> None:
+    """200 awkward images: tiny, extreme aspect ratios, grayscale, CMYK and palette/RGBA PNGs."""
+    rng = random.Random(0)
+    for split, count in (("train", 20), ("val", 1)):
+        for label in range(10):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for n in range(count):
+                width, height = rng.choice([(1, 1), (3, 150), (150, 3), (17, 9)] + [(rng.randint(20, 160),
+                                                                                       rng.randint(20, 160))] * 6)
+                pixels = np.random.default_rng(rng.randrange(2**32)).integers(0, 256, (height, width, 3), np.uint8)
+                image = Image.fromarray(pixels)
+                mode = rng.choice(["RGB", "RGB", "L", "CMYK", "RGBA", "P"])
+                if mode in ("RGBA", "P"):
+                    image.convert(mode).save(folder / f"{n}.png")
+                else:
+                    image.convert(mode).save(folder / f"{n}.jpg", quality=rng.randint(30, 95))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", LOADERS)
+def test_stress_default_train_augmentation(tmp_path: Path, loader: str) -> None:
+    """>= 20,000 samples of the default training augmentation (RandAugment, random erasing) run cleanly."""
+    _stress_dataset(tmp_path)
+    cfg = make_config(tmp_path, loader, DATA__BATCH_SIZE=50, DATA__NUM_WORKERS=2)
+    train = build_loader(cfg, CPU).train
+    seen = 0
+    for epoch in range(100):
+        train.set_epoch(epoch)
+        for images, labels in train:
+            assert images.shape == (50, 3, 32, 32) and torch.isfinite(images).all()
+            seen += len(labels)
+    assert seen >= 20_000 and train.num_bad == 0
+
+
+def test_rand_augment_posterize_at_level_10() -> None:
+    """timm's PosterizeIncreasing at level 10 asks Pillow 13 for 0 bits; the loader keeps it working."""
+    from timm.data.auto_augment import RandAugment
+
+    from data.torch_loader import build_transforms
+    cfg = _C.clone()
+    cfg.DATA.IMG_SIZE = 16
+    cfg.AUG.AUTO_AUGMENT = "rand-m10-n1-inc1"
+    transform = build_transforms(cfg, train=True)
+    rand_augment = next(t for t in transform.transforms if isinstance(t, RandAugment))
+    op = next(op for op in rand_augment.ops if op.name == "PosterizeIncreasing")
+    op.prob = 1.0
+    image = Image.fromarray(np.full((16, 16, 3), 200, np.uint8))
+    assert np.asarray(op(image)).max() == 0
