@@ -3,7 +3,20 @@
 Precedence (lowest to highest): these defaults < YAML file (with ``BASE`` inheritance)
 < ``--opts KEY VALUE ...`` < named command-line flags that the user actually typed.
 """
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import difflib
+import logging
+import os
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import yaml
 from yacs.config import CfgNode as CN
+
+logger = logging.getLogger(__name__)
 
 _C = CN()
 
@@ -28,6 +41,9 @@ _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
 # Where the toy dataset is generated on first use ("" = ~/.cache/crossformer/toy).
 _C.DATA.TOY_ROOT = ""
+# Virtual dataset sizes (all ranks together) of the "synthetic" dataset.
+_C.DATA.SYNTHETIC_TRAIN_SIZE = 1281167
+_C.DATA.SYNTHETIC_VAL_SIZE = 50000
 
 # -----------------------------------------------------------------------------
 # Model
@@ -39,6 +55,11 @@ _C.MODEL.NUM_CLASSES = 1000
 _C.MODEL.DROP_RATE = 0.0
 _C.MODEL.DROP_PATH_RATE = 0.3
 _C.MODEL.LABEL_SMOOTHING = 0.1
+# Weights-only initialisation from one of our checkpoints or an official one (a dict with "model");
+# the head is re-initialised when its number of classes differs. Set by --pretrained.
+_C.MODEL.PRETRAINED = ""
+# A checkpoint to resume the whole training state from (overrides auto-resume). Set by --resume.
+_C.MODEL.RESUME = ""
 # Architecture overrides for custom (e.g. tiny) models; 0 / [] keep the variant's value.
 _C.MODEL.CROSSFORMER = CN()
 _C.MODEL.CROSSFORMER.EMBED_DIM = 0
@@ -58,13 +79,25 @@ _C.TRAIN.WEIGHT_DECAY = 0.05
 _C.TRAIN.BASE_LR = 5e-4
 _C.TRAIN.WARMUP_LR = 5e-7
 _C.TRAIN.MIN_LR = 5e-6
+# The LRs above are for this total batch (per-process batch x processes x accumulation steps)
+# and are scaled linearly with the real one; 0 disables the scaling.
+_C.TRAIN.LR_REFERENCE_BATCH = 512
+# Derived by get_config(): the scaled learning rates the optimizer actually uses.
+_C.TRAIN.SCALED_BASE_LR = 0.0
+_C.TRAIN.SCALED_WARMUP_LR = 0.0
+_C.TRAIN.SCALED_MIN_LR = 0.0
+# Max global gradient norm; 0 disables clipping (the norm is still logged).
 _C.TRAIN.CLIP_GRAD = 5.0
+# Resume from the newest complete checkpoint of the run directory when there is one.
 _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
 _C.TRAIN.USE_CHECKPOINT = False
 # "bf16", "fp16" or "none".
 _C.TRAIN.AMP = "bf16"
+# torch.compile the model.
 _C.TRAIN.COMPILE = False
+# Save last.pth and stop after this many optimizer steps in total (0 = off), e.g. to rehearse a preemption.
+_C.TRAIN.STOP_AFTER_STEPS = 0
 
 _C.TRAIN.OPTIMIZER = CN()
 _C.TRAIN.OPTIMIZER.NAME = "adamw"
@@ -108,5 +141,387 @@ _C.SAVE_FREQ = 1
 _C.SAVE_STEPS = 0
 # Number of per-epoch checkpoints kept.
 _C.SAVE_KEEP = 3
+# Log a progress line every PRINT_FREQ optimizer steps.
 _C.PRINT_FREQ = 10
 _C.SEED = 0
+# Set by --eval / --throughput.
+_C.EVAL_MODE = False
+_C.THROUGHPUT_MODE = False
+
+# -----------------------------------------------------------------------------
+# Throughput benchmark (--throughput)
+# -----------------------------------------------------------------------------
+_C.THROUGHPUT = CN()
+_C.THROUGHPUT.WARMUP_ITERS = 10
+_C.THROUGHPUT.ITERS = 30
+
+
+# -----------------------------------------------------------------------------
+# Parsing: defaults < YAML (BASE first) < --opts < named flags the user typed
+# -----------------------------------------------------------------------------
+# Allowed values of the string keys that select an implementation.
+_CHOICES: Dict[str, Tuple[str, ...]] = {
+    "DATA.DATASET": ("imagenet", "toy", "synthetic"),
+    "DATA.LOADER": ("dali", "pytorch"),
+    "DATA.INTERPOLATION": ("bicubic", "bilinear"),
+    "TRAIN.AMP": ("bf16", "fp16", "none"),
+    "TRAIN.OPTIMIZER.NAME": ("adamw",),
+}
+
+# Named flag -> (config key, value when given as a switch). A flag changes the config only when typed.
+_FLAG_KEYS: Dict[str, str] = {
+    "batch_size": "DATA.BATCH_SIZE",
+    "data_path": "DATA.DATA_PATH",
+    "output": "OUTPUT",
+    "tag": "TAG",
+    "resume": "MODEL.RESUME",
+    "pretrained": "MODEL.PRETRAINED",
+    "eval": "EVAL_MODE",
+    "throughput": "THROUGHPUT_MODE",
+    "accumulation_steps": "TRAIN.ACCUMULATION_STEPS",
+    "use_checkpoint": "TRAIN.USE_CHECKPOINT",
+}
+
+_SCALED_KEYS = (("BASE_LR", "SCALED_BASE_LR"), ("WARMUP_LR", "SCALED_WARMUP_LR"), ("MIN_LR", "SCALED_MIN_LR"))
+
+
+class ConfigError(ValueError):
+    """A config value or key that cannot be used; the message names the key, the rule and the fix."""
+
+
+def get_defaults() -> CN:
+    """A fresh, mutable copy of the default config."""
+    return _C.clone()
+
+
+def flat_keys(node: CN, prefix: str = "") -> List[str]:
+    """Every leaf key of ``node`` in dotted form, e.g. ``TRAIN.EMA.DECAY``.
+
+    Args:
+        node: A config node.
+        prefix: Dotted path of ``node`` itself.
+    """
+    keys = []
+    for name, value in node.items():
+        full = f"{prefix}{name}"
+        keys.extend(flat_keys(value, full + ".") if isinstance(value, CN) else [full])
+    return keys
+
+
+def _closest(key: str, candidates: Iterable[str]) -> str:
+    candidates = list(candidates)
+    close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
+    if not close:  # a typo in the last part only, e.g. TRAIN.EPOCH -> TRAIN.EPOCHS
+        last = key.rsplit(".", 1)[-1]
+        close = [c for c in candidates if c.rsplit(".", 1)[-1] in difflib.get_close_matches(
+            last, [k.rsplit(".", 1)[-1] for k in candidates], n=3, cutoff=0.6)][:3]
+    return f"closest valid keys: {', '.join(close)}" if close else "see config.py for the valid keys"
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    """Check ``value`` against the type of ``default`` and convert where it is lossless.
+
+    Args:
+        key: Dotted key, for the error message.
+        value: The new value (from YAML, --opts or a flag).
+        default: The current value; its type is the rule.
+        source: Where the value came from, for the error message.
+    """
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{key}={value!r} ({type(value).__name__}) from {source} has the wrong type: "
+                           f"expected {expected} like the default {default!r}; fix the value")
+
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise fail("true or false")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise fail("an integer")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise fail("a number")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        raise fail("a string (quote it)")
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise fail("a list")
+        if default:
+            value = [_coerce(f"{key}[{i}]", v, default[0], source) for i, v in enumerate(value)]
+        elif any(isinstance(v, (dict, CN)) for v in value):
+            raise fail("a list of plain values")
+        return type(default)(value)
+    raise fail(type(default).__name__)
+
+
+def _set(cfg: CN, key: str, value: Any, source: str) -> None:
+    """Set dotted ``key`` of ``cfg`` to ``value`` after checking that the key exists and the type fits."""
+    node = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, CN) or part not in node:
+            raise ConfigError(f"unknown config key {key} (from {source}); {_closest(key, flat_keys(cfg))}")
+        if i < len(parts) - 1:
+            node = node[part]
+    current = node[parts[-1]]
+    if isinstance(current, CN):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} (from {source}) is a section, not a value; set its keys, "
+                              f"e.g. {flat_keys(current, key + '.')[0]}")
+        for name, sub in value.items():
+            _set(cfg, f"{key}.{name}", sub, source)
+        return
+    node[parts[-1]] = _coerce(key, value, current, source)
+
+
+def _read_yaml(path: str, chain: Tuple[str, ...] = ()) -> List[Tuple[str, Dict[str, Any]]]:
+    """``[(file, mapping), ...]`` for ``path`` and its ``BASE`` files, bases first.
+
+    Args:
+        path: YAML file; ``BASE`` entries are relative to it.
+        chain: Files already being read, to detect cycles.
+    """
+    path = os.path.abspath(path)
+    if path in chain:
+        raise ConfigError(f"BASE cycle: {' -> '.join(chain + (path,))}; remove one of the BASE entries")
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML to --cfg or BASE")
+    with open(path, "r", encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML ({e}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} holds a {type(data).__name__}, not a mapping of keys; "
+                          "write it as KEY: value lines")
+    bases = data.pop("BASE", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    layers: List[Tuple[str, Dict[str, Any]]] = []
+    for base in bases or []:
+        if base:
+            layers.extend(_read_yaml(os.path.join(os.path.dirname(path), base), chain + (path,)))
+    layers.append((path, data))
+    return layers
+
+
+def _decode_opt(raw: str) -> Any:
+    """A --opts value as a Python literal when it is one (3, 0.1, [1, 2], True), else the string."""
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def _merge_opts(cfg: CN, opts: Sequence[str]) -> None:
+    if len(opts) % 2:
+        raise ConfigError(f"--opts needs KEY VALUE pairs, got {len(opts)} items ending with {opts[-1]!r}; "
+                          "add the missing value")
+    for key, raw in zip(opts[0::2], opts[1::2]):
+        value = _decode_opt(raw)
+        node = cfg
+        for part in key.split(".")[:-1]:
+            node = node.get(part) if isinstance(node, CN) else None
+        current = node.get(key.split(".")[-1]) if isinstance(node, CN) else None
+        if isinstance(current, str):
+            value = raw  # a string key takes the text as typed, e.g. TAG 001
+        _set(cfg, key, value, "--opts")
+
+
+def validate(cfg: CN) -> None:
+    """Check the values that have rules beyond their type.
+
+    Args:
+        cfg: A fully merged config.
+
+    Raises:
+        ConfigError: naming the key, the rule and a fix.
+    """
+    for key, allowed in _CHOICES.items():
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}={value!r} is not supported{hint}; use one of {', '.join(allowed)}")
+    rules = [
+        ("DATA.BATCH_SIZE", cfg.DATA.BATCH_SIZE >= 1, "must be >= 1"),
+        ("TRAIN.EPOCHS", cfg.TRAIN.EPOCHS >= 1, "must be >= 1"),
+        ("TRAIN.WARMUP_EPOCHS", 0 <= cfg.TRAIN.WARMUP_EPOCHS < cfg.TRAIN.EPOCHS,
+         f"must be in [0, TRAIN.EPOCHS={cfg.TRAIN.EPOCHS})"),
+        ("TRAIN.ACCUMULATION_STEPS", cfg.TRAIN.ACCUMULATION_STEPS >= 1, "must be >= 1"),
+        ("TRAIN.BASE_LR", cfg.TRAIN.BASE_LR > 0, "must be > 0"),
+        ("TRAIN.MIN_LR", 0 <= cfg.TRAIN.MIN_LR <= cfg.TRAIN.BASE_LR, "must be in [0, TRAIN.BASE_LR]"),
+        ("TRAIN.WARMUP_LR", 0 <= cfg.TRAIN.WARMUP_LR <= cfg.TRAIN.BASE_LR, "must be in [0, TRAIN.BASE_LR]"),
+        ("TRAIN.WEIGHT_DECAY", cfg.TRAIN.WEIGHT_DECAY >= 0, "must be >= 0"),
+        ("TRAIN.CLIP_GRAD", cfg.TRAIN.CLIP_GRAD >= 0, "must be >= 0 (0 = no clipping)"),
+        ("TRAIN.LR_REFERENCE_BATCH", cfg.TRAIN.LR_REFERENCE_BATCH >= 0, "must be >= 0 (0 = no LR scaling)"),
+        ("TRAIN.STOP_AFTER_STEPS", cfg.TRAIN.STOP_AFTER_STEPS >= 0, "must be >= 0 (0 = off)"),
+        ("TRAIN.EMA.DECAY", 0 <= cfg.TRAIN.EMA.DECAY < 1, "must be in [0, 1)"),
+        ("TRAIN.OPTIMIZER.BETAS", len(cfg.TRAIN.OPTIMIZER.BETAS) == 2
+         and all(0 <= b < 1 for b in cfg.TRAIN.OPTIMIZER.BETAS), "must be two numbers in [0, 1)"),
+        ("TRAIN.OPTIMIZER.EPS", cfg.TRAIN.OPTIMIZER.EPS > 0, "must be > 0"),
+        ("MODEL.NUM_CLASSES", cfg.MODEL.NUM_CLASSES >= 1, "must be >= 1"),
+        ("MODEL.DROP_PATH_RATE", 0 <= cfg.MODEL.DROP_PATH_RATE < 1, "must be in [0, 1)"),
+        ("MODEL.DROP_RATE", 0 <= cfg.MODEL.DROP_RATE < 1, "must be in [0, 1)"),
+        ("MODEL.LABEL_SMOOTHING", 0 <= cfg.MODEL.LABEL_SMOOTHING < 1, "must be in [0, 1)"),
+        ("SAVE_FREQ", cfg.SAVE_FREQ >= 1, "must be >= 1"),
+        ("SAVE_STEPS", cfg.SAVE_STEPS >= 0, "must be >= 0 (0 = off)"),
+        ("SAVE_KEEP", cfg.SAVE_KEEP >= 0, "must be >= 0"),
+        ("PRINT_FREQ", cfg.PRINT_FREQ >= 1, "must be >= 1"),
+        ("THROUGHPUT.ITERS", cfg.THROUGHPUT.ITERS >= 1, "must be >= 1"),
+        ("THROUGHPUT.WARMUP_ITERS", cfg.THROUGHPUT.WARMUP_ITERS >= 0, "must be >= 0"),
+    ]
+    for key, ok, rule in rules:
+        if not ok:
+            value = cfg
+            for part in key.split("."):
+                value = value[part]
+            raise ConfigError(f"{key}={value!r} {rule}; change it in the YAML or with --opts {key} VALUE")
+    if cfg.MODEL.RESUME and cfg.MODEL.PRETRAINED:
+        raise ConfigError("--resume and --pretrained were both given: --resume restores the whole training "
+                          "state (weights included), --pretrained only initialises the weights; pass one")
+    try:
+        import models
+    except ImportError:  # the registry check is repeated when the model is built
+        return
+    if cfg.MODEL.NAME not in models.list_models():
+        close = difflib.get_close_matches(cfg.MODEL.NAME, models.list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"MODEL.NAME={cfg.MODEL.NAME!r} is not a registered model{hint}; "
+                          f"use one of {', '.join(models.list_models())}")
+
+
+def scale_learning_rates(cfg: CN, world_size: int) -> None:
+    """Fill ``TRAIN.SCALED_*_LR``: the entered LRs x total batch / ``TRAIN.LR_REFERENCE_BATCH``.
+
+    The total batch counts every process and every accumulation step. The entered values stay
+    in ``TRAIN.BASE_LR`` etc., so both are visible in ``config.yaml``.
+
+    Args:
+        cfg: A mutable, merged config.
+        world_size: Number of training processes.
+    """
+    total_batch = cfg.DATA.BATCH_SIZE * world_size * cfg.TRAIN.ACCUMULATION_STEPS
+    factor = total_batch / cfg.TRAIN.LR_REFERENCE_BATCH if cfg.TRAIN.LR_REFERENCE_BATCH else 1.0
+    for entered, scaled in _SCALED_KEYS:
+        value = cfg.TRAIN[entered] * factor
+        given = cfg.TRAIN[scaled]
+        if given and abs(given - value) > 1e-12 * max(abs(value), 1.0):
+            logger.warning("TRAIN.%s=%g is derived from TRAIN.%s and the total batch %d; using %g instead",
+                           scaled, given, entered, total_batch, value)
+        cfg.TRAIN[scaled] = value
+
+
+def load_config(cfg_file: str = "", opts: Sequence[str] = (), flags: Optional[Dict[str, Any]] = None,
+                world_size: int = 1) -> CN:
+    """Build the frozen config of a run.
+
+    Args:
+        cfg_file: YAML file (may list ``BASE`` files, merged first); "" for the defaults only.
+        opts: ``["KEY", "VALUE", ...]`` pairs applied after the YAML.
+        flags: ``{config key: value}`` from named command-line flags, applied last.
+        world_size: Number of processes, for the LR scaling.
+
+    Raises:
+        ConfigError: for an unknown key, a wrong type or a value that breaks a rule.
+    """
+    cfg = get_defaults()
+    if cfg_file:
+        for path, data in _read_yaml(cfg_file):
+            for key, value in data.items():
+                _set(cfg, key, value, path)
+    _merge_opts(cfg, list(opts))
+    for key, value in (flags or {}).items():
+        _set(cfg, key, value, f"the --{key.lower()} flag")
+    validate(cfg)
+    scale_learning_rates(cfg, world_size)
+    cfg.freeze()
+    return cfg
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """The command line of ``main.py`` (Swin-compatible flag names)."""
+    parser = argparse.ArgumentParser(
+        "CrossFormer training and evaluation", allow_abbrev=False,
+        description="Precedence: config.py defaults < --cfg YAML (BASE first) < --opts < the named flags given.")
+    parser.add_argument("--cfg", required=True, metavar="FILE", help="YAML config file")
+    parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
+                        help="override config keys, e.g. --opts TRAIN.EPOCHS 10 DATA.IMG_SIZE 64")
+    # Every named flag defaults to None: one the user does not type changes nothing.
+    parser.add_argument("--batch-size", type=int, help="per-process batch size (DATA.BATCH_SIZE)")
+    parser.add_argument("--data-path", type=str, help="dataset root (DATA.DATA_PATH)")
+    parser.add_argument("--output", type=str, help="root of the run directories (OUTPUT)")
+    parser.add_argument("--tag", type=str, help="run name under OUTPUT/MODEL.NAME (TAG)")
+    parser.add_argument("--resume", type=str, help="checkpoint to resume the full training state from")
+    parser.add_argument("--pretrained", type=str, help="checkpoint to initialise the weights from")
+    parser.add_argument("--eval", action="store_const", const=True, help="evaluate and exit")
+    parser.add_argument("--throughput", action="store_const", const=True,
+                        help="measure inference and training images/s and exit")
+    parser.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
+    parser.add_argument("--use-checkpoint", action="store_const", const=True,
+                        help="gradient checkpointing to save memory (TRAIN.USE_CHECKPOINT)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
+    return parser
+
+
+def parse_option(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line; unknown flags are an error (never silently ignored).
+
+    Args:
+        argv: Arguments without the program name (default: ``sys.argv[1:]``).
+    """
+    return build_arg_parser().parse_args(argv)
+
+
+def get_config(args: argparse.Namespace, world_size: int = 1) -> CN:
+    """The run's config from parsed arguments.
+
+    Args:
+        args: From :func:`parse_option`.
+        world_size: Number of processes, for the LR scaling.
+    """
+    flags = {key: getattr(args, name) for name, key in _FLAG_KEYS.items() if getattr(args, name) is not None}
+    return load_config(args.cfg, args.opts, flags, world_size)
+
+
+def config_to_dict(cfg: CN) -> Dict[str, Any]:
+    """The config as plain nested dicts / lists / scalars (for checkpoints and YAML)."""
+    out: Dict[str, Any] = {}
+    for key, value in cfg.items():
+        if isinstance(value, CN):
+            out[key] = config_to_dict(value)
+        elif isinstance(value, tuple):
+            out[key] = list(value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def dump_config(cfg: CN, path: str) -> None:
+    """Write the resolved config as YAML that ``--cfg`` accepts again.
+
+    Args:
+        cfg: The config.
+        path: Output file.
+    """
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=True)
+    os.replace(tmp, path)

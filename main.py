@@ -1,0 +1,321 @@
+"""Train or evaluate CrossFormer / CrossFormer++ on ImageNet-1K (or the toy / synthetic sets).
+
+    torchrun --nproc_per_node=8 main.py --cfg configs/crossformerpp_b.yaml --data-path /data/imagenet
+    python main.py --cfg configs/demo.yaml                       # one process
+    python main.py --cfg configs/crossformerpp_b.yaml --eval --resume output/.../best.pth
+    python main.py --cfg configs/crossformerpp_b.yaml --throughput
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from yacs.config import CfgNode
+
+from config import config_to_dict, dump_config, get_config, parse_option
+from data import build_loader, build_mixup
+from engine import evaluate, measure_throughput, resolve_amp, steps_per_epoch, summarize_train_epoch, train_one_epoch
+from optim import build_optimizer, build_scheduler
+from utils.checkpoint import (BEST, EMA_BEST, LAST, TrainState, epoch_checkpoint_name, find_resume_checkpoint,
+                              load_checkpoint, load_pretrained, save_checkpoint)
+from utils.distributed import DistInfo, cleanup, init_distributed
+from utils.logger import setup_logging
+from utils.metrics import RunRecorder
+
+logger = logging.getLogger("main")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (all devices), NumPy and Python ``random``.
+
+    Args:
+        seed: The seed.
+    """
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def build_model(config: CfgNode) -> nn.Module:
+    """The configured variant with the ``MODEL.CROSSFORMER`` overrides (0 / [] keep the variant's).
+
+    Args:
+        config: Reads ``MODEL.*`` and ``TRAIN.USE_CHECKPOINT``.
+    """
+    import models
+
+    arch = config.MODEL.CROSSFORMER
+    given = {"embed_dim": arch.EMBED_DIM, "depths": list(arch.DEPTHS), "num_heads": list(arch.NUM_HEADS),
+             "group_size": list(arch.GROUP_SIZE), "crs_interval": list(arch.CRS_INTERVAL)}
+    overrides = {name: value for name, value in given.items() if value}  # 0 / [] keep the variant's value
+    return models.create_model(config.MODEL.NAME, num_classes=config.MODEL.NUM_CLASSES,
+                               drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE,
+                               use_checkpoint=config.TRAIN.USE_CHECKPOINT, **overrides)
+
+
+def build_criterion(config: CfgNode, mixup: bool) -> nn.Module:
+    """Soft-target CE with mixup / cutmix (which apply the label smoothing), else smoothed CE.
+
+    Args:
+        config: Reads ``MODEL.LABEL_SMOOTHING``.
+        mixup: Whether batches come with soft targets.
+    """
+    if mixup:
+        return SoftTargetCrossEntropy()
+    if config.MODEL.LABEL_SMOOTHING > 0:
+        return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
+    return nn.CrossEntropyLoss()
+
+
+def run_throughput(config: CfgNode, model: nn.Module, dist_info: DistInfo, amp_dtype: Optional[torch.dtype]) -> None:
+    """Measure, then print a table and, as the last line, one JSON object (rank 0).
+
+    Args:
+        config: The run's config.
+        model: Unwrapped model on the device.
+        dist_info: This process's place in the job.
+        amp_dtype: Autocast dtype, None for float32.
+    """
+    result = measure_throughput(model, config, dist_info.device, amp_dtype)
+    if not dist_info.is_main:
+        return
+    rows = [(key, f"{value:.1f}" if isinstance(value, float) else str(value)) for key, value in result.items()]
+    width = max(len(key) for key, _ in rows)
+    table = "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+    sys.stdout.write(f"{table}\n{json.dumps(result)}\n")
+    sys.stdout.flush()
+
+
+def run(args: Any) -> int:
+    """Set up from parsed arguments, then train, evaluate or benchmark.
+
+    Args:
+        args: From :func:`config.parse_option`.
+    """
+    dist_info = init_distributed()
+    config = get_config(args, dist_info.world_size)
+    run_dir = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+    setup_logging(dist_info.rank, None if config.THROUGHPUT_MODE else run_dir)
+    total_batch = config.DATA.BATCH_SIZE * dist_info.world_size * config.TRAIN.ACCUMULATION_STEPS
+    logger.info("%d process(es) on %s; total batch %d = %d per process x %d x %d accumulation steps",
+                dist_info.world_size, dist_info.device, total_batch, config.DATA.BATCH_SIZE,
+                dist_info.world_size, config.TRAIN.ACCUMULATION_STEPS)
+    logger.info("LR entered (for a total batch of %d): base %g, warmup %g, min %g; scaled: base %g, warmup %g, min %g",
+                config.TRAIN.LR_REFERENCE_BATCH, config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR,
+                config.TRAIN.SCALED_BASE_LR, config.TRAIN.SCALED_WARMUP_LR, config.TRAIN.SCALED_MIN_LR)
+    if dist_info.is_main and not (config.THROUGHPUT_MODE or config.EVAL_MODE):
+        os.makedirs(run_dir, exist_ok=True)
+        dump_config(config, os.path.join(run_dir, "config.yaml"))
+        logger.info("run directory %s; full config in config.yaml", run_dir)
+    device = dist_info.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    amp_dtype = resolve_amp(config.TRAIN.AMP, device)
+
+    seed_everything(config.SEED)  # the same initial weights on every rank
+    model = build_model(config)
+    if config.MODEL.PRETRAINED:
+        load_pretrained(model, config.MODEL.PRETRAINED)
+    model.to(device)
+    # Per-rank streams from here on: drop path and mixup differ between ranks.
+    seed_everything(config.SEED + dist_info.rank)
+    logger.info("%s: %.2fM parameters", config.MODEL.NAME, sum(p.numel() for p in model.parameters()) / 1e6)
+    if config.THROUGHPUT_MODE:
+        run_throughput(config, model, dist_info, amp_dtype)
+        return 0
+
+    loaders = build_loader(config, device)
+    if loaders.num_classes != config.MODEL.NUM_CLASSES:
+        raise ValueError(f"the dataset has {loaders.num_classes} classes but MODEL.NUM_CLASSES="
+                         f"{config.MODEL.NUM_CLASSES}; set --opts MODEL.NUM_CLASSES {loaders.num_classes}")
+    mixup_fn = build_mixup(config)
+    criterion = build_criterion(config, mixup_fn is not None)
+
+    model_without_ddp = model
+    eval_model: nn.Module = torch.compile(model) if config.TRAIN.COMPILE else model
+    train_model: nn.Module = eval_model
+    if dist_info.distributed:
+        train_model = DistributedDataParallel(eval_model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(config, model_without_ddp)
+    epoch_steps = steps_per_epoch(len(loaders.train), config.TRAIN.ACCUMULATION_STEPS)
+    scheduler = build_scheduler(config, optimizer, epoch_steps)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    # Created after DDP has broadcast rank 0's weights, so every rank's EMA starts equal.
+    ema = ModelEmaV3(model_without_ddp, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
+    state = TrainState(model_without_ddp, optimizer, scheduler, scaler, ema, config_to_dict(config), device)
+
+    resume_path = config.MODEL.RESUME
+    if not resume_path and config.TRAIN.AUTO_RESUME:
+        resume_path = find_resume_checkpoint(run_dir) or ""
+        if resume_path:
+            logger.info("auto-resume: newest complete checkpoint is %s", resume_path)
+    if resume_path:
+        checkpoint = load_checkpoint(resume_path)
+        state.load_state_dict(checkpoint, dist_info.rank, dist_info.world_size, weights_only=config.EVAL_MODE)
+        logger.info("resumed from %s: epoch %d, batch %d, global step %d", resume_path, state.epoch, state.batch,
+                    state.global_step)
+        del checkpoint
+
+    if config.EVAL_MODE:
+        if not (resume_path or config.MODEL.PRETRAINED):
+            raise ValueError(f"--eval found no weights: pass --resume PATH or --pretrained PATH (no checkpoint "
+                             f"in {run_dir})")
+        return run_eval(eval_model, ema, loaders.val, device, amp_dtype, dist_info)
+
+    train(config, dist_info, run_dir, train_model, eval_model, criterion, loaders, mixup_fn, optimizer,
+          scheduler, scaler, ema, state, amp_dtype, resumed=bool(resume_path))
+    return 0
+
+
+def run_eval(model: nn.Module, ema: Optional[ModelEmaV3], val_loader: Any, device: torch.device,
+             amp_dtype: Optional[torch.dtype], dist_info: DistInfo) -> int:
+    """Evaluate the loaded weights (and EMA), log them and print one JSON line (rank 0).
+
+    Args:
+        model: Unwrapped (possibly compiled) model with the weights to evaluate.
+        ema: The EMA, evaluated too when given.
+        val_loader: This rank's validation shard.
+        device: Compute device.
+        amp_dtype: Autocast dtype, None for float32.
+        dist_info: This process's place in the job.
+    """
+    result: Dict[str, float] = {}
+    stats = evaluate(model, val_loader, device, amp_dtype)
+    result.update({"val_acc1": stats["acc1"], "val_acc5": stats["acc5"], "val_loss": stats["loss"],
+                   "val_count": stats["count"]})
+    logger.info("eval: acc@1 %.3f  acc@5 %.3f  loss %.4f on %d images", stats["acc1"], stats["acc5"],
+                stats["loss"], stats["count"])
+    if ema is not None:
+        ema_stats = evaluate(ema.module, val_loader, device, amp_dtype)
+        result.update({"ema_val_acc1": ema_stats["acc1"], "ema_val_acc5": ema_stats["acc5"],
+                       "ema_val_loss": ema_stats["loss"]})
+        logger.info("eval EMA: acc@1 %.3f  acc@5 %.3f  loss %.4f", ema_stats["acc1"], ema_stats["acc5"],
+                    ema_stats["loss"])
+    if dist_info.is_main:
+        sys.stdout.write(json.dumps(result) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def train(config: CfgNode, dist_info: DistInfo, run_dir: str, train_model: nn.Module, eval_model: nn.Module,
+          criterion: nn.Module, loaders: Any, mixup_fn: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+          scaler: Optional[torch.amp.GradScaler], ema: Optional[ModelEmaV3], state: TrainState,
+          amp_dtype: Optional[torch.dtype], resumed: bool) -> None:
+    """The epoch loop: train, validate (raw and EMA), track the best, checkpoint, record.
+
+    Args:
+        config: The run's config.
+        dist_info: This process's place in the job.
+        run_dir: Where checkpoints and records go.
+        train_model: The model to train (DDP-wrapped when distributed).
+        eval_model: The unwrapped (possibly compiled) model for validation.
+        criterion: Training loss.
+        loaders: ``.train`` and ``.val`` from ``data.build_loader``.
+        mixup_fn: timm ``Mixup`` or None.
+        optimizer: AdamW.
+        scheduler: Per-step LR schedule.
+        scaler: GradScaler for fp16, else None.
+        ema: ``ModelEmaV3`` or None.
+        state: The training state, possibly resumed.
+        amp_dtype: Autocast dtype, None for float32.
+        resumed: Whether ``state`` came from a checkpoint (drops stale metrics rows).
+    """
+    device = dist_info.device
+    recorder = RunRecorder(run_dir, dist_info.is_main, resume_epoch=state.epoch if resumed else None,
+                           resume_step=state.global_step if resumed else None)
+
+    def checkpoint_step(current: TrainState) -> None:
+        save_checkpoint(current, run_dir, [LAST], dist_info.is_main)
+
+    stop_after = config.TRAIN.STOP_AFTER_STEPS
+    logger.info("training epochs %d..%d from batch %d (%d optimizer steps per epoch)", state.epoch,
+                config.TRAIN.EPOCHS - 1, state.batch, steps_per_epoch(len(loaders.train),
+                                                                      config.TRAIN.ACCUMULATION_STEPS))
+    start_time = time.time()
+    try:
+        while state.epoch < config.TRAIN.EPOCHS:
+            if stop_after and state.global_step >= stop_after:
+                logger.info("stopping: TRAIN.STOP_AFTER_STEPS=%d reached", stop_after)
+                return
+            epoch = state.epoch
+            loaders.train.set_epoch(epoch, start_batch=state.batch)
+            finished = train_one_epoch(train_model, criterion, loaders.train, optimizer, scheduler, state, config,
+                                       amp_dtype=amp_dtype, scaler=scaler, ema=ema, mixup_fn=mixup_fn,
+                                       on_log=recorder.scalars, on_step=checkpoint_step)
+            if not finished:
+                if not (config.SAVE_STEPS and state.global_step % config.SAVE_STEPS == 0):
+                    checkpoint_step(state)  # not saved by the step itself
+                logger.info("stopping after global step %d: TRAIN.STOP_AFTER_STEPS=%d", state.global_step, stop_after)
+                return
+            row: Dict[str, Any] = {"epoch": epoch, **summarize_train_epoch(state)}
+            row["lr"] = optimizer.param_groups[0]["lr"]
+            stats = evaluate(eval_model, loaders.val, device, amp_dtype)
+            row.update({"val_acc1": stats["acc1"], "val_acc5": stats["acc5"], "val_loss": stats["loss"]})
+            names: List[str] = []
+            if stats["acc1"] > state.best_acc1:  # update the best before best.pth is written
+                state.best_acc1, state.best_epoch = stats["acc1"], epoch
+                names.append(BEST)
+            if ema is not None:
+                ema_stats = evaluate(ema.module, loaders.val, device, amp_dtype)
+                row.update({"ema_val_acc1": ema_stats["acc1"], "ema_val_acc5": ema_stats["acc5"],
+                            "ema_val_loss": ema_stats["loss"]})
+                if ema_stats["acc1"] > state.best_ema_acc1:
+                    state.best_ema_acc1, state.best_ema_epoch = ema_stats["acc1"], epoch
+                    names.append(EMA_BEST)
+            logger.info("epoch %d: train loss %.4f  val acc@1 %.3f (best %.3f @ %d)  acc@5 %.3f  loss %.4f%s",
+                        epoch, row["train_loss"], stats["acc1"], state.best_acc1, state.best_epoch, stats["acc5"],
+                        stats["loss"], f"  EMA acc@1 {row['ema_val_acc1']:.3f} (best {state.best_ema_acc1:.3f})"
+                        if ema is not None else "")
+            row.update({"global_step": state.global_step, "best_acc1": state.best_acc1})
+            # The checkpoint describes the start of the next epoch.
+            state.epoch, state.batch = epoch + 1, 0
+            state.reset_epoch_meters()
+            last_epoch = state.epoch == config.TRAIN.EPOCHS
+            if state.epoch % config.SAVE_FREQ == 0 or last_epoch:
+                keep = config.SAVE_KEEP
+                names = ([epoch_checkpoint_name(epoch)] if keep else []) + [LAST] + names
+            if names:  # the same on every rank: the accuracies are global
+                save_checkpoint(state, run_dir, names, dist_info.is_main, keep_epochs=config.SAVE_KEEP)
+            recorder.epoch(row, state.global_step)
+    finally:
+        recorder.close()
+    elapsed = time.time() - start_time
+    logger.info("done in %s: best acc@1 %.3f (epoch %d)%s", time.strftime("%H:%M:%S", time.gmtime(elapsed)),
+                state.best_acc1, state.best_epoch,
+                f", best EMA acc@1 {state.best_ema_acc1:.3f} (epoch {state.best_ema_epoch})" if ema is not None else "")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point; a failure is one line on stderr unless ``--debug`` is given.
+
+    Args:
+        argv: Arguments without the program name (default: ``sys.argv[1:]``).
+    """
+    args = parse_option(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported in one line; --debug shows the traceback
+        if args.debug:
+            raise
+        rank = os.environ.get("RANK", "0")
+        sys.stderr.write(f"error (rank {rank}): {e} [{type(e).__name__}; rerun with --debug for the traceback]\n")
+        return 1
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Checkpoint files: atomic writes, auto-resume by recorded step, pruning, RNG and state round trips."""
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from config import load_config
+from optim import build_optimizer, build_scheduler
+from utils import checkpoint as ckpt
+from utils.checkpoint import TrainState
+
+
+def _state(seed: int = 0) -> TrainState:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    cfg = load_config(opts=["TRAIN.EPOCHS", "3", "TRAIN.WARMUP_EPOCHS", "1"])
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer, 4)
+    return TrainState(model, optimizer, scheduler, None, None, {"SEED": 0}, torch.device("cpu"))
+
+
+def _train_steps(state: TrainState, steps: int) -> None:
+    for _ in range(steps):
+        loss = state.model(torch.randn(5, 4)).pow(2).mean()
+        loss.backward()
+        state.optimizer.step()
+        state.optimizer.zero_grad()
+        state.global_step += 1
+        state.scheduler.step_update(state.global_step)
+        state.loss_sum += loss.detach().double()
+        state.loss_count += 1
+
+
+def test_rng_state_round_trip_through_a_file(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    saved = ckpt.capture_rng_state()
+    torch.save(saved, tmp_path / "rng.pth")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9)
+    np.random.seed(9)
+    random.seed(9)
+    ckpt.restore_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True))
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
+
+
+def test_train_state_round_trip_is_exact(tmp_path: Path) -> None:
+    state = _state()
+    _train_steps(state, 3)
+    state.epoch, state.batch, state.best_acc1, state.best_epoch = 1, 2, 42.0, 0
+    ckpt.save_checkpoint(state, str(tmp_path), [ckpt.LAST], is_main=True)
+    data = ckpt.load_checkpoint(str(tmp_path / ckpt.LAST))
+    assert data["format_version"] == ckpt.FORMAT_VERSION and data["config"] == {"SEED": 0}
+    assert data["world_size"] == 1 and len(data["ranks"]) == 1
+    _train_steps(state, 2)  # the continuation of the original
+
+    resumed = _state(seed=5)
+    resumed.load_state_dict(data)
+    assert (resumed.epoch, resumed.batch, resumed.global_step, resumed.best_acc1) == (1, 2, 3, 42.0)
+    assert resumed.loss_count == 3
+    _train_steps(resumed, 2)
+    for a, b in zip(state.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+    assert state.optimizer.param_groups[0]["lr"] == resumed.optimizer.param_groups[0]["lr"]
+    assert torch.equal(state.loss_sum, resumed.loss_sum)
+
+
+def test_crash_while_saving_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last.pth"
+    ckpt.atomic_save({"global_step": 1}, str(path))
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.atomic_save({"global_step": 2}, str(path))
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"global_step": 1}
+    assert os.listdir(tmp_path) == ["last.pth"]  # no temp file left behind
+
+
+def test_auto_resume_picks_highest_step_not_newest_file(tmp_path: Path) -> None:
+    state = _state()
+    for step, name in ((8, "epoch_0001.pth"), (12, ckpt.LAST), (4, "epoch_0000.pth")):
+        state.global_step, state.epoch = step, step // 4
+        ckpt.save_checkpoint(state, str(tmp_path), [name], is_main=True)
+        time.sleep(0.01)
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")  # newest file, unreadable
+    (tmp_path / ".last.pth.tmp-123").write_bytes(b"half written")
+    os.utime(tmp_path / "epoch_0000.pth")  # newest mtime among the valid ones, but the lowest step
+    assert ckpt.find_resume_checkpoint(str(tmp_path)) == str(tmp_path / ckpt.LAST)
+    assert ckpt.find_resume_checkpoint(str(tmp_path / "missing")) is None
+
+
+def test_non_checkpoint_is_rejected_for_resume(tmp_path: Path) -> None:
+    torch.save({"model": {}}, tmp_path / "weights.pth")
+    with pytest.raises(ValueError, match="use --pretrained"):
+        _state().load_state_dict(ckpt.load_checkpoint(str(tmp_path / "weights.pth")))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.load_checkpoint(str(tmp_path / "nope.pth"))
+
+
+def test_keeps_only_the_newest_epoch_checkpoints(tmp_path: Path) -> None:
+    for epoch in range(5):
+        (tmp_path / ckpt.epoch_checkpoint_name(epoch)).write_bytes(b"x")
+    (tmp_path / ckpt.LAST).write_bytes(b"x")
+    ckpt.prune_epoch_checkpoints(str(tmp_path), keep=2)
+    assert sorted(os.listdir(tmp_path)) == ["epoch_0003.pth", "epoch_0004.pth", "last.pth"]
+
+
+def test_extra_names_are_complete_copies(tmp_path: Path) -> None:
+    state = _state()
+    ckpt.save_checkpoint(state, str(tmp_path), ["epoch_0000.pth", ckpt.LAST, ckpt.BEST], is_main=True,
+                         keep_epochs=1)
+    os.remove(tmp_path / "epoch_0000.pth")  # pruning an epoch file must not affect last / best
+    for name in (ckpt.LAST, ckpt.BEST):
+        assert ckpt.load_checkpoint(str(tmp_path / name))["global_step"] == 0
+
+
+def test_pretrained_reinitialises_a_head_of_other_classes(tmp_path: Path) -> None:
+    import models
+
+    kwargs = dict(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8])
+    source = models.create_model("crossformerpp_s", num_classes=10, **kwargs)
+    # An official-style file: {"model": ...} with DDP's "module." prefix.
+    torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "official.pth")
+    target = models.create_model("crossformerpp_s", num_classes=5, **kwargs)
+    head_before = target.head.weight.clone()
+    ckpt.load_pretrained(target, str(tmp_path / "official.pth"))
+    assert torch.equal(target.head.weight, head_before) and target.head.weight.shape[0] == 5
+    for name, tensor in target.state_dict().items():
+        if not name.startswith("head."):
+            assert torch.equal(tensor, source.state_dict()[name]), name
+    other = models.create_model("crossformerpp_s", num_classes=10, embed_dim=64, depths=[1, 1, 1, 1],
+                                num_heads=[1, 2, 4, 8])
+    with pytest.raises(ValueError, match="has shape .* but the model expects"):
+        ckpt.load_pretrained(other, str(tmp_path / "official.pth"))

@@ -1,0 +1,147 @@
+"""Engine pieces in one process: accumulation, exact evaluation, --throughput, --eval, error lines."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import REPO_ROOT, subprocess_env
+from config import load_config
+from engine import evaluate, train_one_epoch
+from utils.checkpoint import TrainState
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+class _ListLoader:
+    def __init__(self, batches: List[Batch]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.batches)
+
+
+class _NoSchedule:
+    def step_update(self, num_updates: int) -> None:
+        pass
+
+
+def _tiny_model() -> nn.Module:
+    import models
+
+    torch.manual_seed(0)
+    return models.create_model("crossformerpp_s", num_classes=10, embed_dim=32, depths=[1, 1, 1, 1],
+                               num_heads=[1, 2, 4, 8], drop_path_rate=0.0)
+
+
+def _one_step(model: nn.Module, batches: List[Batch], accumulation: int) -> TrainState:
+    cfg = load_config(opts=["TRAIN.ACCUMULATION_STEPS", str(accumulation), "TRAIN.CLIP_GRAD", "0.0",
+                            "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "100"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    state = TrainState(model, optimizer, _NoSchedule(), None, None, {}, torch.device("cpu"))
+    assert train_one_epoch(model, nn.CrossEntropyLoss(), _ListLoader(batches), optimizer, _NoSchedule(), state, cfg)
+    return state
+
+
+def test_accumulation_equals_the_large_batch_gradient() -> None:
+    torch.manual_seed(1)
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    big = _tiny_model()
+    accumulated = copy.deepcopy(big)
+    _one_step(big, [(images, labels)], accumulation=1)
+    state = _one_step(accumulated, [(images[:4], labels[:4]), (images[4:], labels[4:])], accumulation=2)
+    assert state.global_step == 1  # two micro-batches, one optimizer step
+    for (name, a), b in zip(big.named_parameters(), accumulated.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_last_short_group_still_steps_with_its_own_mean() -> None:
+    torch.manual_seed(2)
+    images, labels = torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))
+    reference = _tiny_model()
+    grouped = copy.deepcopy(reference)
+    _one_step(reference, [(images[:8], labels[:8])], accumulation=1)
+    _one_step(reference, [(images[8:], labels[8:])], accumulation=1)
+    state = _one_step(grouped, [(images[i:i + 4], labels[i:i + 4]) for i in (0, 4, 8)], accumulation=2)
+    assert state.global_step == 2
+    for a, b in zip(reference.parameters(), grouped.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_counts_every_sample_once_with_uneven_batches() -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(23, 7)
+    labels = torch.randint(0, 7, (23,))
+
+    class Fixed(nn.Module):
+        def forward(self, index: torch.Tensor) -> torch.Tensor:
+            return logits[index]
+
+    batches = [(torch.arange(s, min(s + 5, 23)), labels[s:s + 5]) for s in range(0, 23, 5)]  # 5,5,5,5,3
+    stats = evaluate(Fixed(), _ListLoader(batches), torch.device("cpu"))
+    top5 = logits.topk(5, dim=1).indices
+    assert stats["count"] == 23
+    assert stats["acc1"] == pytest.approx(100 * (logits.argmax(1) == labels).float().mean().item())
+    assert stats["acc5"] == pytest.approx(100 * (top5 == labels[:, None]).any(1).float().mean().item())
+    assert stats["loss"] == pytest.approx(F.cross_entropy(logits, labels).item())
+
+
+def _main(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO_ROOT / "main.py"), *args], cwd=cwd, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=240)
+
+
+def test_throughput_prints_a_table_and_json_last(tiny_yaml: Path, tmp_path: Path) -> None:
+    result = _main("--cfg", str(tiny_yaml), "--throughput", "--batch-size", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    assert {"infer_imgs_per_sec", "train_imgs_per_sec", "batch_size", "amp", "device"} <= set(report)
+    assert report["batch_size"] == 4 and report["amp"] == "none" and report["device"] == "cpu"
+    assert report["infer_imgs_per_sec"] > 0 and report["train_imgs_per_sec"] > 0
+    assert any(line.startswith("train_imgs_per_sec") for line in lines[:-1])  # the table
+    assert not (tmp_path / "output").exists()  # a benchmark writes no run directory
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """main() installs its own root handlers; put pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+
+
+def test_user_errors_are_one_line_and_debug_shows_the_traceback(
+        tiny_yaml: Path, tmp_path: Path, capsys: pytest.CaptureFixture, restore_logging: None) -> None:
+    import main
+
+    assert main.main(["--cfg", str(tiny_yaml), "--opts", "TRAIN.EPOCH", "3"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown config key TRAIN.EPOCH" in err and "TRAIN.EPOCHS" in err
+    with pytest.raises(ValueError, match="unknown config key"):
+        main.main(["--cfg", str(tiny_yaml), "--opts", "TRAIN.EPOCH", "3", "--debug"])
+    out = str(tmp_path / "out")
+    assert main.main(["--cfg", str(tiny_yaml), "--output", out, "--opts", "TRAIN.AMP", "fp16"]) == 1
+    assert "needs a CUDA device" in capsys.readouterr().err
+    assert main.main(["--cfg", str(tiny_yaml), "--eval", "--output", out]) == 1
+    assert "--eval found no weights" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""Run infrastructure: distributed setup, checkpoints, logging and metrics."""
