@@ -118,6 +118,9 @@ _C.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
 _C.AUG.REPROB = 0.25
 _C.AUG.REMODE = "pixel"
 _C.AUG.RECOUNT = 1
+# Random-resized-crop area fraction and aspect-ratio ranges (both loaders; timm / Inception defaults).
+_C.AUG.SCALE = [0.08, 1.0]
+_C.AUG.RATIO = [3.0 / 4.0, 4.0 / 3.0]
 _C.AUG.MIXUP = 0.8
 _C.AUG.CUTMIX = 1.0
 _C.AUG.MIXUP_PROB = 1.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import sys
 import time
@@ -80,8 +81,10 @@ def main(argv: List[str] = None) -> None:
     if args.make_images:
         make_images(args.data_path, args.make_images)
     torch.set_num_threads(1)  # the main process only copies batches; workers/DALI threads do the work
-    print("| loader | threads | augmentation | images/s |")
-    print("|---|---|---|---|")
+    # The load average tells how much of the machine other jobs held while measuring.
+    print(f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}")
+    print("| loader | threads | augmentation | images/s | load avg |")
+    print("|---|---|---|---|---|")
     for randaug in (False, True):
         for threads in args.threads:
             for loader in args.loaders:
@@ -97,7 +100,8 @@ def main(argv: List[str] = None) -> None:
                 if not randaug:  # decode + random resized crop + flip + normalise only
                     cfg.AUG.AUTO_AUGMENT, cfg.AUG.COLOR_JITTER, cfg.AUG.REPROB = "", 0.0, 0.0
                 name = "RRC+flip+norm" + (f" + {cfg.AUG.AUTO_AUGMENT} + erase {cfg.AUG.REPROB}" if randaug else "")
-                print(f"| {loader} | {threads} | {name} | {measure(cfg, args.batches):.0f} |", flush=True)
+                rate = measure(cfg, args.batches)
+                print(f"| {loader} | {threads} | {name} | {rate:.0f} | {os.getloadavg()[0]:.1f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 from timm.data import Mixup
 from yacs.config import CfgNode
 
-from .common import Loaders, dist_info
+from .common import Loaders, crop_ranges, dist_info
 from .synthetic import SyntheticLoader
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
 
     from .folder import resolve_dataset_root, scan_image_folder
 
+    crop_ranges(config)  # a bad AUG.SCALE / AUG.RATIO fails here, before any scan or pipeline build
     root = resolve_dataset_root(config)
     train_set, val_set = scan_image_folder(root, config.MODEL.NUM_CLASSES)
     loader = config.DATA.LOADER

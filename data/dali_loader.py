@@ -22,7 +22,8 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from timm.data.random_erasing import RandomErasing
 from yacs.config import CfgNode
 
-from .common import IMAGENET_MEAN, IMAGENET_STD, SALT_BATCH_AUGMENT, EpochBatchSampler, Loaders, mix_seed
+from .common import (IMAGENET_MEAN, IMAGENET_STD, SALT_BATCH_AUGMENT, EpochBatchSampler, Loaders, crop_ranges,
+                     mix_seed)
 from .folder import ImageSplit
 from .torch_loader import MAX_REPLACEMENTS, load_rgb, seeded_rng
 
@@ -189,8 +190,9 @@ def _train_graph(encoded, config: CfgNode, decode_device: str, aug_device: str):
     """Decode+random-crop, resize, RandAugment / colour jitter (uint8), flip+normalise (float CHW)."""
     size = config.DATA.IMG_SIZE
     interp = INTERPOLATIONS[config.DATA.INTERPOLATION]
+    scale, ratio = crop_ranges(config)
     images = fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
-                                           random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
+                                           random_area=list(scale), random_aspect_ratio=list(ratio),
                                            num_attempts=10, jpeg_fancy_upsampling=True)
     images = fn.resize(images, device=aug_device, resize_x=size, resize_y=size, interp_type=interp,
                        antialias=True)  # (H, W, 3) uint8

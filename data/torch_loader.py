@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from yacs.config import CfgNode
 
-from .common import SALT_AUGMENT, EpochBatchSampler, Loaders, mix_seed
+from .common import SALT_AUGMENT, EpochBatchSampler, Loaders, crop_ranges, mix_seed
 from .folder import ImageSplit
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,9 @@ def seeded_rng(seed: int) -> Iterator[None]:
     py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    # The CPU generator only (the transforms run on CPU): torch.manual_seed would also queue lazy
+    # CUDA/MPS/XPU seeding with a captured stack trace, which was half of the per-sample cost.
+    torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
@@ -187,8 +189,9 @@ def _patch_posterize(transform) -> None:
 
 
 def build_transforms(config: CfgNode, train: bool):
-    """timm's reference ImageNet transforms for ``config`` (train: RRC, flip, RandAugment or colour
-    jitter, normalise, random erasing; eval: resize to ``IMG_SIZE / CROP_PCT``, center crop, normalise).
+    """timm's reference ImageNet transforms for ``config`` (train: RRC over ``AUG.SCALE`` / ``AUG.RATIO``,
+    flip, RandAugment or colour jitter, normalise, random erasing; eval: resize to ``IMG_SIZE / CROP_PCT``,
+    center crop, normalise).
 
     Args:
         config: Reads ``DATA.IMG_SIZE``, ``DATA.INTERPOLATION``, ``AUG.*`` and ``TEST.CROP_PCT``.
@@ -196,7 +199,8 @@ def build_transforms(config: CfgNode, train: bool):
     """
     if train:
         aug = config.AUG
-        transform = create_transform(config.DATA.IMG_SIZE, is_training=True,
+        scale, ratio = crop_ranges(config)
+        transform = create_transform(config.DATA.IMG_SIZE, is_training=True, scale=scale, ratio=ratio,
                                      color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
                                      auto_augment=aug.AUTO_AUGMENT or None,
                                      interpolation=config.DATA.INTERPOLATION,

@@ -24,6 +24,11 @@ logger = logging.getLogger(__name__)
 
 Point = Tuple[float, float]
 
+# Probability of a small distractor shape of another class.
+DISTRACTOR_PROB = 0.5
+# Least sum of absolute RGB differences between the class shape and each background colour.
+MIN_CONTRAST = 120
+
 
 @dataclass(frozen=True)
 class ToySpec:
@@ -44,7 +49,7 @@ class ToySpec:
     @property
     def tag(self) -> str:
         """Cache sub-directory name (changes whenever the content would)."""
-        return (f"v1-n{self.train_per_class}-{self.val_per_class}-s{self.image_size}-seed{self.seed}")
+        return (f"v2-n{self.train_per_class}-{self.val_per_class}-s{self.image_size}-seed{self.seed}")
 
 
 DEFAULT_TOY_SPEC = ToySpec()
@@ -127,8 +132,8 @@ SHAPES: Dict[str, Callable[[float], List[Point]]] = {
 CLASSES: List[str] = list(SHAPES)
 
 
-def _background(rng: random.Random, size: int) -> Image.Image:
-    """A random background: flat, gradient, stripes, checkerboard or smoothed noise."""
+def _background(rng: random.Random, size: int) -> Tuple[Image.Image, np.ndarray]:
+    """A random background (flat, gradient, stripes, checkerboard or smoothed noise) and its two colours (2, 3)."""
     c1 = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
     c2 = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
@@ -151,7 +156,7 @@ def _background(rng: random.Random, size: int) -> Image.Image:
         t = np.asarray(Image.fromarray((noise * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
                        dtype=np.float32) / 255.0
     pixels = c1[None, None] * (1 - t[..., None]) + c2[None, None] * t[..., None]
-    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), np.stack([c1, c2])
 
 
 def draw_toy_image(label: int, rng: random.Random, size: int) -> Image.Image:
@@ -162,17 +167,23 @@ def draw_toy_image(label: int, rng: random.Random, size: int) -> Image.Image:
         rng: Source of every random choice (seed it for reproducibility).
         size: Image side in pixels.
     """
-    image = _background(rng, size)
+    image, background_colours = _background(rng, size)
     draw = ImageDraw.Draw(image)
-    if rng.random() < 0.6:
-        # A small distractor of another class, so "any shape present" is not the answer.
+    if rng.random() < DISTRACTOR_PROB:
+        # A small distractor of another class, so "any shape present" is not the answer; it stays
+        # well below the class shape's size so that the label is unambiguous after a random crop.
         other = CLASSES[(label + rng.randint(1, len(CLASSES) - 1)) % len(CLASSES)]
-        r = size * rng.uniform(0.08, 0.14)
+        r = size * rng.uniform(0.07, 0.11)
         _draw_shape(draw, other, (rng.uniform(r, size - r), rng.uniform(r, size - r)), r,
                     rng.uniform(0, 2 * math.pi), tuple(rng.randrange(256) for _ in range(3)))
-    radius = size * rng.uniform(0.18, 0.36)
+    radius = size * rng.uniform(0.24, 0.4)
     center = (rng.uniform(radius, size - radius), rng.uniform(radius, size - radius))
-    fill = tuple(rng.randrange(256) for _ in range(3))
+    # Any colour, but one that stands out from both background colours (sum of channel differences
+    # >= MIN_CONTRAST): a shape invisible against its background would be label noise.
+    for _ in range(100):
+        fill = tuple(rng.randrange(256) for _ in range(3))
+        if np.abs(background_colours - np.array(fill, np.float32)).sum(1).min() >= MIN_CONTRAST:
+            break
     _draw_shape(draw, CLASSES[label], center, radius, rng.uniform(0, 2 * math.pi), fill)
     if rng.random() < 0.3:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))

@@ -80,6 +80,26 @@ def test_synthetic_shapes_resume_and_sharding() -> None:
     assert sizes == [8, 8, 7]
 
 
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_synthetic_val_is_a_function_of_seed_and_index(world_size: int) -> None:
+    """The same checkpoint evaluates on the same synthetic val set under any number of processes."""
+    cfg = _C.clone()
+    cfg.DATA.DATASET = "synthetic"
+    cfg.DATA.SYNTHETIC_TRAIN_SIZE, cfg.DATA.SYNTHETIC_VAL_SIZE = 64, 151  # several chunks, uneven shards
+    cfg.DATA.BATCH_SIZE, cfg.DATA.IMG_SIZE, cfg.MODEL.NUM_CLASSES = 16, 8, 7
+
+    def gathered(world: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        batches = [batch for rank in range(world) for batch in build_loader(cfg, CPU, rank, world).val]
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+    reference_images, reference_labels = gathered(1)
+    images, labels = gathered(world_size)
+    assert images.shape == (151, 3, 8, 8) and len(reference_labels.unique()) == 7
+    assert torch.equal(images, reference_images) and torch.equal(labels, reference_labels)
+    cfg.SEED = 1
+    assert not torch.equal(gathered(world_size)[0], reference_images)
+
+
 # ----------------------------------------------------------------------------- toy dataset
 
 
@@ -256,6 +276,40 @@ def test_corrupt_files_are_replaced_or_skipped(image_root: Path, tmp_path: Path,
     assert len(val_labels) == 29 and loaders.val.num_bad == 1
     for path in bad_train + [bad_val]:
         assert sum(str(path) in record.getMessage() for record in caplog.records) == 1
+
+
+def _identical_images_dataset(root: Path) -> None:
+    """2 classes x 8 copies of one 48x48 vertical gradient (left-right symmetric, so flips do not matter)."""
+    column = np.linspace(0, 255, 48, dtype=np.float32)
+    pixels = np.repeat(np.stack([column, 255 - column, column / 2], -1)[:, None], 48, axis=1).astype(np.uint8)
+    for split, count in (("train", 8), ("val", 1)):
+        for label in range(2):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for n in range(count):
+                Image.fromarray(pixels).save(folder / f"{n}.png")
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_crop_scale_and_ratio_are_used(tmp_path: Path, loader: str) -> None:
+    """AUG.SCALE / AUG.RATIO reach the random resized crop of both loaders."""
+    _identical_images_dataset(tmp_path)
+
+    def spread(scale: List[float], ratio: List[float]) -> float:
+        cfg = make_config(tmp_path, loader, MODEL__NUM_CLASSES=2, AUG__REPROB=0.0, AUG__AUTO_AUGMENT="",
+                          AUG__COLOR_JITTER=0.0, AUG__SCALE=scale, AUG__RATIO=ratio)
+        images = torch.cat([x for x, _ in build_loader(cfg, CPU).train])  # (16, 3, 32, 32)
+        return (images - images.mean(0, keepdim=True)).abs().mean().item()
+
+    # The image changes only from top to bottom: a crop shows all of it only at full height.
+    assert spread([1.0, 1.0], [1.0, 1.0]) < 1e-3  # the whole image every time
+    assert spread([0.08, 1.0], [1.0, 1.0]) > 0.05  # crops of different areas and heights
+    assert spread([0.5, 0.5], [1.0, 1.0]) > 0.05  # 34x34 squares at different heights
+    assert spread([0.5, 0.5], [0.5, 0.5]) < 1e-3  # 24 wide x 48 high strips: the full gradient again
+    for key, value in (("AUG__SCALE", [0.5, 0.2]), ("AUG__SCALE", [0.5, 1.5]), ("AUG__RATIO", [0.0, 1.0]),
+                       ("AUG__RATIO", [1.0])):
+        with pytest.raises(ValueError, match=f"AUG.{key[5:]}=.* is invalid"):
+            build_loader(make_config(tmp_path, loader, MODEL__NUM_CLASSES=2, **{key: value}), CPU)
 
 
 def test_build_mixup() -> None:
