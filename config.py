@@ -98,6 +98,11 @@ _C.TRAIN.AMP = "bf16"
 _C.TRAIN.COMPILE = False
 # Save last.pth and stop after this many optimizer steps in total (0 = off), e.g. to rehearse a preemption.
 _C.TRAIN.STOP_AFTER_STEPS = 0
+# A step whose gradient norm is not finite is skipped (no update) and counted; after this many in a
+# row the run writes nonfinite_stepN.pth and stops with exit code 3 (docs/reliability.md).
+_C.TRAIN.MAX_NONFINITE_STEPS = 20
+# Testing aid: rank 0's loss is replaced by NaN at these global optimizer steps (1-based); [] = off.
+_C.TRAIN.DEBUG_NONFINITE_STEPS = []
 
 _C.TRAIN.OPTIMIZER = CN()
 _C.TRAIN.OPTIMIZER.NAME = "adamw"
@@ -107,6 +112,14 @@ _C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
 _C.TRAIN.EMA = CN()
 _C.TRAIN.EMA.ENABLE = False
 _C.TRAIN.EMA.DECAY = 0.9998
+
+# -----------------------------------------------------------------------------
+# Distributed
+# -----------------------------------------------------------------------------
+_C.DIST = CN()
+# Seconds a collective may wait for the other ranks before the process fails (a dead or hung rank);
+# must exceed the longest checkpoint write and the slowest rank's lag.
+_C.DIST.TIMEOUT_S = 600
 
 # -----------------------------------------------------------------------------
 # Augmentation (timm conventions)
@@ -376,6 +389,13 @@ def validate(cfg: CN) -> None:
         ("TRAIN.CLIP_GRAD", cfg.TRAIN.CLIP_GRAD >= 0, "must be >= 0 (0 = no clipping)"),
         ("TRAIN.LR_REFERENCE_BATCH", cfg.TRAIN.LR_REFERENCE_BATCH >= 0, "must be >= 0 (0 = no LR scaling)"),
         ("TRAIN.STOP_AFTER_STEPS", cfg.TRAIN.STOP_AFTER_STEPS >= 0, "must be >= 0 (0 = off)"),
+        ("TRAIN.MAX_NONFINITE_STEPS", cfg.TRAIN.MAX_NONFINITE_STEPS >= 1, "must be >= 1"),
+        ("TRAIN.DEBUG_NONFINITE_STEPS", all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                                            for s in cfg.TRAIN.DEBUG_NONFINITE_STEPS),
+         "must be a list of global steps >= 1"),
+        ("DIST.TIMEOUT_S", cfg.DIST.TIMEOUT_S >= 1, "must be >= 1 (seconds)"),
+        ("DATA.IMG_SIZE", cfg.DATA.IMG_SIZE >= 32 and cfg.DATA.IMG_SIZE % 32 == 0,
+         "must be a multiple of 32 (the four stages downsample by 32 in total), e.g. 224"),
         ("TRAIN.EMA.DECAY", 0 <= cfg.TRAIN.EMA.DECAY < 1, "must be in [0, 1)"),
         ("TRAIN.OPTIMIZER.BETAS", len(cfg.TRAIN.OPTIMIZER.BETAS) == 2
          and all(0 <= b < 1 for b in cfg.TRAIN.OPTIMIZER.BETAS), "must be two numbers in [0, 1)"),

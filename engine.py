@@ -59,6 +59,28 @@ def steps_per_epoch(num_batches: int, accumulation_steps: int) -> int:
     return math.ceil(num_batches / accumulation_steps)
 
 
+def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """``optimizer.step()`` only when ``finite`` (a 0-d bool tensor) is True.
+
+    Fused optimizers (AdamW on CUDA here) skip on the device through the ``found_inf`` input that
+    ``GradScaler`` uses: no host sync, the step counters are rolled back by the kernel. Other
+    implementations need the flag on the host: free on a CPU, one sync per step on a GPU.
+
+    Args:
+        optimizer: The optimizer.
+        finite: Whether the step's gradients are all finite (the same on every rank).
+    """
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = (~finite).float()  # read by the fused kernel
+        optimizer.grad_scale = None
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale
+    elif finite.item():  # host sync: non-fused optimizers only (free on a CPU)
+        optimizer.step()
+
+
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -73,8 +95,14 @@ def train_one_epoch(
     mixup_fn: Optional[Callable] = None,
     on_log: Optional[Callable[[int, Dict[str, float]], None]] = None,
     on_step: Optional[Callable[[TrainState], None]] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
 ) -> bool:
-    """Train from ``state.batch`` to the end of ``state.epoch`` (or until ``TRAIN.STOP_AFTER_STEPS``).
+    """Train from ``state.batch`` to the end of ``state.epoch``, or until a stop.
+
+    A step whose (all-reduced) gradient norm is not finite is skipped: no optimizer update, its
+    gradients dropped, counted in ``state.nonfinite_total`` / ``state.nonfinite_streak`` on the
+    device. The streak is read on log steps; at ``TRAIN.MAX_NONFINITE_STEPS`` or more the epoch
+    stops (the caller tells the reasons apart).
 
     Micro-batches are grouped by ``TRAIN.ACCUMULATION_STEPS``; each group's loss is averaged and
     makes one optimizer step, the gradient all-reduce happening only on its last micro-batch.
@@ -88,16 +116,20 @@ def train_one_epoch(
         scheduler: timm scheduler, ``step_update(global_step)`` after every optimizer step.
         state: Counters and running sums, updated in place.
         config: Reads ``TRAIN.ACCUMULATION_STEPS``, ``TRAIN.CLIP_GRAD``, ``TRAIN.EPOCHS``,
-            ``TRAIN.STOP_AFTER_STEPS``, ``PRINT_FREQ``, ``SAVE_STEPS``.
+            ``TRAIN.STOP_AFTER_STEPS``, ``TRAIN.MAX_NONFINITE_STEPS``, ``TRAIN.DEBUG_NONFINITE_STEPS``,
+            ``PRINT_FREQ``, ``SAVE_STEPS``.
         amp_dtype: Autocast dtype, None for float32.
         scaler: GradScaler (fp16 only).
         ema: timm ``ModelEmaV3`` updated after every optimizer step.
         mixup_fn: timm ``Mixup`` applied to each batch on the device.
         on_log: Called on log steps with ``(global_step, scalars)``.
         on_step: Called after every ``SAVE_STEPS``-th optimizer step (checkpointing).
+        should_stop: Called after every optimizer step (on every rank: it may be a collective);
+            True ends the epoch there (preemption).
 
     Returns:
-        True when the epoch ran to its end, False when stopped by ``TRAIN.STOP_AFTER_STEPS``.
+        True when the epoch ran to its end, False when stopped (``TRAIN.STOP_AFTER_STEPS``,
+        ``should_stop`` or too many non-finite steps in a row).
     """
     model.train()
     unwrapped = model.module if isinstance(model, DistributedDataParallel) else model
@@ -109,6 +141,10 @@ def train_one_epoch(
     clip = config.TRAIN.CLIP_GRAD
     params = [p for p in model.parameters() if p.requires_grad]
     world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    inject_nonfinite = set(config.TRAIN.DEBUG_NONFINITE_STEPS) if rank == 0 else set()
+    max_nonfinite = config.TRAIN.MAX_NONFINITE_STEPS
+    reported_skipped = 0
 
     # Creating the iterator must not move the global RNG: a run resumed mid-epoch creates it
     # after restoring the RNG, the uninterrupted run before its first step.
@@ -129,10 +165,14 @@ def train_one_epoch(
             with autocast(device, amp_dtype):
                 outputs = model(images)  # (B, num_classes)
                 loss = criterion(outputs, targets)
+            if state.global_step + 1 in inject_nonfinite:
+                loss = loss * float("nan")
             # The group's loss is the mean over its micro-batches.
             scaled = loss / group_size
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        state.loss_sum += loss.detach().double()
+        loss_finite = torch.isfinite(loss.detach())
+        state.loss_sum += torch.where(loss_finite, loss.detach().double(), 0.0)
+        state.loss_nonfinite += (~loss_finite).long()
         state.loss_count += 1
         state.samples += images.shape[0]
         state.batch = index + 1
@@ -146,12 +186,17 @@ def train_one_epoch(
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)  # a tensor: no host sync
         else:
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        # Gradients are all-reduced, so the norm and this decision are the same on every rank.
+        finite = torch.isfinite(grad_norm)
         if scaler is not None:
-            scaler.step(optimizer)
+            scaler.step(optimizer)  # skips non-finite gradients itself
             scaler.update()
         else:
-            optimizer.step()
+            step_if_finite(optimizer, finite)
         optimizer.zero_grad(set_to_none=True)
+        skipped = (~finite).long()
+        state.nonfinite_total += skipped
+        state.nonfinite_streak.mul_(skipped).add_(skipped)  # +1 when skipped, else 0
         lr = optimizer.param_groups[0]["lr"]  # the LR this step used
         state.global_step += 1
         scheduler.step_update(state.global_step)
@@ -159,10 +204,12 @@ def train_one_epoch(
             ema.update(unwrapped, step=state.global_step)
 
         step_in_epoch = index // accumulation + 1
+        streak = 0
         if state.global_step % config.PRINT_FREQ == 0 or step_in_epoch == epoch_steps:
             # host sync: log step only
             loss_value = loss.item()
             norm_value = grad_norm.item()
+            total_skipped, streak = int(state.nonfinite_total), int(state.nonfinite_streak)
             now = time.perf_counter()
             imgs_per_sec = window_samples * world_size / max(now - window_start, 1e-9)
             per_step = (now - epoch_start) / max(step_in_epoch - first_step, 1)
@@ -173,14 +220,23 @@ def train_one_epoch(
                 state.epoch, config.TRAIN.EPOCHS, step_in_epoch, epoch_steps, eta, loss_value,
                 state.loss_sum.item() / max(state.loss_count, 1), lr, norm_value, imgs_per_sec,
                 peak_memory_mb(device))
+            if total_skipped != reported_skipped:  # warn when the count grows, not on every log line
+                reported_skipped = total_skipped
+                logger.warning("skipped %d optimizer step(s) with a non-finite loss or gradient so far, the last %d "
+                               "in a row (stop at TRAIN.MAX_NONFINITE_STEPS=%d)", total_skipped, streak, max_nonfinite)
             if on_log is not None:
                 on_log(state.global_step, {"train/loss": loss_value, "train/lr": lr,
-                                           "train/grad_norm": norm_value, "train/imgs_per_sec": imgs_per_sec})
+                                           "train/grad_norm": norm_value, "train/imgs_per_sec": imgs_per_sec,
+                                           "train/nonfinite_steps": float(total_skipped)})
             window_start, window_samples = now, 0
         state.train_time = time_before + time.perf_counter() - epoch_start
         if on_step is not None and config.SAVE_STEPS and state.global_step % config.SAVE_STEPS == 0:
             on_step(state)
         if stop_after and state.global_step >= stop_after:
+            return False
+        if streak >= max_nonfinite:
+            return False
+        if should_stop is not None and should_stop():
             return False
     state.train_time = time_before + time.perf_counter() - epoch_start
     return True
@@ -192,7 +248,7 @@ def summarize_train_epoch(state: TrainState) -> Dict[str, float]:
     Args:
         state: After :func:`train_one_epoch` returned True.
     """
-    totals = torch.tensor([state.loss_sum.item(), state.loss_count, state.samples],
+    totals = torch.tensor([state.loss_sum.item(), state.loss_count - int(state.loss_nonfinite), state.samples],
                           dtype=torch.float64, device=state.loss_sum.device)
     all_reduce_sum(totals)
     loss_sum, count, samples = totals.tolist()

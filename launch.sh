@@ -8,9 +8,22 @@
 #   srun --nodes=2 --ntasks-per-node=1 --gpus-per-node=8 ./launch.sh --cfg ...        # SLURM
 #
 # Environment: NPROC_PER_NODE (default: all visible GPUs, 1 without GPUs), NNODES (1),
-# NODE_RANK (0), MASTER_ADDR, MASTER_PORT (29500). Under SLURM (one task per node) the node
-# count, node rank and master address come from the allocation.
+# NODE_RANK (0), MASTER_ADDR, MASTER_PORT (29500), MAX_RESTARTS (0: torchrun --max-restarts, to
+# come back after a dead rank). Under SLURM (one task per node) the node count, node rank and
+# master address come from the allocation. TORCHRUN overrides the torchrun command.
+#
+# Preemption (docs/reliability.md): SIGUSR1 or SIGTERM to this script is forwarded as SIGUSR1 to
+# the training processes, which agree to stop at the next step, write last.pth and exit 75; this
+# script then exits 75 and, under SLURM, requeues the job (`scontrol requeue`, node rank 0 only;
+# the job needs `#SBATCH --requeue`). The requeued job runs the same command and auto-resumes.
+#   #SBATCH --requeue
+#   #SBATCH --signal=USR1@120          # with srun: every launch.sh task gets USR1 120 s before the end
+#   srun --ntasks-per-node=1 ./launch.sh --cfg ...
+# (`--signal=B:USR1@120` signals only the batch shell: use it when the batch script runs
+# ./launch.sh itself, on one node, without srun.)
 set -euo pipefail
+
+EXIT_PREEMPTED=75
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -57,4 +70,55 @@ else
 fi
 
 echo "launch.sh: ${NNODES} node(s) x ${NPROC_PER_NODE} process(es), node rank ${NODE_RANK}" >&2
-exec torchrun --nproc_per_node="${NPROC_PER_NODE}" "${RDZV[@]}" main.py "$@"
+TORCHRUN="${TORCHRUN:-torchrun}"
+"${TORCHRUN}" --nproc_per_node="${NPROC_PER_NODE}" --max-restarts="${MAX_RESTARTS:-0}" "${RDZV[@]}" main.py "$@" &
+TORCHRUN_PID=$!
+
+# torchrun itself is not told: it would take SIGUSR1 as fatal, and on SIGTERM it gives the
+# workers only a short grace period. Its direct children are the training processes.
+PREEMPTED=0
+WORKERS=""
+forward_stop() {
+    PREEMPTED=1
+    WORKERS="$(ps -o pid= --ppid "${TORCHRUN_PID}" 2>/dev/null || true)"
+    echo "launch.sh: stop requested; forwarding SIGUSR1 to the training processes ${WORKERS//$'\n'/ }" >&2
+    for pid in ${WORKERS}; do
+        kill -USR1 "${pid}" 2>/dev/null || true
+    done
+}
+trap forward_stop USR1 TERM
+
+STATUS=""
+while [[ -z "${STATUS}" ]]; do
+    if [[ "${PREEMPTED}" == 0 ]]; then
+        wait "${TORCHRUN_PID}" && STATUS=0 || STATUS=$?
+        if [[ "${PREEMPTED}" == 1 ]] && kill -0 "${TORCHRUN_PID}" 2>/dev/null; then
+            STATUS=""  # wait was interrupted by the trapped signal
+        fi
+    elif kill -0 "${TORCHRUN_PID}" 2>/dev/null; then
+        # Once the signalled workers have saved and exited, stop torchrun so that --max-restarts
+        # does not start them again.
+        alive=0
+        for pid in ${WORKERS}; do
+            if kill -0 "${pid}" 2>/dev/null; then alive=1; fi
+        done
+        if [[ "${alive}" == 0 ]]; then
+            kill -TERM "${TORCHRUN_PID}" 2>/dev/null || true
+        fi
+        sleep 1
+    else
+        wait "${TORCHRUN_PID}" && STATUS=0 || STATUS=$?
+    fi
+done
+trap - USR1 TERM
+
+if [[ "${PREEMPTED}" == 1 ]]; then
+    if [[ -n "${SLURM_JOB_ID:-}" && "${NODE_RANK}" == 0 ]] && command -v scontrol >/dev/null 2>&1; then
+        echo "launch.sh: preempted; requeueing SLURM job ${SLURM_JOB_ID}" >&2
+        scontrol requeue "${SLURM_JOB_ID}" || echo "launch.sh: scontrol requeue failed (is the job --requeue?)" >&2
+    else
+        echo "launch.sh: preempted; run the same command again to resume" >&2
+    fi
+    exit "${EXIT_PREEMPTED}"
+fi
+exit "${STATUS}"

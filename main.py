@@ -13,7 +13,7 @@ import os
 import random
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,9 +27,13 @@ from config import config_to_dict, dump_config, get_config, parse_option
 from data import build_loader, build_mixup
 from engine import evaluate, measure_throughput, resolve_amp, steps_per_epoch, summarize_train_epoch, train_one_epoch
 from optim import build_optimizer, build_scheduler
-from utils.checkpoint import (BEST, EMA_BEST, LAST, TrainState, epoch_checkpoint_name, find_resume_checkpoint,
-                              load_checkpoint, load_pretrained, save_checkpoint)
-from utils.distributed import DistInfo, cleanup, init_distributed
+from utils.checkpoint import (BEST, EMA_BEST, LAST, NONFINITE_PREFIX, IncompatibleCheckpoint, TrainState,
+                              check_format, epoch_checkpoint_name, find_resume_candidates, load_checkpoint,
+                              load_pretrained, remap_position, save_checkpoint)
+from utils.distributed import DistInfo, all_gather_object, cleanup, init_distributed
+from utils.reliability import (EXIT_ERROR, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionSignal, RunStopped,
+                               check_free_space, check_output_writable, estimate_checkpoint_bytes,
+                               remove_stale_temp_files)
 from utils.logger import setup_logging
 from utils.metrics import RunRecorder
 
@@ -98,15 +102,22 @@ def run_throughput(config: CfgNode, model: nn.Module, dist_info: DistInfo, amp_d
 
 
 def run(args: Any) -> int:
-    """Set up from parsed arguments, then train, evaluate or benchmark.
+    """Set up from parsed arguments, then train, evaluate or benchmark; returns the exit code.
 
     Args:
         args: From :func:`config.parse_option`.
     """
-    dist_info = init_distributed()
-    config = get_config(args, dist_info.world_size)
+    # The config comes first (it holds the collective timeout): a bad one fails before any rendezvous.
+    config = get_config(args, int(os.environ.get("WORLD_SIZE", "1")))
+    dist_info = init_distributed(config.DIST.TIMEOUT_S)
     run_dir = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+    if not (config.THROUGHPUT_MODE or config.EVAL_MODE):
+        check_output_writable(run_dir)
     setup_logging(dist_info.rank, None if config.THROUGHPUT_MODE else run_dir)
+    return _run(config, dist_info, run_dir)
+
+
+def _run(config: CfgNode, dist_info: DistInfo, run_dir: str) -> int:
     total_batch = config.DATA.BATCH_SIZE * dist_info.world_size * config.TRAIN.ACCUMULATION_STEPS
     logger.info("%d process(es) on %s; total batch %d = %d per process x %d x %d accumulation steps",
                 dist_info.world_size, dist_info.device, total_batch, config.DATA.BATCH_SIZE,
@@ -114,10 +125,6 @@ def run(args: Any) -> int:
     logger.info("LR entered (for a total batch of %d): base %g, warmup %g, min %g; scaled: base %g, warmup %g, min %g",
                 config.TRAIN.LR_REFERENCE_BATCH, config.TRAIN.BASE_LR, config.TRAIN.WARMUP_LR, config.TRAIN.MIN_LR,
                 config.TRAIN.SCALED_BASE_LR, config.TRAIN.SCALED_WARMUP_LR, config.TRAIN.SCALED_MIN_LR)
-    if dist_info.is_main and not (config.THROUGHPUT_MODE or config.EVAL_MODE):
-        os.makedirs(run_dir, exist_ok=True)
-        dump_config(config, os.path.join(run_dir, "config.yaml"))
-        logger.info("run directory %s; full config in config.yaml", run_dir)
     device = dist_info.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -133,7 +140,7 @@ def run(args: Any) -> int:
     logger.info("%s: %.2fM parameters", config.MODEL.NAME, sum(p.numel() for p in model.parameters()) / 1e6)
     if config.THROUGHPUT_MODE:
         run_throughput(config, model, dist_info, amp_dtype)
-        return 0
+        return EXIT_OK
 
     loaders = build_loader(config, device)
     if loaders.num_classes != config.MODEL.NUM_CLASSES:
@@ -154,18 +161,7 @@ def run(args: Any) -> int:
     # Created after DDP has broadcast rank 0's weights, so every rank's EMA starts equal.
     ema = ModelEmaV3(model_without_ddp, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
     state = TrainState(model_without_ddp, optimizer, scheduler, scaler, ema, config_to_dict(config), device)
-
-    resume_path = config.MODEL.RESUME
-    if not resume_path and config.TRAIN.AUTO_RESUME:
-        resume_path = find_resume_checkpoint(run_dir) or ""
-        if resume_path:
-            logger.info("auto-resume: newest complete checkpoint is %s", resume_path)
-    if resume_path:
-        checkpoint = load_checkpoint(resume_path)
-        state.load_state_dict(checkpoint, dist_info.rank, dist_info.world_size, weights_only=config.EVAL_MODE)
-        logger.info("resumed from %s: epoch %d, batch %d, global step %d", resume_path, state.epoch, state.batch,
-                    state.global_step)
-        del checkpoint
+    resume_path = resume(state, config, run_dir, dist_info, len(loaders.train))
 
     if config.EVAL_MODE:
         if not (resume_path or config.MODEL.PRETRAINED):
@@ -173,9 +169,106 @@ def run(args: Any) -> int:
                              f"in {run_dir})")
         return run_eval(eval_model, ema, loaders.val, device, amp_dtype, dist_info)
 
-    train(config, dist_info, run_dir, train_model, eval_model, criterion, loaders, mixup_fn, optimizer,
-          scheduler, scaler, ema, state, amp_dtype, resumed=bool(resume_path))
-    return 0
+    # Before the first step: a full disk fails now, not at the first save hours later.
+    check_free_space(run_dir, estimate_checkpoint_bytes(model_without_ddp, ema is not None))
+    if dist_info.is_main:
+        remove_stale_temp_files(run_dir)
+        # Written only once every input was accepted: a rejected command leaves the old config.yaml.
+        dump_config(config, os.path.join(run_dir, "config.yaml"))
+        logger.info("run directory %s; full config in config.yaml", run_dir)
+    # Installed only now: before training there is nothing to save, and a process blocked in set-up
+    # (e.g. a rendezvous) must still die on the launcher's SIGTERM.
+    with PreemptionSignal() as stop_signal:
+        return train(config, dist_info, run_dir, train_model, eval_model, criterion, loaders, mixup_fn, optimizer,
+                     scheduler, scaler, ema, state, amp_dtype, resumed=bool(resume_path), stop_signal=stop_signal)
+
+
+def resume(state: TrainState, config: CfgNode, run_dir: str, dist_info: DistInfo, num_batches: int) -> str:
+    """Restore ``state`` from ``--resume`` or the newest loadable checkpoint of ``run_dir``.
+
+    Auto-resume falls back to the next older checkpoint when one cannot be loaded (one warning
+    line with its path; no file is deleted). Every rank must load the same file, so each
+    candidate's outcome is agreed with one collective. A checkpoint of another model is an
+    error, never skipped. With another world size, batch size or accumulation, the position and
+    the LR schedule are moved to the new global batch and the consequences are logged.
+
+    Args:
+        state: The fresh training state.
+        config: Reads ``MODEL.RESUME``, ``TRAIN.AUTO_RESUME``, ``EVAL_MODE`` and the batch keys.
+        run_dir: The run directory (auto-resume looks here).
+        dist_info: This process's place in the job.
+        num_batches: Batches per epoch of this rank's train loader.
+
+    Returns:
+        The checkpoint resumed from, "" when none.
+    """
+    if config.MODEL.RESUME:
+        candidates, explicit = [config.MODEL.RESUME], True
+    elif config.TRAIN.AUTO_RESUME:
+        candidates, explicit = find_resume_candidates(run_dir), False
+    else:
+        return ""
+    batch_keys = (dist_info.world_size, config.DATA.BATCH_SIZE, config.TRAIN.ACCUMULATION_STEPS)
+    for path in candidates:
+        error, saved_keys = None, batch_keys
+        try:
+            checkpoint = load_checkpoint(path)
+            check_format(checkpoint)
+            saved = checkpoint.get("config") or {}
+            saved_keys = (int(checkpoint.get("world_size", len(checkpoint["ranks"]))),
+                          int(saved.get("DATA", {}).get("BATCH_SIZE", config.DATA.BATCH_SIZE)),
+                          int(saved.get("TRAIN", {}).get("ACCUMULATION_STEPS", config.TRAIN.ACCUMULATION_STEPS)))
+            state.load_state_dict(checkpoint, dist_info.rank, dist_info.world_size, weights_only=config.EVAL_MODE,
+                                  restore_schedule=saved_keys == batch_keys)
+            del checkpoint
+        except IncompatibleCheckpoint as e:
+            raise ValueError(f"cannot resume {path}: {e}") from None
+        except (OSError, EOFError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            error = f"{type(e).__name__}: {_first_line(e)}"
+        errors = [message for message in all_gather_object(error) if message]  # collective: agree on the file
+        if errors and explicit:
+            raise ValueError(f"cannot resume {path} ({errors[0]}); pass a complete checkpoint to --resume")
+        if errors:
+            logger.warning("cannot resume %s (%s); trying the previous checkpoint", path, errors[0])
+            continue
+        logger.info("resumed from %s: epoch %d, batch %d, global step %d", path, state.epoch, state.batch,
+                    state.global_step)
+        if saved_keys != batch_keys and not config.EVAL_MODE:
+            _adapt_to_global_batch(state, config, saved_keys, dist_info.world_size, num_batches)
+        return path
+    if candidates:
+        raise ValueError(f"none of the {len(candidates)} checkpoint(s) in {run_dir} can be loaded (see the warnings "
+                         "above); move them aside to start afresh, or pass a good one to --resume")
+    return ""
+
+
+def _adapt_to_global_batch(state: TrainState, config: CfgNode, saved_keys: Tuple[int, int, int], world_size: int,
+                           num_batches: int) -> None:
+    saved_world, saved_batch, saved_accumulation = saved_keys
+    accumulation = config.TRAIN.ACCUMULATION_STEPS
+    saved_total = saved_world * saved_batch * saved_accumulation
+    total = world_size * config.DATA.BATCH_SIZE * accumulation
+    old_batch, old_step = remap_position(state, saved_world, saved_batch, world_size, config.DATA.BATCH_SIZE,
+                                         accumulation, num_batches)
+    state.scheduler.step_update(state.global_step)  # the rebuilt schedule, at the moved position
+    samples_per_rank = num_batches * config.DATA.BATCH_SIZE * world_size
+    saved_steps = -(-(samples_per_rank // (saved_world * saved_batch)) // saved_accumulation)
+    reference = config.TRAIN.LR_REFERENCE_BATCH
+    logger.warning(
+        "the checkpoint was written with a total batch of %d (%d processes x %d x %d accumulation), this run has "
+        "%d (%d x %d x %d): base LR %.4g -> %.4g (%s); optimizer steps per epoch ~%d -> %d; epoch %d continues at "
+        "batch %d (was %d), global step %d (was %d), the same fraction of the LR schedule; the data order now "
+        "differs from an uninterrupted run", saved_total, saved_world, saved_batch, saved_accumulation, total,
+        world_size, config.DATA.BATCH_SIZE, accumulation,
+        config.TRAIN.BASE_LR * saved_total / reference if reference else config.TRAIN.BASE_LR,
+        config.TRAIN.SCALED_BASE_LR, f"linear scaling from TRAIN.LR_REFERENCE_BATCH={reference}" if reference
+        else "no LR scaling", saved_steps, steps_per_epoch(num_batches, accumulation), state.epoch, state.batch,
+        old_batch, state.global_step, old_step)
+
+
+def _first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (library errors can span pages)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def run_eval(model: nn.Module, ema: Optional[ModelEmaV3], val_loader: Any, device: torch.device,
@@ -211,8 +304,11 @@ def run_eval(model: nn.Module, ema: Optional[ModelEmaV3], val_loader: Any, devic
 def train(config: CfgNode, dist_info: DistInfo, run_dir: str, train_model: nn.Module, eval_model: nn.Module,
           criterion: nn.Module, loaders: Any, mixup_fn: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
           scaler: Optional[torch.amp.GradScaler], ema: Optional[ModelEmaV3], state: TrainState,
-          amp_dtype: Optional[torch.dtype], resumed: bool) -> None:
+          amp_dtype: Optional[torch.dtype], resumed: bool, stop_signal: Optional[PreemptionSignal] = None) -> int:
     """The epoch loop: train, validate (raw and EMA), track the best, checkpoint, record.
+
+    Returns ``EXIT_OK``, or ``EXIT_PREEMPTED`` after a stop signal (``last.pth`` holds the
+    position reached); raises :class:`RunStopped` after too many non-finite steps in a row.
 
     Args:
         config: The run's config.
@@ -230,6 +326,7 @@ def train(config: CfgNode, dist_info: DistInfo, run_dir: str, train_model: nn.Mo
         state: The training state, possibly resumed.
         amp_dtype: Autocast dtype, None for float32.
         resumed: Whether ``state`` came from a checkpoint (drops stale metrics rows).
+        stop_signal: Checked (a collective) after every optimizer step and before every epoch.
     """
     device = dist_info.device
     recorder = RunRecorder(run_dir, dist_info.is_main, resume_epoch=state.epoch if resumed else None,
@@ -237,6 +334,13 @@ def train(config: CfgNode, dist_info: DistInfo, run_dir: str, train_model: nn.Mo
 
     def checkpoint_step(current: TrainState) -> None:
         save_checkpoint(current, run_dir, [LAST], dist_info.is_main)
+
+    def preempted() -> int:
+        logger.warning("preempted: last.pth holds epoch %d, batch %d, global step %d; run the same command to "
+                       "continue (exit code %d)", state.epoch, state.batch, state.global_step, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
+
+    should_stop = stop_signal.agreed if stop_signal is not None else None
 
     stop_after = config.TRAIN.STOP_AFTER_STEPS
     logger.info("training epochs %d..%d from batch %d (%d optimizer steps per epoch)", state.epoch,
@@ -247,17 +351,32 @@ def train(config: CfgNode, dist_info: DistInfo, run_dir: str, train_model: nn.Mo
         while state.epoch < config.TRAIN.EPOCHS:
             if stop_after and state.global_step >= stop_after:
                 logger.info("stopping: TRAIN.STOP_AFTER_STEPS=%d reached", stop_after)
-                return
+                return EXIT_OK
+            if should_stop is not None and should_stop():  # signalled during evaluation or a save
+                checkpoint_step(state)
+                return preempted()
             epoch = state.epoch
             loaders.train.set_epoch(epoch, start_batch=state.batch)
             finished = train_one_epoch(train_model, criterion, loaders.train, optimizer, scheduler, state, config,
                                        amp_dtype=amp_dtype, scaler=scaler, ema=ema, mixup_fn=mixup_fn,
-                                       on_log=recorder.scalars, on_step=checkpoint_step)
+                                       on_log=recorder.scalars, on_step=checkpoint_step, should_stop=should_stop)
             if not finished:
+                streak = int(state.nonfinite_streak)
+                if streak >= config.TRAIN.MAX_NONFINITE_STEPS:
+                    name = f"{NONFINITE_PREFIX}{state.global_step}.pth"
+                    save_checkpoint(state, run_dir, [name], dist_info.is_main)  # never last.pth / best.pth
+                    raise RunStopped(
+                        f"stopped at global step {state.global_step}: the last {streak} optimizer steps had a "
+                        f"non-finite loss or gradient and were skipped (TRAIN.MAX_NONFINITE_STEPS="
+                        f"{config.TRAIN.MAX_NONFINITE_STEPS}); the state is in {os.path.join(run_dir, name)}, "
+                        "last.pth is untouched: lower TRAIN.BASE_LR or TRAIN.CLIP_GRAD, or check the data, then "
+                        "run again to resume from last.pth", EXIT_NONFINITE)
                 if not (config.SAVE_STEPS and state.global_step % config.SAVE_STEPS == 0):
                     checkpoint_step(state)  # not saved by the step itself
+                if stop_signal is not None and stop_signal.stopping:
+                    return preempted()
                 logger.info("stopping after global step %d: TRAIN.STOP_AFTER_STEPS=%d", state.global_step, stop_after)
-                return
+                return EXIT_OK
             row: Dict[str, Any] = {"epoch": epoch, **summarize_train_epoch(state)}
             row["lr"] = optimizer.param_groups[0]["lr"]
             stats = evaluate(eval_model, loaders.val, device, amp_dtype)
@@ -294,6 +413,7 @@ def train(config: CfgNode, dist_info: DistInfo, run_dir: str, train_model: nn.Mo
     logger.info("done in %s: best acc@1 %.3f (epoch %d)%s", time.strftime("%H:%M:%S", time.gmtime(elapsed)),
                 state.best_acc1, state.best_epoch,
                 f", best EMA acc@1 {state.best_ema_acc1:.3f} (epoch {state.best_ema_epoch})" if ema is not None else "")
+    return EXIT_OK
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -303,16 +423,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
     """
     args = parse_option(argv)
+    rank = os.environ.get("RANK", "0")
     try:
         return run(args)
     except KeyboardInterrupt:
         raise
+    except RunStopped as e:
+        if args.debug:
+            raise
+        sys.stderr.write(f"stopped (rank {rank}): {e}\n")
+        return e.exit_code
     except Exception as e:  # noqa: BLE001 - reported in one line; --debug shows the traceback
         if args.debug:
             raise
-        rank = os.environ.get("RANK", "0")
-        sys.stderr.write(f"error (rank {rank}): {e} [{type(e).__name__}; rerun with --debug for the traceback]\n")
-        return 1
+        message = _first_line(e)
+        if isinstance(e, torch.distributed.DistError) or "timed out" in message.lower():
+            message = (f"a collective failed, another rank died or hangs ({message}); waits are bounded by "
+                       "DIST.TIMEOUT_S: run the job again (or use torchrun --max-restarts) to auto-resume")
+        sys.stderr.write(f"error (rank {rank}): {message} [{type(e).__name__}; rerun with --debug for the "
+                         "traceback]\n")
+        return EXIT_ERROR
     finally:
         cleanup()
 

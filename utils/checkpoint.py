@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .distributed import all_gather_object
+from .distributed import all_gather_object, broadcast_object
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ FORMAT_VERSION = 1
 LAST = "last.pth"
 BEST = "best.pth"
 EMA_BEST = "ema_best.pth"
+NONFINITE_PREFIX = "nonfinite_step"
 _EPOCH_RE = re.compile(r"^epoch_(\d+)\.pth$")
 
 
@@ -104,6 +105,10 @@ class TrainState:
         self.best_epoch = -1
         self.best_ema_acc1 = float("-inf")
         self.best_ema_epoch = -1
+        # Skipped non-finite optimizer steps: in total and in a row. The same on every rank (they are
+        # decided by the all-reduced gradient norm); device tensors, read on log steps only.
+        self.nonfinite_total = torch.zeros((), dtype=torch.int64, device=device)
+        self.nonfinite_streak = torch.zeros((), dtype=torch.int64, device=device)
         self.reset_epoch_meters()
 
     def reset_epoch_meters(self) -> None:
@@ -111,13 +116,15 @@ class TrainState:
         # Accumulated on device without a host sync; read at log steps and epoch end.
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.loss_count = 0
+        self.loss_nonfinite = torch.zeros((), dtype=torch.int64, device=self.device)  # left out of loss_sum
         self.samples = 0
         self.train_time = 0.0
 
     def state_dict(self) -> Dict[str, Any]:
         """The checkpoint dict. A collective: every rank must call it (RNG states are gathered)."""
         rank_state = {"rng": capture_rng_state(), "loss_sum": float(self.loss_sum), "loss_count": self.loss_count,
-                      "samples": self.samples, "train_time": self.train_time}
+                      "loss_nonfinite": int(self.loss_nonfinite), "samples": self.samples,
+                      "train_time": self.train_time}
         ranks = all_gather_object(rank_state)
         return {
             "format_version": FORMAT_VERSION,
@@ -133,6 +140,8 @@ class TrainState:
             "best_epoch": self.best_epoch,
             "best_ema_acc1": self.best_ema_acc1,
             "best_ema_epoch": self.best_ema_epoch,
+            "nonfinite_total": int(self.nonfinite_total),
+            "nonfinite_streak": int(self.nonfinite_streak),
             "ranks": ranks,
             "world_size": len(ranks),
             "config": self.config,
@@ -140,7 +149,7 @@ class TrainState:
         }
 
     def load_state_dict(self, checkpoint: Dict[str, Any], rank: int = 0, world_size: int = 1,
-                        weights_only: bool = False) -> None:
+                        weights_only: bool = False, restore_schedule: bool = True) -> None:
         """Restore from a checkpoint dict.
 
         Args:
@@ -148,8 +157,11 @@ class TrainState:
             rank: This process's rank (selects its RNG state and loss sums).
             world_size: Number of processes now.
             weights_only: Restore only the model and EMA weights (for ``--eval``).
+            restore_schedule: Restore the LR scheduler's state; False keeps the freshly built one
+                (its length in steps depends on the world size, see :func:`remap_position`).
         """
         check_format(checkpoint)
+        check_compatible(checkpoint, self.model)
         self.model.load_state_dict(checkpoint["model"])
         if self.ema is not None:
             if checkpoint.get("ema") is not None:
@@ -160,7 +172,8 @@ class TrainState:
         if weights_only:
             return
         self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if restore_schedule:
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
         if self.scaler is not None:
             if checkpoint.get("scaler") is not None:
                 self.scaler.load_state_dict(checkpoint["scaler"])
@@ -168,6 +181,8 @@ class TrainState:
                 logger.warning("the checkpoint has no fp16 grad-scaler state; the scaler starts afresh")
         for key in ("epoch", "batch", "global_step", "best_acc1", "best_epoch", "best_ema_acc1", "best_ema_epoch"):
             setattr(self, key, checkpoint[key])
+        self.nonfinite_total.fill_(checkpoint.get("nonfinite_total", 0))
+        self.nonfinite_streak.fill_(checkpoint.get("nonfinite_streak", 0))
         ranks: List[Dict[str, Any]] = checkpoint["ranks"]
         self.reset_epoch_meters()
         if len(ranks) != world_size:
@@ -179,8 +194,40 @@ class TrainState:
             restore_rng_state(mine["rng"])
             self.loss_sum.fill_(mine["loss_sum"])
             self.loss_count = mine["loss_count"]
+            self.loss_nonfinite.fill_(mine.get("loss_nonfinite", 0))
             self.samples = mine["samples"]
             self.train_time = mine["train_time"]
+
+
+class IncompatibleCheckpoint(ValueError):
+    """A readable checkpoint of another model or number of classes: a config error, never skipped."""
+
+
+def check_compatible(checkpoint: Dict[str, Any], model: nn.Module) -> None:
+    """Raise :class:`IncompatibleCheckpoint` unless ``checkpoint["model"]`` fits ``model`` exactly.
+
+    Args:
+        checkpoint: A training checkpoint (``model`` and ``config``).
+        model: The unwrapped model of this run.
+    """
+    weights, own = checkpoint["model"], model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    wrong = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if not (missing or unexpected or wrong):
+        return
+    saved = checkpoint.get("config") or {}
+    saved_model = saved.get("MODEL", {}) if isinstance(saved, dict) else {}
+    if wrong:
+        key = wrong[0]
+        detail = f"{key} has shape {tuple(weights[key].shape)}, this model {tuple(own[key].shape)}"
+    else:
+        detail = f"{len(missing)} tensors missing (e.g. {(missing or unexpected)[0]})" if missing else \
+            f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]})"
+    raise IncompatibleCheckpoint(
+        f"the checkpoint is of another model (MODEL.NAME={saved_model.get('NAME', '?')}, "
+        f"MODEL.NUM_CLASSES={saved_model.get('NUM_CLASSES', '?')}; {detail}); resume it with the config it was "
+        "trained with, or start a new run (--tag NAME) from its weights with --pretrained")
 
 
 def check_format(checkpoint: Any) -> None:
@@ -274,18 +321,34 @@ def save_checkpoint(state: TrainState, run_dir: str, names: Sequence[str], is_ma
         keep_epochs: When given, keep only this many newest ``epoch_*.pth`` files.
     """
     checkpoint = state.state_dict()  # collective: before the rank check
-    if not is_main or not names:
+    if not names:
         return
-    os.makedirs(run_dir, exist_ok=True)
-    start = time.perf_counter()
-    first = os.path.join(run_dir, names[0])
-    atomic_save(checkpoint, first)
-    for name in names[1:]:
-        _publish_copy(first, os.path.join(run_dir, name))
-    logger.info("saved %s (epoch %d, batch %d, step %d) in %.1fs", ", ".join(names), state.epoch, state.batch,
-                state.global_step, time.perf_counter() - start)
-    if keep_epochs is not None:
-        prune_epoch_checkpoints(run_dir, keep_epochs)
+    error = None
+    if is_main:
+        start = time.perf_counter()
+        first = os.path.join(run_dir, names[0])
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            atomic_save(checkpoint, first)
+            for name in names[1:]:
+                _publish_copy(first, os.path.join(run_dir, name))
+        except OSError as e:  # disk full, quota, permissions: the previous files are untouched
+            error = (f"saving {first} failed ({e.strerror or e}); the previous checkpoints are intact: free space "
+                     "or fix the output directory, then run the same command to resume")
+        else:
+            logger.info("saved %s (epoch %d, batch %d, step %d) in %.1fs", ", ".join(names), state.epoch,
+                        state.batch, state.global_step, time.perf_counter() - start)
+            if keep_epochs is not None:
+                prune_epoch_checkpoints(run_dir, keep_epochs)
+    # Every rank learns the outcome, so a failed save stops all of them instead of leaving some
+    # waiting in the next collective.
+    error = broadcast_object(error)
+    if error:
+        raise CheckpointSaveError(error)
+
+
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed; the message names the file and says the old ones are intact."""
 
 
 def prune_epoch_checkpoints(run_dir: str, keep: int) -> None:
@@ -318,20 +381,21 @@ def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False) ->
                          "plain data: re-save it as {'model': state_dict}") from e
 
 
-def find_resume_checkpoint(run_dir: str) -> Optional[str]:
-    """The newest complete checkpoint of ``run_dir`` by its recorded step (not file time).
+def find_resume_candidates(run_dir: str) -> List[str]:
+    """The readable checkpoints of ``run_dir``, newest first by recorded step (not file time).
 
-    Unreadable files (e.g. from a crash on a file system without atomic rename) are skipped
-    with a warning. Ties prefer ``last.pth``.
+    Files whose header cannot be read (e.g. truncated by a crash on a file system without
+    atomic rename) are reported with one warning line each and left out; nothing is deleted.
+    Diagnostic ``nonfinite_step*.pth`` files are never auto-resumed. Ties prefer ``last.pth``.
 
     Args:
         run_dir: The run directory.
     """
     if not os.path.isdir(run_dir):
-        return None
+        return []
     candidates: List[Tuple[Tuple[int, int, int, int], str]] = []
     for name in os.listdir(run_dir):
-        if not name.endswith(".pth") or name.startswith("."):
+        if not name.endswith(".pth") or name.startswith(".") or name.startswith(NONFINITE_PREFIX):
             continue
         path = os.path.join(run_dir, name)
         try:
@@ -342,9 +406,43 @@ def find_resume_checkpoint(run_dir: str) -> Optional[str]:
             logger.warning("skipping %s for auto-resume: %s", path, e)
             continue
         candidates.append((position + (int(name == LAST),), path))
-    if not candidates:
-        return None
-    return max(candidates)[1]
+    return [path for _, path in sorted(candidates, reverse=True)]
+
+
+def find_resume_checkpoint(run_dir: str) -> Optional[str]:
+    """The newest readable checkpoint of ``run_dir`` (see :func:`find_resume_candidates`), or None.
+
+    Args:
+        run_dir: The run directory.
+    """
+    candidates = find_resume_candidates(run_dir)
+    return candidates[0] if candidates else None
+
+
+def remap_position(state: TrainState, saved_world_size: int, saved_batch_size: int, world_size: int,
+                   batch_size: int, accumulation: int, num_batches: int) -> Tuple[int, int]:
+    """Move a mid-epoch position to another world size or batch size; returns the old (batch, step).
+
+    The samples already seen in the epoch are kept (rounded down to a whole optimizer step) and the
+    global step is recomputed from the new steps per epoch, so the LR schedule, rebuilt for the new
+    total batch, continues at the same fraction of training.
+
+    Args:
+        state: Resumed, with the saved ``epoch``, ``batch`` and ``global_step``.
+        saved_world_size: Processes of the run that wrote the checkpoint.
+        saved_batch_size: Its per-process batch.
+        world_size: Processes now.
+        batch_size: Per-process batch now.
+        accumulation: ``TRAIN.ACCUMULATION_STEPS`` now.
+        num_batches: Batches per epoch of this rank's loader now.
+    """
+    old = (state.batch, state.global_step)
+    seen = state.batch * saved_batch_size * saved_world_size
+    batch = min(seen // (batch_size * world_size), num_batches)
+    state.batch = batch - batch % accumulation
+    epoch_steps = -(-num_batches // accumulation)
+    state.global_step = state.epoch * epoch_steps + state.batch // accumulation
+    return old
 
 
 # -----------------------------------------------------------------------------

@@ -44,11 +44,14 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(timeout_minutes: int = 30) -> DistInfo:
+def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     """Join the process group that ``torchrun`` describes in the environment, or run alone.
 
     Args:
-        timeout_minutes: Collective timeout; a hung rank fails the job instead of blocking forever.
+        timeout_s: Collective timeout (``DIST.TIMEOUT_S``): a collective that a dead or hung rank
+            never joins raises on the others after this long instead of blocking forever. gloo
+            applies it to every collective; for NCCL the watchdog enforces it, with asynchronous
+            error handling on so the waiting process is torn down.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -64,7 +67,9 @@ def init_distributed(timeout_minutes: int = 30) -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **kwargs)
+        # Without it a timed-out NCCL collective can leave the process blocked (read at init).
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 

@@ -1,0 +1,276 @@
+"""Faults in one process: non-finite steps, unreadable checkpoints, failed saves, bad output, bad input.
+
+``main.main`` runs in-process (one process, tiny model, synthetic data), so each case costs a
+few seconds and asserts the exit code, the single error line and what is left on disk.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import TINY_YAML
+
+MODEL_DIR = "crossformerpp_s"
+
+
+@pytest.fixture
+def quiet_logging() -> Iterator[None]:
+    """main() installs its own root handlers; put pytest's back afterwards."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _run(cfg: Path, out: Path, *opts: str, extra: Tuple[str, ...] = ()) -> int:
+    import main
+
+    argv = ["--cfg", str(cfg), "--output", str(out), *extra]
+    if opts:
+        argv += ["--opts", *opts]
+    return main.main(argv)
+
+
+def _one_line_error(capsys: pytest.CaptureFixture, *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_YAML)
+    return path
+
+
+# -----------------------------------------------------------------------------
+# Non-finite steps
+# -----------------------------------------------------------------------------
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(fused: bool) -> None:
+    from engine import step_if_finite
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.05, fused=fused or None,
+                                  foreach=None if fused else True)
+    model(torch.randn(2, 4)).sum().backward()
+    step_if_finite(optimizer, torch.tensor(True))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_before = {k: {n: t.clone() for n, t in s.items()} for k, s in optimizer.state.items()}
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    step_if_finite(optimizer, torch.isfinite(torch.tensor(float("nan"))))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    for param, saved in state_before.items():
+        for name, tensor in saved.items():
+            assert torch.equal(optimizer.state[param][name], tensor), name
+    assert not hasattr(optimizer, "found_inf")
+
+
+def test_injected_nan_is_skipped_then_a_streak_stops_with_a_diagnostic_checkpoint(
+        cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture, quiet_logging: None) -> None:
+    out = tmp_path / "out"
+    # Steps 3, 4, 5... are NaN: the streak reaches 3 at step 5 (read on every log step: PRINT_FREQ 1).
+    code = _run(cfg, out, "TRAIN.DEBUG_NONFINITE_STEPS", str(list(range(3, 17))), "TRAIN.MAX_NONFINITE_STEPS", "3",
+                "PRINT_FREQ", "1", "SAVE_STEPS", "2")
+    assert code == 3
+    _one_line_error(capsys, "non-finite", "nonfinite_step5.pth", "TRAIN.MAX_NONFINITE_STEPS=3")
+    run_dir = out / MODEL_DIR / "default"
+    diag = torch.load(run_dir / "nonfinite_step5.pth", weights_only=True)
+    last = torch.load(run_dir / "last.pth", weights_only=True)
+    assert (diag["global_step"], diag["nonfinite_total"], diag["nonfinite_streak"]) == (5, 3, 3)
+    assert last["global_step"] == 4  # saved by SAVE_STEPS, never overwritten by the stop
+    # Skipped steps do not move the weights: both hold the weights after step 2.
+    for key, value in last["model"].items():
+        assert torch.equal(value, diag["model"][key]) and torch.isfinite(value.float()).all(), key
+    assert "skipped 3 optimizer step(s)" in (run_dir / "log.txt").read_text()
+    # Auto-resume never picks the diagnostic file, though its step is the highest.
+    from utils.checkpoint import find_resume_checkpoint
+    assert find_resume_checkpoint(str(run_dir)) == str(run_dir / "last.pth")
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: unreadable files, failed saves, another model
+# -----------------------------------------------------------------------------
+def test_unreadable_checkpoints_are_reported_and_skipped_for_older_ones(
+        cfg: Path, tmp_path: Path, quiet_logging: None) -> None:
+    out = tmp_path / "out"
+    assert _run(cfg, out, "TRAIN.STOP_AFTER_STEPS", "10") == 0
+    run_dir = out / MODEL_DIR / "default"
+    last = run_dir / "last.pth"
+    good = torch.load(last, weights_only=True)
+    assert good["global_step"] == 10
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])  # truncated: its header cannot be read
+    # Readable header, newest step, but not loadable: the full load fails and the next is tried.
+    broken = dict(good, global_step=99)
+    del broken["optimizer"]
+    torch.save(broken, run_dir / "epoch_0009.pth")
+
+    assert _run(cfg, out, "TRAIN.STOP_AFTER_STEPS", "12") == 0
+    log = (run_dir / "log.txt").read_text()
+    assert f"skipping {last} for auto-resume" in log
+    assert f"cannot resume {run_dir / 'epoch_0009.pth'} (KeyError" in log
+    assert f"resumed from {run_dir / 'epoch_0000.pth'}: epoch 1, batch 0, global step 8" in log
+    assert (run_dir / "epoch_0009.pth").exists()  # reported, never deleted
+    assert torch.load(last, weights_only=True)["global_step"] == 12
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch, quiet_logging: None) -> None:
+    real_save, calls = torch.save, []
+
+    def save(obj, f, *args, **kwargs):  # the second checkpoint hits a full disk half-way
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "out"
+    assert _run(cfg, out, "SAVE_STEPS", "2") == 1
+    _one_line_error(capsys, "last.pth failed (No space left on device)", "previous checkpoints are intact")
+    run_dir = out / MODEL_DIR / "default"
+    assert torch.load(run_dir / "last.pth", weights_only=True)["global_step"] == 2
+    assert sorted(p.name for p in run_dir.glob("*.pth*")) == ["last.pth"]
+    assert not list(run_dir.glob(".*tmp*"))
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                      quiet_logging: None) -> None:
+    out = tmp_path / "out"
+    assert _run(cfg, out, "TRAIN.STOP_AFTER_STEPS", "1") == 0
+    checkpoint = out / MODEL_DIR / "default" / "last.pth"
+    capsys.readouterr()
+    assert _run(cfg, tmp_path / "other", "MODEL.NUM_CLASSES", "7", extra=("--resume", str(checkpoint))) == 1
+    _one_line_error(capsys, f"cannot resume {checkpoint}", "MODEL.NUM_CLASSES=10", "head.weight", "--pretrained")
+    # Auto-resume into the same run directory with another architecture: refused, files kept.
+    before = checkpoint.read_bytes()
+    config_yaml = (out / MODEL_DIR / "default" / "config.yaml").read_text()
+    assert _run(cfg, out, "MODEL.CROSSFORMER.EMBED_DIM", "64") == 1
+    _one_line_error(capsys, "cannot resume", "another model")
+    assert checkpoint.read_bytes() == before
+    assert (out / MODEL_DIR / "default" / "config.yaml").read_text() == config_yaml
+
+
+# -----------------------------------------------------------------------------
+# Output directory
+# -----------------------------------------------------------------------------
+def test_unwritable_output_fails_before_training(cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                 quiet_logging: None) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    assert _run(cfg, blocker / "out") == 1
+    _one_line_error(capsys, "is not writable", "--output")
+    assert blocker.read_text() == "not a directory"
+
+
+def test_too_little_free_space_fails_before_the_first_step(cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch, quiet_logging: None) -> None:
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1024))
+    out = tmp_path / "out"
+    assert _run(cfg, out) == 1
+    _one_line_error(capsys, "MiB free in", "a checkpoint needs about", "--output")
+    run_dir = out / MODEL_DIR / "default"
+    assert not list(run_dir.glob("*.pth")) and "train epoch" not in (run_dir / "log.txt").read_text()
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line, exit 1, nothing in the run directory touched
+# -----------------------------------------------------------------------------
+def _bad_inputs(tmp_path: Path) -> List[Tuple[str, List[str], List[str], str]]:
+    flat = tmp_path / "flat"  # images directly under the root: no train/ and val/
+    (flat / "cat").mkdir(parents=True)
+    (flat / "cat" / "a.jpg").write_bytes(b"")
+    imagenet = ["DATA.DATASET", "imagenet", "DATA.LOADER", "pytorch"]
+    return [
+        ("missing data path", imagenet, ["--data-path", str(tmp_path / "nowhere")], "does not exist"),
+        ("empty data path", imagenet, [], "DATA.DATA_PATH is empty"),
+        ("wrong layout", imagenet, ["--data-path", str(flat)], "split directory"),
+        ("unknown key", ["TRAIN.EPOCH", "3"], [], "unknown config key TRAIN.EPOCH"),
+        ("wrong type", ["TRAIN.EPOCHS", "many"], [], "has the wrong type"),
+        ("unknown model", ["MODEL.NAME", "crossformer_xxl"], [], "is not a registered model"),
+        ("batch size 0", [], ["--batch-size", "0"], "DATA.BATCH_SIZE=0 must be >= 1"),
+        ("dataset smaller than a batch", ["DATA.SYNTHETIC_TRAIN_SIZE", "4"], [], "give no full batch of 8"),
+        ("image size", ["DATA.IMG_SIZE", "48"], [], "must be a multiple of 32"),
+    ]
+
+
+def test_every_bad_input_is_one_line_and_destroys_nothing(cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                          quiet_logging: None) -> None:
+    out = tmp_path / "out"
+    run_dir = out / MODEL_DIR / "default"
+    run_dir.mkdir(parents=True)
+    kept = {"config.yaml": b"previous: config\n", "last.pth": b"the user's checkpoint", "metrics.jsonl": b"{}\n"}
+    for name, data in kept.items():
+        (run_dir / name).write_bytes(data)
+    for what, opts, flags, needle in _bad_inputs(tmp_path):
+        code = _run(cfg, out, *opts, extra=tuple(flags))
+        assert code == 1, what
+        line = _one_line_error(capsys, needle)
+        assert line.startswith("error (rank 0): ") and "rerun with --debug" in line, what
+        for name, data in kept.items():
+            assert (run_dir / name).read_bytes() == data, (what, name)
+
+
+# -----------------------------------------------------------------------------
+# launch.sh: forward the stop signal, requeue under SLURM
+# -----------------------------------------------------------------------------
+def test_launch_sh_forwards_the_signal_and_requeues(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import REPO_ROOT
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    # A stand-in for torchrun: one "worker" that saves (a marker) and exits 75 on SIGUSR1.
+    torchrun = bin_dir / "fake_torchrun"
+    torchrun.write_text(f"""#!/usr/bin/env bash
+bash -c 'trap "echo saved > {tmp_path}/saved; exit 75" USR1; touch {tmp_path}/ready; while true; do sleep 0.05; done' &
+wait $! || exit 1
+""")
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/usr/bin/env bash\necho \"$@\" > {tmp_path}/scontrol\n")
+    for script in (torchrun, scontrol):
+        script.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TORCHRUN=str(torchrun), NPROC_PER_NODE="1",
+               SLURM_JOB_ID="123", SLURM_NODEID="0", SLURM_JOB_NUM_NODES="1", MASTER_ADDR="127.0.0.1")
+    proc = subprocess.Popen(["bash", str(REPO_ROOT / "launch.sh"), "--cfg", "x.yaml"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):
+            if (tmp_path / "ready").exists():
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, output
+    assert (tmp_path / "saved").read_text().strip() == "saved"
+    assert (tmp_path / "scontrol").read_text().split() == ["requeue", "123"]

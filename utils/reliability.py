@@ -1,0 +1,191 @@
+"""Fault handling: preemption signals, exit codes, output checks and the errors that end a run.
+
+Exit codes of ``main.py`` (documented in ``docs/reliability.md``):
+
+========  ================================================================================
+0         finished (or stopped by ``TRAIN.STOP_AFTER_STEPS``)
+1         an error: bad input, unreadable data, a dead or hung rank, a failed save
+2         bad command line (argparse)
+3         stopped after ``TRAIN.MAX_NONFINITE_STEPS`` consecutive non-finite steps
+75        preempted (SIGTERM / SIGUSR1): ``last.pth`` written, run the same command again
+========  ================================================================================
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+from types import FrameType
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .distributed import broadcast_object, is_distributed
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_NONFINITE = 3
+EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: "try again later"
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_TEMP_RE = re.compile(r"^\..+\.pth\.tmp-(\d+)$")
+
+
+class RunStopped(Exception):
+    """A run that ended on purpose with a non-zero exit code; ``main`` prints the message as one line.
+
+    Args:
+        message: What happened and what to do.
+        exit_code: The process exit code.
+    """
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class PreemptionSignal:
+    """Turn SIGTERM / SIGUSR1 into a stop that every rank agrees on at a step boundary.
+
+    The handler only sets a flag. :meth:`agreed` is a collective: every rank contributes its
+    flag to a MAX all-reduce of one integer, so a signal delivered to any single rank stops all
+    of them after the same step. The all-reduce runs on a CPU (gloo) group: with NCCL that is a
+    side group created here, so the check never waits for the GPU (no device sync). Its cost is
+    one 8-byte host-to-host all-reduce per step (tens of microseconds on one node, about a
+    network round trip across nodes), overlapped with the GPU work already queued.
+
+    Use as a context manager (install it before the process group exists: a signal during set-up
+    then stops at the first check); the previous handlers are restored on exit.
+
+    Args:
+        signals: The signals that request a stop.
+    """
+
+    def __init__(self, signals: Sequence[int] = PREEMPTION_SIGNALS) -> None:
+        self.signals = tuple(signals)
+        self.received: Optional[int] = None
+        self._previous: Dict[int, Any] = {}
+        self.stopping = False  # the last agreed decision
+        self._group: Any = None
+        self._group_ready = False
+        self._reported = False
+
+    def __enter__(self) -> "PreemptionSignal":
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
+        if self.received is None:  # only set a flag: nothing else is safe inside a handler
+            self.received = signum
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank has received a stop signal (a collective)."""
+        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int64)
+        if is_distributed():
+            if not self._group_ready:  # a collective, on the first call (the same step on every rank)
+                self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+                self._group_ready = True
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)  # host only: a CPU tensor
+        stop = self.stopping = bool(flag.item())
+        if stop and not self._reported:
+            self._reported = True
+            if self.received is not None:
+                logger.warning("received %s: stopping at this step boundary, writing last.pth",
+                               signal.Signals(self.received).name)
+            else:
+                logger.info("another rank received a stop signal: stopping at this step boundary")
+        return stop
+
+
+# -----------------------------------------------------------------------------
+# Output directory checks (before the first step)
+# -----------------------------------------------------------------------------
+def check_output_writable(run_dir: str) -> None:
+    """Create ``run_dir`` and write, fsync and remove a probe file in it.
+
+    Args:
+        run_dir: The run directory.
+
+    Raises:
+        RunStopped: with the path, the cause and the fix.
+    """
+    probe = os.path.join(run_dir, f".write-probe-{os.getpid()}")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"0")
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as e:
+        raise RunStopped(f"the run directory {run_dir} is not writable ({e.strerror or e}); pass --output DIR "
+                         "on a writable file system or fix its permissions", EXIT_ERROR) from None
+
+
+def estimate_checkpoint_bytes(model: nn.Module, with_ema: bool) -> int:
+    """An upper estimate of one checkpoint file: weights, EMA weights, AdamW's two moments, slack.
+
+    Args:
+        model: The unwrapped model.
+        with_ema: Whether the EMA weights are saved too.
+    """
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = sum(2 * p.numel() * 4 for p in model.parameters() if p.requires_grad)  # exp_avg, exp_avg_sq (fp32)
+    return int(weights * (2 if with_ema else 1) + moments + (1 << 20))
+
+
+def check_free_space(run_dir: str, needed: int) -> None:
+    """Fail early when ``run_dir`` cannot hold one more checkpoint of ``needed`` bytes (collective).
+
+    Rank 0 measures (it is the writer) and every rank raises the same error, so none is left
+    waiting in a collective.
+
+    Args:
+        run_dir: The run directory (exists on rank 0).
+        needed: Bytes of one checkpoint (a save writes a temp file beside the old one).
+
+    Raises:
+        RunStopped: when the free space is smaller than ``needed``.
+    """
+    message = None
+    if not is_distributed() or dist.get_rank() == 0:
+        free = shutil.disk_usage(run_dir).free
+        if free < needed:
+            message = (f"only {free / 2**20:.1f} MiB free in {run_dir} but a checkpoint needs about "
+                       f"{needed / 2**20:.1f} MiB; free space or pass --output DIR on a larger file system")
+        elif free < 3 * needed:
+            logger.warning("%s has %.1f MiB free, room for fewer than 3 checkpoints of about %.1f MiB",
+                           run_dir, free / 2**20, needed / 2**20)
+    message = broadcast_object(message)
+    if message:
+        raise RunStopped(message, EXIT_ERROR)
+
+
+def remove_stale_temp_files(run_dir: str) -> None:
+    """Delete partial checkpoint temp files (``.NAME.pth.tmp-PID``) that a killed writer left behind.
+
+    Only files of this framework's temp-file pattern written by another process are touched;
+    complete checkpoints never are.
+
+    Args:
+        run_dir: The run directory (call on rank 0, before training).
+    """
+    if not os.path.isdir(run_dir):
+        return
+    for name in sorted(os.listdir(run_dir)):
+        match = _TEMP_RE.match(name)
+        if match and int(match.group(1)) != os.getpid():
+            os.remove(os.path.join(run_dir, name))
+            logger.info("removed %s: an incomplete checkpoint left by a killed run", name)
