@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from contextlib import contextmanager
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -24,6 +25,20 @@ logger = logging.getLogger(__name__)
 MAX_REPLACEMENTS = 32
 
 Sample = Tuple[Optional[torch.Tensor], int, Tuple[str, ...]]
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGTERM / SIGUSR1.
+
+    A scheduler (``scancel``, preemption) signals every process of the job; the training
+    process turns the signal into a checkpoint at the next step boundary, which needs its
+    workers alive until then. They still exit with their parent.
+
+    Args:
+        worker_id: Unused (the DataLoader's worker index).
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 @contextmanager
@@ -135,6 +150,7 @@ class TorchLoader:
                                  pin_memory=pin_memory and device.type == "cuda",
                                  persistent_workers=num_workers > 0,
                                  prefetch_factor=4 if num_workers > 0 else None,
+                                 worker_init_fn=ignore_stop_signals,
                                  # Own generator: the loader's per-pass base seed must not consume
                                  # (and so shift) the training process's global torch RNG.
                                  generator=torch.Generator())

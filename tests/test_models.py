@@ -10,6 +10,7 @@ import torch
 
 import models
 from models import CrossFormer, create_model, list_models
+from models.crossformer import Attention
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
 VARIANTS = json.loads((FIXTURES / "variants.json").read_text())
@@ -152,8 +153,15 @@ def test_gradient_checkpointing_is_exact() -> None:
         torch.testing.assert_close(grad_a, grad_b, rtol=0, atol=1e-6)
 
 
+@pytest.fixture(params=["sdpa", "explicit"])
+def cpu_training_attention(request, monkeypatch) -> str:
+    """Run gradient tests through SDPA's backward too (CUDA's path), not only CPU's explicit form."""
+    monkeypatch.setattr(Attention, "explicit_cpu_training", request.param == "explicit")
+    return request.param
+
+
 @pytest.mark.parametrize("size", [(64, 64), (96, 160), (224, 224), (320, 320)])
-def test_fast_path_matches_reference_float32(size: tuple) -> None:
+def test_fast_path_matches_reference_float32(size: tuple, cpu_training_attention: str) -> None:
     """Float32: the fast path agrees with the reference within float32 rounding."""
     torch.manual_seed(0)
     model = tiny()
@@ -176,7 +184,7 @@ def test_fast_path_matches_reference_float32(size: tuple) -> None:
 
 
 @pytest.mark.parametrize("size", [(64, 64), (96, 160), (224, 224), (320, 320)])
-def test_fast_path_matches_reference(size: tuple) -> None:
+def test_fast_path_matches_reference(size: tuple, cpu_training_attention: str) -> None:
     """SDPA fast path vs plain explicit attention, float64: outputs and gradients.
 
     64x64 and 96x160 run whole-map, non-square and unpadded groups; 224 and 320 pad the LDA

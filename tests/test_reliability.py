@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import logging
 import shutil
+import signal
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
@@ -274,3 +275,24 @@ wait $! || exit 1
     assert proc.returncode == 75, output
     assert (tmp_path / "saved").read_text().strip() == "saved"
     assert (tmp_path / "scontrol").read_text().split() == ["requeue", "123"]
+
+
+def test_loader_workers_ignore_stop_signals() -> None:
+    """A job-wide SIGTERM must not kill the DataLoader workers before the trainer has saved."""
+    import subprocess
+    import sys
+    import time
+
+    code = ("import time; from data.torch_loader import ignore_stop_signals; ignore_stop_signals(0); "
+            "print('ready', flush=True); time.sleep(30)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=str(Path(__file__).resolve().parents[1]),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
