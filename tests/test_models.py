@@ -153,6 +153,15 @@ def test_gradient_checkpointing_is_exact() -> None:
         torch.testing.assert_close(grad_a, grad_b, rtol=0, atol=1e-6)
 
 
+def run_path(model: CrossFormer, x: torch.Tensor, reference: bool) -> tuple:
+    """Output and parameter gradients of ``model`` on ``x`` through the fast or reference path."""
+    model.zero_grad()
+    model.set_reference_attention(reference)
+    out = model(x)
+    out.square().sum().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+
 @pytest.fixture(params=["sdpa", "explicit"])
 def cpu_training_attention(request, monkeypatch) -> str:
     """Run gradient tests through SDPA's backward too (CUDA's path), not only CPU's explicit form."""
@@ -166,14 +175,7 @@ def test_fast_path_matches_reference_float32(size: tuple, cpu_training_attention
     torch.manual_seed(0)
     model = tiny()
     x = torch.randn(2, 3, *size)
-    results = []
-    for reference in (False, True):
-        model.zero_grad()
-        model.set_reference_attention(reference)
-        out = model(x)
-        out.square().sum().backward()
-        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-    (out_fast, grads_fast), (out_ref, grads_ref) = results
+    (out_fast, grads_fast), (out_ref, grads_ref) = [run_path(model, x, ref) for ref in (False, True)]
     torch.testing.assert_close(out_fast, out_ref, rtol=1e-5, atol=1e-5)
     # Relative to each gradient's size, floored at 1e-3 of the largest one (the DPB output
     # bias has a gradient that is zero up to rounding).
@@ -193,14 +195,7 @@ def test_fast_path_matches_reference(size: tuple, cpu_training_attention: str) -
     torch.manual_seed(0)
     model = tiny().double()
     x = torch.randn(2, 3, *size, dtype=torch.float64)
-    results = []
-    for reference in (False, True):
-        model.zero_grad()
-        model.set_reference_attention(reference)
-        out = model(x)
-        out.square().sum().backward()
-        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
-    (out_fast, grads_fast), (out_ref, grads_ref) = results
+    (out_fast, grads_fast), (out_ref, grads_ref) = [run_path(model, x, ref) for ref in (False, True)]
     torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-12)
     for grad_fast, grad_ref in zip(grads_fast, grads_ref):
         torch.testing.assert_close(grad_fast, grad_ref, rtol=1e-9, atol=1e-12)
