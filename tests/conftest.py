@@ -6,9 +6,11 @@ def pytest_configure(config) -> None:
 
 
 # --- training engine helpers (tests/test_engine*.py, test_checkpoint*.py) ---
+import logging as _logging
 import os as _os
 import sys as _sys
 from pathlib import Path as _Path
+from typing import Iterator as _Iterator
 
 import pytest as _pytest
 
@@ -63,3 +65,19 @@ def subprocess_env() -> dict:
     env = dict(_os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), NO_COLOR="1")
     return env
+
+
+@_pytest.fixture
+def restore_logging() -> "_Iterator[None]":
+    """main() installs its own root handlers; put pytest's back afterwards."""
+    root = _logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -114,21 +113,6 @@ def test_throughput_prints_a_table_and_json_last(tiny_yaml: Path, tmp_path: Path
     assert any(line.startswith("train_imgs_per_sec") for line in lines[:-1])  # the table
     assert not (tmp_path / "output").exists()  # a benchmark writes no run directory
 
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """main() installs its own root handlers; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
 
 
 def test_user_errors_are_one_line_and_debug_shows_the_traceback(

@@ -6,11 +6,10 @@ few seconds and asserts the exit code, the single error line and what is left on
 from __future__ import annotations
 
 import errno
-import logging
 import shutil
 import signal
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import List, Tuple
 
 import pytest
 import torch
@@ -20,21 +19,6 @@ from conftest import TINY_YAML
 
 MODEL_DIR = "crossformerpp_s"
 
-
-@pytest.fixture
-def quiet_logging() -> Iterator[None]:
-    """main() installs its own root handlers; put pytest's back afterwards."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
 
 
 def _run(cfg: Path, out: Path, *opts: str, extra: Tuple[str, ...] = ()) -> int:
@@ -89,7 +73,7 @@ def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(fused: bool)
 
 
 def test_injected_nan_is_skipped_then_a_streak_stops_with_a_diagnostic_checkpoint(
-        cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture, quiet_logging: None) -> None:
+        cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture, restore_logging: None) -> None:
     out = tmp_path / "out"
     # Steps 3, 4, 5... are NaN: the streak reaches 3 at step 5 (read on every log step: PRINT_FREQ 1).
     code = _run(cfg, out, "TRAIN.DEBUG_NONFINITE_STEPS", str(list(range(3, 17))), "TRAIN.MAX_NONFINITE_STEPS", "3",
@@ -114,7 +98,7 @@ def test_injected_nan_is_skipped_then_a_streak_stops_with_a_diagnostic_checkpoin
 # Checkpoints: unreadable files, failed saves, another model
 # -----------------------------------------------------------------------------
 def test_unreadable_checkpoints_are_reported_and_skipped_for_older_ones(
-        cfg: Path, tmp_path: Path, quiet_logging: None) -> None:
+        cfg: Path, tmp_path: Path, restore_logging: None) -> None:
     out = tmp_path / "out"
     assert _run(cfg, out, "TRAIN.STOP_AFTER_STEPS", "10") == 0
     run_dir = out / MODEL_DIR / "default"
@@ -138,7 +122,7 @@ def test_unreadable_checkpoints_are_reported_and_skipped_for_older_ones(
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint(cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                     monkeypatch: pytest.MonkeyPatch, quiet_logging: None) -> None:
+                                                     monkeypatch: pytest.MonkeyPatch, restore_logging: None) -> None:
     real_save, calls = torch.save, []
 
     def save(obj, f, *args, **kwargs):  # the second checkpoint hits a full disk half-way
@@ -159,7 +143,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint(cfg: Path, tmp_path: Path, 
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                      quiet_logging: None) -> None:
+                                                      restore_logging: None) -> None:
     out = tmp_path / "out"
     assert _run(cfg, out, "TRAIN.STOP_AFTER_STEPS", "1") == 0
     checkpoint = out / MODEL_DIR / "default" / "last.pth"
@@ -179,7 +163,7 @@ def test_resume_refuses_a_checkpoint_of_another_model(cfg: Path, tmp_path: Path,
 # Output directory
 # -----------------------------------------------------------------------------
 def test_unwritable_output_fails_before_training(cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                 quiet_logging: None) -> None:
+                                                 restore_logging: None) -> None:
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     assert _run(cfg, blocker / "out") == 1
@@ -188,7 +172,7 @@ def test_unwritable_output_fails_before_training(cfg: Path, tmp_path: Path, caps
 
 
 def test_too_little_free_space_fails_before_the_first_step(cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                           monkeypatch: pytest.MonkeyPatch, quiet_logging: None) -> None:
+                                                           monkeypatch: pytest.MonkeyPatch, restore_logging: None) -> None:
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1024))
     out = tmp_path / "out"
     assert _run(cfg, out) == 1
@@ -219,7 +203,7 @@ def _bad_inputs(tmp_path: Path) -> List[Tuple[str, List[str], List[str], str]]:
 
 
 def test_every_bad_input_is_one_line_and_destroys_nothing(cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                          quiet_logging: None) -> None:
+                                                          restore_logging: None) -> None:
     out = tmp_path / "out"
     run_dir = out / MODEL_DIR / "default"
     run_dir.mkdir(parents=True)

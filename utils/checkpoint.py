@@ -14,7 +14,7 @@ import os
 import random
 import re
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -272,24 +272,18 @@ def atomic_save(obj: Any, path: str) -> None:
         obj: What to save.
         path: Destination.
     """
-    tmp = _temp_path(path)
-    try:
+    def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+    _publish(path, write)
 
 
 def _publish_copy(src: str, dst: str) -> None:
     """Make ``dst`` an atomic copy of the complete file ``src`` (a hard link where possible)."""
-    tmp = _temp_path(dst)
-    try:
+    def write(tmp: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         try:
@@ -300,12 +294,22 @@ def _publish_copy(src: str, dst: str) -> None:
                 shutil.copyfileobj(fin, fout, 1 << 24)
                 fout.flush()
                 os.fsync(fout.fileno())
-        os.replace(tmp, dst)
+
+    _publish(dst, write)
+
+
+def _publish(path: str, write: Callable[[str], None]) -> None:
+    """Atomically make ``path`` the file that ``write(tmp)`` produces: temp file, rename, fsync the
+    directory; on any failure the temp file is removed and ``path`` is untouched."""
+    tmp = _temp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def save_checkpoint(state: TrainState, run_dir: str, names: Sequence[str], is_main: bool,
