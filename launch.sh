@@ -63,6 +63,9 @@ if [[ "${NNODES}" -gt 1 ]]; then
         exit 2
     fi
     RDZV=(--nnodes="${NNODES}" --node_rank="${NODE_RANK}" --master_addr="${MASTER_ADDR}" --master_port="${MASTER_PORT}")
+    # A fresh store for every --max-restarts attempt: a restart must not read the dead attempt's
+    # addresses (pytorch/pytorch#135712; one node is handled in utils/distributed.py).
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 elif [[ -n "${MASTER_ADDR:-}" ]]; then
     RDZV=(--nnodes=1 --node_rank=0 --master_addr="${MASTER_ADDR}" --master_port="${MASTER_PORT}")
 else

@@ -126,8 +126,6 @@ def test_signal_on_one_rank_stops_all_then_resume_is_bitwise_exact(root: Path, r
     _assert_same_training_state(reference, _run_dir(preempted["out"]) / "last.pth")
 
 
-@pytest.mark.skip(reason="flaky on this machine: after SIGKILL of rank 1 the torch 2.14 elastic agent did not "
-                         "restart the workers within --max-restarts=1 (see docs/reliability.md, not finished)")
 def test_a_killed_rank_comes_back_under_max_restarts_and_resumes(root: Path, reference: Path) -> None:
     out = root / "killed"
     log = _run_dir(out) / "log.txt"

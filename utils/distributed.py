@@ -9,7 +9,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -69,8 +69,38 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
         kwargs = {"device_id": device} if device.type == "cuda" else {}
         # Without it a timed-out NCCL collective can leave the process blocked (read at init).
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _restart_scoped_agent_store(world_size, timeout)
+        if store is not None:
+            kwargs.update(store=store, rank=rank, world_size=world_size)
+        dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def _restart_scoped_agent_store(world_size: int, timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """torchrun's store, seen through a namespace of this restart; ``None`` where not needed.
+
+    Under ``torchrun`` the elastic agent hosts one TCPStore for the whole job and every restart
+    (``--max-restarts``) of the workers joins it again. The process group's keys (each rank's
+    gloo address, NCCL's unique id) of the previous, dead attempt are still there, so a restarted
+    rank can read its peer's stale address and fail with "connection refused" or hang
+    (pytorch/pytorch#135712). On one node ``TORCHELASTIC_RESTART_COUNT`` is the same on every
+    rank, so it names a fresh namespace. Across nodes it is not (each agent counts its own
+    restarts), so there the fix is torchrun's own: ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` in
+    the launcher's environment (``launch.sh`` sets it) gives every attempt a new store.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+    if local_world_size != world_size:
+        if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0:
+            logger.warning("torchrun --max-restarts on several nodes with a store shared across restarts: a restart "
+                           "can read the dead attempt's addresses; export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                           "before torchrun (launch.sh does)")
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"crossformer/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def cleanup() -> None:
