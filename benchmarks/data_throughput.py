@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -76,6 +77,7 @@ def main(argv: List[str] = None) -> None:
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=15, help="timed batches per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating trials per loader (median reported)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.make_images:
@@ -83,26 +85,33 @@ def main(argv: List[str] = None) -> None:
     torch.set_num_threads(1)  # the main process only copies batches; workers/DALI threads do the work
     # The load average tells how much of the machine other jobs held while measuring.
     print(f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}")
-    print("| loader | threads | augmentation | images/s | load avg |")
-    print("|---|---|---|---|---|")
+    print(f"median of {args.repeats} alternating trial(s) per row; ratio = dali / pytorch of the same trial")
+    print("| threads | augmentation | " + " | ".join(f"{name} images/s" for name in args.loaders)
+          + (" | dali / pytorch |" if len(args.loaders) == 2 else " |") + " load avg |")
+    print("|---" * (3 + len(args.loaders) + (len(args.loaders) == 2)) + "|")
     for randaug in (False, True):
         for threads in args.threads:
-            for loader in args.loaders:
-                cfg = _C.clone()
-                cfg.DATA.DATASET = "toy" if args.toy else "imagenet"
-                cfg.DATA.DATA_PATH = str(args.data_path or "")
-                cfg.DATA.LOADER = loader
-                cfg.DATA.IMG_SIZE = args.img_size
-                cfg.DATA.BATCH_SIZE = args.batch_size
-                cfg.DATA.NUM_WORKERS = threads
-                cfg.DATA.PIN_MEMORY = False
-                cfg.MODEL.NUM_CLASSES = len(CLASSES)
-                if not randaug:  # decode + random resized crop + flip + normalise only
-                    cfg.AUG.AUTO_AUGMENT, cfg.AUG.COLOR_JITTER, cfg.AUG.REPROB = "", 0.0, 0.0
-                name = "RRC+flip+norm" + (f" + {cfg.AUG.AUTO_AUGMENT} + erase {cfg.AUG.REPROB}" if randaug else "")
-                rate = measure(cfg, args.batches)
-                print(f"| {loader} | {threads} | {name} | {rate:.0f} | {os.getloadavg()[0]:.1f} |", flush=True)
-
+            rates = {loader: [] for loader in args.loaders}
+            for _ in range(args.repeats):  # alternate, so that a slower spell of the machine hits both
+                for loader in args.loaders:
+                    cfg = _C.clone()
+                    cfg.DATA.DATASET = "toy" if args.toy else "imagenet"
+                    cfg.DATA.DATA_PATH = str(args.data_path or "")
+                    cfg.DATA.LOADER = loader
+                    cfg.DATA.IMG_SIZE = args.img_size
+                    cfg.DATA.BATCH_SIZE = args.batch_size
+                    cfg.DATA.NUM_WORKERS = threads
+                    cfg.DATA.PIN_MEMORY = False
+                    cfg.MODEL.NUM_CLASSES = len(CLASSES)
+                    if not randaug:  # decode + random resized crop + flip + normalise only
+                        cfg.AUG.AUTO_AUGMENT, cfg.AUG.COLOR_JITTER, cfg.AUG.REPROB = "", 0.0, 0.0
+                    name = "RRC+flip+norm" + (f" + {cfg.AUG.AUTO_AUGMENT} + erase {cfg.AUG.REPROB}" if randaug else "")
+                    rates[loader].append(measure(cfg, args.batches))
+            row = [f"{statistics.median(rates[loader]):.0f}" for loader in args.loaders]
+            if len(args.loaders) == 2:
+                ratios = [d / p for d, p in zip(rates["dali"], rates["pytorch"])]
+                row.append(f"{statistics.median(ratios):.2f}x (trials {', '.join(f'{r:.2f}' for r in ratios)})")
+            print(f"| {threads} | {name} | " + " | ".join(row) + f" | {os.getloadavg()[0]:.1f} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,7 @@ from typing import Deque, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as F
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug import augmentations as aa
 from nvidia.dali.auto_aug.rand_augment import apply_rand_augment
@@ -186,16 +187,17 @@ class ShardSource:
         return encoded, labels
 
 
-def _train_graph(encoded, config: CfgNode, decode_device: str, aug_device: str):
-    """Decode+random-crop, resize, RandAugment / colour jitter (uint8), flip+normalise (float CHW)."""
-    size = config.DATA.IMG_SIZE
-    interp = INTERPOLATIONS[config.DATA.INTERPOLATION]
+def _crop_graph(encoded, config: CfgNode, decode_device: str):
+    """Decode fused with the random resized crop's window: (H, W, 3) uint8 crops of any size."""
     scale, ratio = crop_ranges(config)
-    images = fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
-                                           random_area=list(scale), random_aspect_ratio=list(ratio),
-                                           num_attempts=10, jpeg_fancy_upsampling=True)
-    images = fn.resize(images, device=aug_device, resize_x=size, resize_y=size, interp_type=interp,
-                       antialias=True)  # (H, W, 3) uint8
+    return fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
+                                         random_area=list(scale), random_aspect_ratio=list(ratio),
+                                         num_attempts=10, jpeg_fancy_upsampling=True)
+
+
+def _augment_graph(images, config: CfgNode):
+    """RandAugment / colour jitter on the (S, S, 3) uint8 images, then flip+normalise (float CHW)."""
+    size = config.DATA.IMG_SIZE
     if config.AUG.AUTO_AUGMENT:
         layers, magnitude, _ = parse_rand_augment(config.AUG.AUTO_AUGMENT)
         suite = timm_rand_augment_suite(size)
@@ -211,7 +213,49 @@ def _train_graph(encoded, config: CfgNode, decode_device: str, aug_device: str):
                                 saturation=fn.random.uniform(range=[1 - strength, 1 + strength]))
     return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                     mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
-                                    mirror=fn.random.coin_flip(probability=0.5))  # (3, H, W) float
+                                    mirror=fn.random.coin_flip(probability=0.5))  # (3, S, S) float
+
+
+def _train_graph(encoded, config: CfgNode):
+    """The GPU training graph: mixed decode+crop, then resize and augmentation on the GPU."""
+    size = config.DATA.IMG_SIZE
+    images = _crop_graph(encoded, config, "mixed")
+    images = fn.resize(images, device="gpu", resize_x=size, resize_y=size,
+                       interp_type=INTERPOLATIONS[config.DATA.INTERPOLATION], antialias=True)  # (S, S, 3) uint8
+    return _augment_graph(images, config)
+
+
+class CropResizer:
+    """The CPU training path's resize, between two DALI pipelines.
+
+    On CPU, DALI's antialiased resize costs more than the JPEG decode (2.5 ms against 0.46 ms
+    for torchvision's vectorised uint8 kernel on a typical crop, one core; docs/data.md), so the
+    CPU-only path runs: DALI decode+crop (``crops``) -> this resize (torchvision, the configured
+    interpolation with antialiasing) -> DALI RandAugment, flip and normalise (the pipeline that
+    calls this as its ``external_source``). The resize runs in the thread that drives the
+    pipelines (the caller's): a private thread pool was no faster on 2 cores, and torch's
+    parallel kernels called from extra threads leave a forked DataLoader worker deadlocked.
+
+    Args:
+        crops: The built decode+crop pipeline; its outputs are (crops, labels).
+        size: Output side.
+        interpolation: ``bicubic`` or ``bilinear``.
+    """
+
+    def __init__(self, crops, size: int, interpolation: str) -> None:
+        self.crops = crops
+        self.size = [size, size]
+        self.mode = {"bicubic": F.InterpolationMode.BICUBIC, "bilinear": F.InterpolationMode.BILINEAR}[interpolation]
+
+    def _resize(self, crop: np.ndarray) -> np.ndarray:
+        chw = torch.from_numpy(crop).permute(2, 0, 1)
+        resized = F.resize(chw, self.size, interpolation=self.mode, antialias=True)
+        return resized.permute(1, 2, 0).contiguous().numpy()  # (S, S, 3) uint8
+
+    def __call__(self) -> Tuple[List[np.ndarray], List[np.ndarray]]:
+        crops, labels = self.crops.run()
+        images = [self._resize(np.array(crops.at(i), copy=False)) for i in range(len(crops))]
+        return images, [np.array(labels.at(i)) for i in range(len(labels))]
 
 
 def _val_graph(encoded, config: CfgNode, decode_device: str):
@@ -253,30 +297,56 @@ class DaliLoader:
                                     device=str(device)) if sampler.train and config.AUG.REPROB > 0 else None)
 
         self.config = config
+        self._resizer: Optional[CropResizer] = None
         self.pipe = self._make_pipeline()
 
     def _make_pipeline(self):
         """Build the DALI pipeline (again after a decoder failure left the old one unusable)."""
         config, sampler, gpu = self.config, self.sampler, self.device.type == "cuda"
 
+        threads = max(1, config.DATA.NUM_WORKERS)
+        seed = mix_seed(config.SEED, SALT_BATCH_AUGMENT, self.rank) % 2**31
+        kwargs = dict(batch_size=sampler.batch_size, num_threads=threads, prefetch_queue_depth=2,
+                      exec_dynamic=True, device_id=(self.device.index or 0) if gpu else None)
+        source = self.source
+        if sampler.train and not gpu:  # CPU: DALI decode+crop -> torchvision resize -> DALI augmentation
+
+            @pipeline_def
+            def crops_pipeline():
+                encoded, labels = fn.external_source(source=self.source, num_outputs=2, batch=True,
+                                                     dtype=[types.UINT8, types.INT64])
+                return _crop_graph(encoded, config, "cpu"), labels
+
+            crops = crops_pipeline(seed=seed, **kwargs)
+            crops.build()
+            source = self._resizer = CropResizer(crops, config.DATA.IMG_SIZE, config.DATA.INTERPOLATION)
+
         @pipeline_def(enable_conditionals=True)
         def pipeline():
-            encoded, labels = fn.external_source(source=self.source, num_outputs=2, batch=True,
-                                                 dtype=[types.UINT8, types.INT64])
-            if sampler.train:
-                images = _train_graph(encoded, config, "mixed" if gpu else "cpu", "gpu" if gpu else "cpu")
-            else:
-                images = _val_graph(encoded, config, "mixed" if gpu else "cpu")
+            if source is self.source:
+                encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True,
+                                                     dtype=[types.UINT8, types.INT64])
+                if not sampler.train:
+                    images = _val_graph(encoded, config, "mixed" if gpu else "cpu")
+                else:
+                    images = _train_graph(encoded, config)
+            else:  # resized crops from CropResizer
+                images, labels = fn.external_source(source=source, num_outputs=2, batch=True,
+                                                    dtype=[types.UINT8, types.INT64], layout=["HWC", ""])
+                images = _augment_graph(images, config)
             return images, (labels.gpu() if gpu else labels)
 
         with warnings.catch_warnings():  # DALI's auto_aug still calls its own deprecated aliases
             warnings.simplefilter("ignore", DeprecationWarning)
-            pipe = pipeline(batch_size=sampler.batch_size, num_threads=max(1, config.DATA.NUM_WORKERS),
-                            device_id=(self.device.index or 0) if gpu else None,
-                            seed=mix_seed(config.SEED, SALT_BATCH_AUGMENT, self.rank) % 2**31,
-                            prefetch_queue_depth=2, exec_dynamic=True)
+            pipe = pipeline(seed=(seed + 1) % 2**31, **kwargs)
             pipe.build()
         return pipe
+
+    def _reset(self) -> None:
+        """Rewind the pipeline(s) after the source ended a pass."""
+        self.pipe.reset()
+        if self._resizer is not None:
+            self._resizer.crops.reset()
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -310,7 +380,7 @@ class DaliLoader:
                 while True:
                     self.pipe.run()
             except StopIteration:
-                self.pipe.reset()
+                self._reset()
             except RuntimeError:  # a corrupt file among the dropped batches: start afresh
                 self.pipe = self._make_pipeline()
         self.source.start()
@@ -342,7 +412,7 @@ class DaliLoader:
             batch += 1
             yield images, labels
         self._log_bad()
-        self.pipe.reset()
+        self._reset()
         self._running = False
 
 

@@ -1,9 +1,12 @@
 """``pytorch`` loader: torchvision ImageFolder + timm transforms, per-sample seeded augmentation."""
 from __future__ import annotations
 
+import atexit
+import gc
 import logging
 import random
 import signal
+import weakref
 from contextlib import contextmanager
 from typing import Iterator, List, Optional, Sequence, Tuple
 
@@ -27,16 +30,23 @@ MAX_REPLACEMENTS = 32
 Sample = Tuple[Optional[torch.Tensor], int, Tuple[str, ...]]
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: workers ignore SIGTERM / SIGUSR1.
+def init_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: ignore SIGTERM / SIGUSR1; never collect the parent's objects.
 
     A scheduler (``scancel``, preemption) signals every process of the job; the training
     process turns the signal into a checkpoint at the next step boundary, which needs its
     workers alive until then. They still exit with their parent.
 
+    A forked worker inherits the parent's objects, DALI pipelines included, without the threads
+    behind them; the cyclic garbage collector finalising such a pipeline in the worker waits for
+    those threads forever. ``gc.freeze()`` puts every inherited object out of the collector's
+    reach (``TorchLoader`` also collects in the parent right before forking, so there is no
+    inherited garbage to begin with).
+
     Args:
         worker_id: Unused (the DataLoader's worker index).
     """
+    gc.freeze()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
@@ -150,10 +160,27 @@ class TorchLoader:
                                  pin_memory=pin_memory and device.type == "cuda",
                                  persistent_workers=num_workers > 0,
                                  prefetch_factor=4 if num_workers > 0 else None,
-                                 worker_init_fn=ignore_stop_signals,
+                                 worker_init_fn=init_worker,
                                  # Own generator: the loader's per-pass base seed must not consume
                                  # (and so shift) the training process's global torch RNG.
                                  generator=torch.Generator())
+        # Workers ignore SIGTERM, so multiprocessing's own exit hook (terminate, then join) would
+        # wait for them forever if the process exits while they still run: shut them down first
+        # (atexit hooks run last-registered first; the reference is weak, so this keeps nothing alive).
+        atexit.register(TorchLoader._close_at_exit, weakref.ref(self))
+
+    @staticmethod
+    def _close_at_exit(ref: "weakref.ReferenceType[TorchLoader]") -> None:
+        loader = ref()
+        if loader is not None:
+            loader.close()
+
+    def close(self) -> None:
+        """Stop the persistent worker processes (a later iteration starts new ones)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
 
     @property
     def num_bad(self) -> int:
@@ -173,6 +200,8 @@ class TorchLoader:
         self.sampler.set_epoch(epoch, start_batch)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        if self.loader.num_workers > 0 and getattr(self.loader, "_iterator", None) is None:
+            gc.collect()  # workers are forked now: leave them no garbage to finalise (see init_worker)
         for images, labels, bad in self.loader:
             for report in bad:
                 if report not in self.bad_files:  # each bad file is logged once, not every epoch

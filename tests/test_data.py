@@ -376,3 +376,36 @@ def test_rand_augment_posterize_at_level_10() -> None:
     op.prob = 1.0
     image = Image.fromarray(np.full((16, 16, 3), 200, np.uint8))
     assert np.asarray(op(image)).max() == 0
+
+
+def test_pytorch_workers_start_after_a_dropped_dali_loader(image_root: Path) -> None:
+    """Forked DataLoader workers must not finalise DALI pipelines they inherited (that waits forever),
+    and a process that exits with its workers running must not wait for them forever.
+
+    A DALI loader that was used and dropped becomes cyclic garbage; a PyTorch loader created next
+    forks its workers. Run in a subprocess: a regression shows up as a timeout, not a hung suite.
+    """
+    import subprocess
+    import sys
+
+    from conftest import REPO_ROOT, subprocess_env
+
+    code = f"""
+import gc, sys, torch
+sys.path[:0] = [{str(REPO_ROOT)!r}, {str(REPO_ROOT / "tests")!r}]
+from test_data import make_config
+from data import build_loader
+from pathlib import Path
+gc.disable()  # keep the dropped DALI loader as garbage until a worker would collect it
+root = Path({str(image_root)!r})
+dali = build_loader(make_config(root, "dali"), torch.device("cpu")).train
+next(iter(dali))
+del dali
+torch_loader = build_loader(make_config(root, "pytorch", DATA__NUM_WORKERS=2), torch.device("cpu")).train
+gc.enable()
+images, labels = next(iter(torch_loader))
+print("ok", tuple(images.shape))
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "ok (8, 3, 32, 32)" in result.stdout, result.stderr[-2000:]

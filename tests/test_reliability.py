@@ -267,7 +267,7 @@ def test_loader_workers_ignore_stop_signals() -> None:
     import sys
     import time
 
-    code = ("import time; from data.torch_loader import ignore_stop_signals; ignore_stop_signals(0); "
+    code = ("import time; from data.torch_loader import init_worker; init_worker(0); "
             "print('ready', flush=True); time.sleep(30)")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=str(Path(__file__).resolve().parents[1]),
                             stdout=subprocess.PIPE, text=True)
