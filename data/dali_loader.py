@@ -1,5 +1,8 @@
 """``dali`` loader: NVIDIA DALI pipelines, GPU ("mixed" decode + GPU augmentation) or CPU-only.
 
+CPU-only training runs two pipelines, decode+crop and augmentation, with torchvision's uint8
+resize between them (``CropResizer``: DALI's CPU resize cost more than the decode).
+
 Every rank feeds its own shard through ``fn.external_source`` from the same ``EpochBatchSampler``
 as the PyTorch loader, so sample order is a function of ``(SEED, epoch)``, positioning is exact
 and validation shards partition the set. Augmentation randomness comes from the pipeline's seed
