@@ -280,3 +280,36 @@ def test_loader_workers_ignore_stop_signals() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_restarted_ranks_use_a_store_namespace_of_their_restart(monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Under torchrun's shared store each restart gets its own key space (stale peer addresses
+    of the dead attempt stay invisible); across nodes, where restart counts differ, a warning."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from utils.distributed import _restart_scoped_agent_store
+
+    timeout = datetime.timedelta(seconds=5)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    assert _restart_scoped_agent_store(2, timeout) is None  # plain env:// (no torchrun agent)
+    server = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    server.set("default_pg/rank_1", "dead attempt's address")
+    stores = {}
+    for restart in ("0", "1"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", restart)
+        stores[restart] = _restart_scoped_agent_store(2, timeout)
+    stores["0"].set("rank_1", "attempt 0")
+    assert not stores["1"].check(["rank_1"]) and not stores["1"].check(["default_pg/rank_1"])
+    stores["1"].set("rank_1", "attempt 1")
+    assert stores["0"].get("rank_1") == b"attempt 0" and stores["1"].get("rank_1") == b"attempt 1"
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    with caplog.at_level("WARNING"):
+        assert _restart_scoped_agent_store(4, timeout) is None  # 2 of 4 ranks on this node
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text
