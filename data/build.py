@@ -8,7 +8,7 @@ import torch
 from timm.data import Mixup
 from yacs.config import CfgNode
 
-from .common import Loaders, crop_ranges, dist_info
+from .common import EpochBatchSampler, Loaders, crop_ranges, dist_info
 from .synthetic import SyntheticLoader
 
 logger = logging.getLogger(__name__)
@@ -45,12 +45,21 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
     train_set, val_set = scan_image_folder(root, config.MODEL.NUM_CLASSES)
     loader = config.DATA.LOADER
     if loader == "pytorch":
-        from .torch_loader import build_torch_loaders
-        return build_torch_loaders(config, train_set, val_set, device, rank, world_size)
-    if loader == "dali":
-        from .dali_loader import build_dali_loaders
-        return build_dali_loaders(config, train_set, val_set, device, rank, world_size)
-    raise ValueError(f"DATA.LOADER={loader!r} is unknown; use one of {', '.join(LOADERS)}")
+        from .torch_loader import make_torch_loader
+
+        def make(split, sampler):
+            return make_torch_loader(config, split, sampler, device)
+    elif loader == "dali":
+        from .dali_loader import DaliLoader
+
+        def make(split, sampler):
+            return DaliLoader(config, split, sampler, device, rank)
+    else:
+        raise ValueError(f"DATA.LOADER={loader!r} is unknown; use one of {', '.join(LOADERS)}")
+    train, val = (make(split, EpochBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size,
+                                                train=is_train))
+                  for split, is_train in ((train_set, True), (val_set, False)))
+    return Loaders(train=train, val=val, num_classes=len(train_set.classes))
 
 
 def _build_synthetic(config: CfgNode, device: torch.device, rank: int, world_size: int) -> Loaders:

@@ -26,8 +26,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from timm.data.random_erasing import RandomErasing
 from yacs.config import CfgNode
 
-from .common import (IMAGENET_MEAN, IMAGENET_STD, SALT_BATCH_AUGMENT, EpochBatchSampler, Loaders, crop_ranges,
-                     mix_seed)
+from .common import IMAGENET_MEAN, IMAGENET_STD, SALT_BATCH_AUGMENT, EpochBatchSampler, crop_ranges, mix_seed
 from .folder import ImageSplit
 from .torch_loader import MAX_REPLACEMENTS, load_rgb, seeded_rng
 
@@ -257,7 +256,7 @@ class CropResizer:
 
     def __call__(self) -> Tuple[List[np.ndarray], List[np.ndarray]]:
         crops, labels = self.crops.run()
-        images = [self._resize(np.array(crops.at(i), copy=False)) for i in range(len(crops))]
+        images = [self._resize(crops.at(i)) for i in range(len(crops))]
         return images, [np.array(labels.at(i)) for i in range(len(labels))]
 
 
@@ -292,7 +291,6 @@ class DaliLoader:
         self.source = ShardSource(split, sampler)
         self.num_bad = 0
         self._running = False
-        gpu = device.type == "cuda"
         if config.DATA.INTERPOLATION not in INTERPOLATIONS:
             raise ValueError(f"DATA.INTERPOLATION={config.DATA.INTERPOLATION!r} is not supported; "
                              f"use one of {', '.join(INTERPOLATIONS)}")
@@ -311,8 +309,9 @@ class DaliLoader:
         seed = mix_seed(config.SEED, SALT_BATCH_AUGMENT, self.rank) % 2**31
         kwargs = dict(batch_size=sampler.batch_size, num_threads=threads, prefetch_queue_depth=2,
                       exec_dynamic=True, device_id=(self.device.index or 0) if gpu else None)
-        source = self.source
-        if sampler.train and not gpu:  # CPU: DALI decode+crop -> torchvision resize -> DALI augmentation
+        # CPU training: DALI decode+crop -> torchvision resize (CropResizer) -> DALI augmentation.
+        split = sampler.train and not gpu
+        if split:
 
             @pipeline_def
             def crops_pipeline():
@@ -320,28 +319,26 @@ class DaliLoader:
                                                      dtype=[types.UINT8, types.INT64])
                 return _crop_graph(encoded, config, "cpu"), labels
 
-            crops = crops_pipeline(seed=seed, **kwargs)
+            crops = crops_pipeline(seed=(seed + 1) % 2**31, **kwargs)
             crops.build()
-            source = self._resizer = CropResizer(crops, config.DATA.IMG_SIZE, config.DATA.INTERPOLATION)
+            self._resizer = CropResizer(crops, config.DATA.IMG_SIZE, config.DATA.INTERPOLATION)
 
         @pipeline_def(enable_conditionals=True)
         def pipeline():
-            if source is self.source:
-                encoded, labels = fn.external_source(source=source, num_outputs=2, batch=True,
-                                                     dtype=[types.UINT8, types.INT64])
-                if not sampler.train:
-                    images = _val_graph(encoded, config, "mixed" if gpu else "cpu")
-                else:
-                    images = _train_graph(encoded, config)
-            else:  # resized crops from CropResizer
-                images, labels = fn.external_source(source=source, num_outputs=2, batch=True,
+            if split:
+                images, labels = fn.external_source(source=self._resizer, num_outputs=2, batch=True,
                                                     dtype=[types.UINT8, types.INT64], layout=["HWC", ""])
                 images = _augment_graph(images, config)
+            else:
+                encoded, labels = fn.external_source(source=self.source, num_outputs=2, batch=True,
+                                                     dtype=[types.UINT8, types.INT64])
+                images = (_train_graph(encoded, config) if sampler.train
+                          else _val_graph(encoded, config, "mixed" if gpu else "cpu"))
             return images, (labels.gpu() if gpu else labels)
 
         with warnings.catch_warnings():  # DALI's auto_aug still calls its own deprecated aliases
             warnings.simplefilter("ignore", DeprecationWarning)
-            pipe = pipeline(seed=(seed + 1) % 2**31, **kwargs)
+            pipe = pipeline(seed=seed, **kwargs)
             pipe.build()
         return pipe
 
@@ -418,21 +415,3 @@ class DaliLoader:
         self._reset()
         self._running = False
 
-
-def build_dali_loaders(config: CfgNode, train_split: ImageSplit, val_split: ImageSplit, device: torch.device,
-                       rank: int, world_size: int) -> Loaders:
-    """Train and val ``DaliLoader``s for this rank.
-
-    Args:
-        config: The run's config.
-        train_split: Scanned training split.
-        val_split: Scanned validation split.
-        device: Where batches are delivered.
-        rank: This process's rank.
-        world_size: Number of processes.
-    """
-    loaders = []
-    for split, train in ((train_split, True), (val_split, False)):
-        sampler = EpochBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size, train)
-        loaders.append(DaliLoader(config, split, sampler, device, rank))
-    return Loaders(train=loaders[0], val=loaders[1], num_classes=len(train_split.classes))

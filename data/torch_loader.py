@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from yacs.config import CfgNode
 
-from .common import SALT_AUGMENT, EpochBatchSampler, Loaders, crop_ranges, mix_seed
+from .common import SALT_AUGMENT, EpochBatchSampler, crop_ranges, mix_seed
 from .folder import ImageSplit
 
 logger = logging.getLogger(__name__)
@@ -256,21 +256,16 @@ def build_transforms(config: CfgNode, train: bool):
                             crop_pct=config.TEST.CROP_PCT)
 
 
-def build_torch_loaders(config: CfgNode, train_split: ImageSplit, val_split: ImageSplit, device: torch.device,
-                        rank: int, world_size: int) -> Loaders:
-    """Train and val ``TorchLoader``s for this rank.
+
+def make_torch_loader(config: CfgNode, split: ImageSplit, sampler: EpochBatchSampler,
+                      device: torch.device) -> TorchLoader:
+    """A ``TorchLoader`` over ``split`` with timm's transforms for ``sampler.train``.
 
     Args:
         config: The run's config.
-        train_split: Scanned training split.
-        val_split: Scanned validation split.
+        split: The scanned split.
+        sampler: This rank's batch sampler.
         device: Where batches are delivered.
-        rank: This process's rank.
-        world_size: Number of processes.
     """
-    loaders = []
-    for split, train in ((train_split, True), (val_split, False)):
-        dataset = SeededImageFolder(split, build_transforms(config, train), config.SEED, train)
-        sampler = EpochBatchSampler(len(dataset), config.DATA.BATCH_SIZE, config.SEED, rank, world_size, train)
-        loaders.append(TorchLoader(dataset, sampler, config.DATA.NUM_WORKERS, config.DATA.PIN_MEMORY, device))
-    return Loaders(train=loaders[0], val=loaders[1], num_classes=len(train_split.classes))
+    dataset = SeededImageFolder(split, build_transforms(config, sampler.train), config.SEED, sampler.train)
+    return TorchLoader(dataset, sampler, config.DATA.NUM_WORKERS, config.DATA.PIN_MEMORY, device)
