@@ -82,6 +82,42 @@ def relative_offsets(group_h: int, group_w: int, device: torch.device, dtype: to
     return torch.stack(torch.meshgrid(dh, dw, indexing="ij")).flatten(1).t().to(dtype)
 
 
+def onednn_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """Compute dtype for :func:`linear_gelu`'s one-call oneDNN path on ``x``, or None if it does not apply.
+
+    It applies on CPU without autograd (inference and no_grad evaluation, not under
+    torch.compile, which fuses on its own) in float32, or in bfloat16 where oneDNN supports it;
+    under CPU autocast the compute dtype is autocast's.
+    """
+    if (x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()
+            or not torch.backends.mkldnn.is_available()):
+        return None
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        return dtype
+    return None
+
+
+def linear_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``GELU(linear(x))`` (exact, erf form), in one oneDNN call where :func:`onednn_dtype` allows.
+
+    The GEMM writes its output once with bias and GELU applied in its epilogue, instead of
+    addmm copying the bias into the output, the GEMM, and a separate GELU pass.
+
+    Args:
+        x: ``(..., in_features)``.
+        linear: the layer (its weight and bias are cast like autocast would).
+
+    Returns:
+        ``(..., out_features)``.
+    """
+    dtype = onednn_dtype(x)
+    if dtype is None:
+        return F.gelu(linear(x))
+    bias = linear.bias.to(dtype) if linear.bias is not None else None
+    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), linear.weight.to(dtype), bias, "gelu", [], "none")
+
+
 class DynamicPosBias(nn.Module):
     """DPB: an MLP from a relative offset ``(dh, dw)`` to one bias per head.
 
@@ -167,18 +203,25 @@ class Attention(nn.Module):
         return bias
 
     def forward(self, qkv: torch.Tensor, bias: torch.Tensor, reference: bool = False) -> torch.Tensor:
-        """Attention over grouped, already projected ``qkv``.
+        """Attention over grouped, already projected tokens.
 
         Args:
-            qkv: ``(3, B, nG, nH, N, d)``.
+            qkv: ``(B, nG, N, 3*C)``, channels ordered (q/k/v, head, head_dim).
             bias: additive bias, ``(nH, N, N)`` (shared by all groups) or ``(nG, nH, N, N)``.
-            reference: use the plain explicit formulation (softmax of QK^T*scale + bias, then V).
+            reference: the plain explicit formulation (contiguous q, k, v; softmax of
+                QK^T*scale + bias, then V).
 
         Returns:
-            ``(B, nG, nH, N, d)``.
+            ``(B, nG, N, C)``.
         """
-        _, batch, num_groups, heads, tokens, head_dim = qkv.shape
-        q, k, v = qkv.unbind(0)
+        batch, num_groups, tokens, _ = qkv.shape
+        heads, head_dim = self.num_heads, self.head_dim
+        channels = heads * head_dim
+        # Strided views, no copy: (3, B, nG, nH, N, d).
+        qkv = qkv.view(batch, num_groups, tokens, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5)
+        if reference:
+            qkv = qkv.contiguous()
+        q, k, v = qkv.unbind(0)  # (B, nG, nH, N, d)
         # On CPU, SDPA's backward with a bias that needs gradients is no faster than the
         # explicit form in float32 and about 2x slower in bf16 (benchmarks/, torch 2.14), so
         # CPU training uses the explicit form; CUDA always takes SDPA (memory-efficient kernel).
@@ -188,21 +231,21 @@ class Attention(nn.Module):
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, nG, nH, N, N)
             attn = (attn + (bias if reference else bias.to(q.dtype))).softmax(dim=-1)
             attn = F.dropout(attn, self.attn_drop, self.training)
-            return attn @ v
+            return (attn @ v).transpose(2, 3).reshape(batch, num_groups, tokens, channels)
+        # SDPA's fused kernels take 4-D inputs (5-D falls back to the materialising math path):
+        # fold groups into the batch. q, k, v stay strided views of qkv.
+        shape = (batch * num_groups, heads, tokens, head_dim)
         bias = bias.to(q.dtype)
         if bias.dim() == 3:
-            # One bias for every group: fold groups into the batch dimension.
-            shape = (batch * num_groups, heads, tokens, head_dim)
-            mask = bias.unsqueeze(0)  # (1, nH, N, N)
+            mask = bias.unsqueeze(0)  # (1, nH, N, N), broadcast over batch and groups
         else:
-            # Per-group bias (padding): fold groups into the head dimension instead.
-            shape = (batch, num_groups * heads, tokens, head_dim)
-            mask = bias.reshape(1, num_groups * heads, tokens, tokens)
+            # Per-group bias (padding): repeat it for every image, (B*nG, nH, N, N).
+            mask = bias.expand(batch, *bias.shape).reshape(batch * num_groups, heads, tokens, tokens)
         out = F.scaled_dot_product_attention(
             q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=mask,
             dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale,
-        )
-        return out.view(batch, num_groups, heads, tokens, head_dim)
+        )  # (B*nG, nH, N, d); the CPU and CUDA kernels lay it out as (B*nG, N, nH, d)
+        return out.transpose(1, 2).reshape(batch, num_groups, tokens, channels)
 
 
 class CrossFormerBlock(nn.Module):
@@ -282,44 +325,46 @@ class CrossFormerBlock(nn.Module):
         return self._mask_cache[key]
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Grouped self-attention with output projection, ``(B, H, W, C)`` -> ``(B, H, W, C)``."""
+        """Grouped self-attention with output projection, ``(B, H, W, C)`` -> ``(B, H, W, C)``.
+
+        The result may be a strided view (ungrouped, cropped); the residual add reads it
+        in place.
+        """
         batch, height, width, channels = x.shape
         group, interval, pad_h, pad_w = self.grouping(height, width)
-        heads, head_dim = self.attn.num_heads, self.attn.head_dim
-        padding = (0, 0, 0, pad_w, 0, pad_h)
-        if self.reference_attention:
-            # The official formulation: pad the tokens, then project every (padded) token.
-            qkv = self.attn.qkv(F.pad(x, padding))  # (B, Hp, Wp, 3C)
-        else:
-            # qkv is per-token, so project before grouping (the grouping permute then moves qkv
-            # once) and before padding: values at padded positions do not matter, as they are
-            # masked as keys and cropped as queries.
-            qkv = F.pad(self.attn.qkv(x), padding)  # (B, Hp, Wp, 3C)
+        padded_h, padded_w = height + pad_h, width + pad_w
         bias = self.attn.position_bias(group, group, x.device)  # (nH, N, N)
         mask = self.padding_mask(height, width, x.device)
         if mask is not None:
             bias = bias + mask  # (nG, nH, N, N)
-        padded_h, padded_w = height + pad_h, width + pad_w
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
         if self.reference_attention:
-            # The official sequence: group, split heads, attend, merge heads, ungroup, project
-            # every token (padding included), crop; each step a contiguous copy.
-            grouped = group_tokens(qkv, group, interval)  # (B, nG, N, 3C)
-            num_groups, tokens = grouped.shape[1], grouped.shape[2]
-            grouped = grouped.view(batch, num_groups, tokens, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5)
-            out = self.attn(grouped.contiguous(), bias, reference=True)  # (B, nG, nH, N, d)
-            out = out.transpose(2, 3).reshape(batch, num_groups, tokens, channels)  # (B, nG, N, C)
-            out = ungroup_tokens(out, group, interval, padded_h, padded_w)  # (B, Hp, Wp, C)
+            # The official sequence: pad, project every token, group the projections, split
+            # heads, attend, merge heads, ungroup, project, crop; each step a contiguous copy.
+            qkv = group_tokens(self.attn.qkv(x), group, interval).contiguous()  # (B, nG, N, 3C)
+            out = self.attn(qkv, bias, reference=True)  # (B, nG, N, C)
+            out = ungroup_tokens(out, group, interval, padded_h, padded_w).contiguous()  # (B, Hp, Wp, C)
             return self.attn.proj_drop(self.attn.proj(out)[:, :height, :width])
-        # One copy in: qkv straight to (3, B, nG, nH, N, d); one copy out: heads and groups
-        # straight back to the (B, Hp, Wp, C) map.
-        out = self.attn(group_heads(qkv, group, interval, heads), bias)  # (B, nG, nH, N, d)
-        out = ungroup_heads(out, group, interval, padded_h, padded_w)  # (B, Hp, Wp, C)
-        return self.attn.proj_drop(self.attn.proj(out[:, :height, :width]))
+        # Group the C-wide tokens rather than the 3C-wide projections: one copy of C in (none
+        # for a map that is a single group), q, k, v as strided views of the projection, heads
+        # merged for free from the kernel's output layout, one copy of C out (again none for a
+        # single group). The crop is a view that the residual add reads.
+        out = self.attn(self.attn.qkv(group_tokens(x, group, interval)), bias)  # (B, nG, N, C)
+        out = ungroup_tokens(self.attn.proj(out), group, interval, padded_h, padded_w)  # (B, Hp, Wp, C)
+        return self.attn.proj_drop(out[:, :height, :width])
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP, ``(B, H, W, C)`` -> ``(B, H, W, C)``; fc1 and GELU fused in CPU inference."""
+        if self.training or self.reference_attention:
+            return self.mlp(x)
+        # Eval: dropout is off and timm's Mlp here is fc1, GELU, (Identity norm), fc2.
+        return self.mlp.fc2(linear_gelu(x, self.mlp.fc1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` -> ``(B, H, W, C)``."""
         x = x + self.drop_path(self.attention(self.norm1(x)))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.feed_forward(self.norm2(x)))
         if self.use_acl:
             # Amplitude cooling: no residual, the LayerNorm resets the amplitude.
             x = self.ex_ln(self.ex_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
@@ -345,42 +390,6 @@ def group_tokens(x: torch.Tensor, group: int, interval: int) -> torch.Tensor:
     x = x.view(batch, rows, group, interval, cols, group, interval, channels)
     x = x.permute(0, 1, 4, 3, 6, 2, 5, 7)  # (B, Rh, Rw, I, I, G, G, C)
     return x.reshape(batch, rows * cols * interval * interval, group * group, channels)
-
-
-def group_heads(qkv: torch.Tensor, group: int, interval: int, heads: int) -> torch.Tensor:
-    """:func:`group_tokens` fused with the split into q, k, v and heads: one copy.
-
-    Args:
-        qkv: ``(B, Hp, Wp, 3*C)``, channels ordered (q/k/v, head, head_dim).
-        group: group side ``G``.
-        interval: sampling interval ``I``.
-        heads: number of heads ``nH``.
-
-    Returns:
-        ``(3, B, nG, nH, G*G, d)`` contiguous.
-    """
-    batch, height, width, channels = qkv.shape
-    rows, cols = height // (group * interval), width // (group * interval)
-    head_dim = channels // (3 * heads)
-    x = qkv.view(batch, rows, group, interval, cols, group, interval, 3, heads, head_dim)
-    x = x.permute(7, 0, 1, 4, 3, 6, 8, 2, 5, 9)  # (3, B, Rh, Rw, I, I, nH, G, G, d)
-    return x.reshape(3, batch, rows * cols * interval * interval, heads, group * group, head_dim)
-
-
-def ungroup_heads(x: torch.Tensor, group: int, interval: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`group_heads` for the attention output: one copy.
-
-    Args:
-        x: ``(B, nG, nH, G*G, d)``.
-
-    Returns:
-        ``(B, Hp, Wp, nH*d)``.
-    """
-    batch, _, heads, _, head_dim = x.shape
-    rows, cols = height // (group * interval), width // (group * interval)
-    x = x.view(batch, rows, cols, interval, interval, heads, group, group, head_dim)
-    x = x.permute(0, 1, 6, 3, 2, 7, 4, 5, 8)  # (B, Rh, G, I, Rw, G, I, nH, d)
-    return x.reshape(batch, height, width, heads * head_dim)
 
 
 def ungroup_tokens(x: torch.Tensor, group: int, interval: int, height: int, width: int) -> torch.Tensor:
