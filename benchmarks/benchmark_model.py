@@ -8,8 +8,12 @@ Example (this machine's CPU, 2 threads)::
 ``reference`` is the official formulation (pad then project every token, explicit
 softmax(QK^T*scale + bias) V materialising each attention matrix, position-bias MLP re-run in
 every block on every forward); ``fast`` is ours (SDPA with one additive bias in the query dtype,
-no projection of padding, bias cached in eval mode). Both run the same weights on the same
-input. Each number is the median over ``--trials`` timed trials after ``--warmup`` untimed ones.
+grouping of the C-wide tokens with q/k/v as strided views, bias cached in eval mode, fc1+GELU as
+one oneDNN call in CPU inference). Both run the same weights on the same
+input. Each number is the median over ``--trials`` timed trials after ``--warmup`` untimed ones;
+the implementations take turns inside every trial, and the speedup is the median of the
+per-trial ratios, so that a drifting machine speed (±20 % within minutes on a shared VM) hits
+both alike.
 Training = forward, backward and AdamW step (fused on CUDA, foreach elsewhere).
 """
 from __future__ import annotations
@@ -54,16 +58,23 @@ def median_rate(step: Callable[[], None], items: int, warmup: int, trials: int, 
     return statistics.median(rates)
 
 
-def peak_memory_mib(device: torch.device) -> Optional[float]:
-    """Peak allocated memory since the last reset, where the device reports it."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return None
+def step_peak_mib(step: Callable[[], None], device: torch.device) -> Optional[float]:
+    """Memory one call of ``step`` needs on top of what is already allocated (activations and
+    temporaries; weights, optimizer state and the other implementation's model excluded), in
+    MiB, where the device reports it (CUDA); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    resident = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - resident) / 2**20
 
 
-def measure(name: str, batch_size: int, img_size: int, precision: str, impl: str, compile_model: bool,
-            device: torch.device, warmup: int, trials: int) -> Dict[str, object]:
-    """One row of the table: inference and training images/s (and peak memory) of one setting.
+def build_setting(name: str, batch_size: int, img_size: int, precision: str, impl: str, compile_model: bool,
+                  device: torch.device) -> Dict[str, Callable[[], None]]:
+    """Inference and training step closures of one implementation (weights from seed 0).
 
     Args:
         name: registered model name.
@@ -73,57 +84,82 @@ def measure(name: str, batch_size: int, img_size: int, precision: str, impl: str
         impl: "fast" or "reference".
         compile_model: wrap the model in torch.compile.
         device: where to run.
-        warmup: untimed steps.
-        trials: timed steps (median reported).
     """
     torch.manual_seed(0)
     model = models.create_model(name).to(device)
     model.set_reference_attention(impl == "reference")
     runner = torch.compile(model) if compile_model else model
-    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
-    target = torch.randint(0, model.num_classes, (batch_size,), device=device)
+    generator = torch.Generator().manual_seed(1)  # same input for every implementation
+    x = torch.randn(batch_size, 3, img_size, img_size, generator=generator).to(device)
+    target = torch.randint(0, model.num_classes, (batch_size,), generator=generator).to(device)
     dtype = PRECISIONS[precision]
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
-
-    def infer() -> None:
-        with torch.inference_mode(), autocast():
-            runner(x)
-
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **(
         {"fused": True} if device.type == "cuda" else {"foreach": True}))
 
+    def infer() -> None:
+        model.eval()
+        with torch.inference_mode(), autocast():
+            runner(x)
+
     def train() -> None:
+        model.train()
         with autocast():
             loss = torch.nn.functional.cross_entropy(runner(x), target)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    row: Dict[str, object] = dict(model=name, batch_size=batch_size, img_size=img_size, precision=precision,
-                                  impl=impl, compiled=compile_model, device=str(device))
-    model.eval()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    row["infer_imgs_per_sec"] = median_rate(infer, batch_size, warmup, trials, device)
-    row["infer_peak_mib"] = peak_memory_mib(device)
-    model.train()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    row["train_imgs_per_sec"] = median_rate(train, batch_size, warmup, trials, device)
-    row["train_peak_mib"] = peak_memory_mib(device)
-    return row
+    return {"infer": infer, "train": train}
+
+
+def measure(name: str, batch_size: int, img_size: int, precision: str, impls: List[str], compile_model: bool,
+            device: torch.device, warmup: int, trials: int) -> List[Dict[str, object]]:
+    """Rows of the table for one setting: every implementation, timed in alternation.
+
+    The implementations take turns inside every trial (fast, reference, fast, ...), so a drift
+    of the machine's speed hits them alike; each row holds the median images/s and every
+    trial's rate, from which :func:`speedups` takes per-trial ratios. Peak memory is what one
+    step needs beyond the resident weights and optimizer state (CUDA only).
+    """
+    steps = {impl: build_setting(name, batch_size, img_size, precision, impl, compile_model, device)
+             for impl in impls}
+    rows = {impl: dict(model=name, batch_size=batch_size, img_size=img_size, precision=precision, impl=impl,
+                       compiled=compile_model, device=str(device)) for impl in impls}
+    for kind in ("infer", "train"):
+        rates: Dict[str, List[float]] = {impl: [] for impl in impls}
+        peaks: Dict[str, Optional[float]] = {}
+        for impl in impls:
+            for _ in range(warmup):
+                steps[impl][kind]()
+            peaks[impl] = step_peak_mib(steps[impl][kind], device)
+        for trial in range(trials):
+            order = impls if trial % 2 == 0 else impls[::-1]
+            for impl in order:
+                rates[impl].append(median_rate(steps[impl][kind], batch_size, 0, 1, device))
+        for impl in impls:
+            rows[impl][f"{kind}_imgs_per_sec"] = statistics.median(rates[impl])
+            rows[impl][f"{kind}_trials"] = rates[impl]
+            rows[impl][f"{kind}_peak_mib"] = peaks[impl]
+    return list(rows.values())
 
 
 def speedups(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
-    """Fast / reference ratios for every setting measured with both implementations."""
+    """Fast / reference ratios for every setting measured with both implementations.
+
+    ``*_speedup`` is the median of the per-trial ratios (each trial times both back to back).
+    """
     out = []
     for fast in (r for r in rows if r["impl"] == "fast"):
         for ref in rows:
             same = all(ref[k] == fast[k] for k in ("model", "batch_size", "img_size", "precision", "compiled"))
             if ref["impl"] == "reference" and same:
-                out.append(dict(model=fast["model"], precision=fast["precision"], compiled=fast["compiled"],
-                                infer_speedup=fast["infer_imgs_per_sec"] / ref["infer_imgs_per_sec"],
-                                train_speedup=fast["train_imgs_per_sec"] / ref["train_imgs_per_sec"]))
+                ratio = dict(model=fast["model"], precision=fast["precision"], compiled=fast["compiled"])
+                for kind in ("infer", "train"):
+                    per_trial = [a / b for a, b in zip(fast[f"{kind}_trials"], ref[f"{kind}_trials"])]
+                    ratio[f"{kind}_speedup"] = statistics.median(per_trial)
+                    ratio[f"{kind}_speedup_trials"] = per_trial
+                out.append(ratio)
     return out
 
 
@@ -149,18 +185,18 @@ def main() -> None:
     for name in args.model:
         for precision in args.precision:
             for compiled in ([False, True] if args.compile else [False]):
-                for impl in args.impl:
-                    row = measure(name, args.batch_size, args.img_size, precision, impl, compiled, device,
-                                  args.warmup, args.trials)
+                for row in measure(name, args.batch_size, args.img_size, precision, args.impl, compiled, device,
+                                   args.warmup, args.trials):
                     rows.append(row)
                     _logger.info(
                         "%-16s %-5s %-9s compiled=%-5s infer %8.2f img/s  train %8.2f img/s  peak %s MiB",
-                        name, precision, impl, compiled, row["infer_imgs_per_sec"], row["train_imgs_per_sec"],
-                        row["train_peak_mib"])
+                        name, precision, row["impl"], compiled, row["infer_imgs_per_sec"],
+                        row["train_imgs_per_sec"], row["train_peak_mib"])
     ratios = speedups(rows)
     for ratio in ratios:
-        _logger.info("%-16s %-5s compiled=%-5s fast/reference: infer x%.2f  train x%.2f", ratio["model"],
-                     ratio["precision"], ratio["compiled"], ratio["infer_speedup"], ratio["train_speedup"])
+        _logger.info("%-16s %-5s compiled=%-5s fast/reference (median of per-trial ratios): infer x%.2f  "
+                     "train x%.2f", ratio["model"], ratio["precision"], ratio["compiled"], ratio["infer_speedup"],
+                     ratio["train_speedup"])
     result = dict(threads=torch.get_num_threads(), torch=torch.__version__, rows=rows, speedups=ratios)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

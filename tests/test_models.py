@@ -10,7 +10,7 @@ import torch
 
 import models
 from models import CrossFormer, create_model, list_models
-from models.crossformer import Attention
+from models.crossformer import Attention, linear_gelu, onednn_dtype
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
 VARIANTS = json.loads((FIXTURES / "variants.json").read_text())
@@ -48,7 +48,7 @@ def test_params_state_dict_and_macs(name: str) -> None:
     macs = model.macs(224)
     assert abs(macs / VARIANTS[name]["macs_224"] - 1) < 0.01
     # The fast path skips the qkv projection of padding tokens: never more work.
-    assert model.macs(224, reference=False) <= macs
+    assert model.macs(224, reference=False) == macs  # same work; the fast path's fused kernels counted
 
 
 @pytest.mark.parametrize("fixture", ["cf_tiny", "pp_tiny"])
@@ -199,6 +199,47 @@ def test_fast_path_matches_reference(size: tuple, cpu_training_attention: str) -
     torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-12)
     for grad_fast, grad_ref in zip(grads_fast, grads_ref):
         torch.testing.assert_close(grad_fast, grad_ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(96, 160), (224, 224), (320, 320)])
+def test_inference_path_matches_reference(size: tuple) -> None:
+    """Eval without autograd: cached bias, strided SDPA inputs and (on CPU) fc1+GELU in one
+    oneDNN call, against the reference, in float32 and under bf16 autocast."""
+    torch.manual_seed(0)
+    model = tiny().eval()
+    x = torch.randn(2, 3, *size)
+    with torch.inference_mode():
+        assert onednn_dtype(x) == (torch.float32 if torch.backends.mkldnn.is_available() else None)
+        out_fast, out_ref = [model.set_reference_attention(ref) or model(x) for ref in (False, True)]
+        torch.testing.assert_close(out_fast, out_ref, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16_fast, bf16_ref = [model.set_reference_attention(ref) or model(x) for ref in (False, True)]
+    assert bf16_fast.dtype == bf16_ref.dtype == torch.bfloat16
+    # Both round differently to bfloat16 (8 bits of mantissa); both stay near the float32 result.
+    scale = out_ref.abs().max()
+    for out in (bf16_fast, bf16_ref):
+        assert ((out.float() - out_ref).abs().max() / scale).item() < 0.05
+
+
+def test_linear_gelu() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 48)
+    x = torch.randn(2, 5, 16)
+    expected = torch.nn.functional.gelu(linear(x))
+    with torch.no_grad():
+        torch.testing.assert_close(linear_gelu(x, linear), expected, rtol=1e-6, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused, plain = linear_gelu(x, linear), torch.nn.functional.gelu(linear(x))
+        assert fused.dtype == plain.dtype == torch.bfloat16
+        torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
+        # float64 is not a oneDNN type: the plain path, exactly.
+        assert onednn_dtype(x.double()) is None
+        assert torch.equal(linear_gelu(x.double(), linear.double()), torch.nn.functional.gelu(linear(x.double())))
+    linear.float()
+    # With autograd the plain path runs, so gradients flow.
+    assert onednn_dtype(x) is None
+    linear_gelu(x, linear).sum().backward()
+    assert linear.weight.grad is not None
 
 
 def test_padding_is_exercised() -> None:
