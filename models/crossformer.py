@@ -21,6 +21,7 @@ the plain explicit formulation for tests.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Dict, List, Optional, Sequence, Set, Tuple
@@ -30,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 _logger = logging.getLogger(__name__)
 
@@ -81,6 +83,19 @@ def relative_offsets(group_h: int, group_w: int, device: torch.device, dtype: to
     dh = torch.arange(1 - group_h, group_h, device=device)
     dw = torch.arange(1 - group_w, group_w, device=device)
     return torch.stack(torch.meshgrid(dh, dw, indexing="ij")).flatten(1).t().to(dtype)
+
+
+def sdpa_backends(device: torch.device, bias_requires_grad: bool) -> Optional[List[SDPBackend]]:
+    """SDPA backends to allow for an additive bias, or None to let PyTorch choose.
+
+    On CUDA a bias that needs gradients goes to the memory-efficient kernel (math as the
+    fallback): flash attention takes no arbitrary bias, and cuDNN attention, PyTorch's first
+    choice on Hopper since 2.11, has had wrong gradients with an explicit mask
+    (pytorch/pytorch#196678). Without a bias gradient (inference) PyTorch's choice stands.
+    """
+    if device.type == "cuda" and bias_requires_grad:
+        return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return None
 
 
 def onednn_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -265,10 +280,12 @@ class Attention(nn.Module):
         else:
             # Per-group bias (padding): repeat it for every image, (B*nG, nH, N, N).
             mask = bias.expand(batch, *bias.shape).reshape(batch * num_groups, heads, tokens, tokens)
-        out = F.scaled_dot_product_attention(
-            q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=mask,
-            dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale,
-        )  # (B*nG, nH, N, d); the CPU and CUDA kernels lay it out as (B*nG, N, nH, d)
+        backends = sdpa_backends(q.device, mask.requires_grad)
+        with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(
+                q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=mask,
+                dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale,
+            )  # (B*nG, nH, N, d); the CPU and CUDA kernels lay it out as (B*nG, N, nH, d)
         return out.transpose(1, 2).reshape(batch, num_groups, tokens, channels)
 
 

@@ -10,7 +10,7 @@ import torch
 
 import models
 from models import CrossFormer, create_model, list_models
-from models.crossformer import Attention, linear_gelu, onednn_dtype
+from models.crossformer import Attention, linear_gelu, onednn_dtype, sdpa_backends
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
 VARIANTS = json.loads((FIXTURES / "variants.json").read_text())
@@ -240,6 +240,29 @@ def test_linear_gelu() -> None:
     assert onednn_dtype(x) is None
     linear_gelu(x, linear).sum().backward()
     assert linear.weight.grad is not None
+
+
+def test_sdpa_backends_for_a_bias_gradient(monkeypatch) -> None:
+    """CUDA training pins SDPA to memory-efficient/math; the same wiring runs here on CPU (math)."""
+    from torch.nn.attention import SDPBackend
+
+    assert sdpa_backends(torch.device("cuda"), True) == [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    assert sdpa_backends(torch.device("cuda"), False) is None
+    assert sdpa_backends(torch.device("cpu"), True) is None
+    # Force the CUDA choice on CPU (only math is available there) through SDPA's backward.
+    monkeypatch.setattr(models.crossformer, "sdpa_backends", lambda device, grad: [SDPBackend.MATH] if grad else None)
+    monkeypatch.setattr(Attention, "explicit_cpu_training", False)
+    torch.manual_seed(0)
+    model = tiny().double()
+    x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
+    (out_fast, grads_fast), (out_ref, grads_ref) = [run_path(model, x, ref) for ref in (False, True)]
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-12)
+    for grad_fast, grad_ref in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(grad_fast, grad_ref, rtol=1e-9, atol=1e-12)
+    # The choice is applied: the memory-efficient kernel alone does not exist on CPU.
+    monkeypatch.setattr(models.crossformer, "sdpa_backends", lambda device, grad: [SDPBackend.EFFICIENT_ATTENTION])
+    with pytest.raises(RuntimeError, match="No viable backend"):
+        run_path(model, x, False)
 
 
 def test_padding_is_exercised() -> None:
