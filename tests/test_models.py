@@ -10,7 +10,7 @@ import torch
 
 import models
 from models import CrossFormer, create_model, list_models
-from models.crossformer import Attention, linear_gelu, onednn_dtype, sdpa_backends
+from models.crossformer import Attention, linear_gelu, linear_residual, onednn_dtype, sdpa_backends
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "official"
 VARIANTS = json.loads((FIXTURES / "variants.json").read_text())
@@ -240,6 +240,24 @@ def test_linear_gelu() -> None:
     assert onednn_dtype(x) is None
     linear_gelu(x, linear).sum().backward()
     assert linear.weight.grad is not None
+
+
+def test_linear_residual() -> None:
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 16)
+    x, residual = torch.randn(2, 5, 48), torch.randn(2, 5, 16)
+    expected = residual + linear(x)
+    torch.testing.assert_close(linear_residual(x, linear, residual), expected, rtol=1e-6, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed dtypes: the plain sum, as autocast does it
+        assert torch.equal(linear_residual(x, linear, residual), residual + linear(x))
+    # Autograd through the in-place accumulation.
+    x.requires_grad_(True)
+    linear_residual(x, linear, residual).sum().backward()
+    grads = [x.grad.clone(), linear.weight.grad.clone(), linear.bias.grad.clone()]
+    x.grad = linear.weight.grad = linear.bias.grad = None
+    (residual + linear(x)).sum().backward()
+    for got, want in zip(grads, [x.grad, linear.weight.grad, linear.bias.grad]):
+        torch.testing.assert_close(got, want)
 
 
 def test_sdpa_backends_for_a_bias_gradient(monkeypatch) -> None:
