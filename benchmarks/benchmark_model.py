@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,18 +60,65 @@ def median_rate(step: Callable[[], None], items: int, warmup: int, trials: int, 
     return statistics.median(rates)
 
 
-def step_peak_mib(step: Callable[[], None], device: torch.device) -> Optional[float]:
+def _proc_status_mib(key: str) -> float:
+    """A ``VmRSS``/``VmHWM`` line of /proc/self/status, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def cuda_step_peak_mib(step: Callable[[], None], device: torch.device) -> float:
     """Memory one call of ``step`` needs on top of what is already allocated (activations and
-    temporaries; weights, optimizer state and the other implementation's model excluded), in
-    MiB, where the device reports it (CUDA); None elsewhere."""
-    if device.type != "cuda":
-        return None
+    temporaries; weights, optimizer state and the other implementation's model excluded), in MiB:
+    the CUDA caching allocator's peak."""
     torch.cuda.synchronize(device)
     resident = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     step()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - resident) / 2**20
+
+
+def cpu_step_peak_mib(setting: Dict[str, object], kind: str, warmup: int) -> Optional[float]:
+    """The same on CPU (Linux), measured in a fresh process: the growth of its resident-set
+    high-water mark over one step after ``warmup`` steps (reset through /proc/self/clear_refs).
+
+    glibc would keep freed activations in its heap once its dynamic mmap threshold has grown, so
+    the child fixes the threshold at 128 KiB (``MALLOC_MMAP_THRESHOLD_``): large tensors are then
+    mapped and unmapped, and the resident set follows them. A separate process keeps that
+    allocator setting out of the timed runs. None where /proc is not available.
+
+    Args:
+        setting: :func:`build_setting`'s keyword arguments (device "cpu", no compile).
+        kind: "infer" or "train".
+        warmup: untimed steps first (the first step allocates optimizer state and caches).
+    """
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+    request = json.dumps(dict(setting=setting, kind=kind, warmup=warmup, threads=torch.get_num_threads()))
+    done = subprocess.run([sys.executable, __file__, "--child-peak", request], env=env, check=True,
+                          capture_output=True, text=True)
+    value = json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
+    return None if value is None else float(value)
+
+
+def _child_peak(request: str) -> None:
+    """Body of :func:`cpu_step_peak_mib`'s child process: prints ``{"peak_mib": ...}``."""
+    args = json.loads(request)
+    torch.set_num_threads(args["threads"])
+    step = build_setting(**args["setting"], device=torch.device("cpu"), compile_model=False)[args["kind"]]
+    for _ in range(args["warmup"]):
+        step()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # high-water mark := current resident set
+        resident = _proc_status_mib("VmRSS")
+    except (OSError, KeyError):
+        print(json.dumps({"peak_mib": None}))
+        return
+    step()
+    print(json.dumps({"peak_mib": _proc_status_mib("VmHWM") - resident}))
 
 
 def build_setting(name: str, batch_size: int, img_size: int, precision: str, impl: str, compile_model: bool,
@@ -114,16 +163,18 @@ def build_setting(name: str, batch_size: int, img_size: int, precision: str, imp
 
 
 def measure(name: str, batch_size: int, img_size: int, precision: str, impls: List[str], compile_model: bool,
-            device: torch.device, warmup: int, trials: int) -> List[Dict[str, object]]:
+            device: torch.device, warmup: int, trials: int, cpu_memory: bool = False) -> List[Dict[str, object]]:
     """Rows of the table for one setting: every implementation, timed in alternation.
 
     The implementations take turns inside every trial (fast, reference, fast, ...), so a drift
     of the machine's speed hits them alike; each row holds the median images/s and every
     trial's rate, from which :func:`speedups` takes per-trial ratios. Peak memory is what one
-    step needs beyond the resident weights and optimizer state (CUDA only).
+    step needs beyond the resident weights and optimizer state: always on CUDA
+    (:func:`cuda_step_peak_mib`), on CPU with ``cpu_memory`` (:func:`cpu_step_peak_mib`, eager only).
     """
-    steps = {impl: build_setting(name, batch_size, img_size, precision, impl, compile_model, device)
-             for impl in impls}
+    settings = {impl: dict(name=name, batch_size=batch_size, img_size=img_size, precision=precision, impl=impl)
+                for impl in impls}
+    steps = {impl: build_setting(**settings[impl], compile_model=compile_model, device=device) for impl in impls}
     rows = {impl: dict(model=name, batch_size=batch_size, img_size=img_size, precision=precision, impl=impl,
                        compiled=compile_model, device=str(device)) for impl in impls}
     for kind in ("infer", "train"):
@@ -132,7 +183,11 @@ def measure(name: str, batch_size: int, img_size: int, precision: str, impls: Li
         for impl in impls:
             for _ in range(warmup):
                 steps[impl][kind]()
-            peaks[impl] = step_peak_mib(steps[impl][kind], device)
+            peaks[impl] = None
+            if device.type == "cuda":
+                peaks[impl] = cuda_step_peak_mib(steps[impl][kind], device)
+            elif cpu_memory and not compile_model:
+                peaks[impl] = cpu_step_peak_mib(settings[impl], kind, max(warmup, 1))
         for trial in range(trials):
             order = impls if trial % 2 == 0 else impls[::-1]
             for impl in order:
@@ -163,6 +218,11 @@ def speedups(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
     return out
 
 
+def mib(value: Optional[float]) -> str:
+    """A peak-memory figure for the log, or n/a."""
+    return "n/a" if value is None else f"{value:.0f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", nargs="+", default=["crossformerpp_s"], choices=models.list_models())
@@ -176,7 +236,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None, help="write rows and speedups here")
+    parser.add_argument("--cpu-memory", action="store_true",
+                        help="on CPU, also measure each step's peak memory (one extra process per row and kind)")
+    parser.add_argument("--child-peak", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child_peak is not None:
+        _child_peak(args.child_peak)
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -186,12 +252,13 @@ def main() -> None:
         for precision in args.precision:
             for compiled in ([False, True] if args.compile else [False]):
                 for row in measure(name, args.batch_size, args.img_size, precision, args.impl, compiled, device,
-                                   args.warmup, args.trials):
+                                   args.warmup, args.trials, args.cpu_memory):
                     rows.append(row)
                     _logger.info(
-                        "%-16s %-5s %-9s compiled=%-5s infer %8.2f img/s  train %8.2f img/s  peak %s MiB",
-                        name, precision, row["impl"], compiled, row["infer_imgs_per_sec"],
-                        row["train_imgs_per_sec"], row["train_peak_mib"])
+                        "%-16s %-5s %-9s compiled=%-5s infer %8.2f img/s (step peak %s MiB)  "
+                        "train %8.2f img/s (step peak %s MiB)", name, precision, row["impl"], compiled,
+                        row["infer_imgs_per_sec"], mib(row["infer_peak_mib"]), row["train_imgs_per_sec"],
+                        mib(row["train_peak_mib"]))
     ratios = speedups(rows)
     for ratio in ratios:
         _logger.info("%-16s %-5s compiled=%-5s fast/reference (median of per-trial ratios): infer x%.2f  "
