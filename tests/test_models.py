@@ -162,6 +162,22 @@ def run_path(model: CrossFormer, x: torch.Tensor, reference: bool) -> tuple:
     return out.detach(), [p.grad.clone() for p in model.parameters()]
 
 
+def assert_paths_agree_float64(size: tuple) -> tuple:
+    """Fast and reference paths of a float64 tiny model agree in outputs and gradients at ``size``.
+
+    Returns:
+        ``(model, x)`` for further checks.
+    """
+    torch.manual_seed(0)
+    model = tiny().double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64)
+    (out_fast, grads_fast), (out_ref, grads_ref) = [run_path(model, x, ref) for ref in (False, True)]
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-12)
+    for grad_fast, grad_ref in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(grad_fast, grad_ref, rtol=1e-9, atol=1e-12)
+    return model, x
+
+
 @pytest.fixture(params=["sdpa", "explicit"])
 def cpu_training_attention(request, monkeypatch) -> str:
     """Run gradient tests through SDPA's backward too (CUDA's path), not only CPU's explicit form."""
@@ -192,13 +208,7 @@ def test_fast_path_matches_reference(size: tuple, cpu_training_attention: str) -
     64x64 and 96x160 run whole-map, non-square and unpadded groups; 224 and 320 pad the LDA
     regions of stages 1-2, and 320 also the SDA windows of stage 4.
     """
-    torch.manual_seed(0)
-    model = tiny().double()
-    x = torch.randn(2, 3, *size, dtype=torch.float64)
-    (out_fast, grads_fast), (out_ref, grads_ref) = [run_path(model, x, ref) for ref in (False, True)]
-    torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-12)
-    for grad_fast, grad_ref in zip(grads_fast, grads_ref):
-        torch.testing.assert_close(grad_fast, grad_ref, rtol=1e-9, atol=1e-12)
+    assert_paths_agree_float64(size)
 
 
 @pytest.mark.parametrize("size", [(96, 160), (224, 224), (320, 320)])
@@ -270,13 +280,7 @@ def test_sdpa_backends_for_a_bias_gradient(monkeypatch) -> None:
     # Force the CUDA choice on CPU (only math is available there) through SDPA's backward.
     monkeypatch.setattr(models.crossformer, "sdpa_backends", lambda device, grad: [SDPBackend.MATH] if grad else None)
     monkeypatch.setattr(Attention, "explicit_cpu_training", False)
-    torch.manual_seed(0)
-    model = tiny().double()
-    x = torch.randn(2, 3, 224, 224, dtype=torch.float64)
-    (out_fast, grads_fast), (out_ref, grads_ref) = [run_path(model, x, ref) for ref in (False, True)]
-    torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-12)
-    for grad_fast, grad_ref in zip(grads_fast, grads_ref):
-        torch.testing.assert_close(grad_fast, grad_ref, rtol=1e-9, atol=1e-12)
+    model, x = assert_paths_agree_float64((224, 224))
     # The choice is applied: the memory-efficient kernel alone does not exist on CPU.
     monkeypatch.setattr(models.crossformer, "sdpa_backends", lambda device, grad: [SDPBackend.EFFICIENT_ATTENTION])
     with pytest.raises(RuntimeError, match="No viable backend"):
