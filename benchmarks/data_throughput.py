@@ -20,6 +20,7 @@ from typing import List
 import numpy as np
 import torch
 from PIL import Image
+from yacs.config import CfgNode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -67,6 +68,23 @@ def measure(cfg, batches: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def loader_config(args: argparse.Namespace, loader: str, threads: int, randaug: bool) -> CfgNode:
+    """The config of one measured loader: ``args``' data, ``threads`` workers, augmentation
+    with or without RandAugment / colour jitter / erasing."""
+    cfg = _C.clone()
+    cfg.DATA.DATASET = "toy" if args.toy else "imagenet"
+    cfg.DATA.DATA_PATH = str(args.data_path or "")
+    cfg.DATA.LOADER = loader
+    cfg.DATA.IMG_SIZE = args.img_size
+    cfg.DATA.BATCH_SIZE = args.batch_size
+    cfg.DATA.NUM_WORKERS = threads
+    cfg.DATA.PIN_MEMORY = False
+    cfg.MODEL.NUM_CLASSES = len(CLASSES)
+    if not randaug:  # decode + random resized crop + flip + normalise only
+        cfg.AUG.AUTO_AUGMENT, cfg.AUG.COLOR_JITTER, cfg.AUG.REPROB = "", 0.0, 0.0
+    return cfg
+
+
 def main(argv: List[str] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-path", type=Path, help="folder with train/<class>/ images")
@@ -91,27 +109,19 @@ def main(argv: List[str] = None) -> None:
     print("|---" * (3 + len(args.loaders) + (len(args.loaders) == 2)) + "|")
     for randaug in (False, True):
         for threads in args.threads:
+            cfgs = {loader: loader_config(args, loader, threads, randaug) for loader in args.loaders}
+            cfg = cfgs[args.loaders[0]]
+            name = "RRC+flip+norm" + (f" + {cfg.AUG.AUTO_AUGMENT} + erase {cfg.AUG.REPROB}" if randaug else "")
             rates = {loader: [] for loader in args.loaders}
             for _ in range(args.repeats):  # alternate, so that a slower spell of the machine hits both
                 for loader in args.loaders:
-                    cfg = _C.clone()
-                    cfg.DATA.DATASET = "toy" if args.toy else "imagenet"
-                    cfg.DATA.DATA_PATH = str(args.data_path or "")
-                    cfg.DATA.LOADER = loader
-                    cfg.DATA.IMG_SIZE = args.img_size
-                    cfg.DATA.BATCH_SIZE = args.batch_size
-                    cfg.DATA.NUM_WORKERS = threads
-                    cfg.DATA.PIN_MEMORY = False
-                    cfg.MODEL.NUM_CLASSES = len(CLASSES)
-                    if not randaug:  # decode + random resized crop + flip + normalise only
-                        cfg.AUG.AUTO_AUGMENT, cfg.AUG.COLOR_JITTER, cfg.AUG.REPROB = "", 0.0, 0.0
-                    name = "RRC+flip+norm" + (f" + {cfg.AUG.AUTO_AUGMENT} + erase {cfg.AUG.REPROB}" if randaug else "")
-                    rates[loader].append(measure(cfg, args.batches))
+                    rates[loader].append(measure(cfgs[loader], args.batches))
             row = [f"{statistics.median(rates[loader]):.0f}" for loader in args.loaders]
             if len(args.loaders) == 2:
                 ratios = [d / p for d, p in zip(rates["dali"], rates["pytorch"])]
                 row.append(f"{statistics.median(ratios):.2f}x (trials {', '.join(f'{r:.2f}' for r in ratios)})")
             print(f"| {threads} | {name} | " + " | ".join(row) + f" | {os.getloadavg()[0]:.1f} |", flush=True)
+
 
 if __name__ == "__main__":
     main()
