@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the per-step warmup + cosine schedule."""
+"""AdamW parameter groups and the per-step warmup + cosine schedule (against the official formula)."""
 from __future__ import annotations
 
 import math
@@ -59,9 +59,9 @@ def test_adamw_takes_betas_eps_and_scaled_lr_from_config() -> None:
     assert group["foreach"] is True and not group["fused"]  # CPU: foreach; fused is for CUDA
 
 
-def _lrs(epochs: int, warmup_epochs: int, steps_per_epoch: int) -> List[float]:
+def _lrs(epochs: int, warmup_epochs: int, steps_per_epoch: int, *opts: str) -> List[float]:
     cfg = load_config(opts=["TRAIN.EPOCHS", str(epochs), "TRAIN.WARMUP_EPOCHS", str(warmup_epochs),
-                            "DATA.BATCH_SIZE", "512"])
+                            "DATA.BATCH_SIZE", "512", *opts])
     optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=cfg.TRAIN.SCALED_BASE_LR)
     scheduler = build_scheduler(cfg, optimizer, steps_per_epoch)
     lrs = [optimizer.param_groups[0]["lr"]]  # the LR of step 0
@@ -71,10 +71,37 @@ def _lrs(epochs: int, warmup_epochs: int, steps_per_epoch: int) -> List[float]:
     return lrs
 
 
-def test_schedule_shape_warmup_peak_cosine_floor() -> None:
+def official_lr(step: int, total: int, warmup: int, base: float, warm: float, floor: float) -> float:
+    """The official code's LR at an optimizer step, written out from its recipe.
+
+    Swin / CrossFormer build timm's ``CosineLRScheduler(t_initial=total_steps, lr_min=MIN_LR,
+    warmup_lr_init=WARMUP_LR, warmup_t=warmup_steps, cycle_limit=1, t_in_epochs=False)``: a line
+    from WARMUP_LR during the warmup, and one cosine over all steps after it.
+    """
+    if step < warmup:
+        return warm + step * (base - warm) / warmup
+    return floor + 0.5 * (base - floor) * (1 + math.cos(math.pi * step / total))
+
+
+def test_schedule_is_the_official_formula() -> None:
+    base, warm, floor = 5e-4, 5e-7, 5e-6  # the defaults, at the reference batch of 512
+    steps, epochs, warmup_epochs = 7, 30, 2
+    total, warmup = epochs * steps, warmup_epochs * steps
+    lrs = _lrs(epochs, warmup_epochs, steps)
+    checked = [0, 1, warmup - 1, warmup, warmup + 1, total // 2, total - 1, total]
+    for step in checked:  # step 0, both sides of the end of the warmup, mid-run, the last steps
+        assert lrs[step] == pytest.approx(official_lr(step, total, warmup, base, warm, floor), rel=1e-12), step
+    assert lrs[0] == pytest.approx(warm) and lrs[-1] == pytest.approx(floor)
+    assert lrs[total // 2] == pytest.approx((base + floor) / 2)  # the cosine's midpoint is mid-run
+    # The whole curve, not only the checked steps.
+    assert lrs == pytest.approx([official_lr(t, total, warmup, base, warm, floor) for t in range(total + 1)], rel=1e-12)
+
+
+def test_schedule_warmup_prefix_shape() -> None:
+    """``TRAIN.LR_SCHEDULER.WARMUP_PREFIX True``: the cosine starts at the peak after the warmup."""
     base, warm, floor = 5e-4, 5e-7, 5e-6
     steps, warmup = 7, 3 * 7
-    lrs = _lrs(epochs=10, warmup_epochs=3, steps_per_epoch=steps)
+    lrs = _lrs(10, 3, steps, "TRAIN.LR_SCHEDULER.WARMUP_PREFIX", "True")
     # Linear warmup from WARMUP_LR, stepped every optimizer step (not per epoch).
     assert lrs[0] == pytest.approx(warm)
     rises = [b - a for a, b in zip(lrs[:warmup], lrs[1:warmup + 1])]
@@ -90,6 +117,8 @@ def test_schedule_shape_warmup_peak_cosine_floor() -> None:
     assert lrs[middle] == pytest.approx(floor + (base - floor) * (1 + math.cos(math.pi * (middle - warmup) / 49)) / 2)
     assert lrs[-1] == pytest.approx(floor)
     assert min(lrs[warmup:]) >= floor - 1e-15
+    # The prefix shape trains at a higher mean LR than the official one.
+    assert sum(lrs) > sum(_lrs(10, 3, steps))
 
 
 def test_schedule_without_warmup_starts_at_peak() -> None:
