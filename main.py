@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import shlex
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -413,7 +414,23 @@ def train(config: CfgNode, dist_info: DistInfo, run_dir: str, train_model: nn.Mo
     logger.info("done in %s: best acc@1 %.3f (epoch %d)%s", time.strftime("%H:%M:%S", time.gmtime(elapsed)),
                 state.best_acc1, state.best_epoch,
                 f", best EMA acc@1 {state.best_ema_acc1:.3f} (epoch {state.best_ema_epoch})" if ema is not None else "")
+    log_run_outputs(run_dir, ema is not None)
     return EXIT_OK
+
+
+def log_run_outputs(run_dir: str, has_ema: bool) -> None:
+    """Say where the run's results are and the one command that evaluates its best checkpoint.
+
+    Args:
+        run_dir: The run directory.
+        has_ema: Whether an EMA of the weights was kept (``ema_best.pth``).
+    """
+    best = os.path.join(run_dir, BEST)
+    logger.info("run directory:   %s (config.yaml, log.txt, metrics.jsonl)", run_dir)
+    logger.info("TensorBoard:     tensorboard --logdir %s", os.path.join(run_dir, "tensorboard"))
+    logger.info("best checkpoint: %s%s", best, f" (EMA weights: {os.path.join(run_dir, EMA_BEST)})" if has_ema else "")
+    logger.info("evaluate it:     python main.py --cfg %s --eval --resume %s",
+                shlex.quote(os.path.join(run_dir, "config.yaml")), shlex.quote(best))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
