@@ -54,6 +54,8 @@ def parse_rand_augment(policy: str) -> Tuple[int, int, float]:
     for part in parts[1:]:
         if part.startswith("mstd"):
             magnitude_std = float(part[4:])
+            if magnitude_std > 100:  # timm's switch to uniform magnitudes in [0, M]
+                magnitude_std = float("inf")
         elif part.startswith("inc"):
             if part != "inc1":
                 raise ValueError(f"AUG.AUTO_AUGMENT={policy!r}: the dali loader implements the increasing "
@@ -185,13 +187,15 @@ def timm_rand_augment_suite(image_size: int) -> List:
 
 
 def _magnitude_bins(magnitude: int, magnitude_std: float):
-    """Per-sample bins of ``LEVELS``: timm's ``clip(N(magnitude, magnitude_std), 0, 10)`` (the fixed
-    ``magnitude`` when ``magnitude_std`` is 0), each sample with its random sign."""
-    if magnitude_std > 0:
-        level = dmath.clamp(fn.random.normal(mean=float(magnitude), stddev=magnitude_std), 0.0, 10.0)
-        bins = fn.cast(level * BINS_PER_LEVEL, dtype=types.INT32)  # DALI's cast rounds to the nearest
-    else:
+    """Per-sample bins of ``LEVELS``, each sample with its random sign: timm's ``AugmentOp`` magnitude,
+    ``clip(N(magnitude, magnitude_std), 0, 10)``, uniform in [0, magnitude] for an infinite
+    ``magnitude_std``, the fixed ``magnitude`` for 0."""
+    if magnitude_std == 0:
         bins = magnitude * BINS_PER_LEVEL
+    else:
+        level = (fn.random.uniform(range=[0.0, float(magnitude)]) if magnitude_std == float("inf") else
+                 dmath.clamp(fn.random.normal(mean=float(magnitude), stddev=magnitude_std), 0.0, 10.0))
+        bins = fn.cast(level * BINS_PER_LEVEL, dtype=types.INT32)  # DALI's cast rounds to the nearest
     return signed_bin(bins, random_sign=fn.random.uniform(values=[0, 1], dtype=types.INT32))
 
 
@@ -352,14 +356,15 @@ class CropResizer:
         self.size = [size, size]
         self.mode = {"bicubic": F.InterpolationMode.BICUBIC, "bilinear": F.InterpolationMode.BILINEAR}[interpolation]
 
-    def _resize(self, crop: np.ndarray) -> np.ndarray:
+    def resize(self, crop: np.ndarray) -> np.ndarray:
+        """(h, w, 3) uint8 crop -> (S, S, 3) uint8, the configured interpolation, antialiased."""
         chw = torch.from_numpy(crop).permute(2, 0, 1)
         resized = F.resize(chw, self.size, interpolation=self.mode, antialias=True)
         return resized.permute(1, 2, 0).contiguous().numpy()  # (S, S, 3) uint8
 
     def __call__(self) -> Tuple[List[np.ndarray], List[np.ndarray]]:
         crops, labels = self.crops.run()
-        images = [self._resize(crops.at(i)) for i in range(len(crops))]
+        images = [self.resize(crops.at(i)) for i in range(len(crops))]
         return images, [np.array(labels.at(i)) for i in range(len(labels))]
 
 

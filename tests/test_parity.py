@@ -27,7 +27,7 @@ from config import _C
 from data import build_loader
 from data.common import IMAGENET_MEAN, IMAGENET_STD
 from data.dali_loader import (BINS_PER_LEVEL, FILL_COLOR, INTERPOLATIONS, MAGNITUDE_BINS, CropResizer, _crop_graph,
-                              _magnitude_bins, timm_rand_augment_suite)
+                              _magnitude_bins, parse_rand_augment, timm_rand_augment_suite)
 
 CPU = torch.device("cpu")
 SIZE = 224
@@ -211,10 +211,14 @@ def test_geometric_ops_fill_with_the_mean_and_interpolate_bicubic(monkeypatch) -
                 for aug in (translate, shear)]
 
     (moved,), (sheared,) = run_dali(graph, [image])
-    shift = round(0.9 * 0.45 * SIZE)  # level 9, positive: the content moves left by 40.5 % of the side
-    assert (moved[:, -shift + 2:] == np.array(FILL_COLOR, np.uint8)).all()
-    assert mad(moved[:, :SIZE - shift - 2], image[:, shift + 1:SIZE - 1]) < 40  # the image, moved (half-pixel)
-    op = next(op for op in timm_rand_augment_ops() if op.name == "ShearX")
+    ops = {op.name: op for op in timm_rand_augment_ops()}
+    reference = np.asarray(ops["TranslateXRel"].aug_fn(Image.fromarray(image),
+                                                        *timm_level_args(ops["TranslateXRel"], 9, False, monkeypatch),
+                                                        **ops["TranslateXRel"].kwargs))
+    uncovered = slice(SIZE - round(0.9 * 0.45 * SIZE) + 2, None)  # level 9 moves the content left by 40.5 %
+    assert (moved[:, uncovered] == np.array(FILL_COLOR, np.uint8)).all()
+    assert (reference[:, uncovered] == np.array(FILL_COLOR, np.uint8)).all()
+    op = ops["ShearX"]
     args = timm_level_args(op, 9, False, monkeypatch)
     bicubic = np.asarray(op.aug_fn(Image.fromarray(image), *args, fillcolor=tuple(FILL_COLOR), resample=Image.BICUBIC))
     bilinear = np.asarray(op.aug_fn(Image.fromarray(image), *args, fillcolor=tuple(FILL_COLOR), resample=Image.BILINEAR))
@@ -235,6 +239,11 @@ def test_mstd_draws_per_sample_magnitudes_like_timm() -> None:
     (fixed,) = run_dali(lambda data: [fn.cast(_magnitude_bins(9, 0.0).signed_magnitude_idx, dtype=types.INT32)],
                         [np.zeros((1, 1, 3), np.uint8)] * 8)
     assert {int(s) // 2 for s in fixed} == {90}
+    (uniform,) = run_dali(lambda data: [fn.cast(_magnitude_bins(9, float("inf")).signed_magnitude_idx,
+                                                dtype=types.INT32)], [np.zeros((1, 1, 3), np.uint8)] * 2000)
+    levels = np.array([int(s) // 2 for s in uniform]) / BINS_PER_LEVEL  # timm's mstd > 100: uniform in [0, M]
+    assert levels.min() >= 0 and levels.max() <= 9 and levels.mean() == pytest.approx(4.5, abs=0.15)
+    assert parse_rand_augment("rand-m9-mstd101-inc1") == (2, 9, float("inf"))
 
 
 # ----------------------------------------------------------------------------- decode, crop, eval transform
@@ -341,7 +350,7 @@ def test_dali_train_crop_is_the_box_and_resizes_like_timm(tmp_path: Path) -> Non
     pipe = pipeline()
     pipe.build()
     (crops,) = pipe.run()
-    resizer = CropResizer(None, SIZE, "bicubic")
+    resizer = CropResizer(None, SIZE, "bicubic")  # only its resize is used
     worst = 0.0
     for i in range(len(crops)):
         crop = np.array(crops.at(i))
@@ -352,6 +361,6 @@ def test_dali_train_crop_is_the_box_and_resizes_like_timm(tmp_path: Path) -> Non
         # timm's RandomResizedCropAndInterpolation for that box: PIL crop + bicubic resize.
         reference = TF.resized_crop(Image.fromarray(texture), top, left, h, w, [SIZE, SIZE],
                                     interpolation=TF.InterpolationMode.BICUBIC)
-        worst = max(worst, mad(resizer._resize(texture[top:top + h, left:left + w]), np.asarray(reference)))
+        worst = max(worst, mad(resizer.resize(texture[top:top + h, left:left + w]), np.asarray(reference)))
     # torchvision's uint8 antialiased bicubic kernel is built to match PIL's; it differs by rounding only.
     assert worst < 0.6, worst
