@@ -151,6 +151,8 @@ _C.AUG.MIXUP_MODE = "batch"
 _C.TEST = CN()
 # Eval: resize shorter side to IMG_SIZE / CROP_PCT, then center-crop IMG_SIZE (224 -> 256).
 _C.TEST.CROP_PCT = 0.875
+# Precision of validation and --eval: "train" (as TRAIN.AMP), "bf16", "fp16" or "none" (float32).
+_C.TEST.AMP = "train"
 
 # -----------------------------------------------------------------------------
 # Misc
@@ -186,6 +188,7 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "DATA.LOADER": ("dali", "pytorch"),
     "DATA.INTERPOLATION": ("bicubic", "bilinear"),
     "TRAIN.AMP": ("bf16", "fp16", "none"),
+    "TEST.AMP": ("train", "bf16", "fp16", "none"),
     "TRAIN.OPTIMIZER.NAME": ("adamw",),
 }
 

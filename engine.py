@@ -21,25 +21,26 @@ from utils.distributed import all_reduce_sum
 logger = logging.getLogger(__name__)
 
 
-def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype for ``TRAIN.AMP`` on ``device`` (None = float32).
+def resolve_amp(amp: str, device: torch.device, key: str = "TRAIN.AMP") -> Optional[torch.dtype]:
+    """The autocast dtype for a precision setting on ``device`` (None = float32).
 
     Args:
         amp: ``"bf16"``, ``"fp16"`` or ``"none"``.
         device: The compute device.
+        key: The config key ``amp`` came from (named in errors).
     """
     if amp == "none":
         return None
     if amp == "fp16":
         if device.type != "cuda":
-            raise ValueError(f"TRAIN.AMP='fp16' needs a CUDA device, this process runs on {device.type}; "
-                             "use --opts TRAIN.AMP bf16 or none")
+            raise ValueError(f"{key}='fp16' needs a CUDA device, this process runs on {device.type}; "
+                             f"use --opts {key} bf16 or none")
         return torch.float16
     if amp == "bf16":
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("TRAIN.AMP='bf16' is not supported by this GPU; use --opts TRAIN.AMP fp16")
+            raise ValueError(f"{key}='bf16' is not supported by this GPU; use --opts {key} fp16")
         return torch.bfloat16
-    raise ValueError(f"TRAIN.AMP={amp!r} is unknown; use bf16, fp16 or none")
+    raise ValueError(f"{key}={amp!r} is unknown; use bf16, fp16 or none")
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:

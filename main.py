@@ -130,6 +130,8 @@ def _run(config: CfgNode, dist_info: DistInfo, run_dir: str) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     amp_dtype = resolve_amp(config.TRAIN.AMP, device)
+    # Validation and --eval: TEST.AMP none gives a float32 number comparable across precisions.
+    eval_dtype = amp_dtype if config.TEST.AMP == "train" else resolve_amp(config.TEST.AMP, device, "TEST.AMP")
 
     seed_everything(config.SEED)  # the same initial weights on every rank
     model = build_model(config)
@@ -168,7 +170,7 @@ def _run(config: CfgNode, dist_info: DistInfo, run_dir: str) -> int:
         if not (resume_path or config.MODEL.PRETRAINED):
             raise ValueError(f"--eval found no weights: pass --resume PATH or --pretrained PATH (no checkpoint "
                              f"in {run_dir})")
-        return run_eval(eval_model, ema, loaders.val, device, amp_dtype, dist_info)
+        return run_eval(eval_model, ema, loaders.val, device, eval_dtype, dist_info)
 
     # Before the first step: a full disk fails now, not at the first save hours later.
     check_free_space(run_dir, estimate_checkpoint_bytes(model_without_ddp, ema is not None))
@@ -181,7 +183,8 @@ def _run(config: CfgNode, dist_info: DistInfo, run_dir: str) -> int:
     # (e.g. a rendezvous) must still die on the launcher's SIGTERM.
     with PreemptionSignal() as stop_signal:
         return train(config, dist_info, run_dir, train_model, eval_model, criterion, loaders, mixup_fn, optimizer,
-                     scheduler, scaler, ema, state, amp_dtype, resumed=bool(resume_path), stop_signal=stop_signal)
+                     scheduler, scaler, ema, state, amp_dtype, eval_dtype, resumed=bool(resume_path),
+                     stop_signal=stop_signal)
 
 
 def resume(state: TrainState, config: CfgNode, run_dir: str, dist_info: DistInfo, num_batches: int) -> str:
@@ -281,10 +284,10 @@ def run_eval(model: nn.Module, ema: Optional[ModelEmaV3], val_loader: Any, devic
         ema: The EMA, evaluated too when given.
         val_loader: This rank's validation shard.
         device: Compute device.
-        amp_dtype: Autocast dtype, None for float32.
+        amp_dtype: Autocast dtype (``TEST.AMP``), None for float32; reported as ``amp``.
         dist_info: This process's place in the job.
     """
-    result: Dict[str, float] = {}
+    result: Dict[str, Any] = {"amp": {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]}
     stats = evaluate(model, val_loader, device, amp_dtype)
     result.update({"val_acc1": stats["acc1"], "val_acc5": stats["acc5"], "val_loss": stats["loss"],
                    "val_count": stats["count"]})
@@ -305,7 +308,8 @@ def run_eval(model: nn.Module, ema: Optional[ModelEmaV3], val_loader: Any, devic
 def train(config: CfgNode, dist_info: DistInfo, run_dir: str, train_model: nn.Module, eval_model: nn.Module,
           criterion: nn.Module, loaders: Any, mixup_fn: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
           scaler: Optional[torch.amp.GradScaler], ema: Optional[ModelEmaV3], state: TrainState,
-          amp_dtype: Optional[torch.dtype], resumed: bool, stop_signal: Optional[PreemptionSignal] = None) -> int:
+          amp_dtype: Optional[torch.dtype], eval_dtype: Optional[torch.dtype], resumed: bool,
+          stop_signal: Optional[PreemptionSignal] = None) -> int:
     """The epoch loop: train, validate (raw and EMA), track the best, checkpoint, record.
 
     Returns ``EXIT_OK``, or ``EXIT_PREEMPTED`` after a stop signal (``last.pth`` holds the
@@ -325,7 +329,8 @@ def train(config: CfgNode, dist_info: DistInfo, run_dir: str, train_model: nn.Mo
         scaler: GradScaler for fp16, else None.
         ema: ``ModelEmaV3`` or None.
         state: The training state, possibly resumed.
-        amp_dtype: Autocast dtype, None for float32.
+        amp_dtype: Autocast dtype of training, None for float32.
+        eval_dtype: Autocast dtype of validation (``TEST.AMP``), None for float32.
         resumed: Whether ``state`` came from a checkpoint (drops stale metrics rows).
         stop_signal: Checked (a collective) after every optimizer step and before every epoch.
     """
@@ -380,14 +385,14 @@ def train(config: CfgNode, dist_info: DistInfo, run_dir: str, train_model: nn.Mo
                 return EXIT_OK
             row: Dict[str, Any] = {"epoch": epoch, **summarize_train_epoch(state)}
             row["lr"] = optimizer.param_groups[0]["lr"]
-            stats = evaluate(eval_model, loaders.val, device, amp_dtype)
+            stats = evaluate(eval_model, loaders.val, device, eval_dtype)
             row.update({"val_acc1": stats["acc1"], "val_acc5": stats["acc5"], "val_loss": stats["loss"]})
             names: List[str] = []
             if stats["acc1"] > state.best_acc1:  # update the best before best.pth is written
                 state.best_acc1, state.best_epoch = stats["acc1"], epoch
                 names.append(BEST)
             if ema is not None:
-                ema_stats = evaluate(ema.module, loaders.val, device, amp_dtype)
+                ema_stats = evaluate(ema.module, loaders.val, device, eval_dtype)
                 row.update({"ema_val_acc1": ema_stats["acc1"], "ema_val_acc5": ema_stats["acc5"],
                             "ema_val_loss": ema_stats["loss"]})
                 if ema_stats["acc1"] > state.best_ema_acc1:

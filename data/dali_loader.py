@@ -20,8 +20,9 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as F
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
 from nvidia.dali.auto_aug import augmentations as aa
-from nvidia.dali.auto_aug.rand_augment import apply_rand_augment
+from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
 from nvidia.dali.plugin.pytorch import feed_ndarray
 from timm.data.random_erasing import RandomErasing
 from yacs.config import CfgNode
@@ -53,6 +54,8 @@ def parse_rand_augment(policy: str) -> Tuple[int, int, float]:
     for part in parts[1:]:
         if part.startswith("mstd"):
             magnitude_std = float(part[4:])
+            if magnitude_std > 100:  # timm's switch to uniform magnitudes in [0, M]
+                magnitude_std = float("inf")
         elif part.startswith("inc"):
             if part != "inc1":
                 raise ValueError(f"AUG.AUTO_AUGMENT={policy!r}: the dali loader implements the increasing "
@@ -72,28 +75,128 @@ def parse_rand_augment(policy: str) -> Tuple[int, int, float]:
     return layers, magnitude, magnitude_std
 
 
+# RandAugment magnitudes on a grid of timm levels 0.0, 0.1, ..., 10.0 (bin = 10 x level): integer
+# levels are exact, and mstd's continuous Gaussian magnitude is reproduced to 0.05 of a level.
+BINS_PER_LEVEL = 10
+MAGNITUDE_BINS = 10 * BINS_PER_LEVEL + 1
+LEVELS = np.arange(MAGNITUDE_BINS) / BINS_PER_LEVEL
+
+# timm's fill colour for the geometric RandAugment ops: the ImageNet mean on 0..255 (124, 116, 104).
+FILL_COLOR = [min(255, round(255 * m)) for m in IMAGENET_MEAN]
+
+
+def _enhance_factor(level: float) -> np.float32:
+    """timm's ``_enhance_increasing_level_to_arg`` for a signed level: 1 +- 0.09 x level, at least 0.1."""
+    return np.float32(max(0.1, 1.0 + (level / 10) * 0.9))
+
+
+def _sharpness_kernel(level: float) -> np.ndarray:
+    """PIL's ``ImageEnhance.Sharpness`` (a blend of the image and its SMOOTH filter) as one 3x3 kernel."""
+    factor = float(_enhance_factor(level))
+    smooth = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], dtype=np.float32) / 13
+    identity = np.zeros((3, 3), dtype=np.float32)
+    identity[1, 1] = 1
+    return (1 - factor) * smooth + factor * identity
+
+
+def _posterize_mask(level: float) -> np.uint8:
+    """timm's ``PosterizeIncreasing``: keep 4 - int(0.4 x level) bits (4 at level 0, 1 at 9, 0 at 10)."""
+    bits = 4 - int((level / 10) * 4)
+    return np.uint8((0xFF00 >> bits) & 0xFF)
+
+
+def _solarize_threshold(level: float) -> np.int32:
+    """timm's ``SolarizeIncreasing``: invert pixels >= 256 - int(25.6 x level)."""
+    return np.int32(256 - min(256, int((level / 10) * 256)))
+
+
+def _solarize_add_shift(level: float) -> np.uint8:
+    """timm's ``SolarizeAdd``: add int(11 x level) to pixels < 128."""
+    return np.uint8(min(128, int((level / 10) * 110)))
+
+
+def _affine(m11: float, m12: float, m13: float, m21: float, m22: float, m23: float) -> np.ndarray:
+    """PIL's ``Image.transform(AFFINE, data)`` matrix (output pixel -> input pixel) as a 3x3 homography."""
+    return np.array([[m11, m12, m13], [m21, m22, m23], [0, 0, 1]], dtype=np.float32)
+
+
+def _rotate_matrix(image_size: int):
+    """timm's ``Rotate`` (3 degrees per level, counter-clockwise about the centre, PIL's ``rotate``)."""
+    center = image_size / 2
+
+    def matrix(level: float) -> np.ndarray:
+        angle = -np.radians((level / 10) * 30)
+        cos, sin = np.cos(angle), np.sin(angle)
+        return _affine(cos, sin, center - cos * center - sin * center, -sin, cos, center + sin * center - cos * center)
+    return matrix
+
+
+def _shear_matrix(axis: int):
+    """timm's ``ShearX`` / ``ShearY``: factor 0.03 per level."""
+    def matrix(level: float) -> np.ndarray:
+        factor = (level / 10) * 0.3
+        return _affine(1, factor, 0, 0, 1, 0) if axis == 0 else _affine(1, 0, 0, factor, 1, 0)
+    return matrix
+
+
+def _translate_matrix(axis: int, image_size: int):
+    """timm's ``TranslateXRel`` / ``TranslateYRel``: 4.5 % of the side per level."""
+    def matrix(level: float) -> np.ndarray:
+        pixels = (level / 10) * 0.45 * image_size
+        return _affine(1, 0, pixels, 0, 1, 0) if axis == 0 else _affine(1, 0, 0, 0, 1, pixels)
+    return matrix
+
+
+def _warp(data, matrix, fill_value, interp_type):
+    """The geometric ops: PIL's inverse (output -> input) mapping, per-channel fill, any interpolation."""
+    return fn.experimental.warp_perspective(data, matrix=matrix, inverse_map=True, border_mode="constant",
+                                            fill_value=fill_value, interp_type=interp_type)
+
+
 def timm_rand_augment_suite(image_size: int) -> List:
-    """DALI versions of timm's 15 increasing RandAugment ops (``_RAND_INCREASING_TRANSFORMS``),
-    with timm's magnitude ranges on 11 bins (bin = timm level 0..10).
+    """DALI versions of timm's 15 increasing RandAugment ops (``_RAND_INCREASING_TRANSFORMS``, same order).
+
+    Every op takes a bin of ``LEVELS`` (bin = 10 x timm level) and computes its parameter with timm's
+    level function; the signed ops negate the level, as timm's ``_randomly_negate``. Geometric ops
+    follow PIL's ``Image.transform`` geometry; they take ``fill_value`` and ``interp_type`` at the call.
 
     Args:
-        image_size: Side of the (square) images; translations reach 45% of it, as timm's.
+        image_size: Side of the (square) images (rotation centre, translation in pixels).
     """
+    def signed(op, to_param, name):
+        return op.augmentation(mag_range=LEVELS, randomly_negate=True, mag_to_param=to_param, name=name)
+
+    def warp(to_param, name):
+        return augmentation(_warp, mag_range=LEVELS, randomly_negate=True, mag_to_param=to_param, name=name)
+
     return [
         aa.auto_contrast, aa.equalize, aa.invert,
-        aa.rotate.augmentation((0, 30), True),
-        aa.posterize.augmentation((0, 4), False, aa.poster_mask_uint8),
-        aa.solarize.augmentation((256, 0)),
-        aa.solarize_add,
-        aa.color.augmentation((0, 0.9), True, aa.shift_enhance_range),
-        aa.contrast.augmentation((0, 0.9), True, aa.shift_enhance_range),
-        aa.brightness.augmentation((0, 0.9), True, aa.shift_enhance_range),
-        aa.sharpness.augmentation((0, 0.9), True, aa.sharpness_kernel),
-        aa.shear_x.augmentation((0, 0.3), True),
-        aa.shear_y.augmentation((0, 0.3), True),
-        aa.translate_x_no_shape.augmentation((0, 0.45 * image_size), True),
-        aa.translate_y_no_shape.augmentation((0, 0.45 * image_size), True),
+        warp(_rotate_matrix(image_size), "rotate"),
+        aa.posterize.augmentation(mag_range=LEVELS, randomly_negate=False, mag_to_param=_posterize_mask),
+        aa.solarize.augmentation(mag_range=LEVELS, randomly_negate=False, mag_to_param=_solarize_threshold),
+        aa.solarize_add.augmentation(mag_range=LEVELS, randomly_negate=False, mag_to_param=_solarize_add_shift),
+        signed(aa.color, _enhance_factor, "color"),
+        signed(aa.contrast, _enhance_factor, "contrast"),
+        signed(aa.brightness, _enhance_factor, "brightness"),
+        signed(aa.sharpness, _sharpness_kernel, "sharpness"),
+        warp(_shear_matrix(0), "shear_x"),
+        warp(_shear_matrix(1), "shear_y"),
+        warp(_translate_matrix(0, image_size), "translate_x"),
+        warp(_translate_matrix(1, image_size), "translate_y"),
     ]
+
+
+def _magnitude_bins(magnitude: int, magnitude_std: float):
+    """Per-sample bins of ``LEVELS``, each sample with its random sign: timm's ``AugmentOp`` magnitude,
+    ``clip(N(magnitude, magnitude_std), 0, 10)``, uniform in [0, magnitude] for an infinite
+    ``magnitude_std``, the fixed ``magnitude`` for 0."""
+    if magnitude_std == 0:
+        bins = magnitude * BINS_PER_LEVEL
+    else:
+        level = (fn.random.uniform(range=[0.0, float(magnitude)]) if magnitude_std == float("inf") else
+                 dmath.clamp(fn.random.normal(mean=float(magnitude), stddev=magnitude_std), 0.0, 10.0))
+        bins = fn.cast(level * BINS_PER_LEVEL, dtype=types.INT32)  # DALI's cast rounds to the nearest
+    return signed_bin(bins, random_sign=fn.random.uniform(values=[0, 1], dtype=types.INT32))
 
 
 class ShardSource:
@@ -194,20 +297,24 @@ def _crop_graph(encoded, config: CfgNode, decode_device: str):
     scale, ratio = crop_ranges(config)
     return fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
                                          random_area=list(scale), random_aspect_ratio=list(ratio),
-                                         num_attempts=10, jpeg_fancy_upsampling=True)
+                                         num_attempts=10, jpeg_fancy_upsampling=True, adjust_orientation=False)
 
 
 def _augment_graph(images, config: CfgNode):
     """RandAugment / colour jitter on the (S, S, 3) uint8 images, then flip+normalise (float CHW)."""
     size = config.DATA.IMG_SIZE
     if config.AUG.AUTO_AUGMENT:
-        layers, magnitude, _ = parse_rand_augment(config.AUG.AUTO_AUGMENT)
+        layers, magnitude, magnitude_std = parse_rand_augment(config.AUG.AUTO_AUGMENT)
         suite = timm_rand_augment_suite(size)
+        interp_type = INTERPOLATIONS[config.DATA.INTERPOLATION]
         for _ in range(layers):
-            # timm applies each of the `layers` picked ops with probability 0.5.
+            # timm draws each layer's op uniformly (with replacement), applies it with probability 0.5
+            # and draws its magnitude per application.
+            op_index = fn.random.uniform(values=list(range(len(suite))), dtype=types.INT32)
+            magnitude_bin = _magnitude_bins(magnitude, magnitude_std)
             if fn.random.coin_flip(probability=0.5):
-                images = apply_rand_augment(suite, images, n=1, m=magnitude, num_magnitude_bins=11,
-                                            fill_value=128, interp_type=types.INTERP_LINEAR)
+                images = select(suite, op_index, images, magnitude_bin=magnitude_bin,
+                                num_magnitude_bins=MAGNITUDE_BINS, fill_value=FILL_COLOR, interp_type=interp_type)
     elif config.AUG.COLOR_JITTER > 0:
         strength = config.AUG.COLOR_JITTER
         images = fn.color_twist(images, brightness=fn.random.uniform(range=[1 - strength, 1 + strength]),
@@ -249,26 +356,45 @@ class CropResizer:
         self.size = [size, size]
         self.mode = {"bicubic": F.InterpolationMode.BICUBIC, "bilinear": F.InterpolationMode.BILINEAR}[interpolation]
 
-    def _resize(self, crop: np.ndarray) -> np.ndarray:
+    def resize(self, crop: np.ndarray) -> np.ndarray:
+        """(h, w, 3) uint8 crop -> (S, S, 3) uint8, the configured interpolation, antialiased."""
         chw = torch.from_numpy(crop).permute(2, 0, 1)
         resized = F.resize(chw, self.size, interpolation=self.mode, antialias=True)
         return resized.permute(1, 2, 0).contiguous().numpy()  # (S, S, 3) uint8
 
     def __call__(self) -> Tuple[List[np.ndarray], List[np.ndarray]]:
         crops, labels = self.crops.run()
-        images = [self._resize(crops.at(i)) for i in range(len(crops))]
+        images = [self.resize(crops.at(i)) for i in range(len(crops))]
         return images, [np.array(labels.at(i)) for i in range(len(labels))]
 
 
 def _val_graph(encoded, config: CfgNode, decode_device: str):
-    """Decode, resize the shorter side to ``floor(IMG_SIZE / CROP_PCT)``, center crop, normalise."""
+    """timm's eval transform: resize the shorter side to ``floor(IMG_SIZE / CROP_PCT)`` (the longer to
+    ``int(long x scale)``), center crop where torchvision's ``CenterCrop`` puts it, normalise."""
     size = config.DATA.IMG_SIZE
-    images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, jpeg_fancy_upsampling=True)
-    images = fn.resize(images, resize_shorter=int(size / config.TEST.CROP_PCT),
+    scale_size = int(size / config.TEST.CROP_PCT)
+    images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, jpeg_fancy_upsampling=True,
+                               adjust_orientation=False)
+    shape = fn.peek_image_shape(encoded, dtype=types.INT32, adjust_orientation=False)  # (H, W, C)
+    height, width = shape[0], shape[1]
+    portrait = width <= height  # torchvision's Resize: the shorter side gets scale_size
+    new_width = portrait * scale_size + (1 - portrait) * ((scale_size * width) // height)
+    new_height = (1 - portrait) * scale_size + portrait * ((scale_size * height) // width)
+    images = fn.resize(images, resize_x=fn.cast(new_width, dtype=types.FLOAT),
+                       resize_y=fn.cast(new_height, dtype=types.FLOAT),
                        interp_type=INTERPOLATIONS[config.DATA.INTERPOLATION], antialias=True)
     return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", crop=(size, size),
-                                    crop_pos_x=0.5, crop_pos_y=0.5,
+                                    crop_pos_x=_center_crop_position(new_width - size),
+                                    crop_pos_y=_center_crop_position(new_height - size),
                                     mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])
+
+
+def _center_crop_position(margin):
+    """torchvision's ``CenterCrop`` offset ``round(margin / 2)`` (half to even, as Python rounds) as
+    DALI's normalised crop position (``offset / margin``, 0 for no margin)."""
+    half = margin // 2
+    offset = half + (margin % 2) * (half % 2)  # an odd margin's x.5 goes to the even neighbour
+    return fn.cast(offset, dtype=types.FLOAT) / fn.cast(margin + (margin == 0), dtype=types.FLOAT)
 
 
 class DaliLoader:

@@ -114,6 +114,30 @@ def test_throughput_prints_a_table_and_json_last(tiny_yaml: Path, tmp_path: Path
     assert not (tmp_path / "output").exists()  # a benchmark writes no run directory
 
 
+def test_eval_precision_follows_test_amp(tiny_yaml: Path, tmp_path: Path) -> None:
+    """--eval runs in TRAIN.AMP's precision by default and in float32 with TEST.AMP none."""
+    out = str(tmp_path / "out")
+    trained = _main("--cfg", str(tiny_yaml), "--output", out, "--opts", "TRAIN.STOP_AFTER_STEPS", "2", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    checkpoint = str(tmp_path / "out" / "crossformerpp_s" / "default" / "last.pth")
+
+    def evaluate_with(test_amp: str) -> subprocess.CompletedProcess:
+        return _main("--cfg", str(tiny_yaml), "--eval", "--resume", checkpoint, "--output", out,
+                     "--opts", "TRAIN.AMP", "bf16", "TEST.AMP", test_amp, cwd=tmp_path)
+
+    reports = {}
+    for test_amp in ("train", "none"):
+        result = evaluate_with(test_amp)
+        assert result.returncode == 0, result.stderr
+        reports[test_amp] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reports["train"]["amp"] == "bf16" and reports["none"]["amp"] == "none"
+    assert reports["train"]["val_count"] == reports["none"]["val_count"] == 21
+    # The same weights: bf16 rounding moves the loss a little, float32 does not round at all.
+    assert reports["train"]["val_loss"] != reports["none"]["val_loss"]
+    assert abs(reports["train"]["val_loss"] - reports["none"]["val_loss"]) < 0.05
+    failed = evaluate_with("fp16")
+    assert failed.returncode == 1 and "TEST.AMP='fp16' needs a CUDA device" in failed.stderr
+
 
 def test_user_errors_are_one_line_and_debug_shows_the_traceback(
         tiny_yaml: Path, tmp_path: Path, capsys: pytest.CaptureFixture, restore_logging: None) -> None:
