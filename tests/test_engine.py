@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,24 @@ def test_throughput_prints_a_table_and_json_last(tiny_yaml: Path, tmp_path: Path
     assert report["infer_imgs_per_sec"] > 0 and report["train_imgs_per_sec"] > 0
     assert any(line.startswith("train_imgs_per_sec") for line in lines[:-1])  # the table
     assert not (tmp_path / "output").exists()  # a benchmark writes no run directory
+
+
+def test_a_finished_run_says_where_its_outputs_are_and_how_to_evaluate(tiny_yaml: Path, tmp_path: Path) -> None:
+    """The closing lines name existing paths, and the printed command evaluates the best checkpoint."""
+    trained = _main("--cfg", str(tiny_yaml), "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    log = trained.stdout + trained.stderr
+    run_dir = tmp_path / "out" / "crossformerpp_s" / "default"
+    assert f"run directory:   {run_dir}" in log
+    assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in log and any((run_dir / "tensorboard").iterdir())
+    assert f"best checkpoint: {run_dir / 'best.pth'}" in log and (run_dir / "best.pth").is_file()
+    command = shlex.split(log.split("evaluate it:")[1].splitlines()[0])
+    assert command[:2] == ["python", "main.py"]
+    evaluated = subprocess.run([sys.executable, str(REPO_ROOT / "main.py"), *command[2:]], cwd=tmp_path,
+                               env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert evaluated.returncode == 0, evaluated.stderr
+    best = max(json.loads(row)["val_acc1"] for row in (run_dir / "metrics.jsonl").read_text().splitlines())
+    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["val_acc1"] == pytest.approx(best)
 
 
 def test_eval_precision_follows_test_amp(tiny_yaml: Path, tmp_path: Path) -> None:
