@@ -1,9 +1,12 @@
 """``toy`` dataset: procedurally drawn JPEGs in the ImageNet folder layout, generated once and cached.
 
-Each class is a shape (circle, square, triangle, ...). Colour, size, position, rotation,
-background texture, a distractor shape of another class and the JPEG quality vary per image,
-so a model must learn shape rather than colour or position. The content is a pure function of
-the spec (including its seed).
+Each class is a shape (circle, square, triangle, ...). Colour, size, position, rotation, the
+background (flat, gradient or smooth noise), a small distractor shape of another class, blur and
+the JPEG quality vary per image, so only the shape tells the class: colour and position carry no
+label. The shape is lighter than the background in every channel (one contrast polarity, as in
+MNIST-like sets); with the polarity drawn per image a tiny transformer needs several times the
+samples (measured: 40 % against 89 % val top-1 after the same 60,000 samples, see docs/data.md).
+The content is a pure function of the spec (including its seed).
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ Point = Tuple[float, float]
 
 # Probability of a small distractor shape of another class.
 DISTRACTOR_PROB = 0.5
-# Least sum of absolute RGB differences between the class shape and each background colour.
-MIN_CONTRAST = 120
+# Background channels are drawn below this value, shape channels at or above it.
+LIGHT_FROM = 150
 
 
 @dataclass(frozen=True)
@@ -41,15 +44,15 @@ class ToySpec:
         seed: Seed of the generator; the same spec always gives the same files.
     """
 
-    train_per_class: int = 500
+    train_per_class: int = 1500
     val_per_class: int = 100
-    image_size: int = 64
+    image_size: int = 32
     seed: int = 0
 
     @property
     def tag(self) -> str:
         """Cache sub-directory name (changes whenever the content would)."""
-        return (f"v2-n{self.train_per_class}-{self.val_per_class}-s{self.image_size}-seed{self.seed}")
+        return (f"v3-n{self.train_per_class}-{self.val_per_class}-s{self.image_size}-seed{self.seed}")
 
 
 DEFAULT_TOY_SPEC = ToySpec()
@@ -132,31 +135,31 @@ SHAPES: Dict[str, Callable[[float], List[Point]]] = {
 CLASSES: List[str] = list(SHAPES)
 
 
-def _background(rng: random.Random, size: int) -> Tuple[Image.Image, np.ndarray]:
-    """A random background (flat, gradient, stripes, checkerboard or smoothed noise) and its two colours (2, 3)."""
-    c1 = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
-    c2 = np.array([rng.randrange(256) for _ in range(3)], dtype=np.float32)
+def _dark_colour(rng: random.Random) -> np.ndarray:
+    return np.array([rng.randrange(LIGHT_FROM) for _ in range(3)], dtype=np.float32)
+
+
+def _light_colour(rng: random.Random) -> Tuple[int, int, int]:
+    return tuple(rng.randrange(LIGHT_FROM, 256) for _ in range(3))
+
+
+def _background(rng: random.Random, size: int) -> Image.Image:
+    """A random dark background: flat, a linear gradient or smoothed noise between two colours."""
+    c1, c2 = _dark_colour(rng), _dark_colour(rng)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    style = rng.randrange(5)
+    style = rng.randrange(3)
     if style == 0:
         t = np.zeros_like(xx)
     elif style == 1:
         angle = rng.uniform(0, 2 * math.pi)
         t = (xx * math.cos(angle) + yy * math.sin(angle))
         t = (t - t.min()) / (t.max() - t.min() + 1e-6)
-    elif style == 2:
-        period = rng.uniform(0.08, 0.3)
-        angle = rng.uniform(0, math.pi)
-        t = (np.sin(2 * math.pi * (xx * math.cos(angle) + yy * math.sin(angle)) / period) > 0).astype(np.float32)
-    elif style == 3:
-        cells = rng.randint(3, 8)
-        t = ((np.floor(xx * cells) + np.floor(yy * cells)) % 2).astype(np.float32)
     else:
         noise = np.random.default_rng(rng.randrange(2**32)).random((size // 8 + 1, size // 8 + 1))
         t = np.asarray(Image.fromarray((noise * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC),
                        dtype=np.float32) / 255.0
     pixels = c1[None, None] * (1 - t[..., None]) + c2[None, None] * t[..., None]
-    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8)), np.stack([c1, c2])
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
 
 
 def draw_toy_image(label: int, rng: random.Random, size: int) -> Image.Image:
@@ -167,7 +170,7 @@ def draw_toy_image(label: int, rng: random.Random, size: int) -> Image.Image:
         rng: Source of every random choice (seed it for reproducibility).
         size: Image side in pixels.
     """
-    image, background_colours = _background(rng, size)
+    image = _background(rng, size)
     draw = ImageDraw.Draw(image)
     if rng.random() < DISTRACTOR_PROB:
         # A small distractor of another class, so "any shape present" is not the answer; it stays
@@ -175,18 +178,12 @@ def draw_toy_image(label: int, rng: random.Random, size: int) -> Image.Image:
         other = CLASSES[(label + rng.randint(1, len(CLASSES) - 1)) % len(CLASSES)]
         r = size * rng.uniform(0.07, 0.11)
         _draw_shape(draw, other, (rng.uniform(r, size - r), rng.uniform(r, size - r)), r,
-                    rng.uniform(0, 2 * math.pi), tuple(rng.randrange(256) for _ in range(3)))
+                    rng.uniform(0, 2 * math.pi), _light_colour(rng))
     radius = size * rng.uniform(0.24, 0.4)
     center = (rng.uniform(radius, size - radius), rng.uniform(radius, size - radius))
-    # Any colour, but one that stands out from both background colours (sum of channel differences
-    # >= MIN_CONTRAST): a shape invisible against its background would be label noise.
-    for _ in range(100):
-        fill = tuple(rng.randrange(256) for _ in range(3))
-        if np.abs(background_colours - np.array(fill, np.float32)).sum(1).min() >= MIN_CONTRAST:
-            break
-    _draw_shape(draw, CLASSES[label], center, radius, rng.uniform(0, 2 * math.pi), fill)
+    _draw_shape(draw, CLASSES[label], center, radius, rng.uniform(0, 2 * math.pi), _light_colour(rng))
     if rng.random() < 0.3:
-        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.2)))
+        image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
     return image
 
 
