@@ -5,7 +5,8 @@ Example (this machine's CPU, 2 threads)::
     python benchmarks/benchmark_model.py --model crossformerpp_s crossformerpp_b --batch-size 16 \
         --precision fp32 bf16 --impl fast reference --threads 2 --json benchmark.json
 
-``reference`` is the official formulation (pad then project every token, explicit
+``reference`` is the official formulation (``models/reference.py``, selected by
+``model.set_reference_attention``: pad then project every token, explicit
 softmax(QK^T*scale + bias) V materialising each attention matrix, position-bias MLP re-run in
 every block on every forward); ``fast`` is ours (SDPA with one additive bias in the query dtype,
 grouping of the C-wide tokens with q/k/v as strided views, bias cached in eval mode, fc1+GELU as

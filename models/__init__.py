@@ -1,5 +1,6 @@
 """CrossFormer / CrossFormer++ models. Importing this package registers them with timm too."""
-from .crossformer import CrossFormer, check_input_size
+from .crossformer import CrossFormer, check_input_size, checkpoint_filter_fn
+from .flops import count_macs
 from .registry import create_model, list_models
 
-__all__ = ["CrossFormer", "check_input_size", "create_model", "list_models"]
+__all__ = ["CrossFormer", "check_input_size", "checkpoint_filter_fn", "count_macs", "create_model", "list_models"]

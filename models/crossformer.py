@@ -16,22 +16,31 @@ Parameter names and shapes equal the official release, so its checkpoints load w
 size), so one instance runs at any ``H, W`` that are multiples of 32.
 
 Attention uses ``F.scaled_dot_product_attention`` with the position bias and padding mask
-merged into one additive bias in the query dtype; ``Attention.reference_attention`` keeps
-the plain explicit formulation for tests.
+merged into one additive bias in the query dtype. Alternatives live in their own modules,
+chosen by ``CrossFormer.set_reference_attention``: the official formulation in
+:mod:`models.reference`, the oneDNN CPU inference kernels in :mod:`models.cpu_kernels`; MAC
+counting is :mod:`models.flops`. The variants at the end of the file are registered with timm
+through ``build_model_with_cfg`` (``pretrained_cfg``, ``features_only``, ``checkpoint_filter_fn``).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
+from timm.layers import Mlp as TimmMlp
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .cpu_kernels import linear_gelu, linear_residual
+from .reference import explicit_attention, official_attention
 
 _logger = logging.getLogger(__name__)
 
@@ -85,6 +94,45 @@ def relative_offsets(group_h: int, group_w: int, device: torch.device, dtype: to
     return torch.stack(torch.meshgrid(dh, dw, indexing="ij")).flatten(1).t().to(dtype)
 
 
+class Grouping(NamedTuple):
+    """How a block groups a map: group side ``G``, sampling interval ``I``, bottom / right padding."""
+
+    group: int
+    interval: int
+    pad_h: int
+    pad_w: int
+
+
+def group_tokens(x: torch.Tensor, group: int, interval: int) -> torch.Tensor:
+    """Split a padded map into groups of ``group x group`` tokens.
+
+    Token ``(r*G*I + g*I + i)`` along each axis belongs to group ``(r, i)`` at position ``g``:
+    ``interval=1`` gives adjacent windows (SDA), ``interval=I`` tokens ``I`` apart (LDA).
+
+    Args:
+        x: ``(B, Hp, Wp, C)`` with ``Hp, Wp`` multiples of ``group * interval``.
+        group: group side ``G``.
+        interval: sampling interval ``I``.
+
+    Returns:
+        ``(B, nG, G*G, C)`` with groups ordered (region row, region col, i_h, i_w).
+    """
+    batch, height, width, channels = x.shape
+    rows, cols = height // (group * interval), width // (group * interval)
+    x = x.view(batch, rows, group, interval, cols, group, interval, channels)
+    x = x.permute(0, 1, 4, 3, 6, 2, 5, 7)  # (B, Rh, Rw, I, I, G, G, C)
+    return x.reshape(batch, rows * cols * interval * interval, group * group, channels)
+
+
+def ungroup_tokens(x: torch.Tensor, group: int, interval: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`group_tokens`: ``(B, nG, G*G, C)`` -> ``(B, Hp, Wp, C)``."""
+    batch, channels = x.shape[0], x.shape[-1]
+    rows, cols = height // (group * interval), width // (group * interval)
+    x = x.view(batch, rows, cols, interval, interval, group, group, channels)
+    x = x.permute(0, 1, 5, 3, 2, 6, 4, 7)  # (B, Rh, G, I, Rw, G, I, C)
+    return x.reshape(batch, height, width, channels)
+
+
 def sdpa_backends(device: torch.device, bias_requires_grad: bool) -> Optional[List[SDPBackend]]:
     """SDPA backends to allow for an additive bias, or None to let PyTorch choose.
 
@@ -96,92 +144,6 @@ def sdpa_backends(device: torch.device, bias_requires_grad: bool) -> Optional[Li
     if device.type == "cuda" and bias_requires_grad:
         return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return None
-
-
-def onednn_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
-    """Compute dtype for :func:`linear_gelu`'s one-call oneDNN path on ``x``, or None if it does not apply.
-
-    It applies on CPU without autograd (inference and no_grad evaluation, not under
-    torch.compile, which fuses on its own) in float32, or in bfloat16 where oneDNN supports it;
-    under CPU autocast the compute dtype is autocast's.
-    """
-    if (x.device.type != "cpu" or torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or not torch.backends.mkldnn.is_available()):
-        return None
-    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-    if dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-        return dtype
-    return None
-
-
-def linear_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """``GELU(linear(x))`` (exact, erf form), in one oneDNN call where :func:`onednn_dtype` allows.
-
-    The GEMM writes its output once with bias and GELU applied in its epilogue, instead of
-    addmm copying the bias into the output, the GEMM, and a separate GELU pass.
-
-    Args:
-        x: ``(..., in_features)``.
-        linear: the layer (its weight and bias are cast like autocast would).
-
-    Returns:
-        ``(..., out_features)``.
-    """
-    dtype = onednn_dtype(x)
-    if dtype is None:
-        return F.gelu(linear(x))
-    bias = linear.bias.to(dtype) if linear.bias is not None else None
-    return torch.ops.mkldnn._linear_pointwise(x.to(dtype), linear.weight.to(dtype), bias, "gelu", [], "none")
-
-
-def _register_flop_formulas() -> None:
-    """Let ``FlopCounterMode`` (and so :meth:`CrossFormer.macs`) count the kernels that the fast
-    path calls and torch 2.14 has no formula for: the fused oneDNN linear of :func:`linear_gelu`
-    (a linear layer), the in-place ``addmm_`` of :func:`linear_residual` and SDPA's CPU flash
-    kernel (two batched matmuls)."""
-    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
-
-    if torch.ops.aten.addmm_ not in flop_registry:
-        @register_flop_formula(torch.ops.aten.addmm_)
-        def addmm_inplace_flops(self_shape: torch.Size, a_shape: torch.Size, b_shape: torch.Size, *args: object,
-                                **kwargs: object) -> int:
-            return 2 * a_shape[0] * a_shape[1] * b_shape[1]
-
-    linear_pointwise = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if linear_pointwise is not None and linear_pointwise not in flop_registry:
-        @register_flop_formula(linear_pointwise)
-        def linear_pointwise_flops(x_shape: torch.Size, w_shape: torch.Size, *args: object, **kwargs: object) -> int:
-            return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * w_shape[0]
-
-    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if cpu_flash is not None and cpu_flash not in flop_registry:
-        @register_flop_formula(cpu_flash)
-        def cpu_flash_flops(q_shape: torch.Size, k_shape: torch.Size, v_shape: torch.Size, *args: object,
-                            **kwargs: object) -> int:
-            return sdpa_flop_count(q_shape, k_shape, v_shape)
-
-
-_register_flop_formulas()
-
-
-def linear_residual(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
-    """``residual + linear(x)``, with the GEMM accumulating onto ``residual + bias``.
-
-    One pass over the output fewer than addmm's copy of the bias followed by a separate add
-    (15-25 % of the layer's time on this CPU for the MLP's fc2). Under autocast, or with mixed
-    dtypes, it is the plain sum.
-
-    Args:
-        x: ``(..., in_features)``, contiguous.
-        linear: the layer.
-        residual: ``(..., out_features)``.
-    """
-    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
-    if autocast or linear.bias is None or not x.dtype == residual.dtype == linear.weight.dtype:
-        return residual + linear(x)
-    out = (residual + linear.bias).contiguous()  # a new (..., out_features) tensor
-    out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), linear.weight.t())
-    return out
 
 
 class DynamicPosBias(nn.Module):
@@ -205,11 +167,16 @@ class DynamicPosBias(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention inside groups, with a dynamic position bias.
+    """Multi-head self-attention inside LSDA groups, with a dynamic position bias.
+
+    ``forward`` owns the whole computation: padding, grouping, q/k/v projection, attention,
+    output projection, ungrouping and cropping. ``reference`` selects the official formulation
+    (:mod:`models.reference`); it is set through ``CrossFormer.set_reference_attention``.
 
     Attributes:
         explicit_cpu_training: on CPU with autograd, use the explicit form instead of SDPA
-            (faster there, see :meth:`forward`); tests switch it off to check SDPA's gradients.
+            (faster there, see :meth:`fast_attention`); tests switch it off to check SDPA's gradients.
+        reference: run the official formulation and recompute the position bias every forward.
 
     Args:
         dim: token width.
@@ -235,9 +202,8 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        # Eval-mode cache of the position bias: key -> (nH, N, N) tensor. The reference
-        # (official) formulation turns it off and recomputes the DPB MLP on every forward.
-        self.cache_bias = True
+        self.reference = False
+        # Eval-mode cache of the position bias: key -> (nH, N, N) tensor (not in reference mode).
         self._bias_cache: Dict[tuple, torch.Tensor] = {}
 
     def clear_cache(self) -> None:
@@ -251,11 +217,11 @@ class Attention(nn.Module):
     def position_bias(self, group_h: int, group_w: int, device: torch.device) -> torch.Tensor:
         """Position bias of a ``Gh x Gw`` group, float32, ``(nH, N, N)``.
 
-        Computed once per call; in eval mode without autograd it is cached until the DPB
-        weights change.
+        Computed once per call; in eval mode without autograd (and outside reference mode) it
+        is cached until the DPB weights change.
         """
         use_cache = (
-            self.cache_bias and not self.training and not torch.is_grad_enabled()
+            not self.reference and not self.training and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
         )
         key = (group_h, group_w, device, self._weights_version())
@@ -268,40 +234,64 @@ class Attention(nn.Module):
             self._bias_cache = {key: bias}
         return bias
 
-    def forward(self, qkv: torch.Tensor, bias: torch.Tensor, reference: bool = False) -> torch.Tensor:
-        """Attention over grouped, already projected tokens.
+    def forward(self, x: torch.Tensor, grouping: Grouping, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Grouped self-attention with output projection, ``(B, H, W, C)`` -> ``(B, H, W, C)``.
+
+        Args:
+            x: normalised tokens, ``(B, H, W, C)``.
+            grouping: how the map is grouped and padded (``CrossFormerBlock.grouping``).
+            mask: additive key mask of padded tokens, ``(nG, 1, 1, N)``, or None without padding.
+
+        Returns:
+            ``(B, H, W, C)``; on the fast path a strided view (ungrouped, cropped) that the
+            residual add reads in place.
+        """
+        batch, height, width, channels = x.shape
+        group, interval, pad_h, pad_w = grouping
+        padded_h, padded_w = height + pad_h, width + pad_w
+        bias = self.position_bias(group, group, x.device)  # (nH, N, N)
+        if mask is not None:
+            bias = bias + mask  # (nG, nH, N, N)
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
+        if self.reference:
+            # The official sequence: project every token, group the projections, split heads,
+            # attend, merge heads, ungroup, project, crop; each step a contiguous copy.
+            qkv = group_tokens(self.qkv(x), group, interval).contiguous()  # (B, nG, N, 3C)
+            out = official_attention(qkv, bias, self.num_heads, self.scale, self.attn_drop, self.training)
+            out = self.proj(ungroup_tokens(out, group, interval, padded_h, padded_w).contiguous())
+        else:
+            # Group the C-wide tokens rather than the 3C-wide projections: one copy of C in (none
+            # for a map that is a single group), q, k, v as strided views of the projection, heads
+            # merged for free from the kernel's output layout, one copy of C out (again none for
+            # a single group). The crop is a view that the residual add reads.
+            out = self.fast_attention(self.qkv(group_tokens(x, group, interval)), bias)  # (B, nG, N, C)
+            out = ungroup_tokens(self.proj(out), group, interval, padded_h, padded_w)  # (B, Hp, Wp, C)
+        return self.proj_drop(out[:, :height, :width])
+
+    def fast_attention(self, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Attention over grouped, already projected tokens: SDPA with one additive bias.
 
         Args:
             qkv: ``(B, nG, N, 3*C)``, channels ordered (q/k/v, head, head_dim).
             bias: additive bias, ``(nH, N, N)`` (shared by all groups) or ``(nG, nH, N, N)``.
-            reference: the plain explicit formulation (contiguous q, k, v; softmax of
-                QK^T*scale + bias, then V).
 
         Returns:
             ``(B, nG, N, C)``.
         """
         batch, num_groups, tokens, _ = qkv.shape
         heads, head_dim = self.num_heads, self.head_dim
-        channels = heads * head_dim
         # Strided views, no copy: (3, B, nG, nH, N, d).
-        qkv = qkv.view(batch, num_groups, tokens, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5)
-        if reference:
-            qkv = qkv.contiguous()
-        q, k, v = qkv.unbind(0)  # (B, nG, nH, N, d)
+        q, k, v = qkv.view(batch, num_groups, tokens, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
+        bias = bias.to(q.dtype)
         # On CPU, SDPA's backward with a bias that needs gradients is no faster than the
         # explicit form in float32 and about 2x slower in bf16 (benchmarks/, torch 2.14), so
         # CPU training uses the explicit form; CUDA always takes SDPA (memory-efficient kernel).
-        explicit = reference or (self.explicit_cpu_training and q.device.type == "cpu"
-                                 and torch.is_grad_enabled() and bias.requires_grad)
-        if explicit:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, nG, nH, N, N)
-            attn = (attn + (bias if reference else bias.to(q.dtype))).softmax(dim=-1)
-            attn = F.dropout(attn, self.attn_drop, self.training)
-            return (attn @ v).transpose(2, 3).reshape(batch, num_groups, tokens, channels)
+        if self.explicit_cpu_training and q.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad:
+            return explicit_attention(q, k, v, bias, self.scale, self.attn_drop, self.training)
         # SDPA's fused kernels take 4-D inputs (5-D falls back to the materialising math path):
         # fold groups into the batch. q, k, v stay strided views of qkv.
         shape = (batch * num_groups, heads, tokens, head_dim)
-        bias = bias.to(q.dtype)
         if bias.dim() == 3:
             mask = bias.unsqueeze(0)  # (1, nH, N, N), broadcast over batch and groups
         else:
@@ -313,7 +303,30 @@ class Attention(nn.Module):
                 q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=mask,
                 dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale,
             )  # (B*nG, nH, N, d); the CPU and CUDA kernels lay it out as (B*nG, N, nH, d)
-        return out.transpose(1, 2).reshape(batch, num_groups, tokens, channels)
+        return out.transpose(1, 2).reshape(batch, num_groups, tokens, heads * head_dim)
+
+
+class Mlp(TimmMlp):
+    """timm's ``Mlp`` (fc1, GELU, fc2) with a residual entry point for inference kernels.
+
+    Attributes:
+        reference: keep timm's plain forward everywhere (the official formulation).
+    """
+
+    reference = False
+
+    def forward_residual(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(x)``; in eval mode outside reference mode, through the oneDNN kernels
+        of :mod:`models.cpu_kernels` where they apply (fc1+GELU in one call, fc2 accumulating onto
+        the residual; eval has no dropout and this MLP no norm, so nothing is skipped).
+
+        Args:
+            x: ``(..., in_features)``.
+            residual: ``(..., out_features)``.
+        """
+        if self.training or self.reference:
+            return residual + self(x)
+        return linear_residual(linear_gelu(x, self.fc1), self.fc2, residual)
 
 
 class CrossFormerBlock(nn.Module):
@@ -351,11 +364,10 @@ class CrossFormerBlock(nn.Module):
         if use_acl:
             self.ex_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
             self.ex_ln = nn.LayerNorm(dim)
-        # Padding masks, cached per (H, W, device): see grouping().
+        # Padding masks, cached per (H, W, device): see padding_mask().
         self._mask_cache: Dict[tuple, Optional[torch.Tensor]] = {}
-        self.reference_attention = False
 
-    def grouping(self, height: int, width: int) -> Tuple[int, int, int, int]:
+    def grouping(self, height: int, width: int) -> Grouping:
         """How an ``height x width`` map is grouped.
 
         SDA groups are adjacent ``G x G`` windows. LDA groups are ``G x G`` tokens sampled with
@@ -371,7 +383,7 @@ class CrossFormerBlock(nn.Module):
         else:
             group, interval = self.group_size, (self.interval if self.long_distance else 1)
         unit = group * interval
-        return group, interval, (-height) % unit, (-width) % unit
+        return Grouping(group, interval, (-height) % unit, (-width) % unit)
 
     def padding_mask(self, height: int, width: int, device: torch.device) -> Optional[torch.Tensor]:
         """Additive key mask of padded tokens per group (cached per size), or None without padding.
@@ -392,79 +404,19 @@ class CrossFormerBlock(nn.Module):
             self._mask_cache[key] = mask
         return self._mask_cache[key]
 
-    def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Grouped self-attention with output projection, ``(B, H, W, C)`` -> ``(B, H, W, C)``.
-
-        The result may be a strided view (ungrouped, cropped); the residual add reads it
-        in place.
-        """
-        batch, height, width, channels = x.shape
-        group, interval, pad_h, pad_w = self.grouping(height, width)
-        padded_h, padded_w = height + pad_h, width + pad_w
-        bias = self.attn.position_bias(group, group, x.device)  # (nH, N, N)
-        mask = self.padding_mask(height, width, x.device)
-        if mask is not None:
-            bias = bias + mask  # (nG, nH, N, N)
-        if pad_h or pad_w:
-            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
-        if self.reference_attention:
-            # The official sequence: pad, project every token, group the projections, split
-            # heads, attend, merge heads, ungroup, project, crop; each step a contiguous copy.
-            qkv = group_tokens(self.attn.qkv(x), group, interval).contiguous()  # (B, nG, N, 3C)
-            out = self.attn(qkv, bias, reference=True)  # (B, nG, N, C)
-            out = ungroup_tokens(out, group, interval, padded_h, padded_w).contiguous()  # (B, Hp, Wp, C)
-            return self.attn.proj_drop(self.attn.proj(out)[:, :height, :width])
-        # Group the C-wide tokens rather than the 3C-wide projections: one copy of C in (none
-        # for a map that is a single group), q, k, v as strided views of the projection, heads
-        # merged for free from the kernel's output layout, one copy of C out (again none for a
-        # single group). The crop is a view that the residual add reads.
-        out = self.attn(self.attn.qkv(group_tokens(x, group, interval)), bias)  # (B, nG, N, C)
-        out = ungroup_tokens(self.attn.proj(out), group, interval, padded_h, padded_w)  # (B, Hp, Wp, C)
-        return self.attn.proj_drop(out[:, :height, :width])
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` -> ``(B, H, W, C)``."""
-        x = x + self.drop_path(self.attention(self.norm1(x)))
-        if self.training or self.reference_attention:
+        height, width = x.shape[1], x.shape[2]
+        attended = self.attn(self.norm1(x), self.grouping(height, width), self.padding_mask(height, width, x.device))
+        x = x + self.drop_path(attended)
+        if self.training:
             x = x + self.drop_path(self.mlp(self.norm2(x)))
         else:
-            # Eval: no dropout or stochastic depth, and timm's Mlp here is fc1, GELU, (Identity
-            # norm), fc2: fc1+GELU in one call, fc2 accumulating onto the residual.
-            x = linear_residual(linear_gelu(self.norm2(x), self.mlp.fc1), self.mlp.fc2, x)
+            x = self.mlp.forward_residual(self.norm2(x), x)  # no stochastic depth in eval
         if self.use_acl:
             # Amplitude cooling: no residual, the LayerNorm resets the amplitude.
             x = self.ex_ln(self.ex_conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
         return x
-
-
-def group_tokens(x: torch.Tensor, group: int, interval: int) -> torch.Tensor:
-    """Split a padded map into groups of ``group x group`` tokens.
-
-    Token ``(r*G*I + g*I + i)`` along each axis belongs to group ``(r, i)`` at position ``g``:
-    ``interval=1`` gives adjacent windows (SDA), ``interval=I`` tokens ``I`` apart (LDA).
-
-    Args:
-        x: ``(B, Hp, Wp, C)`` with ``Hp, Wp`` multiples of ``group * interval``.
-        group: group side ``G``.
-        interval: sampling interval ``I``.
-
-    Returns:
-        ``(B, nG, G*G, C)`` with groups ordered (region row, region col, i_h, i_w).
-    """
-    batch, height, width, channels = x.shape
-    rows, cols = height // (group * interval), width // (group * interval)
-    x = x.view(batch, rows, group, interval, cols, group, interval, channels)
-    x = x.permute(0, 1, 4, 3, 6, 2, 5, 7)  # (B, Rh, Rw, I, I, G, G, C)
-    return x.reshape(batch, rows * cols * interval * interval, group * group, channels)
-
-
-def ungroup_tokens(x: torch.Tensor, group: int, interval: int, height: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`group_tokens`: ``(B, nG, G*G, C)`` -> ``(B, Hp, Wp, C)``."""
-    batch, channels = x.shape[0], x.shape[-1]
-    rows, cols = height // (group * interval), width // (group * interval)
-    x = x.view(batch, rows, cols, interval, interval, group, group, channels)
-    x = x.permute(0, 1, 5, 3, 2, 6, 4, 7)  # (B, Rh, G, I, Rw, G, I, C)
-    return x.reshape(batch, height, width, channels)
 
 
 def cross_scale_split(out_dim: int, num_kernels: int) -> List[int]:
@@ -621,10 +573,14 @@ class CrossFormer(nn.Module):
                 drop_rate, attn_drop_rate, rates[start:start + depth],
                 merge_size[i] if i < num_stages - 1 else None, use_acl,
             ))
+        # Stage outputs for timm's features_only / forward_intermediates: stride 4, 8, 16, 32.
+        self.feature_info = [dict(num_chs=dim, reduction=4 * 2 ** i, module=f"layers.{i}")
+                             for i, dim in enumerate(self.stage_dims)]
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(_init_weights)
         self.set_grad_checkpointing(use_checkpoint)
+        self._reference_attention = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each stage's activations in backward to save memory."""
@@ -634,27 +590,102 @@ class CrossFormer(nn.Module):
     def set_reference_attention(self, enable: bool = True) -> None:
         """Switch every block to the plain reference formulation, the official one.
 
-        Reference: pad the tokens, project them, explicit softmax(QK^T*scale + bias) V, output
-        projection of every token before cropping, and the position bias recomputed on every
-        forward. Fast (default): SDPA with one additive bias in the query dtype, the C-wide
-        tokens grouped once with q, k, v as strided views, position bias cached in eval mode,
-        fc1 and GELU in one oneDNN call in CPU inference.
+        Reference (:mod:`models.reference`): pad the tokens, project them, explicit
+        softmax(QK^T*scale + bias) V, output projection of every token before cropping, timm's
+        plain MLP, and the position bias recomputed on every forward. Fast (default): SDPA with
+        one additive bias in the query dtype, the C-wide tokens grouped once with q, k, v as
+        strided views, position bias cached in eval mode, and in eval the MLP through the
+        kernels of :mod:`models.cpu_kernels` where they apply.
+
+        Args:
+            enable: True for the reference formulation, False for the fast path.
         """
+        self._reference_attention = enable
         for module in self.modules():
-            if isinstance(module, CrossFormerBlock):
-                module.reference_attention = enable
-                module.attn.cache_bias = not enable
+            if isinstance(module, (Attention, Mlp)):
+                module.reference = enable
+
+    @property
+    def reference_attention(self) -> bool:
+        """Whether :meth:`set_reference_attention` selected the reference formulation."""
+        return self._reference_attention
+
+    def clear_caches(self) -> None:
+        """Drop every block's cached eval-mode position bias (recomputed on the next forward)."""
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.clear_cache()
 
     def no_weight_decay(self) -> Set[str]:
         """Names of parameters that take no weight decay: norms, biases and other 1-D tensors."""
         return {name for name, param in self.named_parameters() if param.ndim <= 1 or name.endswith(".bias")}
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head (freshly initialised) for ``num_classes`` (0 = Identity)."""
+        """Replace the head (freshly initialised) for ``num_classes`` (0 = Identity).
+
+        Args:
+            num_classes: classes of the new head.
+        """
         self.num_classes = num_classes
-        device = self.norm.weight.device
+        device = self.norm.weight.device if isinstance(self.norm, nn.LayerNorm) else None
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
         self.head.apply(_init_weights)
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+        stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (before patch merging) as timm's feature API expects them.
+
+        Args:
+            x: ``(B, 3, H, W)``, ``H, W`` multiples of 32.
+            indices: stages to return: the last ``n`` if an int, all if None, else their indices.
+            norm: apply the final norm to the last stage's output.
+            stop_early: skip the stages after the last requested one.
+            output_fmt: ``"NCHW"`` (``(B, C_i, H / 2^(i+2), W / 2^(i+2))``) or ``"NHWC"``.
+            intermediates_only: return only the intermediates.
+
+        Returns:
+            The intermediates, or ``(final, intermediates)`` where ``final`` is the normalised
+            last map ``(B, H/32, W/32, C)`` for :meth:`forward_head`.
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt {output_fmt!r} is not supported; use 'NCHW' or 'NHWC'")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        check_input_size(x.shape[-2], x.shape[-1])
+        x = self.pos_drop(self.patch_embed(x))  # (B, H/4, W/4, C)
+        stages = self.layers[:max_index + 1] if stop_early else self.layers
+        intermediates = []
+        for i, stage in enumerate(stages):
+            out, x = stage(x)  # stage output, next stage input
+            if i in take_indices:
+                out = self.norm(out) if norm and i == len(self.layers) - 1 else out
+                intermediates.append(out.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else out)
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(
+        self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages, norm and head that the requested intermediates do not need.
+
+        Args:
+            indices: as in :meth:`forward_intermediates`.
+            prune_norm: replace the final norm by Identity.
+            prune_head: replace the head by Identity.
+
+        Returns:
+            The absolute stage indices kept for :meth:`forward_intermediates`.
+        """
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        self.layers = self.layers[:max_index + 1]
+        self.layers[-1].downsample = None  # its output would feed a pruned stage
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take_indices
 
     def forward_stages(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Feature maps of all stages for dense prediction.
@@ -665,62 +696,35 @@ class CrossFormer(nn.Module):
         Returns:
             One ``(B, C_i, H / 2^(i+2), W / 2^(i+2))`` tensor per stage (before patch merging).
         """
-        return [out.permute(0, 3, 1, 2) for out in self._stages(x)[0]]
-
-    def _stages(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        check_input_size(x.shape[-2], x.shape[-1])
-        x = self.pos_drop(self.patch_embed(x))  # (B, H/4, W/4, C)
-        outs = []
-        for stage in self.layers:
-            out, x = stage(x)
-            outs.append(out)
-        return outs, x
+        return self.forward_intermediates(x, intermediates_only=True)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> pooled features ``(B, num_features)``."""
-        x = self._stages(x)[1]
-        return self.norm(x).mean(dim=(1, 2))
+        check_input_size(x.shape[-2], x.shape[-1])
+        x = self.pos_drop(self.patch_embed(x))  # (B, H/4, W/4, C)
+        for stage in self.layers:
+            x = stage(x)[1]
+        return self.forward_head(self.norm(x), pre_logits=True)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Average pooling and the classifier.
+
+        Args:
+            x: normalised last map ``(B, H, W, C)``.
+            pre_logits: return the pooled features ``(B, C)`` without the head.
+        """
+        x = x.mean(dim=(1, 2))  # (B, C)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> logits ``(B, num_classes)`` (features if ``num_classes == 0``)."""
         return self.head(self.forward_features(x))
 
-    @torch.no_grad()
-    def macs(self, img_size: int | Tuple[int, int] = 224, reference: bool = True) -> int:
-        """Multiply-accumulates of one forward pass of one image.
+    def macs(self, img_size: Union[int, Tuple[int, int]] = 224, reference: bool = True) -> int:
+        """Multiply-accumulates of one forward pass of one image: :func:`models.flops.count_macs`."""
+        from .flops import count_macs  # flops imports this module
 
-        Counted with ``torch.utils.flop_counter.FlopCounterMode`` (its FLOP total / 2):
-        convolutions, linear layers, attention matmuls and the position-bias MLP of every
-        block. With ``reference=True`` (default) the count runs the plain reference
-        formulation, which is the official one, so the numbers compare with the papers' and
-        the model zoo's. ``reference=False`` counts the fast path; the two do the same
-        multiply-accumulates (both project padding tokens, see :meth:`CrossFormerBlock.attention`).
-
-        Args:
-            img_size: ``H`` (square) or ``(H, W)``.
-            reference: count the reference formulation instead of the fast path.
-        """
-        from torch.utils.flop_counter import FlopCounterMode
-
-        height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
-        param = next(self.parameters())
-        x = torch.zeros(1, 3, height, width, device=param.device, dtype=param.dtype)
-        was_training = self.training
-        blocks = [m for m in self.modules() if isinstance(m, CrossFormerBlock)]
-        saved = [block.reference_attention for block in blocks]
-        # Eval mode (no randomness) with empty caches: every block's DPB MLP is counted once.
-        self.eval()
-        self.set_reference_attention(reference)
-        for block in blocks:
-            block.attn.clear_cache()
-        try:
-            with FlopCounterMode(display=False) as counter:
-                self(x)
-        finally:
-            self.train(was_training)
-            for block, flag in zip(blocks, saved):
-                block.reference_attention = flag
-        return counter.get_total_flops() // 2
+        return count_macs(self, img_size, reference)
 
 
 def _init_weights(module: nn.Module) -> None:
@@ -731,3 +735,145 @@ def _init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: CrossFormer) -> Dict[str, torch.Tensor]:
+    """Weights of an official, foreign or own checkpoint in this model's key format.
+
+    Accepts a checkpoint dict with the weights under ``model`` (the official release and this
+    framework) or ``state_dict``, or a bare state dict; strips DDP's ``module.`` prefix; leaves out
+    a classifier head whose shape differs from the model's (another number of classes), so the
+    model keeps its own. Other mismatches are left for ``load_state_dict`` to report. timm's
+    builder and ``utils.checkpoint.load_pretrained`` both call it.
+
+    Args:
+        state_dict: the loaded checkpoint.
+        model: the model the weights are for.
+
+    Returns:
+        A state dict with the model's key names.
+    """
+    if isinstance(state_dict.get("model"), dict):
+        weights = state_dict["model"]
+    elif isinstance(state_dict.get("state_dict"), dict):
+        weights = state_dict["state_dict"]
+    elif all(isinstance(value, torch.Tensor) for value in state_dict.values()):
+        weights = state_dict
+    else:
+        raise ValueError("the checkpoint holds no weights under 'model' or 'state_dict' and is not a state dict; "
+                         "pass a checkpoint of this framework or an official CrossFormer release")
+    weights = {key.removeprefix("module."): value for key, value in weights.items()}
+    own = model.state_dict()
+    for key in [k for k in weights if k.startswith("head.") and k in own]:
+        if weights[key].shape != own[key].shape:
+            _logger.info("checkpoint %s has shape %s, the model %s: the head keeps its initialisation", key,
+                         tuple(weights[key].shape), tuple(own[key].shape))
+            del weights[key]
+    return weights
+
+
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    """Pretrained config of a variant: the official evaluation (224, crop 0.875, bicubic, ImageNet mean / std)."""
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "classifier": "head", "license": "mit",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "crossformer_t": _cfg(),
+    "crossformer_s": _cfg(),
+    "crossformer_b": _cfg(),
+    "crossformer_l": _cfg(),
+    "crossformerpp_s": _cfg(),
+    "crossformerpp_b": _cfg(),
+    "crossformerpp_l": _cfg(),
+    "crossformerpp_h": _cfg(),
+})
+
+# Where timm's builder can find weights in a pretrained config; none of the variants has one.
+_WEIGHT_SOURCES = ("file", "url", "hf_hub_id", "state_dict")
+
+
+def _create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """Build a variant through timm's builder (``pretrained_cfg``, ``features_only``, checkpoint filter).
+
+    Args:
+        variant: registered name.
+        pretrained: load weights from a file given as ``pretrained_cfg_overlay=dict(file=PATH)``.
+        **kwargs: constructor arguments and timm's builder arguments.
+    """
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if pretrained and not any(overlay.get(source) for source in _WEIGHT_SOURCES):
+        raise ValueError(
+            f"pretrained=True for {variant} needs a local file: weights are never downloaded; pass "
+            "pretrained_cfg_overlay=dict(file=PATH) with a released checkpoint, or create the model and load "
+            "one with utils.checkpoint.load_pretrained (--pretrained in main.py)"
+        )
+    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 18, 2))))))
+    return build_model_with_cfg(
+        CrossFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs,
+    )
+
+
+_CROSSFORMER = dict(group_size=(7, 7, 7, 7), crs_interval=(8, 4, 2, 1), use_acl=False)
+_CROSSFORMERPP = dict(group_size=(4, 4, 14, 7), crs_interval=(4, 2, 1, 1), use_acl=True)
+
+
+@register_model
+def crossformer_t(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer-T: 27.8M params, 2.9 GMACs at 224."""
+    model_args = dict(embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16), drop_path_rate=0.1, **_CROSSFORMER)
+    return _create_crossformer("crossformer_t", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def crossformer_s(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer-S: 30.7M params, 4.9 GMACs at 224."""
+    model_args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2, **_CROSSFORMER)
+    return _create_crossformer("crossformer_s", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def crossformer_b(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer-B: 52.0M params, 9.2 GMACs at 224."""
+    model_args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3, **_CROSSFORMER)
+    return _create_crossformer("crossformer_b", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def crossformer_l(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer-L: 92.0M params, 16.1 GMACs at 224."""
+    model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_CROSSFORMER)
+    return _create_crossformer("crossformer_l", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def crossformerpp_s(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer++-S: 23.3M params, 4.4 GMACs at 224."""
+    model_args = dict(embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.2, **_CROSSFORMERPP)
+    return _create_crossformer("crossformerpp_s", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def crossformerpp_b(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer++-B: 52.0M params, 9.6 GMACs at 224."""
+    model_args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3, **_CROSSFORMERPP)
+    return _create_crossformer("crossformerpp_b", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def crossformerpp_l(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer++-L: 92.0M params, 16.7 GMACs at 224."""
+    model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_CROSSFORMERPP)
+    return _create_crossformer("crossformerpp_l", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def crossformerpp_h(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+    """CrossFormer++-H: 96.0M params, 22.0 GMACs at 224."""
+    model_args = dict(embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_CROSSFORMERPP)
+    return _create_crossformer("crossformerpp_h", pretrained, **dict(model_args, **kwargs))

@@ -10,7 +10,8 @@ import torch
 
 import models
 from models import CrossFormer, create_model, list_models
-from models.crossformer import Attention, linear_gelu, linear_residual, onednn_dtype, sdpa_backends
+from models.cpu_kernels import linear_gelu, linear_residual, onednn_dtype
+from models.crossformer import Attention, sdpa_backends
 
 # Outputs of the official code, shipped with the tests (see fixtures/official/README.md).
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official"
@@ -355,3 +356,119 @@ def test_bf16_autocast_cpu() -> None:
 
 def test_package_exports() -> None:
     assert models.check_input_size(32, 64) is None
+
+
+def test_pretrained_cfg() -> None:
+    """Every variant carries the official evaluation settings in timm's pretrained_cfg."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
+
+    for name in list_models():
+        with torch.device("meta"):
+            model = create_model(name)
+        cfg = model.pretrained_cfg
+        assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.875, name
+        assert cfg["interpolation"] == "bicubic" and cfg["classifier"] == "head", name
+        assert cfg["mean"] == IMAGENET_DEFAULT_MEAN and cfg["std"] == IMAGENET_DEFAULT_STD, name
+    data_cfg = resolve_data_config({}, model=model)
+    assert data_cfg["crop_pct"] == 0.875 and data_cfg["interpolation"] == "bicubic"
+
+
+@pytest.mark.parametrize("build", ["timm", "models"])
+def test_features_only(build: str) -> None:
+    args = dict(embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], features_only=True)
+    create = timm.create_model if build == "timm" else create_model
+    extractor = create("crossformerpp_s", **args).eval()
+    info = extractor.feature_info
+    assert info.channels() == [32, 64, 128, 256] and info.reduction() == [4, 8, 16, 32]
+    assert info.module_name() == ["layers.0", "layers.1", "layers.2", "layers.3"]
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        maps = extractor(x)
+    assert [tuple(m.shape) for m in maps] == [(2, 32, 16, 24), (2, 64, 8, 12), (2, 128, 4, 6), (2, 256, 2, 3)]
+    # Two stages: the later ones, the final norm and the head are pruned.
+    extractor = create("crossformerpp_s", out_indices=(0, 1), **args).eval()
+    assert extractor.feature_info.channels() == [32, 64] and len(extractor.model.layers) == 2
+    with torch.no_grad():
+        assert [tuple(m.shape) for m in extractor(x)] == [(2, 32, 16, 24), (2, 64, 8, 12)]
+
+
+def test_forward_intermediates() -> None:
+    torch.manual_seed(0)
+    model = tiny().eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        final, intermediates = model.forward_intermediates(x)
+        assert [tuple(m.shape) for m in intermediates] == [(2, 32, 16, 24), (2, 64, 8, 12), (2, 128, 4, 6),
+                                                            (2, 256, 2, 3)]
+        assert final.shape == (2, 2, 3, 256)
+        torch.testing.assert_close(model.forward_head(final), model(x), rtol=0, atol=0)
+        for got, want in zip(model.forward_stages(x), intermediates):
+            assert torch.equal(got, want)
+        last_two = model.forward_intermediates(x, indices=2, intermediates_only=True)
+        assert [torch.equal(a, b) for a, b in zip(last_two, intermediates[2:])] == [True, True]
+        first = model.forward_intermediates(x, indices=[0], stop_early=True, output_fmt="NHWC",
+                                            intermediates_only=True)
+        assert len(first) == 1 and torch.equal(first[0], intermediates[0].permute(0, 2, 3, 1))
+        normed = model.forward_intermediates(x, indices=[-1], norm=True, intermediates_only=True)[0]
+        assert torch.equal(normed, final.permute(0, 3, 1, 2))
+    with pytest.raises(ValueError, match="output_fmt 'NLC' is not supported"):
+        model.forward_intermediates(x, output_fmt="NLC")
+
+
+def test_macs_leaves_the_model_as_it_found_it() -> None:
+    """Counting switches formulation and mode only for the count: the eval position-bias cache
+    works again afterwards, and the formulation switch and training mode are restored."""
+    model = tiny().eval()
+    x = torch.randn(1, 3, 64, 64)
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    for reference in (True, False):
+        model.macs(64, reference=reference)
+        assert not model.training and not model.reference_attention
+        with torch.no_grad():
+            model(x)
+        assert all(attn._bias_cache for attn in attentions)
+    model.train().set_reference_attention(True)
+    model.macs(64, reference=False)
+    assert model.training and model.reference_attention
+    assert all(attn.reference for attn in attentions)
+
+
+@pytest.mark.parametrize("prefix", ["", "module."])
+@pytest.mark.parametrize("fixture", ["cf_mini", "pp_mini"])
+def test_checkpoint_filter_fn(fixture: str, prefix: str, tmp_path: Path) -> None:
+    """An official ``{"model": ...}`` checkpoint, also with DDP's ``module.`` prefix, loads strictly
+    after the filter, directly and through timm's builder from a local file; logits stay official."""
+    data = torch.load(FIXTURES / f"{fixture}.pth", weights_only=True)
+    checkpoint = {"model": {prefix + key: value for key, value in data["state_dict"].items()}}
+    model = CrossFormer(**data["constructor"]).eval()
+    model.load_state_dict(models.checkpoint_filter_fn(checkpoint, model), strict=True)
+    torch.save(checkpoint, tmp_path / "official.pth")
+    name = "crossformerpp_s" if data["constructor"]["use_acl"] else "crossformer_s"
+    # The overlay names the file and its number of classes (timm drops a head of another count).
+    overlay = dict(file=str(tmp_path / "official.pth"), num_classes=data["constructor"]["num_classes"])
+    built = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, drop_path_rate=0.0,
+                              **data["constructor"]).eval()
+    size, case = next(iter(data["cases"].items()))
+    with torch.no_grad():
+        for runner in (model, built):
+            assert (runner(case["image"].float() / 64 - 2) - case["logits"]).abs().max().item() < 1e-5, size
+    # Another number of classes: the head is left out, everything else kept.
+    other = CrossFormer(**{**data["constructor"], "num_classes": 3})
+    filtered = models.checkpoint_filter_fn(checkpoint, other)
+    assert not any(key.startswith("head.") for key in filtered)
+    assert set(filtered) == {key for key in data["state_dict"] if not key.startswith("head.")}
+    assert models.checkpoint_filter_fn({"state_dict": data["state_dict"]}, model).keys() == data["state_dict"].keys()
+    with pytest.raises(ValueError, match="no weights under 'model' or 'state_dict'"):
+        models.checkpoint_filter_fn({"epoch": 3}, model)
+
+
+def test_import_leaves_the_flop_registry_alone() -> None:
+    """FLOP formulas are registered by the first count, not by importing the models."""
+    import subprocess
+    import sys
+
+    code = ("import torch, models; from torch.utils.flop_counter import flop_registry; "
+            "assert torch.ops.aten.addmm_ not in flop_registry; "
+            "models.create_model('crossformerpp_s', embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8]).macs(64); "
+            "assert torch.ops.aten.addmm_ in flop_registry")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

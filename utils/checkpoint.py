@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from models import checkpoint_filter_fn
+
 from .distributed import all_gather_object, broadcast_object
 
 logger = logging.getLogger(__name__)
@@ -453,36 +455,28 @@ def remap_position(state: TrainState, saved_world_size: int, saved_batch_size: i
 # Weights only (--pretrained)
 # -----------------------------------------------------------------------------
 def load_pretrained(model: nn.Module, path: str) -> None:
-    """Initialise ``model`` from one of our checkpoints or an official one (a dict with ``model``).
+    """Initialise ``model`` from one of our checkpoints, an official one or a bare state dict.
 
-    A classifier head of another number of classes is skipped (the model keeps its fresh head);
-    any other shape mismatch is an error.
+    The file's format (``model`` / ``state_dict`` / bare, DDP's ``module.`` prefix, a head of
+    another number of classes, which keeps its fresh initialisation) is the model's
+    :func:`models.checkpoint_filter_fn`'s business; any other shape mismatch is an error.
 
     Args:
         model: The unwrapped model.
         path: Checkpoint file.
     """
     checkpoint = load_checkpoint(path)
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
-        weights = checkpoint["model"]
-    elif isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-        weights = checkpoint["state_dict"]
-    elif isinstance(checkpoint, dict) and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        weights = checkpoint
-    else:
-        raise ValueError(f"{path} holds no weights under 'model' or 'state_dict'; pass a checkpoint of this "
-                         "framework or an official CrossFormer release")
-    weights = {k[len("module."):] if k.startswith("module.") else k: v for k, v in weights.items()}
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a checkpoint "
+                         "of this framework or an official CrossFormer release")
+    try:
+        weights = checkpoint_filter_fn(checkpoint, model)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     own = model.state_dict()
-    for key in list(weights):
-        if key not in own or weights[key].shape == own[key].shape:
-            continue
-        if key.startswith("head."):
-            logger.info("%s: %s has shape %s, the model %s: the head is re-initialised", path, key,
-                        tuple(weights[key].shape), tuple(own[key].shape))
-            del weights[key]
-        else:
-            raise ValueError(f"{path}: {key} has shape {tuple(weights[key].shape)} but the model expects "
+    for key, value in weights.items():
+        if key in own and value.shape != own[key].shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(value.shape)} but the model expects "
                              f"{tuple(own[key].shape)}; check MODEL.NAME and MODEL.CROSSFORMER.*")
     result = model.load_state_dict(weights, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("head.")]
