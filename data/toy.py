@@ -44,7 +44,7 @@ class ToySpec:
         seed: Seed of the generator; the same spec always gives the same files.
     """
 
-    train_per_class: int = 1500
+    train_per_class: int = 1200
     val_per_class: int = 100
     image_size: int = 32
     seed: int = 0
