@@ -5,7 +5,7 @@ background (flat, gradient or smooth noise), a small distractor shape of another
 the JPEG quality vary per image, so only the shape tells the class: colour and position carry no
 label. The shape is lighter than the background in every channel (one contrast polarity, as in
 MNIST-like sets); with the polarity drawn per image a tiny transformer needs several times the
-samples (measured: 40 % against 89 % val top-1 after the same 60,000 samples, see docs/data.md).
+samples (measured: 40 % val top-1 after 80,000 samples against 89 % after 60,000, see docs/data.md).
 The content is a pure function of the spec (including its seed).
 """
 from __future__ import annotations
