@@ -129,7 +129,8 @@ def _run(config: CfgNode, dist_info: DistInfo, run_dir: str) -> int:
     device = dist_info.device
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    amp_dtype = resolve_amp(config.TRAIN.AMP, device)
+    # --eval needs only its own precision: an fp16 run's config evaluates on a CPU with TEST.AMP none.
+    amp_dtype = None if config.EVAL_MODE and config.TEST.AMP != "train" else resolve_amp(config.TRAIN.AMP, device)
     # Validation and --eval: TEST.AMP none gives a float32 number comparable across precisions.
     eval_dtype = amp_dtype if config.TEST.AMP == "train" else resolve_amp(config.TEST.AMP, device, "TEST.AMP")
 

@@ -224,7 +224,9 @@ class Attention(nn.Module):
             not self.reference and not self.training and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
         )
-        key = (group_h, group_w, device, self._weights_version())
+        # The bias is computed under the caller's autocast, so its dtype is part of the key.
+        autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        key = (group_h, group_w, device, autocast_dtype, self._weights_version())
         if use_cache and key in self._bias_cache:
             return self._bias_cache[key]
         table = self.pos(relative_offsets(group_h, group_w, device, self.pos.pos_proj.weight.dtype))  # ((2Gh-1)(2Gw-1), nH)
@@ -793,8 +795,8 @@ default_cfgs = generate_default_cfgs({
     "crossformerpp_h": _cfg(),
 })
 
-# Where timm's builder can find weights in a pretrained config; none of the variants has one.
-_WEIGHT_SOURCES = ("file", "url", "hf_hub_id", "state_dict")
+# The local weight sources timm's builder accepts in a pretrained config (nothing is downloaded).
+_WEIGHT_SOURCES = ("file", "state_dict")
 
 
 def _create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossFormer:
@@ -806,13 +808,17 @@ def _create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -
         **kwargs: constructor arguments and timm's builder arguments.
     """
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
-    if pretrained and not any(overlay.get(source) for source in _WEIGHT_SOURCES):
-        raise ValueError(
-            f"pretrained=True for {variant} needs a local file: weights are never downloaded; pass "
-            "pretrained_cfg_overlay=dict(file=PATH) with a released checkpoint, or create the model and load "
-            "one with utils.checkpoint.load_pretrained (--pretrained in main.py)"
-        )
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs.get("depths", (2, 2, 18, 2))))))
+    if pretrained:
+        if not any(overlay.get(source) for source in _WEIGHT_SOURCES) or overlay.get("url") or overlay.get("hf_hub_id"):
+            raise ValueError(
+                f"pretrained=True for {variant} needs a local file: weights are never downloaded; pass "
+                "pretrained_cfg_overlay=dict(file=PATH) with a released checkpoint, or create the model and load "
+                "one with utils.checkpoint.load_pretrained (--pretrained in main.py)"
+            )
+        # timm drops the head when num_classes differs from the config's: the file's head fits the
+        # model being built unless its shape says otherwise (checkpoint_filter_fn decides that).
+        kwargs["pretrained_cfg_overlay"] = {"num_classes": kwargs.get("num_classes", 1000), **overlay}
+    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs["depths"]))))
     return build_model_with_cfg(
         CrossFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs,

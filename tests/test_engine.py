@@ -156,6 +156,11 @@ def test_eval_precision_follows_test_amp(tiny_yaml: Path, tmp_path: Path) -> Non
     assert abs(reports["train"]["val_loss"] - reports["none"]["val_loss"]) < 0.05
     failed = evaluate_with("fp16")
     assert failed.returncode == 1 and "TEST.AMP='fp16' needs a CUDA device" in failed.stderr
+    # The config of an fp16 (GPU) run still evaluates on a CPU in float32.
+    from_fp16 = _main("--cfg", str(tiny_yaml), "--eval", "--resume", checkpoint, "--output", out,
+                      "--opts", "TRAIN.AMP", "fp16", "TEST.AMP", "none", cwd=tmp_path)
+    assert from_fp16.returncode == 0, from_fp16.stderr
+    assert json.loads(from_fp16.stdout.strip().splitlines()[-1])["val_loss"] == reports["none"]["val_loss"]
 
 
 def test_user_errors_are_one_line_and_debug_shows_the_traceback(

@@ -82,6 +82,21 @@ def test_timm_registration() -> None:
     assert isinstance(model, CrossFormer) and model.num_classes == 7
     with pytest.raises(ValueError, match="never downloaded"):
         timm.create_model("crossformerpp_s", pretrained=True)
+    with pytest.raises(ValueError, match="never downloaded"):  # a URL would make timm download
+        timm.create_model("crossformerpp_s", pretrained=True, pretrained_cfg_overlay=dict(url="http://x/w.pth"))
+
+
+def test_eval_bias_cache_follows_the_autocast_dtype() -> None:
+    """A bias cached under bf16 autocast is not reused by a float32 forward (nor the reverse)."""
+    torch.manual_seed(0)
+    model = tiny().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        fresh = model(x)
+        model.clear_caches()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+        assert torch.equal(model(x), fresh)
 
 
 def test_unknown_name() -> None:
@@ -444,8 +459,8 @@ def test_checkpoint_filter_fn(fixture: str, prefix: str, tmp_path: Path) -> None
     model.load_state_dict(models.checkpoint_filter_fn(checkpoint, model), strict=True)
     torch.save(checkpoint, tmp_path / "official.pth")
     name = "crossformerpp_s" if data["constructor"]["use_acl"] else "crossformer_s"
-    # The overlay names the file and its number of classes (timm drops a head of another count).
-    overlay = dict(file=str(tmp_path / "official.pth"), num_classes=data["constructor"]["num_classes"])
+    # The overlay names only the file: the 10-class head of the file must load, not be re-initialised.
+    overlay = dict(file=str(tmp_path / "official.pth"))
     built = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, drop_path_rate=0.0,
                               **data["constructor"]).eval()
     size, case = next(iter(data["cases"].items()))
