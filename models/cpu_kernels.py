@@ -1,8 +1,10 @@
 """Opt-in oneDNN kernels for CPU inference: fc1+GELU in one call, fc2 accumulating onto the residual.
 
-The model calls these only in eval mode without autograd (see ``Mlp.forward_residual`` in
-``models/crossformer.py``); each one falls back to the plain PyTorch expression where it does
-not apply, so callers never need to check.
+``Mlp.forward_residual`` in ``models/crossformer.py`` calls both in eval mode. ``linear_gelu``
+uses the oneDNN call only on CPU without autograd (float32 or bf16 autocast) and otherwise runs
+the plain linear + GELU; ``linear_residual`` is ``addmm_`` onto the residual on any device. Each
+falls back to the plain PyTorch expression where its fast form does not apply, so callers never
+need to check.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from models.crossformer import Attention, sdpa_backends
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official"
 VARIANTS = json.loads((FIXTURES / "variants.json").read_text())
 
-# Table of the models issue (and the model zoo in the README).
+# The released variants' parameter counts (the model zoo in the README).
 EXPECTED_PARAMS = {
     "crossformer_t": 27_776_794,
     "crossformer_s": 30_657_394,

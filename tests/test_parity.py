@@ -31,7 +31,7 @@ from data.dali_loader import (BINS_PER_LEVEL, FILL_COLOR, INTERPOLATIONS, MAGNIT
 
 CPU = torch.device("cpu")
 SIZE = 224
-LEVELS = (0, 5, 9, 10)  # the magnitude bins the issue names: 0, the middle, the recipe's 9, the clip at 10
+LEVELS = (0, 5, 9, 10)  # magnitude bins checked: 0, the middle, the recipe's 9, the clip at 10
 # timm's op name -> the DALI suite's op name, in timm's _RAND_INCREASING_TRANSFORMS order.
 TIMM_TO_DALI = {"AutoContrast": "auto_contrast", "Equalize": "equalize", "Invert": "invert", "Rotate": "rotate",
                 "PosterizeIncreasing": "posterize", "SolarizeIncreasing": "solarize", "SolarizeAdd": "solarize_add",
