@@ -225,7 +225,8 @@ class Attention(nn.Module):
             and not torch.compiler.is_compiling()
         )
         # The bias is computed under the caller's autocast, so its dtype is part of the key.
-        autocast_dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+        autocast_dtype = torch.get_autocast_dtype(device.type) if autocast else None
         key = (group_h, group_w, device, autocast_dtype, self._weights_version())
         if use_cache and key in self._bias_cache:
             return self._bias_cache[key]
