@@ -26,7 +26,8 @@ from yacs.config import CfgNode
 
 from config import config_to_dict, dump_config, get_config, parse_option
 from data import build_loader, build_mixup
-from engine import evaluate, measure_throughput, resolve_amp, steps_per_epoch, summarize_train_epoch, train_one_epoch
+from engine import evaluate, measure_throughput, steps_per_epoch, summarize_train_epoch, train_one_epoch
+from models import build_model
 from optim import build_optimizer, build_scheduler
 from utils.checkpoint import (BEST, EMA_BEST, LAST, NONFINITE_PREFIX, IncompatibleCheckpoint, TrainState,
                               check_format, epoch_checkpoint_name, find_resume_candidates, load_checkpoint,
@@ -37,6 +38,7 @@ from utils.reliability import (EXIT_ERROR, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPT
                                remove_stale_temp_files)
 from utils.logger import setup_logging
 from utils.metrics import RunRecorder
+from utils.precision import resolve_amp
 
 logger = logging.getLogger("main")
 
@@ -50,23 +52,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-
-
-def build_model(config: CfgNode) -> nn.Module:
-    """The configured variant with the ``MODEL.CROSSFORMER`` overrides (0 / [] keep the variant's).
-
-    Args:
-        config: Reads ``MODEL.*`` and ``TRAIN.USE_CHECKPOINT``.
-    """
-    import models
-
-    arch = config.MODEL.CROSSFORMER
-    given = {"embed_dim": arch.EMBED_DIM, "depths": list(arch.DEPTHS), "num_heads": list(arch.NUM_HEADS),
-             "group_size": list(arch.GROUP_SIZE), "crs_interval": list(arch.CRS_INTERVAL)}
-    overrides = {name: value for name, value in given.items() if value}  # 0 / [] keep the variant's value
-    return models.create_model(config.MODEL.NAME, num_classes=config.MODEL.NUM_CLASSES,
-                               drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE,
-                               use_checkpoint=config.TRAIN.USE_CHECKPOINT, **overrides)
 
 
 def build_criterion(config: CfgNode, mixup: bool) -> nn.Module:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.benchmark_model import median_rate  # noqa: E402
 from config import get_config, parse_option  # noqa: E402
-from main import build_model  # noqa: E402
+from models import build_model  # noqa: E402
 
 _logger = logging.getLogger("benchmark_e2e")
 
