@@ -1,24 +1,61 @@
-"""One training epoch, one evaluation pass, and the throughput benchmark: plain importable functions."""
+"""One training epoch, one optimizer step, one evaluation pass, and the throughput benchmark."""
 from __future__ import annotations
 
 import contextlib
-import datetime
-import logging
+import enum
 import math
 import time
-from typing import Any, Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.benchmark import Timer
 from yacs.config import CfgNode
 
-from utils.checkpoint import TrainState
-from utils.distributed import all_reduce_sum
+from utils.distributed import all_reduce_sum, rank_and_world_size
 from utils.precision import autocast, peak_memory_mb
+from utils.progress import EpochProgress
+from utils.train_state import TrainState
 
-logger = logging.getLogger(__name__)
+
+class StopReason(enum.Enum):
+    """Why :func:`train_one_epoch` returned."""
+
+    COMPLETED = "completed"  # the epoch ran to its end
+    STOP_AFTER_STEPS = "stop_after_steps"  # TRAIN.STOP_AFTER_STEPS reached
+    PREEMPTED = "preempted"  # a stop signal, agreed by every rank
+    NONFINITE = "nonfinite"  # TRAIN.MAX_NONFINITE_STEPS skipped steps in a row
+
+
+@dataclass
+class Components:
+    """What a training step reads and changes; built once by :class:`trainer.Trainer`.
+
+    Args:
+        model: The unwrapped model: its weights, the EMA's source, what checkpoints hold.
+        train_model: What the step calls: ``model`` or its DDP / compiled wrapper.
+        criterion: Loss on (logits, targets); targets are soft when ``mixup_fn`` is set.
+        optimizer: Stepped once per group of ``TRAIN.ACCUMULATION_STEPS`` micro-batches.
+        scheduler: timm scheduler, ``step_update(global_step)`` after every optimizer step.
+        scaler: ``GradScaler`` for fp16, else None.
+        ema: timm ``ModelEmaV3`` updated after every optimizer step, or None.
+        mixup_fn: timm ``Mixup`` applied to each batch on the device, or None.
+        amp_dtype: Autocast dtype of training, None for float32.
+    """
+
+    model: nn.Module
+    train_model: nn.Module
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: Optional[torch.amp.GradScaler] = None
+    ema: Optional[ModelEmaV3] = None
+    mixup_fn: Optional[Callable] = None
+    amp_dtype: Optional[torch.dtype] = None
 
 
 def steps_per_epoch(num_batches: int, accumulation_steps: int) -> int:
@@ -48,175 +85,140 @@ def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> No
         optimizer.step()
 
 
-def train_one_epoch(
-    model: nn.Module,
-    criterion: nn.Module,
-    loader: Any,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    state: TrainState,
-    config: CfgNode,
-    amp_dtype: Optional[torch.dtype] = None,
-    scaler: Optional[torch.amp.GradScaler] = None,
-    ema: Optional[nn.Module] = None,
-    mixup_fn: Optional[Callable] = None,
-    on_log: Optional[Callable[[int, Dict[str, float]], None]] = None,
-    on_step: Optional[Callable[[TrainState], None]] = None,
-    should_stop: Optional[Callable[[], bool]] = None,
-) -> bool:
-    """Train from ``state.batch`` to the end of ``state.epoch``, or until a stop.
+def optimizer_step(parts: Components, clip_grad: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Unscale (fp16), clip, step only if the gradients are finite, and zero them.
 
-    A step whose (all-reduced) gradient norm is not finite is skipped: no optimizer update, its
-    gradients dropped, counted in ``state.nonfinite_total`` / ``state.nonfinite_streak`` on the
-    device. The streak is read on log steps; at ``TRAIN.MAX_NONFINITE_STEPS`` or more the epoch
-    stops (the caller tells the reasons apart).
+    Gradients are all-reduced before this runs, so the norm and the decision are the same on
+    every rank. Returns ``(grad_norm, finite)`` as device tensors (no host sync).
 
-    Micro-batches are grouped by ``TRAIN.ACCUMULATION_STEPS``; each group's loss is averaged and
-    makes one optimizer step, the gradient all-reduce happening only on its last micro-batch.
+    Args:
+        parts: The optimizer, the scaler and the model whose gradients are stepped.
+        clip_grad: Max global gradient norm; 0 only measures the norm.
+    """
+    optimizer, scaler = parts.optimizer, parts.scaler
+    params = [p for p in parts.model.parameters() if p.grad is not None]
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad > 0:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)  # a tensor: no host sync
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    finite = torch.isfinite(grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)  # skips non-finite gradients itself
+        scaler.update()
+    else:
+        step_if_finite(optimizer, finite)
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, finite
+
+
+def _micro_batch(parts: Components, images: torch.Tensor, targets: torch.Tensor, group_size: int,
+                 sync: bool, nan_loss: bool) -> torch.Tensor:
+    """Forward and backward of one micro-batch; returns its (unscaled) loss.
+
+    The gradient all-reduce runs only when ``sync`` (the group's last micro-batch); the group's
+    loss is the mean over its micro-batches.
+    """
+    model = parts.train_model
+    if parts.mixup_fn is not None:
+        images, targets = parts.mixup_fn(images, targets)
+    no_sync = not sync and isinstance(model, DistributedDataParallel)
+    with model.no_sync() if no_sync else contextlib.nullcontext():
+        with autocast(images.device, parts.amp_dtype):
+            outputs = model(images)  # (B, num_classes)
+            loss = parts.criterion(outputs, targets)
+        if nan_loss:  # TRAIN.DEBUG_NONFINITE_STEPS
+            loss = loss * float("nan")
+        scaled = loss / group_size
+        (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
+    return loss
+
+
+def _accumulate_loss(state: TrainState, loss: torch.Tensor, samples: int) -> None:
+    """Add a micro-batch to the epoch's running sums (a non-finite loss is counted, not summed)."""
+    loss_finite = torch.isfinite(loss.detach())
+    state.loss_sum += torch.where(loss_finite, loss.detach().double(), 0.0)
+    state.loss_nonfinite += (~loss_finite).long()
+    state.loss_count += 1
+    state.samples += samples
+
+
+def train_one_epoch(parts: Components, loader: Any, state: TrainState, config: CfgNode,
+                    progress: Optional[EpochProgress] = None, after_step: Optional[Callable[[], None]] = None,
+                    should_stop: Optional[Callable[[], bool]] = None) -> StopReason:
+    """Train from ``state.batch`` to the end of ``state.epoch``, or until a stop; returns why it returned.
+
+    Micro-batches are grouped by ``TRAIN.ACCUMULATION_STEPS``; each group makes one
+    :func:`optimizer_step`. A step whose gradient norm is not finite is skipped and counted on the
+    device; the streak is read on log steps, and at ``TRAIN.MAX_NONFINITE_STEPS`` the epoch stops.
     The loader must already be positioned with ``loader.set_epoch(state.epoch, state.batch)``.
 
     Args:
-        model: The model to train, DDP-wrapped when distributed.
-        criterion: Loss on (logits, targets); targets are soft when ``mixup_fn`` is given.
+        parts: Model, loss, optimizer, scheduler, scaler, EMA, mixup and precision.
         loader: Yields ``(images, labels)`` on the device; ``len(loader)`` is the full epoch.
-        optimizer: Stepped once per group.
-        scheduler: timm scheduler, ``step_update(global_step)`` after every optimizer step.
         state: Counters and running sums, updated in place.
-        config: Reads ``TRAIN.ACCUMULATION_STEPS``, ``TRAIN.CLIP_GRAD``, ``TRAIN.EPOCHS``,
-            ``TRAIN.STOP_AFTER_STEPS``, ``TRAIN.MAX_NONFINITE_STEPS``, ``TRAIN.DEBUG_NONFINITE_STEPS``,
-            ``PRINT_FREQ``, ``SAVE_STEPS``.
-        amp_dtype: Autocast dtype, None for float32.
-        scaler: GradScaler (fp16 only).
-        ema: timm ``ModelEmaV3`` updated after every optimizer step.
-        mixup_fn: timm ``Mixup`` applied to each batch on the device.
-        on_log: Called on log steps with ``(global_step, scalars)``.
-        on_step: Called after every ``SAVE_STEPS``-th optimizer step (checkpointing).
-        should_stop: Called after every optimizer step (on every rank: it may be a collective);
-            True ends the epoch there (preemption).
-
-    Returns:
-        True when the epoch ran to its end, False when stopped (``TRAIN.STOP_AFTER_STEPS``,
-        ``should_stop`` or too many non-finite steps in a row).
+        config: Reads ``TRAIN.ACCUMULATION_STEPS``, ``TRAIN.CLIP_GRAD``, ``TRAIN.STOP_AFTER_STEPS``,
+            ``TRAIN.MAX_NONFINITE_STEPS``, ``TRAIN.DEBUG_NONFINITE_STEPS``, ``TRAIN.EPOCHS``, ``PRINT_FREQ``.
+        progress: Progress lines; a default one is made from ``config`` when None.
+        after_step: Called after every optimizer step (the caller saves when ``SAVE_STEPS`` makes it due).
+        should_stop: Called after every optimizer step on every rank (it may be a collective);
+            True ends the epoch there.
     """
-    model.train()
-    unwrapped = model.module if isinstance(model, DistributedDataParallel) else model
-    device = state.loss_sum.device
-    accumulation = config.TRAIN.ACCUMULATION_STEPS
-    num_batches = len(loader)
-    epoch_steps = steps_per_epoch(num_batches, accumulation)
-    stop_after = config.TRAIN.STOP_AFTER_STEPS
-    clip = config.TRAIN.CLIP_GRAD
-    params = [p for p in model.parameters() if p.requires_grad]
-    world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    inject_nonfinite = set(config.TRAIN.DEBUG_NONFINITE_STEPS) if rank == 0 else set()
-    max_nonfinite = config.TRAIN.MAX_NONFINITE_STEPS
-    reported_skipped = 0
-
+    train = config.TRAIN
+    accumulation, num_batches = train.ACCUMULATION_STEPS, len(loader)
+    rank, world_size = rank_and_world_size()
+    if progress is None:
+        progress = EpochProgress(train.EPOCHS, steps_per_epoch(num_batches, accumulation), config.PRINT_FREQ,
+                                 train.MAX_NONFINITE_STEPS, world_size)
+    nan_steps = set(train.DEBUG_NONFINITE_STEPS) if rank == 0 else set()
+    parts.train_model.train()
     # Creating the iterator must not move the global RNG: a run resumed mid-epoch creates it
     # after restoring the RNG, the uninterrupted run before its first step.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[state.device] if state.device.type == "cuda" else []):
         batches = iter(loader)
-    epoch_start = time.perf_counter()
+    progress.start(state.batch // accumulation)
     time_before = state.train_time
-    first_step = state.batch // accumulation
-    window_start, window_samples = epoch_start, 0
     for index, (images, targets) in enumerate(batches, start=state.batch):
         group_start = index - index % accumulation
         group_size = min(accumulation, num_batches - group_start)
         is_step = index + 1 == group_start + group_size
-        if mixup_fn is not None:
-            images, targets = mixup_fn(images, targets)
-        skip_sync = not is_step and isinstance(model, DistributedDataParallel)
-        with model.no_sync() if skip_sync else contextlib.nullcontext():
-            with autocast(device, amp_dtype):
-                outputs = model(images)  # (B, num_classes)
-                loss = criterion(outputs, targets)
-            if state.global_step + 1 in inject_nonfinite:
-                loss = loss * float("nan")
-            # The group's loss is the mean over its micro-batches.
-            scaled = loss / group_size
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        loss_finite = torch.isfinite(loss.detach())
-        state.loss_sum += torch.where(loss_finite, loss.detach().double(), 0.0)
-        state.loss_nonfinite += (~loss_finite).long()
-        state.loss_count += 1
-        state.samples += images.shape[0]
+        loss = _micro_batch(parts, images, targets, group_size, is_step, state.global_step + 1 in nan_steps)
+        _accumulate_loss(state, loss, images.shape[0])
+        progress.count(images.shape[0])
         state.batch = index + 1
-        window_samples += images.shape[0]
         if not is_step:
             continue
-
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)  # a tensor: no host sync
-        else:
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        # Gradients are all-reduced, so the norm and this decision are the same on every rank.
-        finite = torch.isfinite(grad_norm)
-        if scaler is not None:
-            scaler.step(optimizer)  # skips non-finite gradients itself
-            scaler.update()
-        else:
-            step_if_finite(optimizer, finite)
-        optimizer.zero_grad(set_to_none=True)
-        skipped = (~finite).long()
-        state.nonfinite_total += skipped
-        state.nonfinite_streak.mul_(skipped).add_(skipped)  # +1 when skipped, else 0
-        lr = optimizer.param_groups[0]["lr"]  # the LR this step used
-        state.global_step += 1
-        scheduler.step_update(state.global_step)
-        if ema is not None:
-            ema.update(unwrapped, step=state.global_step)
-
+        lr = parts.optimizer.param_groups[0]["lr"]  # the LR this step uses
+        grad_norm, finite = optimizer_step(parts, train.CLIP_GRAD)
+        state.count_step(finite)
+        parts.scheduler.step_update(state.global_step)
+        if parts.ema is not None:
+            parts.ema.update(parts.model, step=state.global_step)
         step_in_epoch = index // accumulation + 1
-        streak = 0
-        if state.global_step % config.PRINT_FREQ == 0 or step_in_epoch == epoch_steps:
-            # host sync: log step only
-            loss_value = loss.item()
-            norm_value = grad_norm.item()
-            total_skipped, streak = int(state.nonfinite_total), int(state.nonfinite_streak)
-            now = time.perf_counter()
-            imgs_per_sec = window_samples * world_size / max(now - window_start, 1e-9)
-            per_step = (now - epoch_start) / max(step_in_epoch - first_step, 1)
-            eta = datetime.timedelta(seconds=int(per_step * (epoch_steps - step_in_epoch)))
-            logger.info(
-                "train epoch %d/%d [%d/%d] eta %s  loss %.4f (avg %.4f)  lr %.3e  grad_norm %.3f  "
-                "%.1f img/s  mem %.0f MB",
-                state.epoch, config.TRAIN.EPOCHS, step_in_epoch, epoch_steps, eta, loss_value,
-                state.loss_sum.item() / max(state.loss_count, 1), lr, norm_value, imgs_per_sec,
-                peak_memory_mb(device))
-            if total_skipped != reported_skipped:  # warn when the count grows, not on every log line
-                reported_skipped = total_skipped
-                logger.warning("skipped %d optimizer step(s) with a non-finite loss or gradient so far, the last %d "
-                               "in a row (stop at TRAIN.MAX_NONFINITE_STEPS=%d)", total_skipped, streak, max_nonfinite)
-            if on_log is not None:
-                on_log(state.global_step, {"train/loss": loss_value, "train/lr": lr,
-                                           "train/grad_norm": norm_value, "train/imgs_per_sec": imgs_per_sec,
-                                           "train/nonfinite_steps": float(total_skipped)})
-            window_start, window_samples = now, 0
-        state.train_time = time_before + time.perf_counter() - epoch_start
-        if on_step is not None and config.SAVE_STEPS and state.global_step % config.SAVE_STEPS == 0:
-            on_step(state)
-        if stop_after and state.global_step >= stop_after:
-            return False
-        if streak >= max_nonfinite:
-            return False
+        streak = progress.log(state, step_in_epoch, loss, grad_norm, lr) \
+            if progress.due(state.global_step, step_in_epoch) else 0
+        state.train_time = time_before + time.perf_counter() - progress.epoch_start
+        if after_step is not None:
+            after_step()
+        if train.STOP_AFTER_STEPS and state.global_step >= train.STOP_AFTER_STEPS:
+            return StopReason.STOP_AFTER_STEPS
+        if streak >= train.MAX_NONFINITE_STEPS:
+            return StopReason.NONFINITE
         if should_stop is not None and should_stop():
-            return False
-    state.train_time = time_before + time.perf_counter() - epoch_start
-    return True
+            return StopReason.PREEMPTED
+    state.train_time = time_before + time.perf_counter() - progress.epoch_start
+    return StopReason.COMPLETED
 
 
 def summarize_train_epoch(state: TrainState) -> Dict[str, float]:
     """The epoch's mean train loss and images/s over all ranks (a collective).
 
     Args:
-        state: After :func:`train_one_epoch` returned True.
+        state: After :func:`train_one_epoch` completed the epoch.
     """
     totals = torch.tensor([state.loss_sum.item(), state.loss_count - int(state.loss_nonfinite), state.samples],
-                          dtype=torch.float64, device=state.loss_sum.device)
+                          dtype=torch.float64, device=state.device)
     all_reduce_sum(totals)
     loss_sum, count, samples = totals.tolist()
     return {"train_loss": loss_sum / max(count, 1), "train_imgs_per_sec": samples / max(state.train_time, 1e-9)}
@@ -263,15 +265,12 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device,
     return {"acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count, "loss": loss_sum / count, "count": count}
 
 
-def _timed(fn: Callable[[], None], iters: int, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
+def _seconds(fn: Callable[[], None], warmup: int, iters: int) -> float:
+    """Seconds for ``iters`` calls of ``fn`` after ``warmup`` untimed ones (CUDA synchronised by the Timer)."""
+    for _ in range(warmup):
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.timeit(iters).mean * iters
 
 
 def measure_throughput(model: nn.Module, config: CfgNode, device: torch.device,
@@ -299,8 +298,7 @@ def measure_throughput(model: nn.Module, config: CfgNode, device: torch.device,
         with torch.inference_mode(), autocast(device, amp_dtype):
             model(images)
 
-    _timed(infer, warmup, device)
-    infer_seconds = _timed(infer, iters, device)
+    infer_seconds = _seconds(infer, warmup, iters)
     infer_memory = peak_memory_mb(device)
 
     model.train()
@@ -321,8 +319,7 @@ def measure_throughput(model: nn.Module, config: CfgNode, device: torch.device,
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    _timed(train_step, warmup, device)
-    train_seconds = _timed(train_step, iters, device)
+    train_seconds = _seconds(train_step, warmup, iters)
     return {
         "model": config.MODEL.NAME,
         "img_size": size,

@@ -1,8 +1,8 @@
 """CrossFormer / CrossFormer++ models. Importing this package registers them with timm too."""
-from .build import build_model
+from .build import build_model, load_pretrained
 from .crossformer import CrossFormer, check_input_size, checkpoint_filter_fn
 from .flops import count_macs
 from .registry import create_model, list_models
 
 __all__ = ["CrossFormer", "build_model", "check_input_size", "checkpoint_filter_fn", "count_macs", "create_model",
-           "list_models"]
+           "list_models", "load_pretrained"]

@@ -13,70 +13,80 @@ from torch import nn
 
 from config import load_config
 from optim import build_optimizer, build_scheduler
+from engine import Components
 from utils import checkpoint as ckpt
-from utils.checkpoint import TrainState
+from utils.distributed import DistInfo
+from utils.file_io import atomic_save, load_file
+from utils.train_state import TrainState, capture_rng_state, restore_rng_state
 
 
-def _state(seed: int = 0) -> TrainState:
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
-    cfg = load_config(opts=["TRAIN.EPOCHS", "3", "TRAIN.WARMUP_EPOCHS", "1"])
-    optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, 4)
-    return TrainState(model, optimizer, scheduler, None, None, {"SEED": 0}, torch.device("cpu"))
+class _Run:
+    """A tiny model with its optimizer, scheduler, train state and checkpoint manager on ``run_dir``."""
 
+    def __init__(self, run_dir: Path, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+        cfg = load_config(opts=["TRAIN.EPOCHS", "3", "TRAIN.WARMUP_EPOCHS", "1", "SAVE_KEEP", "1"])
+        optimizer = build_optimizer(cfg, model)
+        self.parts = Components(model=model, train_model=model, criterion=nn.MSELoss(), optimizer=optimizer,
+                                scheduler=build_scheduler(cfg, optimizer, 4))
+        self.state = TrainState(torch.device("cpu"))
+        self.manager = ckpt.CheckpointManager(str(run_dir), self.parts, self.state, cfg,
+                                              DistInfo(0, 1, 0, torch.device("cpu")))
 
-def _train_steps(state: TrainState, steps: int) -> None:
-    for _ in range(steps):
-        loss = state.model(torch.randn(5, 4)).pow(2).mean()
-        loss.backward()
-        state.optimizer.step()
-        state.optimizer.zero_grad()
-        state.global_step += 1
-        state.scheduler.step_update(state.global_step)
-        state.loss_sum += loss.detach().double()
-        state.loss_count += 1
+    def train_steps(self, steps: int) -> None:
+        for _ in range(steps):
+            loss = self.parts.model(torch.randn(5, 4)).pow(2).mean()
+            loss.backward()
+            self.parts.optimizer.step()
+            self.parts.optimizer.zero_grad()
+            self.state.global_step += 1
+            self.parts.scheduler.step_update(self.state.global_step)
+            self.state.loss_sum += loss.detach().double()
+            self.state.loss_count += 1
 
 
 def test_rng_state_round_trip_through_a_file(tmp_path: Path) -> None:
     torch.manual_seed(1)
     np.random.seed(2)
     random.seed(3)
-    saved = ckpt.capture_rng_state()
+    saved = capture_rng_state()
     torch.save(saved, tmp_path / "rng.pth")
     expected = (torch.rand(3), np.random.rand(3), random.random())
     torch.manual_seed(9)
     np.random.seed(9)
     random.seed(9)
-    ckpt.restore_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True))
+    restore_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True))
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], got[0]) and np.array_equal(expected[1], got[1]) and expected[2] == got[2]
 
 
 def test_train_state_round_trip_is_exact(tmp_path: Path) -> None:
-    state = _state()
-    _train_steps(state, 3)
+    run = _Run(tmp_path)
+    run.train_steps(3)
+    state = run.state
     state.epoch, state.batch, state.best_acc1, state.best_epoch = 1, 2, 42.0, 0
-    ckpt.save_checkpoint(state, str(tmp_path), [ckpt.LAST], is_main=True)
-    data = ckpt.load_checkpoint(str(tmp_path / ckpt.LAST))
-    assert data["format_version"] == ckpt.FORMAT_VERSION and data["config"] == {"SEED": 0}
+    run.manager.save_last()
+    data = load_file(str(tmp_path / ckpt.LAST))
+    assert data["format_version"] == ckpt.FORMAT_VERSION and data["config"]["SEED"] == 0
     assert data["world_size"] == 1 and len(data["ranks"]) == 1
-    _train_steps(state, 2)  # the continuation of the original
+    run.train_steps(2)  # the continuation of the original
 
-    resumed = _state(seed=5)
-    resumed.load_state_dict(data)
-    assert (resumed.epoch, resumed.batch, resumed.global_step, resumed.best_acc1) == (1, 2, 3, 42.0)
-    assert resumed.loss_count == 3
-    _train_steps(resumed, 2)
-    for a, b in zip(state.model.parameters(), resumed.model.parameters()):
+    resumed = _Run(tmp_path / "other", seed=5)
+    resumed.manager.load_state_dict(data)
+    assert (resumed.state.epoch, resumed.state.batch, resumed.state.global_step, resumed.state.best_acc1) == \
+        (1, 2, 3, 42.0)
+    assert resumed.state.loss_count == 3
+    resumed.train_steps(2)
+    for a, b in zip(run.parts.model.parameters(), resumed.parts.model.parameters()):
         assert torch.equal(a, b)
-    assert state.optimizer.param_groups[0]["lr"] == resumed.optimizer.param_groups[0]["lr"]
-    assert torch.equal(state.loss_sum, resumed.loss_sum)
+    assert run.parts.optimizer.param_groups[0]["lr"] == resumed.parts.optimizer.param_groups[0]["lr"]
+    assert torch.equal(state.loss_sum, resumed.state.loss_sum)
 
 
 def test_crash_while_saving_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "last.pth"
-    ckpt.atomic_save({"global_step": 1}, str(path))
+    atomic_save({"global_step": 1}, str(path))
 
     def crash(obj, f, *args, **kwargs):
         f.write(b"partial")
@@ -84,31 +94,32 @@ def test_crash_while_saving_keeps_the_old_file(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.atomic_save({"global_step": 2}, str(path))
+        atomic_save({"global_step": 2}, str(path))
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"global_step": 1}
     assert os.listdir(tmp_path) == ["last.pth"]  # no temp file left behind
 
 
 def test_auto_resume_picks_highest_step_not_newest_file(tmp_path: Path) -> None:
-    state = _state()
+    run = _Run(tmp_path)
     for step, name in ((8, "epoch_0001.pth"), (12, ckpt.LAST), (4, "epoch_0000.pth")):
-        state.global_step, state.epoch = step, step // 4
-        ckpt.save_checkpoint(state, str(tmp_path), [name], is_main=True)
+        run.state.global_step, run.state.epoch = step, step // 4
+        run.manager.save([name])
         time.sleep(0.01)
     (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")  # newest file, unreadable
     (tmp_path / ".last.pth.tmp-123").write_bytes(b"half written")
     os.utime(tmp_path / "epoch_0000.pth")  # newest mtime among the valid ones, but the lowest step
-    assert ckpt.find_resume_checkpoint(str(tmp_path)) == str(tmp_path / ckpt.LAST)
-    assert ckpt.find_resume_checkpoint(str(tmp_path / "missing")) is None
+    assert ckpt.find_resume_candidates(str(tmp_path)) == [str(tmp_path / name) for name in
+                                                          (ckpt.LAST, "epoch_0001.pth", "epoch_0000.pth")]
+    assert ckpt.find_resume_candidates(str(tmp_path / "missing")) == []
 
 
 def test_non_checkpoint_is_rejected_for_resume(tmp_path: Path) -> None:
     torch.save({"model": {}}, tmp_path / "weights.pth")
     with pytest.raises(ValueError, match="use --pretrained"):
-        _state().load_state_dict(ckpt.load_checkpoint(str(tmp_path / "weights.pth")))
+        _Run(tmp_path).manager.load_state_dict(load_file(str(tmp_path / "weights.pth")))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ckpt.load_checkpoint(str(tmp_path / "nope.pth"))
+        load_file(str(tmp_path / "nope.pth"))
 
 
 def test_keeps_only_the_newest_epoch_checkpoints(tmp_path: Path) -> None:
@@ -120,12 +131,10 @@ def test_keeps_only_the_newest_epoch_checkpoints(tmp_path: Path) -> None:
 
 
 def test_extra_names_are_complete_copies(tmp_path: Path) -> None:
-    state = _state()
-    ckpt.save_checkpoint(state, str(tmp_path), ["epoch_0000.pth", ckpt.LAST, ckpt.BEST], is_main=True,
-                         keep_epochs=1)
+    _Run(tmp_path).manager.save(["epoch_0000.pth", ckpt.LAST, ckpt.BEST], prune=True)
     os.remove(tmp_path / "epoch_0000.pth")  # pruning an epoch file must not affect last / best
     for name in (ckpt.LAST, ckpt.BEST):
-        assert ckpt.load_checkpoint(str(tmp_path / name))["global_step"] == 0
+        assert load_file(str(tmp_path / name))["global_step"] == 0
 
 
 def test_pretrained_reinitialises_a_head_of_other_classes(tmp_path: Path) -> None:
@@ -137,7 +146,7 @@ def test_pretrained_reinitialises_a_head_of_other_classes(tmp_path: Path) -> Non
     torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()}}, tmp_path / "official.pth")
     target = models.create_model("crossformerpp_s", num_classes=5, **kwargs)
     head_before = target.head.weight.clone()
-    ckpt.load_pretrained(target, str(tmp_path / "official.pth"))
+    models.load_pretrained(target, str(tmp_path / "official.pth"))
     assert torch.equal(target.head.weight, head_before) and target.head.weight.shape[0] == 5
     for name, tensor in target.state_dict().items():
         if not name.startswith("head."):
@@ -145,4 +154,4 @@ def test_pretrained_reinitialises_a_head_of_other_classes(tmp_path: Path) -> Non
     other = models.create_model("crossformerpp_s", num_classes=10, embed_dim=64, depths=[1, 1, 1, 1],
                                 num_heads=[1, 2, 4, 8])
     with pytest.raises(ValueError, match="has shape .* but the model expects"):
-        ckpt.load_pretrained(other, str(tmp_path / "official.pth"))
+        models.load_pretrained(other, str(tmp_path / "official.pth"))

@@ -16,8 +16,8 @@ from torch import nn
 
 from conftest import REPO_ROOT, subprocess_env
 from config import load_config
-from engine import evaluate, train_one_epoch
-from utils.checkpoint import TrainState
+from engine import Components, StopReason, evaluate, train_one_epoch
+from utils.train_state import TrainState
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -49,9 +49,10 @@ def _tiny_model() -> nn.Module:
 def _one_step(model: nn.Module, batches: List[Batch], accumulation: int) -> TrainState:
     cfg = load_config(opts=["TRAIN.ACCUMULATION_STEPS", str(accumulation), "TRAIN.CLIP_GRAD", "0.0",
                             "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "100"])
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    state = TrainState(model, optimizer, _NoSchedule(), None, None, {}, torch.device("cpu"))
-    assert train_one_epoch(model, nn.CrossEntropyLoss(), _ListLoader(batches), optimizer, _NoSchedule(), state, cfg)
+    parts = Components(model=model, train_model=model, criterion=nn.CrossEntropyLoss(),
+                       optimizer=torch.optim.SGD(model.parameters(), lr=1.0), scheduler=_NoSchedule())
+    state = TrainState(torch.device("cpu"))
+    assert train_one_epoch(parts, _ListLoader(batches), state, cfg) is StopReason.COMPLETED
     return state
 
 

@@ -90,8 +90,8 @@ def test_injected_nan_is_skipped_then_a_streak_stops_with_a_diagnostic_checkpoin
         assert torch.equal(value, diag["model"][key]) and torch.isfinite(value.float()).all(), key
     assert "skipped 3 optimizer step(s)" in (run_dir / "log.txt").read_text()
     # Auto-resume never picks the diagnostic file, though its step is the highest.
-    from utils.checkpoint import find_resume_checkpoint
-    assert find_resume_checkpoint(str(run_dir)) == str(run_dir / "last.pth")
+    from utils.checkpoint import find_resume_candidates
+    assert find_resume_candidates(str(run_dir))[0] == str(run_dir / "last.pth")
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import signal
 from types import FrameType
@@ -34,7 +33,11 @@ EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: "try again later"
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-_TEMP_RE = re.compile(r"^\..+\.pth\.tmp-(\d+)$")
+
+
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an exception's message (library errors can span pages)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 class RunStopped(Exception):
@@ -171,21 +174,3 @@ def check_free_space(run_dir: str, needed: int) -> None:
     message = broadcast_object(message)
     if message:
         raise RunStopped(message, EXIT_ERROR)
-
-
-def remove_stale_temp_files(run_dir: str) -> None:
-    """Delete partial checkpoint temp files (``.NAME.pth.tmp-PID``) that a killed writer left behind.
-
-    Only files of this framework's temp-file pattern written by another process are touched;
-    complete checkpoints never are.
-
-    Args:
-        run_dir: The run directory (call on rank 0, before training).
-    """
-    if not os.path.isdir(run_dir):
-        return
-    for name in sorted(os.listdir(run_dir)):
-        match = _TEMP_RE.match(name)
-        if match and int(match.group(1)) != os.getpid():
-            os.remove(os.path.join(run_dir, name))
-            logger.info("removed %s: an incomplete checkpoint left by a killed run", name)

@@ -1,0 +1,307 @@
+"""The run's owner: builds every component once, then trains (:meth:`Trainer.fit`) or evaluates.
+
+Data flows one way: config -> :class:`Trainer` (loaders, model and its wrappers, optimizer,
+scheduler, scaler, EMA, checkpoint manager) -> :func:`engine.train_one_epoch` per epoch ->
+:class:`utils.checkpoint.CheckpointManager` after steps and epochs.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3, random_seed
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from yacs.config import CfgNode
+
+from config import dump_config
+from data import build_loader, build_mixup
+from engine import Components, StopReason, evaluate, measure_throughput, steps_per_epoch, summarize_train_epoch, \
+    train_one_epoch
+from models import build_model, load_pretrained
+from optim import build_optimizer, build_scheduler
+from utils.checkpoint import BEST, EMA_BEST, CheckpointManager
+from utils.distributed import DistInfo
+from utils.file_io import remove_stale_temp_files
+from utils.metrics import RunRecorder
+from utils.precision import resolve_amp
+from utils.progress import EpochProgress
+from utils.reliability import (EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionSignal, RunStopped,
+                               check_free_space, estimate_checkpoint_bytes)
+from utils.train_state import TrainState
+
+logger = logging.getLogger(__name__)
+
+_AMP_NAMES = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def prepare_model(config: CfgNode, dist_info: DistInfo) -> nn.Module:
+    """The configured model, initialised identically on every rank, on this rank's device.
+
+    Seeds from ``SEED`` first (the same initial weights everywhere), loads ``--pretrained``, then
+    reseeds per rank (drop path and mixup differ between ranks).
+
+    Args:
+        config: Reads ``MODEL.*``, ``SEED``.
+        dist_info: This process's place in the job.
+    """
+    random_seed(config.SEED)
+    model = build_model(config)
+    if config.MODEL.PRETRAINED:
+        load_pretrained(model, config.MODEL.PRETRAINED)
+    model.to(dist_info.device)
+    random_seed(config.SEED, dist_info.rank)
+    logger.info("%s: %.2fM parameters", config.MODEL.NAME, sum(p.numel() for p in model.parameters()) / 1e6)
+    return model
+
+
+def build_criterion(config: CfgNode, mixup: bool) -> nn.Module:
+    """Soft-target CE with mixup / cutmix (which apply the label smoothing), else smoothed CE.
+
+    Args:
+        config: Reads ``MODEL.LABEL_SMOOTHING``.
+        mixup: Whether batches come with soft targets.
+    """
+    if mixup:
+        return SoftTargetCrossEntropy()
+    if config.MODEL.LABEL_SMOOTHING > 0:
+        return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
+    return nn.CrossEntropyLoss()
+
+
+def run_throughput(config: CfgNode, dist_info: DistInfo) -> int:
+    """``--throughput``: measure, then print a table and, as the last line, one JSON object (rank 0).
+
+    Args:
+        config: The run's config.
+        dist_info: This process's place in the job.
+    """
+    if dist_info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    model = prepare_model(config, dist_info)
+    result = measure_throughput(model, config, dist_info.device, resolve_amp(config.TRAIN.AMP, dist_info.device))
+    if dist_info.is_main:
+        rows = [(key, f"{value:.1f}" if isinstance(value, float) else str(value)) for key, value in result.items()]
+        width = max(len(key) for key, _ in rows)
+        table = "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+        sys.stdout.write(f"{table}\n{json.dumps(result)}\n")
+        sys.stdout.flush()
+    return EXIT_OK
+
+
+def _wrap_for_training(model: nn.Module, config: CfgNode, dist_info: DistInfo) -> nn.Module:
+    """DDP when distributed; with ``TRAIN.COMPILE`` the DDP-wrapped model is compiled, so that
+    DDP's gradient buckets overlap the backward pass (its optimizer splits the graph at them)."""
+    wrapped = model
+    if dist_info.distributed:
+        device = dist_info.device
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(wrapped) if config.TRAIN.COMPILE else wrapped
+
+
+class Trainer:
+    """Owns a run's components; :meth:`fit` trains, :meth:`evaluate` runs ``--eval``.
+
+    Building it restores ``--resume`` or the newest checkpoint of the run directory.
+
+    Args:
+        config: The validated, frozen config.
+        dist_info: This process's place in the job.
+        run_dir: Where checkpoints, logs and records go.
+    """
+
+    def __init__(self, config: CfgNode, dist_info: DistInfo, run_dir: str) -> None:
+        self.config, self.dist_info, self.run_dir = config, dist_info, run_dir
+        device = dist_info.device
+        self._log_batch_and_lr()
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        # --eval needs only its own precision: an fp16 run's config evaluates on a CPU with TEST.AMP none.
+        amp_dtype = None if config.EVAL_MODE and config.TEST.AMP != "train" else resolve_amp(config.TRAIN.AMP, device)
+        # Validation and --eval: TEST.AMP none gives a float32 number comparable across precisions.
+        self.eval_dtype = amp_dtype if config.TEST.AMP == "train" else resolve_amp(config.TEST.AMP, device, "TEST.AMP")
+        model = prepare_model(config, dist_info)
+        self.loaders = build_loader(config, device)
+        if self.loaders.num_classes != config.MODEL.NUM_CLASSES:
+            raise ValueError(f"the dataset has {self.loaders.num_classes} classes but MODEL.NUM_CLASSES="
+                             f"{config.MODEL.NUM_CLASSES}; set --opts MODEL.NUM_CLASSES {self.loaders.num_classes}")
+        self.parts = self._build_components(model, amp_dtype)
+        # Evaluation runs the unwrapped weights: DDP's forward would add collectives that hang on uneven shards.
+        self.eval_model = torch.compile(model) if config.TRAIN.COMPILE else model
+        self.state = TrainState(device)
+        self.checkpoints = CheckpointManager(run_dir, self.parts, self.state, config, dist_info)
+        self.resumed_from = self.checkpoints.resume(len(self.loaders.train))
+
+    def _log_batch_and_lr(self) -> None:
+        config, world_size = self.config, self.dist_info.world_size
+        train = config.TRAIN
+        logger.info("%d process(es) on %s; total batch %d = %d per process x %d x %d accumulation steps",
+                    world_size, self.dist_info.device, config.DATA.BATCH_SIZE * world_size * train.ACCUMULATION_STEPS,
+                    config.DATA.BATCH_SIZE, world_size, train.ACCUMULATION_STEPS)
+        logger.info("LR entered (for a total batch of %d): base %g, warmup %g, min %g; scaled: base %g, warmup %g, "
+                    "min %g", train.LR_REFERENCE_BATCH, train.BASE_LR, train.WARMUP_LR, train.MIN_LR,
+                    train.SCALED_BASE_LR, train.SCALED_WARMUP_LR, train.SCALED_MIN_LR)
+
+    def _build_components(self, model: nn.Module, amp_dtype: Optional[torch.dtype]) -> Components:
+        config = self.config
+        mixup_fn = build_mixup(config)
+        train_model = _wrap_for_training(model, config, self.dist_info)
+        optimizer = build_optimizer(config, model)
+        epoch_steps = steps_per_epoch(len(self.loaders.train), config.TRAIN.ACCUMULATION_STEPS)
+        scaler = torch.amp.GradScaler(self.dist_info.device.type) if amp_dtype == torch.float16 else None
+        # Created after DDP has broadcast rank 0's weights, so every rank's EMA starts equal.
+        ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
+        return Components(model=model, train_model=train_model, criterion=build_criterion(config, mixup_fn is not None),
+                          optimizer=optimizer, scheduler=build_scheduler(config, optimizer, epoch_steps),
+                          scaler=scaler, ema=ema, mixup_fn=mixup_fn, amp_dtype=amp_dtype)
+
+    # --- --eval -----------------------------------------------------------------------------
+    def evaluate(self) -> int:
+        """Evaluate the loaded weights (and EMA), log them and print one JSON line (rank 0)."""
+        if not (self.resumed_from or self.config.MODEL.PRETRAINED):
+            raise ValueError(f"--eval found no weights: pass --resume PATH or --pretrained PATH (no checkpoint "
+                             f"in {self.run_dir})")
+        result: Dict[str, Any] = {"amp": _AMP_NAMES[self.eval_dtype]}
+        stats = self._validate(self.eval_model)
+        result.update({"val_acc1": stats["acc1"], "val_acc5": stats["acc5"], "val_loss": stats["loss"],
+                       "val_count": stats["count"]})
+        logger.info("eval: acc@1 %.3f  acc@5 %.3f  loss %.4f on %d images", stats["acc1"], stats["acc5"],
+                    stats["loss"], stats["count"])
+        if self.parts.ema is not None:
+            ema_stats = self._validate(self.parts.ema.module)
+            result.update({"ema_val_acc1": ema_stats["acc1"], "ema_val_acc5": ema_stats["acc5"],
+                           "ema_val_loss": ema_stats["loss"]})
+            logger.info("eval EMA: acc@1 %.3f  acc@5 %.3f  loss %.4f", ema_stats["acc1"], ema_stats["acc5"],
+                        ema_stats["loss"])
+        if self.dist_info.is_main:
+            sys.stdout.write(json.dumps(result) + "\n")
+            sys.stdout.flush()
+        return EXIT_OK
+
+    def _validate(self, model: nn.Module) -> Dict[str, float]:
+        return evaluate(model, self.loaders.val, self.dist_info.device, self.eval_dtype)
+
+    # --- training ---------------------------------------------------------------------------
+    def fit(self) -> int:
+        """Train to ``TRAIN.EPOCHS``; returns the exit code.
+
+        ``EXIT_OK``, or ``EXIT_PREEMPTED`` after a stop signal (``last.pth`` holds the position
+        reached); raises :class:`RunStopped` after too many non-finite steps in a row.
+        """
+        self._prepare_run_dir()
+        state = self.state
+        resumed = bool(self.resumed_from)
+        recorder = RunRecorder(self.run_dir, self.dist_info.is_main, resume_epoch=state.epoch if resumed else None,
+                               resume_step=state.global_step if resumed else None)
+        # Installed only now: before training there is nothing to save, and a process blocked in set-up
+        # (e.g. a rendezvous) must still die on the launcher's SIGTERM.
+        try:
+            with PreemptionSignal() as stop_signal:
+                return self._train_epochs(stop_signal, recorder)
+        finally:
+            recorder.close()
+
+    def _prepare_run_dir(self) -> None:
+        # Before the first step: a full disk fails now, not at the first save hours later.
+        check_free_space(self.run_dir, estimate_checkpoint_bytes(self.parts.model, self.parts.ema is not None))
+        if self.dist_info.is_main:
+            remove_stale_temp_files(self.run_dir)
+            # Written only once every input was accepted: a rejected command leaves the old config.yaml.
+            dump_config(self.config, os.path.join(self.run_dir, "config.yaml"))
+            logger.info("run directory %s; full config in config.yaml", self.run_dir)
+
+    def _train_epochs(self, stop_signal: PreemptionSignal, recorder: RunRecorder) -> int:
+        config, state, checkpoints = self.config, self.state, self.checkpoints
+        train_loader = self.loaders.train
+        epoch_steps = steps_per_epoch(len(train_loader), config.TRAIN.ACCUMULATION_STEPS)
+        progress = EpochProgress(config.TRAIN.EPOCHS, epoch_steps, config.PRINT_FREQ, config.TRAIN.MAX_NONFINITE_STEPS,
+                                 self.dist_info.world_size, recorder.scalars)
+
+        def after_step() -> None:
+            if checkpoints.step_save_due():
+                checkpoints.save_last()
+
+        logger.info("training epochs %d..%d from batch %d (%d optimizer steps per epoch)", state.epoch,
+                    config.TRAIN.EPOCHS - 1, state.batch, epoch_steps)
+        start_time = time.time()
+        while state.epoch < config.TRAIN.EPOCHS:
+            if config.TRAIN.STOP_AFTER_STEPS and state.global_step >= config.TRAIN.STOP_AFTER_STEPS:
+                logger.info("stopping: TRAIN.STOP_AFTER_STEPS=%d reached", config.TRAIN.STOP_AFTER_STEPS)
+                return EXIT_OK
+            if stop_signal.agreed():  # signalled during evaluation or a save
+                checkpoints.save_last()
+                return self._preempted()
+            train_loader.set_epoch(state.epoch, start_batch=state.batch)
+            reason = train_one_epoch(self.parts, train_loader, state, config, progress, after_step, stop_signal.agreed)
+            if reason is not StopReason.COMPLETED:
+                return self._stopped(reason)
+            self._end_epoch(recorder)
+        logger.info("done in %s: best acc@1 %.3f (epoch %d)%s",
+                    time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time)), state.best_acc1,
+                    state.best_epoch, f", best EMA acc@1 {state.best_ema_acc1:.3f} (epoch {state.best_ema_epoch})"
+                    if self.parts.ema is not None else "")
+        self.log_outputs()
+        return EXIT_OK
+
+    def _stopped(self, reason: StopReason) -> int:
+        """Save and report a stop inside an epoch; the exit code (or :class:`RunStopped`)."""
+        state, checkpoints, limit = self.state, self.checkpoints, self.config.TRAIN.MAX_NONFINITE_STEPS
+        if reason is StopReason.NONFINITE:
+            path = checkpoints.save_nonfinite()  # never last.pth / best.pth
+            raise RunStopped(
+                f"stopped at global step {state.global_step}: the last {int(state.nonfinite_streak)} optimizer steps "
+                f"had a non-finite loss or gradient and were skipped (TRAIN.MAX_NONFINITE_STEPS={limit}); the state "
+                f"is in {path}, last.pth is untouched: lower TRAIN.BASE_LR or TRAIN.CLIP_GRAD, or check the data, "
+                "then run again to resume from last.pth", EXIT_NONFINITE)
+        if not checkpoints.step_save_due():  # else the step itself saved
+            checkpoints.save_last()
+        if reason is StopReason.PREEMPTED:
+            return self._preempted()
+        logger.info("stopping after global step %d: TRAIN.STOP_AFTER_STEPS=%d", state.global_step,
+                    self.config.TRAIN.STOP_AFTER_STEPS)
+        return EXIT_OK
+
+    def _preempted(self) -> int:
+        state = self.state
+        logger.warning("preempted: last.pth holds epoch %d, batch %d, global step %d; run the same command to "
+                       "continue (exit code %d)", state.epoch, state.batch, state.global_step, EXIT_PREEMPTED)
+        return EXIT_PREEMPTED
+
+    def _end_epoch(self, recorder: RunRecorder) -> None:
+        """Validate (weights and EMA), track the best, advance to the next epoch, checkpoint, record."""
+        state, parts, epoch = self.state, self.parts, self.state.epoch
+        row: Dict[str, Any] = {"epoch": epoch, **summarize_train_epoch(state),
+                               "lr": parts.optimizer.param_groups[0]["lr"]}
+        stats = self._validate(self.eval_model)
+        row.update({"val_acc1": stats["acc1"], "val_acc5": stats["acc5"], "val_loss": stats["loss"]})
+        ema_acc1 = None
+        if parts.ema is not None:
+            ema_stats = self._validate(parts.ema.module)
+            ema_acc1 = ema_stats["acc1"]
+            row.update({"ema_val_acc1": ema_acc1, "ema_val_acc5": ema_stats["acc5"],
+                        "ema_val_loss": ema_stats["loss"]})
+        improved = self.checkpoints.track_best(epoch, stats["acc1"], ema_acc1)
+        logger.info("epoch %d: train loss %.4f  val acc@1 %.3f (best %.3f @ %d)  acc@5 %.3f  loss %.4f%s", epoch,
+                    row["train_loss"], stats["acc1"], state.best_acc1, state.best_epoch, stats["acc5"], stats["loss"],
+                    f"  EMA acc@1 {ema_acc1:.3f} (best {state.best_ema_acc1:.3f})" if ema_acc1 is not None else "")
+        row.update({"global_step": state.global_step, "best_acc1": state.best_acc1})
+        state.start_epoch(epoch + 1)  # a checkpoint describes the start of the next epoch
+        self.checkpoints.save_epoch_end(epoch, improved)
+        recorder.epoch(row, state.global_step)
+
+    def log_outputs(self) -> None:
+        """Say where the run's results are and the one command that evaluates its best checkpoint."""
+        run_dir, best = self.run_dir, os.path.join(self.run_dir, BEST)
+        ema_note = f" (EMA weights: {os.path.join(run_dir, EMA_BEST)})" if self.parts.ema is not None else ""
+        logger.info("run directory:   %s (config.yaml, log.txt, metrics.jsonl)", run_dir)
+        logger.info("TensorBoard:     tensorboard --logdir %s", os.path.join(run_dir, "tensorboard"))
+        logger.info("best checkpoint: %s%s", best, ema_note)
+        logger.info("evaluate it:     python main.py --cfg %s --eval --resume %s",
+                    shlex.quote(os.path.join(run_dir, "config.yaml")), shlex.quote(best))

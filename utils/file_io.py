@@ -1,0 +1,123 @@
+"""Atomic checkpoint files: write to a temp file, fsync, rename; safe reads; stale temp-file clean-up.
+
+A crash at any point leaves either the old file or the complete new one under a checkpoint's
+name, never a partial file. Temp files are named ``.NAME.tmp-PID`` beside their destination.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from typing import Any, Callable, Dict
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_TEMP_RE = re.compile(r"^\..+\.pth\.tmp-(\d+)$")
+
+
+def _temp_path(path: str) -> str:
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _publish(path: str, write: Callable[[str], None]) -> None:
+    """Atomically make ``path`` the file that ``write(tmp)`` produces: temp file, rename, fsync the
+    directory; on any failure the temp file is removed and ``path`` is untouched."""
+    tmp = _temp_path(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temp file, fsync, then rename over ``path``.
+
+    Args:
+        obj: What to save.
+        path: Destination.
+    """
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _publish(path, write)
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    """Make ``dst`` an atomic copy of the complete file ``src`` (a hard link where possible).
+
+    Args:
+        src: An existing, complete file.
+        dst: Destination in the same directory tree.
+    """
+    def write(tmp: str) -> None:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links on this file system
+            with open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 24)
+                fout.flush()
+                os.fsync(fout.fileno())
+
+    _publish(dst, write)
+
+
+def load_file(path: str, map_location: Any = "cpu", mmap: bool = False) -> Dict[str, Any]:
+    """Load a checkpoint file without executing arbitrary pickled code (``weights_only=True``).
+
+    Args:
+        path: The file.
+        map_location: Where tensors go.
+        mmap: Map tensors lazily (cheap peeking at the counters of big files).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist; check the path given to --resume / --pretrained")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - the message names the cause
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                         "it is truncated, corrupt or holds pickled objects other than tensors and "
+                         "plain data: re-save it as {'model': state_dict}") from e
+
+
+def remove_stale_temp_files(directory: str) -> None:
+    """Delete partial checkpoint temp files (``.NAME.pth.tmp-PID``) that a killed writer left behind.
+
+    Only files of this module's temp-file pattern written by another process are touched;
+    complete checkpoints never are.
+
+    Args:
+        directory: The run directory (call on rank 0, before training).
+    """
+    if not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory)):
+        match = _TEMP_RE.match(name)
+        if match and int(match.group(1)) != os.getpid():
+            os.remove(os.path.join(directory, name))
+            logger.info("removed %s: an incomplete checkpoint left by a killed run", name)
