@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, unwrap_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.benchmark import Timer
@@ -36,8 +36,8 @@ class Components:
     """What a training step reads and changes; built once by :class:`trainer.Trainer`.
 
     Args:
-        model: The unwrapped model: its weights, the EMA's source, what checkpoints hold.
-        train_model: What the step calls: ``model`` or its DDP / compiled wrapper.
+        train_model: What the step calls: the model or its DDP / compiled wrapper; :attr:`model` is
+            the unwrapped model inside (its weights, the EMA's source, what checkpoints hold).
         criterion: Loss on (logits, targets); targets are soft when ``mixup_fn`` is set.
         optimizer: Stepped once per group of ``TRAIN.ACCUMULATION_STEPS`` micro-batches.
         scheduler: timm scheduler, ``step_update(global_step)`` after every optimizer step.
@@ -47,7 +47,6 @@ class Components:
         amp_dtype: Autocast dtype of training, None for float32.
     """
 
-    model: nn.Module
     train_model: nn.Module
     criterion: nn.Module
     optimizer: torch.optim.Optimizer
@@ -56,6 +55,17 @@ class Components:
     ema: Optional[ModelEmaV3] = None
     mixup_fn: Optional[Callable] = None
     amp_dtype: Optional[torch.dtype] = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The unwrapped model (timm's ``unwrap_model`` sees through DDP and ``torch.compile``)."""
+        return unwrap_model(self.train_model)
+
+    @property
+    def ddp(self) -> Optional[DistributedDataParallel]:
+        """The DDP wrapper of the model (possibly inside a compiled module), None when not distributed."""
+        inner = getattr(self.train_model, "_orig_mod", self.train_model)
+        return inner if isinstance(inner, DistributedDataParallel) else None
 
 
 def steps_per_epoch(num_batches: int, accumulation_steps: int) -> int:
@@ -120,13 +130,12 @@ def _micro_batch(parts: Components, images: torch.Tensor, targets: torch.Tensor,
     The gradient all-reduce runs only when ``sync`` (the group's last micro-batch); the group's
     loss is the mean over its micro-batches.
     """
-    model = parts.train_model
     if parts.mixup_fn is not None:
         images, targets = parts.mixup_fn(images, targets)
-    no_sync = not sync and isinstance(model, DistributedDataParallel)
-    with model.no_sync() if no_sync else contextlib.nullcontext():
+    ddp = parts.ddp
+    with ddp.no_sync() if ddp is not None and not sync else contextlib.nullcontext():
         with autocast(images.device, parts.amp_dtype):
-            outputs = model(images)  # (B, num_classes)
+            outputs = parts.train_model(images)  # (B, num_classes)
             loss = parts.criterion(outputs, targets)
         if nan_loss:  # TRAIN.DEBUG_NONFINITE_STEPS
             loss = loss * float("nan")

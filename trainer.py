@@ -158,7 +158,7 @@ class Trainer:
         scaler = torch.amp.GradScaler(self.dist_info.device.type) if amp_dtype == torch.float16 else None
         # Created after DDP has broadcast rank 0's weights, so every rank's EMA starts equal.
         ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
-        return Components(model=model, train_model=train_model, criterion=build_criterion(config, mixup_fn is not None),
+        return Components(train_model=train_model, criterion=build_criterion(config, mixup_fn is not None),
                           optimizer=optimizer, scheduler=build_scheduler(config, optimizer, epoch_steps),
                           scaler=scaler, ema=ema, mixup_fn=mixup_fn, amp_dtype=amp_dtype)
 

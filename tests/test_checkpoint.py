@@ -28,7 +28,7 @@ class _Run:
         model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 3))
         cfg = load_config(opts=["TRAIN.EPOCHS", "3", "TRAIN.WARMUP_EPOCHS", "1", "SAVE_KEEP", "1"])
         optimizer = build_optimizer(cfg, model)
-        self.parts = Components(model=model, train_model=model, criterion=nn.MSELoss(), optimizer=optimizer,
+        self.parts = Components(train_model=model, criterion=nn.MSELoss(), optimizer=optimizer,
                                 scheduler=build_scheduler(cfg, optimizer, 4))
         self.state = TrainState(torch.device("cpu"))
         self.manager = ckpt.CheckpointManager(str(run_dir), self.parts, self.state, cfg,
@@ -155,3 +155,19 @@ def test_pretrained_reinitialises_a_head_of_other_classes(tmp_path: Path) -> Non
                                 num_heads=[1, 2, 4, 8])
     with pytest.raises(ValueError, match="has shape .* but the model expects"):
         models.load_pretrained(other, str(tmp_path / "official.pth"))
+
+
+def test_epoch_end_writes_due_files_best_files_and_keeps_the_newest_epochs(tmp_path: Path) -> None:
+    """SAVE_FREQ 1, SAVE_KEEP 1: epoch and last files every epoch, best files only when they improve."""
+    run = _Run(tmp_path)
+    for epoch, acc1, ema_acc1 in ((0, 10.0, 5.0), (1, 8.0, 6.0), (2, 12.0, 4.0)):
+        improved = run.manager.track_best(epoch, acc1, ema_acc1)
+        run.state.global_step = 4 * (epoch + 1)
+        run.state.start_epoch(epoch + 1)
+        run.manager.save_epoch_end(epoch, improved)
+        assert improved == {0: [ckpt.BEST, ckpt.EMA_BEST], 1: [ckpt.EMA_BEST], 2: [ckpt.BEST]}[epoch]
+    assert sorted(os.listdir(tmp_path)) == ["best.pth", "ema_best.pth", "epoch_0002.pth", "last.pth"]
+    steps = {name: load_file(str(tmp_path / name))["global_step"] for name in os.listdir(tmp_path)}
+    assert steps == {"best.pth": 12, "ema_best.pth": 8, "epoch_0002.pth": 12, "last.pth": 12}
+    assert (run.state.best_acc1, run.state.best_epoch, run.state.best_ema_acc1, run.state.best_ema_epoch) == \
+        (12.0, 2, 6.0, 1)

@@ -49,7 +49,7 @@ def _tiny_model() -> nn.Module:
 def _one_step(model: nn.Module, batches: List[Batch], accumulation: int) -> TrainState:
     cfg = load_config(opts=["TRAIN.ACCUMULATION_STEPS", str(accumulation), "TRAIN.CLIP_GRAD", "0.0",
                             "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "100"])
-    parts = Components(model=model, train_model=model, criterion=nn.CrossEntropyLoss(),
+    parts = Components(train_model=model, criterion=nn.CrossEntropyLoss(),
                        optimizer=torch.optim.SGD(model.parameters(), lr=1.0), scheduler=_NoSchedule())
     state = TrainState(torch.device("cpu"))
     assert train_one_epoch(parts, _ListLoader(batches), state, cfg) is StopReason.COMPLETED
