@@ -144,6 +144,24 @@ def _micro_batch(parts: Components, images: torch.Tensor, targets: torch.Tensor,
     return loss
 
 
+def _diverged(parts: Components, finite: torch.Tensor, nonfinite_losses: torch.Tensor) -> torch.Tensor:
+    """Whether a step counts as non-finite (toward ``TRAIN.MAX_NONFINITE_STEPS``); a 0-d bool tensor.
+
+    Without a loss scaler every skipped step counts. With fp16's ``GradScaler`` an overflow of the
+    scaled gradients is routine (the scaler skips the step and lowers the scale), so a skipped step
+    counts only when a micro-batch loss of the group was non-finite on some rank: one all-reduce of
+    a single integer, on the device (no host sync), so that every rank keeps the same streak.
+
+    Args:
+        parts: Reads ``scaler``.
+        finite: From :func:`optimizer_step`.
+        nonfinite_losses: This rank's count of non-finite micro-batch losses in the group.
+    """
+    if parts.scaler is None:
+        return ~finite
+    return ~finite & (all_reduce_sum(nonfinite_losses.clone()) > 0)
+
+
 def _accumulate_loss(state: TrainState, loss: torch.Tensor, samples: int) -> None:
     """Add a micro-batch to the epoch's running sums (a non-finite loss is counted, not summed)."""
     loss_finite = torch.isfinite(loss.detach())
@@ -188,11 +206,13 @@ def train_one_epoch(parts: Components, loader: Any, state: TrainState, config: C
         batches = iter(loader)
     progress.start(state.batch // accumulation)
     time_before = state.train_time
+    group_nonfinite_loss = torch.zeros((), dtype=torch.int64, device=state.device)
     for index, (images, targets) in enumerate(batches, start=state.batch):
         group_start = index - index % accumulation
         group_size = min(accumulation, num_batches - group_start)
         is_step = index + 1 == group_start + group_size
         loss = _micro_batch(parts, images, targets, group_size, is_step, state.global_step + 1 in nan_steps)
+        group_nonfinite_loss += (~torch.isfinite(loss.detach())).long()
         _accumulate_loss(state, loss, images.shape[0])
         progress.count(images.shape[0])
         state.batch = index + 1
@@ -200,7 +220,8 @@ def train_one_epoch(parts: Components, loader: Any, state: TrainState, config: C
             continue
         lr = parts.optimizer.param_groups[0]["lr"]  # the LR this step uses
         grad_norm, finite = optimizer_step(parts, train.CLIP_GRAD)
-        state.count_step(finite)
+        state.count_step(_diverged(parts, finite, group_nonfinite_loss))
+        group_nonfinite_loss = torch.zeros_like(group_nonfinite_loss)
         parts.scheduler.step_update(state.global_step)
         if parts.ema is not None:
             parts.ema.update(parts.model, step=state.global_step)

@@ -178,3 +178,34 @@ def test_user_errors_are_one_line_and_debug_shows_the_traceback(
     assert "needs a CUDA device" in capsys.readouterr().err
     assert main.main(["--cfg", str(tiny_yaml), "--eval", "--output", out]) == 1
     assert "--eval found no weights" in capsys.readouterr().err
+
+
+class _HugeLoss(nn.Module):
+    """Cross-entropy times 1e35: finite, but fp16's scaled gradients overflow float32."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets) * 1e35
+
+
+def test_a_loss_scaler_overflow_is_not_a_non_finite_step_but_a_nan_loss_is() -> None:
+    """fp16's routine overflows lower the scale without counting; a NaN loss under the scaler counts."""
+    torch.manual_seed(4)
+    model = _tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
+    scaler = torch.amp.GradScaler("cpu")
+    parts = Components(train_model=model, criterion=_HugeLoss(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                       scheduler=_NoSchedule(), scaler=scaler)
+    state = TrainState(torch.device("cpu"))
+    cfg = load_config(opts=["TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "1"])
+    assert train_one_epoch(parts, _ListLoader(batches), state, cfg) is StopReason.COMPLETED
+    assert scaler.get_scale() == 65536.0 / 8  # three overflows, three halvings, three skipped steps
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert (state.global_step, int(state.nonfinite_total), int(state.nonfinite_streak)) == (3, 0, 0)
+
+    parts.criterion = nn.CrossEntropyLoss()
+    nan_at = load_config(opts=["TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "1",
+                               "TRAIN.DEBUG_NONFINITE_STEPS", "[5]"])
+    state.start_epoch(0)
+    assert train_one_epoch(parts, _ListLoader(batches), state, nan_at) is StopReason.COMPLETED
+    assert (state.global_step, int(state.nonfinite_total), int(state.nonfinite_streak)) == (6, 1, 0)

@@ -94,13 +94,13 @@ class TrainState:
         self.epoch, self.batch = epoch, 0
         self.reset_epoch_meters()
 
-    def count_step(self, finite: torch.Tensor) -> None:
-        """Advance the global step and the skipped-step counts (on the device, no host sync).
+    def count_step(self, nonfinite: torch.Tensor) -> None:
+        """Advance the global step and the non-finite step counts (on the device, no host sync).
 
         Args:
-            finite: 0-d bool tensor, whether the step's gradients were finite (and it was taken).
+            nonfinite: 0-d bool tensor, whether the step was skipped for a non-finite loss or gradient.
         """
-        skipped = (~finite).long()
+        skipped = nonfinite.long()
         self.nonfinite_total += skipped
         self.nonfinite_streak.mul_(skipped).add_(skipped)  # +1 when skipped, else 0
         self.global_step += 1
