@@ -133,15 +133,17 @@ def ungroup_tokens(x: torch.Tensor, group: int, interval: int, height: int, widt
     return x.reshape(batch, height, width, channels)
 
 
-def sdpa_backends(device: torch.device, bias_requires_grad: bool) -> Optional[List[SDPBackend]]:
+def sdpa_backends(device: torch.device) -> Optional[List[SDPBackend]]:
     """SDPA backends to allow for an additive bias, or None to let PyTorch choose.
 
-    On CUDA a bias that needs gradients goes to the memory-efficient kernel (math as the
+    On CUDA, training and inference both run the memory-efficient kernel (math as the
     fallback): flash attention takes no arbitrary bias, and cuDNN attention, PyTorch's first
     choice on Hopper since 2.11, has had wrong gradients with an explicit mask
-    (pytorch/pytorch#196678). Without a bias gradient (inference) PyTorch's choice stands.
+    (pytorch/pytorch#196678). Pinning inference too means validation, ``--eval`` and training
+    run the one kernel whose results the tests and the official fixtures vouch for. On CPU
+    PyTorch's choice stands (its flash kernel takes a bias).
     """
-    if device.type == "cuda" and bias_requires_grad:
+    if device.type == "cuda":
         return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return None
 
@@ -300,7 +302,7 @@ class Attention(nn.Module):
         else:
             # Per-group bias (padding): repeat it for every image, (B*nG, nH, N, N).
             mask = bias.expand(batch, *bias.shape).reshape(batch * num_groups, heads, tokens, tokens)
-        backends = sdpa_backends(q.device, mask.requires_grad)
+        backends = sdpa_backends(q.device)
         with sdpa_kernel(backends) if backends else contextlib.nullcontext():
             out = F.scaled_dot_product_attention(
                 q.reshape(shape), k.reshape(shape), v.reshape(shape), attn_mask=mask,

@@ -293,19 +293,26 @@ def test_linear_residual() -> None:
         torch.testing.assert_close(got, want)
 
 
-def test_sdpa_backends_for_a_bias_gradient(monkeypatch) -> None:
-    """CUDA training pins SDPA to memory-efficient/math; the same wiring runs here on CPU (math)."""
+def test_sdpa_backends_are_pinned_on_cuda_for_training_and_inference(monkeypatch) -> None:
+    """CUDA pins SDPA to memory-efficient/math in training and inference; the same wiring runs
+    here on CPU (math), forward and backward, in float64 against the reference formulation."""
     from torch.nn.attention import SDPBackend
 
-    assert sdpa_backends(torch.device("cuda"), True) == [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-    assert sdpa_backends(torch.device("cuda"), False) is None
-    assert sdpa_backends(torch.device("cpu"), True) is None
-    # Force the CUDA choice on CPU (only math is available there) through SDPA's backward.
-    monkeypatch.setattr(models.crossformer, "sdpa_backends", lambda device, grad: [SDPBackend.MATH] if grad else None)
+    assert sdpa_backends(torch.device("cuda")) == [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    assert sdpa_backends(torch.device("cuda", 3)) == [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    assert sdpa_backends(torch.device("cpu")) is None
+    # Force the CUDA choice on CPU (only math is available there) through SDPA's forward and backward.
+    monkeypatch.setattr(models.crossformer, "sdpa_backends", lambda device: [SDPBackend.MATH])
     monkeypatch.setattr(Attention, "explicit_cpu_training", False)
     model, x = assert_paths_agree_float64((224, 224))
+    model.eval()  # inference: the cached position bias, no autograd, the same pinned backends
+    with torch.no_grad():
+        model.set_reference_attention(False)
+        fast = model(x)
+        model.set_reference_attention(True)
+        torch.testing.assert_close(fast, model(x), rtol=1e-10, atol=1e-12)
     # The choice is applied: the memory-efficient kernel alone does not exist on CPU.
-    monkeypatch.setattr(models.crossformer, "sdpa_backends", lambda device, grad: [SDPBackend.EFFICIENT_ATTENTION])
+    monkeypatch.setattr(models.crossformer, "sdpa_backends", lambda device: [SDPBackend.EFFICIENT_ATTENTION])
     with pytest.raises(RuntimeError, match="No viable backend"):
         run_path(model, x, False)
 
