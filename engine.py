@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from timm.utils import ModelEmaV3, unwrap_model
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.benchmark import Timer
 from yacs.config import CfgNode
 
 from utils.distributed import all_reduce_sum, rank_and_world_size
@@ -297,6 +296,9 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device,
 
 def _seconds(fn: Callable[[], None], warmup: int, iters: int) -> float:
     """Seconds for ``iters`` calls of ``fn`` after ``warmup`` untimed ones (CUDA synchronised by the Timer)."""
+    # Imported here: torch.utils.benchmark loads cpp_extension, which warns on machines without CUDA.
+    from torch.utils.benchmark import Timer
+
     for _ in range(warmup):
         fn()
     timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())

@@ -134,12 +134,53 @@ def test_a_failed_save_keeps_the_previous_checkpoint(cfg: Path, tmp_path: Path, 
 
     monkeypatch.setattr(torch, "save", save)
     out = tmp_path / "out"
-    assert _run(cfg, out, "SAVE_STEPS", "2") == 1
-    _one_line_error(capsys, "last.pth failed (No space left on device)", "previous checkpoints are intact")
     run_dir = out / MODEL_DIR / "default"
+    assert _run(cfg, out, "SAVE_STEPS", "2") == 1
+    _one_line_error(capsys, f"no space left for {run_dir / 'last.pth'}", "MiB are free",
+                    f"the previous checkpoints in {run_dir} are intact", "run the same command to resume")
     assert torch.load(run_dir / "last.pth", weights_only=True)["global_step"] == 2
     assert sorted(p.name for p in run_dir.glob("*.pth*")) == ["last.pth"]
     assert not list(run_dir.glob(".*tmp*"))
+
+
+def test_a_disk_that_fills_during_an_epoch_save_is_named_and_prunes_nothing(
+        cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+        restore_logging: None) -> None:
+    """torch.save's zip writer reports a full disk as a RuntimeError: the message still says what happened."""
+    real_save, real_usage, calls = torch.save, shutil.disk_usage, []
+
+    def usage(path):  # the file system is full once the second save started writing
+        found = real_usage(path)
+        return found._replace(free=3 << 20) if len(calls) >= 2 else found
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 44652800 vs 44652688")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    out = tmp_path / "out"
+    run_dir = out / MODEL_DIR / "default"
+    assert _run(cfg, out, "SAVE_KEEP", "1") == 1  # epoch 0 saved; epoch 1's save fails
+    line = _one_line_error(capsys, f"no space left for {run_dir / 'epoch_0001.pth'}", "3.0 MiB are free",
+                           "previous checkpoints", "intact")
+    assert "unexpected pos" not in line
+    # Nothing pruned: with SAVE_KEEP 1 a prune after the failed save would have removed epoch_0000.pth.
+    assert sorted(p.name for p in run_dir.glob("*.pth*")) == ["best.pth", "ema_best.pth", "epoch_0000.pth",
+                                                              "last.pth"]
+    assert torch.load(run_dir / "epoch_0000.pth", weights_only=True)["epoch"] == 1
+
+    # The space is checked before every save: a checkpoint that cannot fit is not even started.
+    calls.clear()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1 << 20))
+    capsys.readouterr()
+    monkeypatch.setattr("trainer.check_free_space", lambda run_dir, needed: None)  # past the start-up check
+    assert _run(cfg, tmp_path / "out2", "SAVE_STEPS", "1") == 1
+    _one_line_error(capsys, "no space left for", "last.pth", "1.0 MiB are free")
+    assert calls == []
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture,

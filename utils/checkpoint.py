@@ -14,12 +14,15 @@ automatically). Writes are atomic (:mod:`utils.file_io`); pruning runs only afte
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import shutil
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
+import torch
 from yacs.config import CfgNode
 
 from .distributed import DistInfo, all_gather_object, broadcast_object
@@ -90,6 +93,17 @@ def check_compatible(checkpoint: Dict[str, Any], own: Dict[str, Any]) -> None:
         f"the checkpoint is of another model (MODEL.NAME={saved_model.get('NAME', '?')}, "
         f"MODEL.NUM_CLASSES={saved_model.get('NUM_CLASSES', '?')}; {detail}); resume it with the config it was "
         "trained with, or start a new run (--tag NAME) from its weights with --pretrained")
+
+
+def checkpoint_bytes(checkpoint: Any) -> int:
+    """The bytes of every tensor in ``checkpoint`` (nested dicts and lists), most of its size on disk."""
+    if isinstance(checkpoint, torch.Tensor):
+        return checkpoint.numel() * checkpoint.element_size()
+    if isinstance(checkpoint, dict):
+        return sum(checkpoint_bytes(value) for value in checkpoint.values())
+    if isinstance(checkpoint, (list, tuple)):
+        return sum(checkpoint_bytes(value) for value in checkpoint)
+    return 0
 
 
 def prune_epoch_checkpoints(run_dir: str, keep: int) -> None:
@@ -218,6 +232,10 @@ class CheckpointManager:
     def save(self, names: Sequence[str], prune: bool = False) -> None:
         """Write the state under each of ``names`` (the first is written, the others are atomic links).
 
+        Before writing, rank 0 compares the free space with this checkpoint's real size; a save
+        that fails (a full disk, a quota, permissions) leaves the previous files untouched, prunes
+        nothing and raises :class:`CheckpointSaveError` on every rank with one line saying why.
+
         Args:
             names: File names in the run directory, e.g. ``["epoch_0003.pth", "last.pth"]``.
             prune: After a successful write, keep only the ``SAVE_KEEP`` newest ``epoch_*.pth``.
@@ -225,24 +243,48 @@ class CheckpointManager:
         checkpoint = self.state_dict()  # collective: before the rank check
         error = None
         if self.dist_info.is_main:
-            start = time.perf_counter()
-            first = os.path.join(self.run_dir, names[0])
-            try:
-                os.makedirs(self.run_dir, exist_ok=True)
-                atomic_save(checkpoint, first)
-                for name in names[1:]:
-                    atomic_copy(first, os.path.join(self.run_dir, name))
-            except OSError as e:  # disk full, quota, permissions: the previous files are untouched
-                error = (f"saving {first} failed ({e.strerror or e}); the previous checkpoints are intact: free "
-                         "space or fix the output directory, then run the same command to resume")
-            else:
-                logger.info("saved %s (epoch %d, batch %d, step %d) in %.1fs", ", ".join(names), self.state.epoch,
-                            self.state.batch, self.state.global_step, time.perf_counter() - start)
-                if prune:
-                    prune_epoch_checkpoints(self.run_dir, self.config.SAVE_KEEP)
+            error = self._write(checkpoint, names)
+            if error is None and prune:
+                prune_epoch_checkpoints(self.run_dir, self.config.SAVE_KEEP)
         error = broadcast_object(error)
         if error:
             raise CheckpointSaveError(error)
+
+    def _write(self, checkpoint: Dict[str, Any], names: Sequence[str]) -> Optional[str]:
+        """Rank 0's part of :meth:`save`: None on success, else the one-line error."""
+        start = time.perf_counter()
+        first = os.path.join(self.run_dir, names[0])
+        needed = checkpoint_bytes(checkpoint) + (1 << 20)  # tensors plus the pickled rest
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+            free = shutil.disk_usage(self.run_dir).free
+            if free < needed:
+                raise OSError(errno.ENOSPC, "not enough free space before writing")
+            atomic_save(checkpoint, first)
+            for name in names[1:]:
+                atomic_copy(first, os.path.join(self.run_dir, name))
+        # OSError: disk full, quota, permissions. torch.save's zip writer reports a full disk as a
+        # RuntimeError ("unexpected pos ..."). Either way the previous files are untouched.
+        except (OSError, RuntimeError) as e:
+            return self._save_error(first, needed, e)
+        logger.info("saved %s (epoch %d, batch %d, step %d) in %.1fs", ", ".join(names), self.state.epoch,
+                    self.state.batch, self.state.global_step, time.perf_counter() - start)
+        return None
+
+    def _save_error(self, path: str, needed: int, error: BaseException) -> str:
+        """One line for a failed save: what failed, the space needed and free, what is intact, the fix."""
+        try:
+            free = shutil.disk_usage(self.run_dir).free
+        except OSError:
+            free = -1
+        intact = f"the previous checkpoints in {self.run_dir} are intact"
+        no_space = getattr(error, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or 0 <= free < needed
+        if no_space:
+            return (f"no space left for {path}: the checkpoint needs about {needed / 2**20:.1f} MiB and "
+                    f"{max(free, 0) / 2**20:.1f} MiB are free; {intact}: free space (or pass --output DIR on a "
+                    "larger file system), then run the same command to resume")
+        return (f"saving {path} failed ({getattr(error, 'strerror', None) or first_line(error)}); {intact}: fix "
+                "the output directory, then run the same command to resume")
 
     def save_last(self) -> None:
         """Write ``last.pth`` at the current position (a preemption, a stop, ``SAVE_STEPS``)."""
