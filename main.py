@@ -19,7 +19,7 @@ from config import get_config, parse_option
 from trainer import Trainer, run_throughput
 from utils.distributed import cleanup, init_distributed
 from utils.logger import setup_logging
-from utils.reliability import EXIT_ERROR, RunStopped, check_output_writable, first_line
+from utils.reliability import EXIT_ERROR, EXIT_INTERRUPTED, RunStopped, check_output_writable, first_line
 
 
 def run(args: Any) -> int:
@@ -51,8 +51,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rank = os.environ.get("RANK", "0")
     try:
         return run(args)
-    except KeyboardInterrupt:
-        raise
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C during it
+        if args.debug:
+            raise
+        sys.stderr.write(f"aborted (rank {rank}): interrupted; checkpoints already written are intact, the same "
+                         "command resumes from the newest\n")
+        return EXIT_INTERRUPTED
     except RunStopped as e:
         if args.debug:
             raise

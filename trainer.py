@@ -33,8 +33,8 @@ from utils.file_io import remove_stale_temp_files
 from utils.metrics import RunRecorder
 from utils.precision import resolve_amp
 from utils.progress import EpochProgress
-from utils.reliability import (EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionSignal, RunStopped,
-                               check_free_space, estimate_checkpoint_bytes)
+from utils.reliability import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionSignal,
+                               RunStopped, check_free_space, estimate_checkpoint_bytes)
 from utils.train_state import TrainState
 
 logger = logging.getLogger(__name__)
@@ -237,11 +237,11 @@ class Trainer:
                 return EXIT_OK
             if stop_signal.agreed():  # signalled during evaluation or a save
                 checkpoints.save_last()
-                return self._preempted()
+                return self._preempted(stop_signal)
             train_loader.set_epoch(state.epoch, start_batch=state.batch)
             reason = train_one_epoch(self.parts, train_loader, state, config, progress, after_step, stop_signal.agreed)
             if reason is not StopReason.COMPLETED:
-                return self._stopped(reason)
+                return self._stopped(reason, stop_signal)
             self._end_epoch(recorder)
         logger.info("done in %s: best acc@1 %.3f (epoch %d)%s",
                     time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time)), state.best_acc1,
@@ -250,7 +250,7 @@ class Trainer:
         self.log_outputs()
         return EXIT_OK
 
-    def _stopped(self, reason: StopReason) -> int:
+    def _stopped(self, reason: StopReason, stop_signal: PreemptionSignal) -> int:
         """Save and report a stop inside an epoch; the exit code (or :class:`RunStopped`)."""
         state, checkpoints, limit = self.state, self.checkpoints, self.config.TRAIN.MAX_NONFINITE_STEPS
         if reason is StopReason.NONFINITE:
@@ -263,16 +263,17 @@ class Trainer:
         if not checkpoints.step_save_due():  # else the step itself saved
             checkpoints.save_last()
         if reason is StopReason.PREEMPTED:
-            return self._preempted()
+            return self._preempted(stop_signal)
         logger.info("stopping after global step %d: TRAIN.STOP_AFTER_STEPS=%d", state.global_step,
                     self.config.TRAIN.STOP_AFTER_STEPS)
         return EXIT_OK
 
-    def _preempted(self) -> int:
+    def _preempted(self, stop_signal: PreemptionSignal) -> int:
         state = self.state
-        logger.warning("preempted: last.pth holds epoch %d, batch %d, global step %d; run the same command to "
-                       "continue (exit code %d)", state.epoch, state.batch, state.global_step, EXIT_PREEMPTED)
-        return EXIT_PREEMPTED
+        what, code = ("interrupted", EXIT_INTERRUPTED) if stop_signal.interrupted else ("preempted", EXIT_PREEMPTED)
+        logger.warning("%s: last.pth holds epoch %d, batch %d, global step %d; run the same command to continue "
+                       "(exit code %d)", what, state.epoch, state.batch, state.global_step, code)
+        return code
 
     def _end_epoch(self, recorder: RunRecorder) -> None:
         """Validate (weights and EMA), track the best, advance to the next epoch, checkpoint, record."""

@@ -8,6 +8,8 @@ Exit codes of ``main.py`` (documented in ``docs/reliability.md``):
 2         bad command line (argparse)
 3         stopped after ``TRAIN.MAX_NONFINITE_STEPS`` consecutive non-finite steps
 75        preempted (SIGTERM / SIGUSR1): ``last.pth`` written, run the same command again
+130       interrupted (Ctrl-C): ``last.pth`` written at the agreed step (the first Ctrl-C), or
+          aborted at once without a save (a second Ctrl-C)
 ========  ================================================================================
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 import shutil
 import signal
+import time
 from types import FrameType
 from typing import Any, Dict, Optional, Sequence
 
@@ -32,7 +35,12 @@ EXIT_ERROR = 1
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75  # sysexits EX_TEMPFAIL: "try again later"
 
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# A launcher passes a terminal's interrupt on to its workers, which also received it from the
+# terminal: a second SIGINT sooner than this after the first is that copy, not a second Ctrl-C.
+_SECOND_INTERRUPT_AFTER_S = 1.0
 
 
 def first_line(error: BaseException) -> str:
@@ -54,7 +62,7 @@ class RunStopped(Exception):
 
 
 class PreemptionSignal:
-    """Turn SIGTERM / SIGUSR1 into a stop that every rank agrees on at a step boundary.
+    """Turn SIGTERM / SIGUSR1 / SIGINT into a stop that every rank agrees on at a step boundary.
 
     The handler only sets a flag. :meth:`agreed` is a collective: every rank contributes its
     flag to a MAX all-reduce of one integer, so a signal delivered to any single rank stops all
@@ -63,18 +71,24 @@ class PreemptionSignal:
     one 8-byte host-to-host all-reduce per step (tens of microseconds on one node, about a
     network round trip across nodes), overlapped with the GPU work already queued.
 
-    Use as a context manager (install it before the process group exists: a signal during set-up
-    then stops at the first check); the previous handlers are restored on exit.
+    Ctrl-C (SIGINT) stops the same way, after one line on rank 0 saying so; a second Ctrl-C
+    raises ``KeyboardInterrupt`` at once (``main`` reports it in one line, exit 130).
+
+    Use as a context manager; the previous handlers are restored on exit.
 
     Args:
         signals: The signals that request a stop.
     """
 
+    _FLAGS = {signal.SIGTERM: 1, signal.SIGUSR1: 1, signal.SIGINT: 2}  # MAX-reduced: an interrupt wins
+
     def __init__(self, signals: Sequence[int] = PREEMPTION_SIGNALS) -> None:
         self.signals = tuple(signals)
         self.received: Optional[int] = None
+        self._received_at = 0.0
         self._previous: Dict[int, Any] = {}
         self.stopping = False  # the last agreed decision
+        self.interrupted = False  # the agreed stop came from an interrupt (Ctrl-C) on some rank
         self._group: Any = None
         self._group_ready = False
         self._reported = False
@@ -90,18 +104,27 @@ class PreemptionSignal:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
-        if self.received is None:  # only set a flag: nothing else is safe inside a handler
-            self.received = signum
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            if time.monotonic() - self._received_at > _SECOND_INTERRUPT_AFTER_S:
+                raise KeyboardInterrupt  # the second Ctrl-C: abort now
+            return
+        if self.received is None:  # a flag, and for Ctrl-C one line written straight to stderr
+            self.received, self._received_at = signum, time.monotonic()
+            if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
+                os.write(2, b"interrupt: stopping after the current step and saving last.pth; the same command "
+                            b"resumes there (Ctrl-C again to abort now, without saving)\n")
 
     def agreed(self) -> bool:
         """True on every rank when any rank has received a stop signal (a collective)."""
-        flag = torch.tensor([0 if self.received is None else 1], dtype=torch.int64)
+        flag = torch.tensor([0 if self.received is None else self._FLAGS.get(self.received, 1)], dtype=torch.int64)
         if is_distributed():
             if not self._group_ready:  # a collective, on the first call (the same step on every rank)
                 self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
                 self._group_ready = True
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)  # host only: a CPU tensor
-        stop = self.stopping = bool(flag.item())
+        value = int(flag.item())
+        stop = self.stopping = value > 0
+        self.interrupted = value == 2
         if stop and not self._reported:
             self._reported = True
             if self.received is not None:
