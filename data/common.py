@@ -11,10 +11,6 @@ import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
-# ImageNet statistics on the 0..1 scale (timm's IMAGENET_DEFAULT_MEAN / STD).
-IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
-
 # Salts that keep the random streams of different purposes apart.
 SALT_ORDER = 1
 SALT_AUGMENT = 2

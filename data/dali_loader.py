@@ -24,16 +24,21 @@ from nvidia.dali import math as dmath
 from nvidia.dali.auto_aug import augmentations as aa
 from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
 from nvidia.dali.plugin.pytorch import feed_ndarray
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 from yacs.config import CfgNode
 
-from .common import IMAGENET_MEAN, IMAGENET_STD, SALT_BATCH_AUGMENT, EpochBatchSampler, crop_ranges, mix_seed
+from .common import SALT_BATCH_AUGMENT, EpochBatchSampler, crop_ranges, mix_seed
 from .folder import ImageSplit
 from .torch_loader import MAX_REPLACEMENTS, load_rgb, seeded_rng
 
 logger = logging.getLogger(__name__)
 
 INTERPOLATIONS = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}
+
+# timm's normalisation on the 0..255 scale of DALI's uint8 images.
+MEAN_255 = [255 * m for m in IMAGENET_DEFAULT_MEAN]
+STD_255 = [255 * s for s in IMAGENET_DEFAULT_STD]
 
 # Leading bytes of the formats DALI's decoders read; anything else is reported as corrupt
 # before it can fail inside the pipeline (which would stop the whole batch).
@@ -82,7 +87,7 @@ MAGNITUDE_BINS = 10 * BINS_PER_LEVEL + 1
 LEVELS = np.arange(MAGNITUDE_BINS) / BINS_PER_LEVEL
 
 # timm's fill colour for the geometric RandAugment ops: the ImageNet mean on 0..255 (124, 116, 104).
-FILL_COLOR = [min(255, round(255 * m)) for m in IMAGENET_MEAN]
+FILL_COLOR = [min(255, round(255 * m)) for m in IMAGENET_DEFAULT_MEAN]
 
 
 def _enhance_factor(level: float) -> np.float32:
@@ -320,8 +325,7 @@ def _augment_graph(images, config: CfgNode):
         images = fn.color_twist(images, brightness=fn.random.uniform(range=[1 - strength, 1 + strength]),
                                 contrast=fn.random.uniform(range=[1 - strength, 1 + strength]),
                                 saturation=fn.random.uniform(range=[1 - strength, 1 + strength]))
-    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                    mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN_255, std=STD_255,
                                     mirror=fn.random.coin_flip(probability=0.5))  # (3, S, S) float
 
 
@@ -386,7 +390,7 @@ def _val_graph(encoded, config: CfgNode, decode_device: str):
     return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", crop=(size, size),
                                     crop_pos_x=_center_crop_position(new_width - size),
                                     crop_pos_y=_center_crop_position(new_height - size),
-                                    mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])
+                                    mean=MEAN_255, std=STD_255)
 
 
 def _center_crop_position(margin):

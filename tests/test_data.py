@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from config import _C
 from data import build_loader, build_mixup
-from data.common import IMAGENET_MEAN, IMAGENET_STD, EpochBatchSampler
+from data.common import EpochBatchSampler
 from data.folder import scan_image_folder
 from data.toy import CLASSES, DEFAULT_TOY_SPEC, ToySpec, ensure_toy_dataset, generate_toy_dataset
 
@@ -47,8 +48,8 @@ def make_config(root: Path, loader: str, **overrides):
 
 def denormalise(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) normalised -> 0..1."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     return images * std + mean
 
 
