@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from timm.data import Mixup
 from yacs.config import CfgNode
 
-from .common import EpochBatchSampler, Loaders, crop_ranges, dist_info
+from utils.distributed import rank_and_world_size
+
+from .common import EpochBatchSampler, Loaders, crop_ranges
 from .synthetic import SyntheticLoader
 
 logger = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
     Returns:
         ``Loaders(train, val, num_classes)``; both yield ``(images, labels)`` on ``device``.
     """
-    rank, world_size = dist_info(rank, world_size)
+    rank, world_size = _rank_and_world_size(rank, world_size)
     device = torch.device(device)
     dataset = config.DATA.DATASET
     if dataset not in DATASETS:
@@ -60,6 +62,17 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
                                                 train=is_train))
                   for split, is_train in ((train_set, True), (val_set, False)))
     return Loaders(train=train, val=val, num_classes=len(train_set.classes))
+
+
+def _rank_and_world_size(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:
+    """``utils.distributed.rank_and_world_size()`` with each value overridable (tests simulate ranks this way)."""
+    default_rank, default_world_size = rank_and_world_size()
+    rank = default_rank if rank is None else rank
+    world_size = default_world_size if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} / world size {world_size} is invalid: need 0 <= rank < world_size; "
+                         "check the launcher's RANK and WORLD_SIZE")
+    return rank, world_size
 
 
 def _build_synthetic(config: CfgNode, device: torch.device, rank: int, world_size: int) -> Loaders:

@@ -1,4 +1,4 @@
-"""Pieces shared by every loader: rank discovery, seeding, sample order and sharding."""
+"""Pieces shared by every loader: seeding, sample order and sharding."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +7,6 @@ from typing import Iterator, List, Optional, Protocol, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
 
@@ -16,23 +15,6 @@ SALT_ORDER = 1
 SALT_AUGMENT = 2
 SALT_SYNTHETIC = 3
 SALT_BATCH_AUGMENT = 4
-
-
-def dist_info(rank: Optional[int] = None, world_size: Optional[int] = None) -> Tuple[int, int]:
-    """Return ``(rank, world_size)``: explicit overrides, else torch.distributed, else ``(0, 1)``.
-
-    Args:
-        rank: Override of this process's rank (tests simulate several ranks this way).
-        world_size: Override of the number of processes.
-    """
-    if rank is None or world_size is None:
-        initialised = dist.is_available() and dist.is_initialized()
-        rank = (dist.get_rank() if initialised else 0) if rank is None else rank
-        world_size = (dist.get_world_size() if initialised else 1) if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} / world size {world_size} is invalid: need 0 <= rank < world_size; "
-                         "check the launcher's RANK and WORLD_SIZE")
-    return rank, world_size
 
 
 def crop_ranges(config) -> Tuple[Tuple[float, float], Tuple[float, float]]:
