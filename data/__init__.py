@@ -4,6 +4,6 @@ Datasets (``DATA.DATASET``): ``imagenet`` (folder layout), ``toy`` (generated JP
 ``synthetic`` (random tensors on device). Loaders (``DATA.LOADER``): ``dali``, ``pytorch``.
 """
 from .build import build_loader, build_mixup
-from .common import Loaders
+from .loader import BatchLoader, Loaders
 
-__all__ = ["build_loader", "build_mixup", "Loaders"]
+__all__ = ["build_loader", "build_mixup", "BatchLoader", "Loaders"]

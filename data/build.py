@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from timm.data import Mixup
 from yacs.config import CfgNode
 
-from .common import EpochBatchSampler, Loaders, crop_ranges, dist_info
+from utils.distributed import rank_and_world_size
+
+from .common import EpochBatchSampler, crop_ranges
+from .loader import Loaders
 from .synthetic import SyntheticLoader
 
 logger = logging.getLogger(__name__)
@@ -30,7 +33,7 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
     Returns:
         ``Loaders(train, val, num_classes)``; both yield ``(images, labels)`` on ``device``.
     """
-    rank, world_size = dist_info(rank, world_size)
+    rank, world_size = _rank_and_world_size(rank, world_size)
     device = torch.device(device)
     dataset = config.DATA.DATASET
     if dataset not in DATASETS:
@@ -53,7 +56,7 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
         from .dali_loader import DaliLoader
 
         def make(split, sampler):
-            return DaliLoader(config, split, sampler, device, rank)
+            return DaliLoader(config, split, sampler, device)
     else:
         raise ValueError(f"DATA.LOADER={loader!r} is unknown; use one of {', '.join(LOADERS)}")
     train, val = (make(split, EpochBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size,
@@ -62,13 +65,31 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
     return Loaders(train=train, val=val, num_classes=len(train_set.classes))
 
 
+def _rank_and_world_size(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:
+    """``utils.distributed.rank_and_world_size()`` with each value overridable (tests simulate ranks this way)."""
+    default_rank, default_world_size = rank_and_world_size()
+    rank = default_rank if rank is None else rank
+    world_size = default_world_size if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} / world size {world_size} is invalid: need 0 <= rank < world_size; "
+                         "check the launcher's RANK and WORLD_SIZE")
+    return rank, world_size
+
+
 def _build_synthetic(config: CfgNode, device: torch.device, rank: int, world_size: int) -> Loaders:
     """Random tensors on ``device``; ``DATA.LOADER`` does not apply."""
-    common = dict(batch_size=config.DATA.BATCH_SIZE, img_size=config.DATA.IMG_SIZE,
-                  num_classes=config.MODEL.NUM_CLASSES, seed=config.SEED, rank=rank,
-                  world_size=world_size, device=device)
-    train = SyntheticLoader(config.DATA.SYNTHETIC_TRAIN_SIZE, train=True, **common)
-    val = SyntheticLoader(config.DATA.SYNTHETIC_VAL_SIZE, train=False, **common)
+    sizes = {True: config.DATA.SYNTHETIC_TRAIN_SIZE, False: config.DATA.SYNTHETIC_VAL_SIZE}
+    for num_samples in sizes.values():
+        if num_samples < 1:
+            raise ValueError(f"synthetic dataset size {num_samples} must be >= 1; "
+                             "set DATA.SYNTHETIC_TRAIN_SIZE / DATA.SYNTHETIC_VAL_SIZE")
+    if sizes[True] // world_size < config.DATA.BATCH_SIZE:
+        raise ValueError(
+            f"{sizes[True]} synthetic training samples give no full batch of {config.DATA.BATCH_SIZE} on each "
+            f"of {world_size} process(es); raise DATA.SYNTHETIC_TRAIN_SIZE or lower DATA.BATCH_SIZE")
+    train, val = (SyntheticLoader(EpochBatchSampler(sizes[is_train], config.DATA.BATCH_SIZE, config.SEED, rank,
+                                                    world_size, train=is_train),
+                                  config.DATA.IMG_SIZE, config.MODEL.NUM_CLASSES, device) for is_train in (True, False))
     logger.info("synthetic data: %d train batches, %d val batches per epoch on rank %d",
                 len(train), len(val), rank)
     return Loaders(train=train, val=val, num_classes=config.MODEL.NUM_CLASSES)

@@ -1,42 +1,19 @@
-"""Pieces shared by every loader: rank discovery, seeding, sample order and sharding."""
+"""Pieces shared by every loader: seeding, sample order and sharding."""
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-from typing import Iterator, List, Optional, Protocol, Tuple
+import random
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, List, Tuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
-
-logger = logging.getLogger(__name__)
-
-# ImageNet statistics on the 0..1 scale (timm's IMAGENET_DEFAULT_MEAN / STD).
-IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # Salts that keep the random streams of different purposes apart.
 SALT_ORDER = 1
 SALT_AUGMENT = 2
 SALT_SYNTHETIC = 3
 SALT_BATCH_AUGMENT = 4
-
-
-def dist_info(rank: Optional[int] = None, world_size: Optional[int] = None) -> Tuple[int, int]:
-    """Return ``(rank, world_size)``: explicit overrides, else torch.distributed, else ``(0, 1)``.
-
-    Args:
-        rank: Override of this process's rank (tests simulate several ranks this way).
-        world_size: Override of the number of processes.
-    """
-    if rank is None or world_size is None:
-        initialised = dist.is_available() and dist.is_initialized()
-        rank = (dist.get_rank() if initialised else 0) if rank is None else rank
-        world_size = (dist.get_world_size() if initialised else 1) if world_size is None else world_size
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} / world size {world_size} is invalid: need 0 <= rank < world_size; "
-                         "check the launcher's RANK and WORLD_SIZE")
-    return rank, world_size
 
 
 def crop_ranges(config) -> Tuple[Tuple[float, float], Tuple[float, float]]:
@@ -68,6 +45,28 @@ def mix_seed(*values: int) -> int:
     """
     state = np.random.SeedSequence([int(v) for v in values]).generate_state(2, dtype=np.uint32)
     return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
+@contextmanager
+def seeded_rng(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's global CPU generators (used by timm/torchvision transforms),
+    restoring their previous states on exit so the caller's streams are untouched.
+
+    Args:
+        seed: 63-bit seed, e.g. from ``mix_seed``.
+    """
+    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    # The CPU generator only (the transforms run on CPU): torch.manual_seed would also queue lazy
+    # CUDA/MPS/XPU seeding with a captured stack trace, doubling the per-sample cost.
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        torch.set_rng_state(torch_state)
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
@@ -113,6 +112,7 @@ def val_shard(num_samples: int, rank: int, world_size: int) -> List[int]:
     return list(range(rank, num_samples, world_size))
 
 
+@dataclass(eq=False)
 class EpochBatchSampler:
     """Batches of ``(dataset index, epoch)`` pairs for one rank, positionable by ``set_epoch``.
 
@@ -128,22 +128,22 @@ class EpochBatchSampler:
         train: Shuffle and drop the last batch (True) or evaluate every sample once (False).
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int, world_size: int,
-                 train: bool) -> None:
-        if batch_size < 1:
-            raise ValueError(f"DATA.BATCH_SIZE={batch_size} must be >= 1; set a positive batch size")
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.train = train
-        self.epoch = 0
-        self.start_batch = 0
-        if train and len(self) == 0:
+    num_samples: int
+    batch_size: int
+    seed: int
+    rank: int
+    world_size: int
+    train: bool
+    epoch: int = field(default=0, init=False)
+    start_batch: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"DATA.BATCH_SIZE={self.batch_size} must be >= 1; set a positive batch size")
+        if self.train and len(self) == 0:
             raise ValueError(
-                f"{num_samples} training samples give no full batch of {batch_size} on each of "
-                f"{world_size} process(es); lower DATA.BATCH_SIZE or use more data")
+                f"{self.num_samples} training samples give no full batch of {self.batch_size} on each of "
+                f"{self.world_size} process(es); lower DATA.BATCH_SIZE or use more data")
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Make the next iteration yield batches ``start_batch..`` of ``epoch``.
@@ -164,39 +164,20 @@ class EpochBatchSampler:
             return train_shard(self.num_samples, self.seed, self.epoch, self.rank, self.world_size).tolist()
         return val_shard(self.num_samples, self.rank, self.world_size)
 
-    def __len__(self) -> int:
-        per_rank = len(range(self.rank, self.num_samples, self.world_size))
+    @property
+    def samples_per_rank(self) -> int:
+        """Samples this rank gets per epoch: an equal share in training, its shard in validation."""
         if self.train:
-            return (self.num_samples // self.world_size) // self.batch_size
-        return -(-per_rank // self.batch_size)
+            return self.num_samples // self.world_size
+        return len(range(self.rank, self.num_samples, self.world_size))
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.samples_per_rank // self.batch_size
+        return -(-self.samples_per_rank // self.batch_size)
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
         indices = self.indices()
         for batch in range(self.start_batch, len(self)):
             chunk = indices[batch * self.batch_size:(batch + 1) * self.batch_size]
             yield [(index, self.epoch) for index in chunk]
-
-
-class BatchLoader(Protocol):
-    """What the engine iterates: ``len``, ``set_epoch`` and ``(images, labels)`` batches on device."""
-
-    def __len__(self) -> int: ...
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
-
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]: ...
-
-
-@dataclass
-class Loaders:
-    """The train and validation loaders of one run.
-
-    Args:
-        train: Shuffled, augmented, drops the last incomplete batch.
-        val: This rank's shard of the validation set, every image once across ranks.
-        num_classes: Number of classes of the dataset.
-    """
-
-    train: BatchLoader
-    val: BatchLoader
-    num_classes: int

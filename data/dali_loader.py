@@ -14,7 +14,7 @@ import logging
 import warnings
 from collections import deque
 from itertools import chain
-from typing import Deque, Iterator, List, Optional, Set, Tuple
+from typing import Deque, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,16 +24,21 @@ from nvidia.dali import math as dmath
 from nvidia.dali.auto_aug import augmentations as aa
 from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
 from nvidia.dali.plugin.pytorch import feed_ndarray
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 from yacs.config import CfgNode
 
-from .common import IMAGENET_MEAN, IMAGENET_STD, SALT_BATCH_AUGMENT, EpochBatchSampler, crop_ranges, mix_seed
+from .common import SALT_BATCH_AUGMENT, EpochBatchSampler, crop_ranges, mix_seed, seeded_rng
 from .folder import ImageSplit
-from .torch_loader import MAX_REPLACEMENTS, load_rgb, seeded_rng
+from .loader import BatchLoader, UnreadableImage, failure_reason, load_rgb, read_or_replace
 
 logger = logging.getLogger(__name__)
 
 INTERPOLATIONS = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}
+
+# timm's normalisation on the 0..255 scale of DALI's uint8 images.
+MEAN_255 = [255 * m for m in IMAGENET_DEFAULT_MEAN]
+STD_255 = [255 * s for s in IMAGENET_DEFAULT_STD]
 
 # Leading bytes of the formats DALI's decoders read; anything else is reported as corrupt
 # before it can fail inside the pipeline (which would stop the whole batch).
@@ -82,7 +87,7 @@ MAGNITUDE_BINS = 10 * BINS_PER_LEVEL + 1
 LEVELS = np.arange(MAGNITUDE_BINS) / BINS_PER_LEVEL
 
 # timm's fill colour for the geometric RandAugment ops: the ImageNet mean on 0..255 (124, 116, 104).
-FILL_COLOR = [min(255, round(255 * m)) for m in IMAGENET_MEAN]
+FILL_COLOR = [min(255, round(255 * m)) for m in IMAGENET_DEFAULT_MEAN]
 
 
 def _enhance_factor(level: float) -> np.float32:
@@ -203,10 +208,10 @@ class ShardSource:
     """``external_source`` callback: this rank's next batch of encoded files and labels.
 
     Files that cannot be read, or whose first bytes are no known image format, are replaced by
-    the next good file (training) or dropped (validation). Files that pass that check but fail
-    inside the decoder stop the pipeline; ``find_corrupt`` then decodes the batches still in
-    flight with PIL to name them, and ``replay`` feeds those batches again without them. Paths of
-    bad files are queued in ``bad`` for the consumer to log.
+    the next good file (training) or dropped (validation) through ``read_or_replace``. Files that
+    pass that check but fail inside the decoder stop the pipeline; ``find_corrupt`` then decodes
+    the batches still in flight with PIL to name them, and ``replay`` feeds those batches again
+    without them. Reports of bad files are queued in ``bad`` for the consumer to log.
 
     Args:
         split: The scanned split.
@@ -217,7 +222,8 @@ class ShardSource:
         self.samples = split.samples
         self.sampler = sampler
         self.bad: List[str] = []
-        self.known_bad: Set[str] = set()
+        # Files that pass the header check but fail in the decoder: path -> reason.
+        self.corrupt: Dict[str, str] = {}
         # Batches handed to DALI and not yet returned by it: (sampler batch, paths fed).
         self.pending: Deque[Tuple[List[Tuple[int, int]], List[str]]] = deque()
         self._batches: Iterator[List[Tuple[int, int]]] = iter(())
@@ -242,32 +248,29 @@ class ShardSource:
         self.pending.clear()
 
     def find_corrupt(self) -> int:
-        """Decode every file in flight with PIL; mark the failures bad and return how many there were."""
+        """Decode every file in flight with PIL; mark the failures corrupt and return how many there were."""
         found = 0
         for _, paths in self.pending:
             for path in paths:
+                if path in self.corrupt:
+                    continue
                 try:
                     load_rgb(path)
                 except Exception as error:  # any decoder failure: PIL raises several types
-                    self._mark_bad(path, f"{type(error).__name__}: {error}")
+                    self.corrupt[path] = failure_reason(error)
                     found += 1
         return found
 
-    def _mark_bad(self, path: str, reason: str) -> None:
-        self.known_bad.add(path)
-        self.bad.append(f"{path} ({reason})")
-
-    def _read(self, path: str) -> Optional[np.ndarray]:
-        if path in self.known_bad:
-            return None
+    def _read(self, path: str) -> np.ndarray:
+        """The file's bytes (1-D uint8); raises ``UnreadableImage`` for a corrupt, unreadable or non-image file."""
+        if path in self.corrupt:
+            raise UnreadableImage(self.corrupt[path])
         try:
             data = np.fromfile(path, dtype=np.uint8)
         except OSError as error:
-            self._mark_bad(path, str(error))
-            return None
+            raise UnreadableImage(str(error)) from error
         if not data[:8].tobytes().startswith(MAGIC_BYTES):
-            self._mark_bad(path, f"not a recognised image format, {data.size} bytes")
-            return None
+            raise UnreadableImage(f"not a recognised image format, {data.size} bytes")
         return data
 
     def __call__(self) -> Tuple[List[np.ndarray], List[np.ndarray]]:
@@ -275,19 +278,13 @@ class ShardSource:
         while not encoded:  # a validation batch of only corrupt files is skipped entirely
             batch = next(self._batches)
             for index, _epoch in batch:
-                attempts = MAX_REPLACEMENTS if self.sampler.train else 1
-                for attempt in range(attempts):
-                    path, label = self.samples[(index + attempt) % len(self.samples)]
-                    data = self._read(path)
-                    if data is not None:
-                        encoded.append(data)
-                        labels.append(np.array([label], dtype=np.int64))
-                        paths.append(path)
-                        break
-                else:
-                    if self.sampler.train:
-                        raise RuntimeError(f"{attempts} consecutive images from {self.samples[index][0]} on "
-                                           "are unreadable; check the dataset for corruption")
+                found, bad = read_or_replace(self.samples, index, self.sampler.train, self._read)
+                self.bad.extend(bad)
+                if found is not None:
+                    data, label, path = found
+                    encoded.append(data)
+                    labels.append(np.array([label], dtype=np.int64))
+                    paths.append(path)
         self.pending.append((batch, paths))
         return encoded, labels
 
@@ -320,8 +317,7 @@ def _augment_graph(images, config: CfgNode):
         images = fn.color_twist(images, brightness=fn.random.uniform(range=[1 - strength, 1 + strength]),
                                 contrast=fn.random.uniform(range=[1 - strength, 1 + strength]),
                                 saturation=fn.random.uniform(range=[1 - strength, 1 + strength]))
-    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                    mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD],
+    return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN_255, std=STD_255,
                                     mirror=fn.random.coin_flip(probability=0.5))  # (3, S, S) float
 
 
@@ -386,7 +382,7 @@ def _val_graph(encoded, config: CfgNode, decode_device: str):
     return fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW", crop=(size, size),
                                     crop_pos_x=_center_crop_position(new_width - size),
                                     crop_pos_y=_center_crop_position(new_height - size),
-                                    mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD])
+                                    mean=MEAN_255, std=STD_255)
 
 
 def _center_crop_position(margin):
@@ -397,31 +393,25 @@ def _center_crop_position(margin):
     return fn.cast(offset, dtype=types.FLOAT) / fn.cast(margin + (margin == 0), dtype=types.FLOAT)
 
 
-class DaliLoader:
+class DaliLoader(BatchLoader):
     """Iterates a DALI pipeline fed by ``ShardSource``; delivers float batches on ``device``.
 
     Args:
         config: The run's config.
         split: The scanned split.
-        sampler: This rank's batch sampler.
+        sampler: This rank's batch sampler (its seed and rank seed the pipeline).
         device: CPU (CPU-only pipeline, ``device_id=None``) or a CUDA device (mixed decode, GPU ops).
-        rank: This process's rank (seeds the pipeline).
     """
 
-    def __init__(self, config: CfgNode, split: ImageSplit, sampler: EpochBatchSampler, device: torch.device,
-                 rank: int) -> None:
-        self.sampler = sampler
-        self.device = device
-        self.seed = config.SEED
-        self.rank = rank
+    def __init__(self, config: CfgNode, split: ImageSplit, sampler: EpochBatchSampler, device: torch.device) -> None:
+        super().__init__(sampler, device)
         self.source = ShardSource(split, sampler)
-        self.num_bad = 0
         self._running = False
         if config.DATA.INTERPOLATION not in INTERPOLATIONS:
             raise ValueError(f"DATA.INTERPOLATION={config.DATA.INTERPOLATION!r} is not supported; "
                              f"use one of {', '.join(INTERPOLATIONS)}")
         self.erase = (RandomErasing(config.AUG.REPROB, mode=config.AUG.REMODE, max_count=config.AUG.RECOUNT,
-                                    device=str(device)) if sampler.train and config.AUG.REPROB > 0 else None)
+                                    device=str(self.device)) if sampler.train and config.AUG.REPROB > 0 else None)
 
         self.config = config
         self._resizer: Optional[CropResizer] = None
@@ -432,7 +422,7 @@ class DaliLoader:
         config, sampler, gpu = self.config, self.sampler, self.device.type == "cuda"
 
         threads = max(1, config.DATA.NUM_WORKERS)
-        seed = mix_seed(config.SEED, SALT_BATCH_AUGMENT, self.rank) % 2**31
+        seed = mix_seed(sampler.seed, SALT_BATCH_AUGMENT, sampler.rank) % 2**31
         kwargs = dict(batch_size=sampler.batch_size, num_threads=threads, prefetch_queue_depth=2,
                       exec_dynamic=True, device_id=(self.device.index or 0) if gpu else None)
         # CPU training: DALI decode+crop -> torchvision resize (CropResizer) -> DALI augmentation.
@@ -474,18 +464,6 @@ class DaliLoader:
         if self._resizer is not None:
             self._resizer.crops.reset()
 
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Make the next iteration yield batches ``start_batch..`` of ``epoch``.
-
-        Args:
-            epoch: Epoch index.
-            start_batch: First batch to yield, for resuming mid-epoch.
-        """
-        self.sampler.set_epoch(epoch, start_batch)
-
     def _to_torch(self, tensor_list) -> torch.Tensor:
         tensor = tensor_list.as_tensor()
         out = torch.empty(tensor.shape(), dtype=torch.float32 if tensor.dtype == types.FLOAT else torch.int64,
@@ -494,10 +472,8 @@ class DaliLoader:
         return feed_ndarray(tensor, out, cuda_stream=stream)
 
     def _log_bad(self) -> None:
-        while self.source.bad:
-            self.num_bad += 1
-            logger.warning("unreadable image %s (%s so far); %s", self.source.bad.pop(0), self.num_bad,
-                           "replaced by the next image" if self.sampler.train else "skipped")
+        reports, self.source.bad = self.source.bad, []
+        self.report_bad(reports)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         if self._running:  # the previous pass was abandoned: drop its prefetched batches
@@ -522,7 +498,6 @@ class DaliLoader:
                 # survive that, so name the culprits, rebuild, and feed the batches in flight again.
                 if self.source.find_corrupt() == 0:
                     raise
-                self._log_bad()
                 del self.pipe
                 self.pipe = self._make_pipeline()
                 self.source.replay()
@@ -533,7 +508,8 @@ class DaliLoader:
             labels = self._to_torch(labels_tl).view(-1)  # (B,) int64
             self._log_bad()
             if self.erase is not None:
-                with seeded_rng(mix_seed(self.seed, SALT_BATCH_AUGMENT, self.sampler.epoch, batch, self.rank)):
+                sampler = self.sampler
+                with seeded_rng(mix_seed(sampler.seed, SALT_BATCH_AUGMENT, sampler.epoch, batch, sampler.rank)):
                     images = self.erase(images)
             batch += 1
             yield images, labels

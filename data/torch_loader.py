@@ -3,14 +3,10 @@ from __future__ import annotations
 
 import atexit
 import gc
-import logging
-import random
 import signal
 import weakref
-from contextlib import contextmanager
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_transform
@@ -19,13 +15,9 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from yacs.config import CfgNode
 
-from .common import SALT_AUGMENT, EpochBatchSampler, crop_ranges, mix_seed
+from .common import SALT_AUGMENT, EpochBatchSampler, crop_ranges, mix_seed, seeded_rng
 from .folder import ImageSplit
-
-logger = logging.getLogger(__name__)
-
-# How many following images a training sample may try before giving up on a run of bad files.
-MAX_REPLACEMENTS = 32
+from .loader import BatchLoader, load_rgb, read_or_replace
 
 Sample = Tuple[Optional[torch.Tensor], int, Tuple[str, ...]]
 
@@ -49,36 +41,6 @@ def init_worker(worker_id: int) -> None:
     gc.freeze()
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-
-@contextmanager
-def seeded_rng(seed: int) -> Iterator[None]:
-    """Seed Python's, NumPy's and torch's global CPU generators (used by timm/torchvision transforms),
-    restoring their previous states on exit so the caller's streams are untouched.
-
-    Args:
-        seed: 63-bit seed for this sample.
-    """
-    py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    # The CPU generator only (the transforms run on CPU): torch.manual_seed would also queue lazy
-    # CUDA/MPS/XPU seeding with a captured stack trace, which was half of the per-sample cost.
-    torch.default_generator.manual_seed(seed)
-    try:
-        yield
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
-        torch.set_rng_state(torch_state)
-
-
-def load_rgb(path: str) -> Image.Image:
-    """Open and fully decode an image as RGB (raises on unreadable or truncated files)."""
-    with open(path, "rb") as f:
-        image = Image.open(f)
-        image.load()
-        return image.convert("RGB")
 
 
 class SeededImageFolder(ImageFolder):
@@ -111,22 +73,13 @@ class SeededImageFolder(ImageFolder):
 
     def __getitem__(self, key: Tuple[int, int]) -> Sample:  # type: ignore[override]
         index, epoch = key
-        bad: List[str] = []
-        attempts = MAX_REPLACEMENTS if self.train else 1
-        for attempt in range(attempts):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
-            try:
-                image = load_rgb(path)
-            except Exception as error:  # any decoder failure: PIL raises several types
-                bad.append(f"{path} ({type(error).__name__}: {error})")
-                continue
-            with seeded_rng(mix_seed(self.seed, SALT_AUGMENT, epoch, index)):
-                tensor = self.transform(image)  # (3, H, W) float32, normalised
-            return tensor, label, tuple(bad)
-        if self.train:
-            raise RuntimeError(f"{attempts} consecutive images from {self.samples[index][0]} on failed to decode: "
-                               f"{bad[:3]}; check the dataset for corruption")
-        return None, -1, tuple(bad)
+        found, bad = read_or_replace(self.samples, index, self.train, load_rgb)
+        if found is None:
+            return None, -1, tuple(bad)
+        image, label, _ = found
+        with seeded_rng(mix_seed(self.seed, SALT_AUGMENT, epoch, index)):
+            tensor = self.transform(image)  # (3, H, W) float32, normalised
+        return tensor, label, tuple(bad)
 
 
 def collate(batch: Sequence[Sample]) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
@@ -140,8 +93,8 @@ def collate(batch: Sequence[Sample]) -> Tuple[torch.Tensor, torch.Tensor, List[s
     return images, labels, bad
 
 
-class TorchLoader:
-    """A DataLoader over ``EpochBatchSampler`` that delivers batches on ``device`` and logs bad files.
+class TorchLoader(BatchLoader):
+    """A DataLoader over ``EpochBatchSampler`` that delivers batches on ``device`` and reports bad files.
 
     Args:
         dataset: The seeded dataset.
@@ -153,11 +106,9 @@ class TorchLoader:
 
     def __init__(self, dataset: SeededImageFolder, sampler: EpochBatchSampler, num_workers: int,
                  pin_memory: bool, device: torch.device) -> None:
-        self.sampler = sampler
-        self.device = device
-        self.bad_files: set = set()
+        super().__init__(sampler, device)
         self.loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                                 pin_memory=pin_memory and device.type == "cuda",
+                                 pin_memory=pin_memory and self.device.type == "cuda",
                                  persistent_workers=num_workers > 0,
                                  prefetch_factor=4 if num_workers > 0 else None,
                                  worker_init_fn=init_worker,
@@ -182,32 +133,11 @@ class TorchLoader:
             iterator._shutdown_workers()
         self.loader._iterator = None
 
-    @property
-    def num_bad(self) -> int:
-        """Number of distinct unreadable files met so far."""
-        return len(self.bad_files)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Make the next iteration yield batches ``start_batch..`` of ``epoch``.
-
-        Args:
-            epoch: Epoch index.
-            start_batch: First batch to yield, for resuming mid-epoch.
-        """
-        self.sampler.set_epoch(epoch, start_batch)
-
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         if self.loader.num_workers > 0 and getattr(self.loader, "_iterator", None) is None:
             gc.collect()  # workers are forked now: leave them no garbage to finalise (see init_worker)
         for images, labels, bad in self.loader:
-            for report in bad:
-                if report not in self.bad_files:  # each bad file is logged once, not every epoch
-                    self.bad_files.add(report)
-                    logger.warning("unreadable image %s (%d so far); %s", report, self.num_bad,
-                                   "replaced by the next image" if self.sampler.train else "skipped")
+            self.report_bad(bad)
             if len(labels) == 0:
                 continue
             yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))

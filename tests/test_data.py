@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from config import _C
 from data import build_loader, build_mixup
-from data.common import IMAGENET_MEAN, IMAGENET_STD, EpochBatchSampler
+from data.common import EpochBatchSampler
 from data.folder import scan_image_folder
+from data.loader import UnreadableImage, read_or_replace
 from data.toy import CLASSES, DEFAULT_TOY_SPEC, ToySpec, ensure_toy_dataset, generate_toy_dataset
 
 LOADERS = ["pytorch", "dali"]
@@ -47,8 +49,8 @@ def make_config(root: Path, loader: str, **overrides):
 
 def denormalise(images: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) normalised -> 0..1."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     return images * std + mean
 
 
@@ -276,6 +278,22 @@ def test_corrupt_files_are_replaced_or_skipped(image_root: Path, tmp_path: Path,
     assert len(val_labels) == 29 and loaders.val.num_bad == 1
     for path in bad_train + [bad_val]:
         assert sum(str(path) in record.getMessage() for record in caplog.records) == 1
+
+
+def test_read_or_replace_walks_on_in_training_and_drops_in_validation() -> None:
+    samples = [(f"f{i}", i % 2) for i in range(4)]
+
+    def read(path: str) -> str:
+        if path in ("f1", "f2"):
+            raise UnreadableImage("bad header")
+        return path.upper()
+
+    assert read_or_replace(samples, 1, True, read) == (("F3", 1, "f3"), ["f1 (bad header)", "f2 (bad header)"])
+    assert read_or_replace(samples, 3, True, read) == (("F3", 1, "f3"), [])
+    assert read_or_replace(samples, 1, False, read) == (None, ["f1 (bad header)"])
+    with pytest.raises(RuntimeError, match=r"32 consecutive images from f2 on are unreadable: "
+                                           r"\['f2 \(ZeroDivisionError: division by zero\)'"):
+        read_or_replace(samples, 2, True, lambda path: 1 / 0)
 
 
 def _identical_images_dataset(root: Path) -> None:

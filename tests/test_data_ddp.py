@@ -15,10 +15,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from config import _C
 from data import build_loader
-from data.common import IMAGENET_MEAN, IMAGENET_STD
 
 WORLD_SIZE, BATCH_SIZE, EPOCHS = 2, 4, 2
 CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 3, 8, 3  # 24 train images: 3 full batches per rank; 9 val: 5 + 4
@@ -38,7 +38,7 @@ def _write_folder(root: Path) -> None:
 
 def _indices(images: torch.Tensor) -> List[int]:
     """Dataset indices of a batch of flat images (B, 3, H, W), normalised."""
-    red = images[:, 0].mean((1, 2)) * IMAGENET_STD[0] + IMAGENET_MEAN[0]  # (B,) in 0..1
+    red = images[:, 0].mean((1, 2)) * IMAGENET_DEFAULT_STD[0] + IMAGENET_DEFAULT_MEAN[0]  # (B,) in 0..1
     return torch.round(red * 255 / STEP).long().tolist()
 
 

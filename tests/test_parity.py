@@ -20,12 +20,11 @@ import torchvision.transforms.v2.functional as TF
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.auto_aug.core import signed_bin
 from PIL import Image, ImageFilter
-from timm.data import create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import RandAugment
 
 from config import _C
 from data import build_loader
-from data.common import IMAGENET_MEAN, IMAGENET_STD
 from data.dali_loader import (BINS_PER_LEVEL, FILL_COLOR, INTERPOLATIONS, MAGNITUDE_BINS, CropResizer, _crop_graph,
                               _magnitude_bins, parse_rand_augment, timm_rand_augment_suite)
 
@@ -291,8 +290,8 @@ def parity_config(root: Path, loader: str, size: int, **aug):
 
 def to_pixels(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) normalised -> (B, H, W, 3) on 0..255."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_DEFAULT_STD).view(1, 3, 1, 1)
     return ((images * std + mean) * 255).permute(0, 2, 3, 1).numpy()
 
 
