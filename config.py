@@ -6,9 +6,9 @@ Precedence (lowest to highest): these defaults < YAML file (with ``BASE`` inheri
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import difflib
+import functools
 import logging
 import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -192,7 +192,7 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "TRAIN.OPTIMIZER.NAME": ("adamw",),
 }
 
-# Named flag -> (config key, value when given as a switch). A flag changes the config only when typed.
+# Named flag -> config key. A flag changes the config only when typed.
 _FLAG_KEYS: Dict[str, str] = {
     "batch_size": "DATA.BATCH_SIZE",
     "data_path": "DATA.DATA_PATH",
@@ -232,6 +232,10 @@ def flat_keys(node: CN, prefix: str = "") -> List[str]:
     return keys
 
 
+# yacs's merge_from_other_cfg / merge_from_list are not used: their errors name neither the file or
+# flag a value came from nor the closest valid key, and their type rule accepts None for any key
+# but rejects an int for a float key and a quoted YAML number for a string key. Rewriting their
+# errors would mean wrapping every call; this small merge is shorter. yacs decodes --opts values.
 def _closest(key: str, candidates: Iterable[str]) -> str:
     candidates = list(candidates)
     close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
@@ -242,76 +246,78 @@ def _closest(key: str, candidates: Iterable[str]) -> str:
     return f"closest valid keys: {', '.join(close)}" if close else "see config.py for the valid keys"
 
 
-def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
-    """Check ``value`` against the type of ``default`` and convert where it is lossless.
+def _get(cfg: CN, key: str) -> Any:
+    """The value at dotted ``key`` of ``cfg``."""
+    return functools.reduce(lambda node, part: node[part], key.split("."), cfg)
+
+
+def _coerce(key: str, value: Any, example: Any, source: str) -> Any:
+    """Check ``value`` against the type of ``example`` and convert where it is lossless.
 
     Args:
         key: Dotted key, for the error message.
         value: The new value (from YAML, --opts or a flag).
-        default: The current value; its type is the rule.
+        example: A value of the key's type (its current value).
         source: Where the value came from, for the error message.
     """
     def fail(expected: str) -> ConfigError:
         return ConfigError(f"{key}={value!r} ({type(value).__name__}) from {source} has the wrong type: "
-                           f"expected {expected} like the default {default!r}; fix the value")
+                           f"expected {expected} like {example!r}; fix the value")
 
-    if isinstance(default, bool):
+    if isinstance(example, bool):
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         raise fail("true or false")
-    if isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise fail("an integer")
-    if isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+    if isinstance(example, (int, float)):
+        kind = type(example)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and (kind is float or isinstance(value, int)):  # an int never takes a float
+            return kind(value)
         if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
             try:
-                return float(value)
+                return kind(value)
             except ValueError:
                 pass
-        raise fail("a number")
-    if isinstance(default, str):
+        raise fail("an integer" if kind is int else "a number")
+    if isinstance(example, str):
         if isinstance(value, str):
             return value
         raise fail("a string (quote it)")
-    if isinstance(default, (list, tuple)):
+    if isinstance(example, (list, tuple)):
         if not isinstance(value, (list, tuple)):
             raise fail("a list")
-        if default:
-            value = [_coerce(f"{key}[{i}]", v, default[0], source) for i, v in enumerate(value)]
+        if example:
+            value = [_coerce(f"{key}[{i}]", v, example[0], source) for i, v in enumerate(value)]
         elif any(isinstance(v, (dict, CN)) for v in value):
             raise fail("a list of plain values")
-        return type(default)(value)
-    raise fail(type(default).__name__)
+        return type(example)(value)
+    raise fail(type(example).__name__)
+
+
+def _example(cfg: CN, key: str, source: str) -> Any:
+    """A value of ``key``'s type (a section for a section); an error naming the closest keys if unknown."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, CN) or part not in node:
+            raise ConfigError(f"unknown config key {key} (from {source}); {_closest(key, flat_keys(cfg))}")
+        node = node[part]
+    return node
 
 
 def _set(cfg: CN, key: str, value: Any, source: str) -> None:
     """Set dotted ``key`` of ``cfg`` to ``value`` after checking that the key exists and the type fits."""
-    node = cfg
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if not isinstance(node, CN) or part not in node:
-            raise ConfigError(f"unknown config key {key} (from {source}); {_closest(key, flat_keys(cfg))}")
-        if i < len(parts) - 1:
-            node = node[part]
-    current = node[parts[-1]]
-    if isinstance(current, CN):
+    example = _example(cfg, key, source)
+    if isinstance(example, CN):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} (from {source}) is a section, not a value; set its keys, "
-                              f"e.g. {flat_keys(current, key + '.')[0]}")
+                              f"e.g. {flat_keys(example, key + '.')[0]}")
         for name, sub in value.items():
             _set(cfg, f"{key}.{name}", sub, source)
         return
-    node[parts[-1]] = _coerce(key, value, current, source)
+    parent, _, name = key.rpartition(".")
+    (_get(cfg, parent) if parent else cfg)[name] = _coerce(key, value, example, source)
 
 
 def _read_yaml(path: str, chain: Tuple[str, ...] = ()) -> List[Tuple[str, Dict[str, Any]]]:
@@ -344,26 +350,13 @@ def _read_yaml(path: str, chain: Tuple[str, ...] = ()) -> List[Tuple[str, Dict[s
     return layers
 
 
-def _decode_opt(raw: str) -> Any:
-    """A --opts value as a Python literal when it is one (3, 0.1, [1, 2], True), else the string."""
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
-
-
 def _merge_opts(cfg: CN, opts: Sequence[str]) -> None:
     if len(opts) % 2:
         raise ConfigError(f"--opts needs KEY VALUE pairs, got {len(opts)} items ending with {opts[-1]!r}; "
                           "add the missing value")
     for key, raw in zip(opts[0::2], opts[1::2]):
-        value = _decode_opt(raw)
-        node = cfg
-        for part in key.split(".")[:-1]:
-            node = node.get(part) if isinstance(node, CN) else None
-        current = node.get(key.split(".")[-1]) if isinstance(node, CN) else None
-        if isinstance(current, str):
-            value = raw  # a string key takes the text as typed, e.g. TAG 001
+        # A string key takes the text as typed (TAG 001); others read it as a Python literal (3, [1, 2]).
+        value = raw if isinstance(_example(cfg, key, "--opts"), str) else CN._decode_cfg_value(raw)
         _set(cfg, key, value, "--opts")
 
 
@@ -480,7 +473,7 @@ def load_config(cfg_file: str = "", opts: Sequence[str] = (), flags: Optional[Di
                 _set(cfg, key, value, path)
     _merge_opts(cfg, list(opts))
     for key, value in (flags or {}).items():
-        _set(cfg, key, value, f"the --{key.lower()} flag")
+        _set(cfg, key, value, f"the command-line flag for {key}")
     validate(cfg)
     scale_learning_rates(cfg, world_size)
     cfg.freeze()
