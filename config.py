@@ -180,7 +180,7 @@ _C.THROUGHPUT.ITERS = 30
 
 
 # -----------------------------------------------------------------------------
-# Parsing: defaults < YAML (BASE first) < --opts < named flags the user typed
+# Rules: the allowed values and value rules of every key, checked once by validate()
 # -----------------------------------------------------------------------------
 # Allowed values of the string keys that select an implementation.
 _CHOICES: Dict[str, Tuple[str, ...]] = {
@@ -232,6 +232,95 @@ def flat_keys(node: CN, prefix: str = "") -> List[str]:
     return keys
 
 
+def _get(cfg: CN, key: str) -> Any:
+    """The value at dotted ``key`` of ``cfg``."""
+    return functools.reduce(lambda node, part: node[part], key.split("."), cfg)
+
+
+def _range_ok(values: Sequence[float], upper: float) -> bool:
+    """``values`` is ``[lo, hi]`` with ``0 < lo <= hi <= upper``."""
+    return len(values) == 2 and 0 < values[0] <= values[1] <= upper
+
+
+def _value_rules(cfg: CN) -> List[Tuple[str, bool, str]]:
+    """``(key, holds, rule)`` for every rule beyond a key's type and choices; a table, hence its length."""
+    from models.crossformer import SIZE_DIVISOR  # the model's total downsampling
+
+    train = cfg.TRAIN
+    return [
+        ("DATA.BATCH_SIZE", cfg.DATA.BATCH_SIZE >= 1, "must be >= 1"),
+        ("DATA.IMG_SIZE", cfg.DATA.IMG_SIZE >= SIZE_DIVISOR and cfg.DATA.IMG_SIZE % SIZE_DIVISOR == 0,
+         f"must be a multiple of {SIZE_DIVISOR} (the four stages downsample by {SIZE_DIVISOR} in total), e.g. 224"),
+        ("TRAIN.EPOCHS", train.EPOCHS >= 1, "must be >= 1"),
+        ("TRAIN.WARMUP_EPOCHS", 0 <= train.WARMUP_EPOCHS < train.EPOCHS,
+         f"must be in [0, TRAIN.EPOCHS={train.EPOCHS})"),
+        ("TRAIN.ACCUMULATION_STEPS", train.ACCUMULATION_STEPS >= 1, "must be >= 1"),
+        ("TRAIN.BASE_LR", train.BASE_LR > 0, "must be > 0"),
+        ("TRAIN.MIN_LR", 0 <= train.MIN_LR <= train.BASE_LR, "must be in [0, TRAIN.BASE_LR]"),
+        ("TRAIN.WARMUP_LR", 0 <= train.WARMUP_LR <= train.BASE_LR, "must be in [0, TRAIN.BASE_LR]"),
+        ("TRAIN.WEIGHT_DECAY", train.WEIGHT_DECAY >= 0, "must be >= 0"),
+        ("TRAIN.CLIP_GRAD", train.CLIP_GRAD >= 0, "must be >= 0 (0 = no clipping)"),
+        ("TRAIN.LR_REFERENCE_BATCH", train.LR_REFERENCE_BATCH >= 0, "must be >= 0 (0 = no LR scaling)"),
+        ("TRAIN.STOP_AFTER_STEPS", train.STOP_AFTER_STEPS >= 0, "must be >= 0 (0 = off)"),
+        ("TRAIN.MAX_NONFINITE_STEPS", train.MAX_NONFINITE_STEPS >= 1, "must be >= 1"),
+        ("TRAIN.DEBUG_NONFINITE_STEPS", all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                                            for s in train.DEBUG_NONFINITE_STEPS),
+         "must be a list of global steps >= 1"),
+        ("TRAIN.EMA.DECAY", 0 <= train.EMA.DECAY < 1, "must be in [0, 1)"),
+        ("TRAIN.OPTIMIZER.BETAS", len(train.OPTIMIZER.BETAS) == 2 and all(0 <= b < 1 for b in train.OPTIMIZER.BETAS),
+         "must be two numbers in [0, 1)"),
+        ("TRAIN.OPTIMIZER.EPS", train.OPTIMIZER.EPS > 0, "must be > 0"),
+        ("DIST.TIMEOUT_S", cfg.DIST.TIMEOUT_S >= 1, "must be >= 1 (seconds)"),
+        ("MODEL.NUM_CLASSES", cfg.MODEL.NUM_CLASSES >= 1, "must be >= 1"),
+        ("MODEL.DROP_PATH_RATE", 0 <= cfg.MODEL.DROP_PATH_RATE < 1, "must be in [0, 1)"),
+        ("MODEL.DROP_RATE", 0 <= cfg.MODEL.DROP_RATE < 1, "must be in [0, 1)"),
+        ("MODEL.LABEL_SMOOTHING", 0 <= cfg.MODEL.LABEL_SMOOTHING < 1, "must be in [0, 1)"),
+        ("AUG.SCALE", _range_ok(cfg.AUG.SCALE, 1.0),
+         "must be [lo, hi] with 0 < lo <= hi <= 1 (fractions of the image area), e.g. [0.08, 1.0]"),
+        ("AUG.RATIO", _range_ok(cfg.AUG.RATIO, float("inf")),
+         "must be [lo, hi] with 0 < lo <= hi (width / height), e.g. [0.75, 1.333]"),
+        ("SAVE_FREQ", cfg.SAVE_FREQ >= 1, "must be >= 1"),
+        ("SAVE_STEPS", cfg.SAVE_STEPS >= 0, "must be >= 0 (0 = off)"),
+        ("SAVE_KEEP", cfg.SAVE_KEEP >= 0, "must be >= 0"),
+        ("PRINT_FREQ", cfg.PRINT_FREQ >= 1, "must be >= 1"),
+        ("THROUGHPUT.ITERS", cfg.THROUGHPUT.ITERS >= 1, "must be >= 1"),
+        ("THROUGHPUT.WARMUP_ITERS", cfg.THROUGHPUT.WARMUP_ITERS >= 0, "must be >= 0"),
+    ]
+
+
+def validate(cfg: CN) -> None:
+    """Check every allowed value and value rule; the builders rely on a config that passed.
+
+    Args:
+        cfg: A fully merged config.
+
+    Raises:
+        ConfigError: naming the key, the rule and a fix.
+    """
+    from models import list_models
+
+    for key, allowed in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}={value!r} is not supported{hint}; use one of {', '.join(allowed)}")
+    for key, holds, rule in _value_rules(cfg):
+        if not holds:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} {rule}; change it in the YAML or with --opts {key} VALUE")
+    if cfg.MODEL.RESUME and cfg.MODEL.PRETRAINED:
+        raise ConfigError("--resume and --pretrained were both given: --resume restores the whole training "
+                          "state (weights included), --pretrained only initialises the weights; pass one")
+    if cfg.MODEL.NAME not in list_models():
+        close = difflib.get_close_matches(cfg.MODEL.NAME, list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"MODEL.NAME={cfg.MODEL.NAME!r} is not a registered model{hint}; "
+                          f"use one of {', '.join(list_models())}")
+
+
+# -----------------------------------------------------------------------------
+# Merging: defaults < YAML (BASE first) < --opts < named flags the user typed
+# -----------------------------------------------------------------------------
 # yacs's merge_from_other_cfg / merge_from_list are not used: their errors name neither the file or
 # flag a value came from nor the closest valid key, and their type rule accepts None for any key
 # but rejects an int for a float key and a quoted YAML number for a string key. Rewriting their
@@ -244,11 +333,6 @@ def _closest(key: str, candidates: Iterable[str]) -> str:
         close = [c for c in candidates if c.rsplit(".", 1)[-1] in difflib.get_close_matches(
             last, [k.rsplit(".", 1)[-1] for k in candidates], n=3, cutoff=0.6)][:3]
     return f"closest valid keys: {', '.join(close)}" if close else "see config.py for the valid keys"
-
-
-def _get(cfg: CN, key: str) -> Any:
-    """The value at dotted ``key`` of ``cfg``."""
-    return functools.reduce(lambda node, part: node[part], key.split("."), cfg)
 
 
 def _coerce(key: str, value: Any, example: Any, source: str) -> Any:
@@ -358,78 +442,6 @@ def _merge_opts(cfg: CN, opts: Sequence[str]) -> None:
         # A string key takes the text as typed (TAG 001); others read it as a Python literal (3, [1, 2]).
         value = raw if isinstance(_example(cfg, key, "--opts"), str) else CN._decode_cfg_value(raw)
         _set(cfg, key, value, "--opts")
-
-
-def validate(cfg: CN) -> None:
-    """Check the values that have rules beyond their type.
-
-    Args:
-        cfg: A fully merged config.
-
-    Raises:
-        ConfigError: naming the key, the rule and a fix.
-    """
-    for key, allowed in _CHOICES.items():
-        value = cfg
-        for part in key.split("."):
-            value = value[part]
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{key}={value!r} is not supported{hint}; use one of {', '.join(allowed)}")
-    rules = [
-        ("DATA.BATCH_SIZE", cfg.DATA.BATCH_SIZE >= 1, "must be >= 1"),
-        ("TRAIN.EPOCHS", cfg.TRAIN.EPOCHS >= 1, "must be >= 1"),
-        ("TRAIN.WARMUP_EPOCHS", 0 <= cfg.TRAIN.WARMUP_EPOCHS < cfg.TRAIN.EPOCHS,
-         f"must be in [0, TRAIN.EPOCHS={cfg.TRAIN.EPOCHS})"),
-        ("TRAIN.ACCUMULATION_STEPS", cfg.TRAIN.ACCUMULATION_STEPS >= 1, "must be >= 1"),
-        ("TRAIN.BASE_LR", cfg.TRAIN.BASE_LR > 0, "must be > 0"),
-        ("TRAIN.MIN_LR", 0 <= cfg.TRAIN.MIN_LR <= cfg.TRAIN.BASE_LR, "must be in [0, TRAIN.BASE_LR]"),
-        ("TRAIN.WARMUP_LR", 0 <= cfg.TRAIN.WARMUP_LR <= cfg.TRAIN.BASE_LR, "must be in [0, TRAIN.BASE_LR]"),
-        ("TRAIN.WEIGHT_DECAY", cfg.TRAIN.WEIGHT_DECAY >= 0, "must be >= 0"),
-        ("TRAIN.CLIP_GRAD", cfg.TRAIN.CLIP_GRAD >= 0, "must be >= 0 (0 = no clipping)"),
-        ("TRAIN.LR_REFERENCE_BATCH", cfg.TRAIN.LR_REFERENCE_BATCH >= 0, "must be >= 0 (0 = no LR scaling)"),
-        ("TRAIN.STOP_AFTER_STEPS", cfg.TRAIN.STOP_AFTER_STEPS >= 0, "must be >= 0 (0 = off)"),
-        ("TRAIN.MAX_NONFINITE_STEPS", cfg.TRAIN.MAX_NONFINITE_STEPS >= 1, "must be >= 1"),
-        ("TRAIN.DEBUG_NONFINITE_STEPS", all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
-                                            for s in cfg.TRAIN.DEBUG_NONFINITE_STEPS),
-         "must be a list of global steps >= 1"),
-        ("DIST.TIMEOUT_S", cfg.DIST.TIMEOUT_S >= 1, "must be >= 1 (seconds)"),
-        ("DATA.IMG_SIZE", cfg.DATA.IMG_SIZE >= 32 and cfg.DATA.IMG_SIZE % 32 == 0,
-         "must be a multiple of 32 (the four stages downsample by 32 in total), e.g. 224"),
-        ("TRAIN.EMA.DECAY", 0 <= cfg.TRAIN.EMA.DECAY < 1, "must be in [0, 1)"),
-        ("TRAIN.OPTIMIZER.BETAS", len(cfg.TRAIN.OPTIMIZER.BETAS) == 2
-         and all(0 <= b < 1 for b in cfg.TRAIN.OPTIMIZER.BETAS), "must be two numbers in [0, 1)"),
-        ("TRAIN.OPTIMIZER.EPS", cfg.TRAIN.OPTIMIZER.EPS > 0, "must be > 0"),
-        ("MODEL.NUM_CLASSES", cfg.MODEL.NUM_CLASSES >= 1, "must be >= 1"),
-        ("MODEL.DROP_PATH_RATE", 0 <= cfg.MODEL.DROP_PATH_RATE < 1, "must be in [0, 1)"),
-        ("MODEL.DROP_RATE", 0 <= cfg.MODEL.DROP_RATE < 1, "must be in [0, 1)"),
-        ("MODEL.LABEL_SMOOTHING", 0 <= cfg.MODEL.LABEL_SMOOTHING < 1, "must be in [0, 1)"),
-        ("SAVE_FREQ", cfg.SAVE_FREQ >= 1, "must be >= 1"),
-        ("SAVE_STEPS", cfg.SAVE_STEPS >= 0, "must be >= 0 (0 = off)"),
-        ("SAVE_KEEP", cfg.SAVE_KEEP >= 0, "must be >= 0"),
-        ("PRINT_FREQ", cfg.PRINT_FREQ >= 1, "must be >= 1"),
-        ("THROUGHPUT.ITERS", cfg.THROUGHPUT.ITERS >= 1, "must be >= 1"),
-        ("THROUGHPUT.WARMUP_ITERS", cfg.THROUGHPUT.WARMUP_ITERS >= 0, "must be >= 0"),
-    ]
-    for key, ok, rule in rules:
-        if not ok:
-            value = cfg
-            for part in key.split("."):
-                value = value[part]
-            raise ConfigError(f"{key}={value!r} {rule}; change it in the YAML or with --opts {key} VALUE")
-    if cfg.MODEL.RESUME and cfg.MODEL.PRETRAINED:
-        raise ConfigError("--resume and --pretrained were both given: --resume restores the whole training "
-                          "state (weights included), --pretrained only initialises the weights; pass one")
-    try:
-        import models
-    except ImportError:  # the registry check is repeated when the model is built
-        return
-    if cfg.MODEL.NAME not in models.list_models():
-        close = difflib.get_close_matches(cfg.MODEL.NAME, models.list_models(), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ConfigError(f"MODEL.NAME={cfg.MODEL.NAME!r} is not a registered model{hint}; "
-                          f"use one of {', '.join(models.list_models())}")
 
 
 def scale_learning_rates(cfg: CN, world_size: int) -> None:

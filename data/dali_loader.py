@@ -27,7 +27,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from timm.data.random_erasing import RandomErasing
 from yacs.config import CfgNode
 
-from .common import IMAGENET_MEAN, IMAGENET_STD, SALT_BATCH_AUGMENT, EpochBatchSampler, crop_ranges, mix_seed
+from .common import IMAGENET_MEAN, IMAGENET_STD, SALT_BATCH_AUGMENT, EpochBatchSampler, mix_seed
 from .folder import ImageSplit
 from .torch_loader import MAX_REPLACEMENTS, load_rgb, seeded_rng
 
@@ -294,9 +294,8 @@ class ShardSource:
 
 def _crop_graph(encoded, config: CfgNode, decode_device: str):
     """Decode fused with the random resized crop's window: (H, W, 3) uint8 crops of any size."""
-    scale, ratio = crop_ranges(config)
     return fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
-                                         random_area=list(scale), random_aspect_ratio=list(ratio),
+                                         random_area=list(config.AUG.SCALE), random_aspect_ratio=list(config.AUG.RATIO),
                                          num_attempts=10, jpeg_fancy_upsampling=True, adjust_orientation=False)
 
 
@@ -417,9 +416,6 @@ class DaliLoader:
         self.source = ShardSource(split, sampler)
         self.num_bad = 0
         self._running = False
-        if config.DATA.INTERPOLATION not in INTERPOLATIONS:
-            raise ValueError(f"DATA.INTERPOLATION={config.DATA.INTERPOLATION!r} is not supported; "
-                             f"use one of {', '.join(INTERPOLATIONS)}")
         self.erase = (RandomErasing(config.AUG.REPROB, mode=config.AUG.REMODE, max_count=config.AUG.RECOUNT,
                                     device=str(device)) if sampler.train and config.AUG.REPROB > 0 else None)
 

@@ -98,6 +98,23 @@ def test_wrong_type_names_key_and_rule(tmp_path: Path) -> None:
         load_config(opts=["TRAIN.EPOCHS"])
 
 
+@pytest.mark.parametrize("key, value, needle", [
+    ("DATA.LOADER", "tf", r"DATA\.LOADER='tf' is not supported; use one of dali, pytorch"),
+    ("DATA.DATASET", "imagenett", r"DATA\.DATASET='imagenett' is not supported \(did you mean 'imagenet'\?\)"),
+    ("DATA.INTERPOLATION", "nearest", r"DATA\.INTERPOLATION='nearest' is not supported; use one of bicubic, bilinear"),
+    ("TRAIN.OPTIMIZER.NAME", "sgd", r"TRAIN\.OPTIMIZER\.NAME='sgd' is not supported; use one of adamw"),
+    ("TEST.AMP", "fp8", r"TEST\.AMP='fp8' is not supported; use one of train, bf16, fp16, none"),
+    ("AUG.SCALE", "[0.5, 0.2]", r"AUG\.SCALE=\[0\.5, 0\.2\] must be \[lo, hi\] with 0 < lo <= hi <= 1"),
+    ("AUG.SCALE", "[0.5, 1.5]", r"AUG\.SCALE=\[0\.5, 1\.5\] must be \[lo, hi\]"),
+    ("AUG.RATIO", "[0.0, 1.0]", r"AUG\.RATIO=\[0\.0, 1\.0\] must be \[lo, hi\] with 0 < lo <= hi \(width / height\)"),
+    ("AUG.RATIO", "[1.0]", r"AUG\.RATIO=\[1\.0\] must be \[lo, hi\]"),
+    ("DATA.IMG_SIZE", "48", r"DATA\.IMG_SIZE=48 must be a multiple of 32"),
+])
+def test_value_rules_name_value_rule_and_fix(key: str, value: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_config(opts=[key, value])
+
+
 def test_yaml_exponent_without_dot_is_a_float(tmp_path: Path) -> None:
     # PyYAML reads 5e-4 as a string; a float key accepts it as the number.
     cfg = load_config(str(write(tmp_path / "run.yaml", "TRAIN:\n  BASE_LR: 5e-4\n")))
@@ -147,7 +164,7 @@ def test_every_config_key_is_read() -> None:
     root = Path(__file__).resolve().parents[1]
     sources = [p for p in root.rglob("*.py") if "tests" not in p.parts and p.name != "config.py"]
     code = "\n".join(p.read_text() for p in sources)
-    # main.py reads the MODEL.CROSSFORMER overrides through ``arch = config.MODEL.CROSSFORMER``.
+    # models/build.py reads the MODEL.CROSSFORMER overrides through ``arch = config.MODEL.CROSSFORMER``.
     unread = []
     for key in config.flat_keys(config.get_defaults()):
         if key == "BASE":  # consumed by the YAML loader itself
