@@ -60,13 +60,14 @@ _C.MODEL.LABEL_SMOOTHING = 0.1
 _C.MODEL.PRETRAINED = ""
 # A checkpoint to resume the whole training state from (overrides auto-resume). Set by --resume.
 _C.MODEL.RESUME = ""
-# Architecture overrides for custom (e.g. tiny) models; 0 / [] keep the variant's value.
+# Architecture overrides for custom (e.g. tiny) models: stage-1 width and one entry per stage.
+# None (YAML null) keeps the variant's value; the types are declared in _VARIANT_KEYS below.
 _C.MODEL.CROSSFORMER = CN()
-_C.MODEL.CROSSFORMER.EMBED_DIM = 0
-_C.MODEL.CROSSFORMER.DEPTHS = []
-_C.MODEL.CROSSFORMER.NUM_HEADS = []
-_C.MODEL.CROSSFORMER.GROUP_SIZE = []
-_C.MODEL.CROSSFORMER.CRS_INTERVAL = []
+_C.MODEL.CROSSFORMER.EMBED_DIM = None
+_C.MODEL.CROSSFORMER.DEPTHS = None
+_C.MODEL.CROSSFORMER.NUM_HEADS = None
+_C.MODEL.CROSSFORMER.GROUP_SIZE = None
+_C.MODEL.CROSSFORMER.CRS_INTERVAL = None
 
 # -----------------------------------------------------------------------------
 # Training
@@ -192,6 +193,19 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "TRAIN.OPTIMIZER.NAME": ("adamw",),
 }
 
+# Stages of every registered variant: the length of each per-stage MODEL.CROSSFORMER list.
+NUM_STAGES = 4
+
+# Keys whose default None means "the variant's value". A value given in YAML or --opts must have
+# the type of this example; null (or None) restores the variant's value.
+_VARIANT_KEYS: Dict[str, Any] = {
+    "MODEL.CROSSFORMER.EMBED_DIM": 64,
+    "MODEL.CROSSFORMER.DEPTHS": [2, 2, 18, 2],
+    "MODEL.CROSSFORMER.NUM_HEADS": [2, 4, 8, 16],
+    "MODEL.CROSSFORMER.GROUP_SIZE": [4, 4, 14, 7],
+    "MODEL.CROSSFORMER.CRS_INTERVAL": [4, 2, 1, 1],
+}
+
 # Named flag -> config key. A flag changes the config only when typed.
 _FLAG_KEYS: Dict[str, str] = {
     "batch_size": "DATA.BATCH_SIZE",
@@ -242,11 +256,17 @@ def _range_ok(values: Sequence[float], upper: float) -> bool:
     return len(values) == 2 and 0 < values[0] <= values[1] <= upper
 
 
+def _per_stage_ok(values: Optional[Sequence[int]]) -> bool:
+    """``values`` is None (the variant's) or one integer >= 1 per stage."""
+    return values is None or (len(values) == NUM_STAGES and all(v >= 1 for v in values))
+
+
 def _value_rules(cfg: CN) -> List[Tuple[str, bool, str]]:
     """``(key, holds, rule)`` for every rule beyond a key's type and choices; a table, hence its length."""
     from models.crossformer import SIZE_DIVISOR  # the model's total downsampling
 
-    train = cfg.TRAIN
+    train, arch = cfg.TRAIN, cfg.MODEL.CROSSFORMER
+    per_stage = f"must be null (the variant's value) or {NUM_STAGES} integers >= 1, one per stage"
     return [
         ("DATA.BATCH_SIZE", cfg.DATA.BATCH_SIZE >= 1, "must be >= 1"),
         ("DATA.IMG_SIZE", cfg.DATA.IMG_SIZE >= SIZE_DIVISOR and cfg.DATA.IMG_SIZE % SIZE_DIVISOR == 0,
@@ -275,6 +295,10 @@ def _value_rules(cfg: CN) -> List[Tuple[str, bool, str]]:
         ("MODEL.DROP_PATH_RATE", 0 <= cfg.MODEL.DROP_PATH_RATE < 1, "must be in [0, 1)"),
         ("MODEL.DROP_RATE", 0 <= cfg.MODEL.DROP_RATE < 1, "must be in [0, 1)"),
         ("MODEL.LABEL_SMOOTHING", 0 <= cfg.MODEL.LABEL_SMOOTHING < 1, "must be in [0, 1)"),
+        ("MODEL.CROSSFORMER.EMBED_DIM", arch.EMBED_DIM is None or arch.EMBED_DIM >= 1,
+         "must be null (the variant's value) or >= 1"),
+        *((f"MODEL.CROSSFORMER.{name}", _per_stage_ok(arch[name]), per_stage)
+          for name in ("DEPTHS", "NUM_HEADS", "GROUP_SIZE", "CRS_INTERVAL")),
         ("AUG.SCALE", _range_ok(cfg.AUG.SCALE, 1.0),
          "must be [lo, hi] with 0 < lo <= hi <= 1 (fractions of the image area), e.g. [0.08, 1.0]"),
         ("AUG.RATIO", _range_ok(cfg.AUG.RATIO, float("inf")),
@@ -341,7 +365,7 @@ def _coerce(key: str, value: Any, example: Any, source: str) -> Any:
     Args:
         key: Dotted key, for the error message.
         value: The new value (from YAML, --opts or a flag).
-        example: A value of the key's type (its current value).
+        example: A value of the key's type (its current value, or its ``_VARIANT_KEYS`` entry).
         source: Where the value came from, for the error message.
     """
     def fail(expected: str) -> ConfigError:
@@ -387,7 +411,7 @@ def _example(cfg: CN, key: str, source: str) -> Any:
         if not isinstance(node, CN) or part not in node:
             raise ConfigError(f"unknown config key {key} (from {source}); {_closest(key, flat_keys(cfg))}")
         node = node[part]
-    return node
+    return _VARIANT_KEYS.get(key, node)
 
 
 def _set(cfg: CN, key: str, value: Any, source: str) -> None:
@@ -401,7 +425,8 @@ def _set(cfg: CN, key: str, value: Any, source: str) -> None:
             _set(cfg, f"{key}.{name}", sub, source)
         return
     parent, _, name = key.rpartition(".")
-    (_get(cfg, parent) if parent else cfg)[name] = _coerce(key, value, example, source)
+    restore_variant = key in _VARIANT_KEYS and value in (None, "null")
+    (_get(cfg, parent) if parent else cfg)[name] = None if restore_variant else _coerce(key, value, example, source)
 
 
 def _read_yaml(path: str, chain: Tuple[str, ...] = ()) -> List[Tuple[str, Dict[str, Any]]]:
