@@ -6,9 +6,9 @@ Precedence (lowest to highest): these defaults < YAML file (with ``BASE`` inheri
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import difflib
+import functools
 import logging
 import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -60,13 +60,14 @@ _C.MODEL.LABEL_SMOOTHING = 0.1
 _C.MODEL.PRETRAINED = ""
 # A checkpoint to resume the whole training state from (overrides auto-resume). Set by --resume.
 _C.MODEL.RESUME = ""
-# Architecture overrides for custom (e.g. tiny) models; 0 / [] keep the variant's value.
+# Architecture overrides for custom (e.g. tiny) models: stage-1 width and one entry per stage.
+# None (YAML null) keeps the variant's value; the types are declared in _VARIANT_KEYS below.
 _C.MODEL.CROSSFORMER = CN()
-_C.MODEL.CROSSFORMER.EMBED_DIM = 0
-_C.MODEL.CROSSFORMER.DEPTHS = []
-_C.MODEL.CROSSFORMER.NUM_HEADS = []
-_C.MODEL.CROSSFORMER.GROUP_SIZE = []
-_C.MODEL.CROSSFORMER.CRS_INTERVAL = []
+_C.MODEL.CROSSFORMER.EMBED_DIM = None
+_C.MODEL.CROSSFORMER.DEPTHS = None
+_C.MODEL.CROSSFORMER.NUM_HEADS = None
+_C.MODEL.CROSSFORMER.GROUP_SIZE = None
+_C.MODEL.CROSSFORMER.CRS_INTERVAL = None
 
 # -----------------------------------------------------------------------------
 # Training
@@ -180,7 +181,7 @@ _C.THROUGHPUT.ITERS = 30
 
 
 # -----------------------------------------------------------------------------
-# Parsing: defaults < YAML (BASE first) < --opts < named flags the user typed
+# Rules: the allowed values and value rules of every key, checked once by validate()
 # -----------------------------------------------------------------------------
 # Allowed values of the string keys that select an implementation.
 _CHOICES: Dict[str, Tuple[str, ...]] = {
@@ -192,7 +193,20 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "TRAIN.OPTIMIZER.NAME": ("adamw",),
 }
 
-# Named flag -> (config key, value when given as a switch). A flag changes the config only when typed.
+# Stages of every registered variant: the length of each per-stage MODEL.CROSSFORMER list.
+NUM_STAGES = 4
+
+# Keys whose default None means "the variant's value". A value given in YAML or --opts must have
+# the type of this example; null (or None) restores the variant's value.
+_VARIANT_KEYS: Dict[str, Any] = {
+    "MODEL.CROSSFORMER.EMBED_DIM": 64,
+    "MODEL.CROSSFORMER.DEPTHS": [2, 2, 18, 2],
+    "MODEL.CROSSFORMER.NUM_HEADS": [2, 4, 8, 16],
+    "MODEL.CROSSFORMER.GROUP_SIZE": [4, 4, 14, 7],
+    "MODEL.CROSSFORMER.CRS_INTERVAL": [4, 2, 1, 1],
+}
+
+# Named flag -> config key. A flag changes the config only when typed.
 _FLAG_KEYS: Dict[str, str] = {
     "batch_size": "DATA.BATCH_SIZE",
     "data_path": "DATA.DATA_PATH",
@@ -232,6 +246,109 @@ def flat_keys(node: CN, prefix: str = "") -> List[str]:
     return keys
 
 
+def _get(cfg: CN, key: str) -> Any:
+    """The value at dotted ``key`` of ``cfg``."""
+    return functools.reduce(lambda node, part: node[part], key.split("."), cfg)
+
+
+def _range_ok(values: Sequence[float], upper: float) -> bool:
+    """``values`` is ``[lo, hi]`` with ``0 < lo <= hi <= upper``."""
+    return len(values) == 2 and 0 < values[0] <= values[1] <= upper
+
+
+def _per_stage_ok(values: Optional[Sequence[int]]) -> bool:
+    """``values`` is None (the variant's) or one integer >= 1 per stage."""
+    return values is None or (len(values) == NUM_STAGES and all(v >= 1 for v in values))
+
+
+def _value_rules(cfg: CN) -> List[Tuple[str, bool, str]]:
+    """``(key, holds, rule)`` for every rule beyond a key's type and choices; a table, hence its length."""
+    from models.crossformer import SIZE_DIVISOR  # the model's total downsampling
+
+    train, arch = cfg.TRAIN, cfg.MODEL.CROSSFORMER
+    per_stage = f"must be null (the variant's value) or {NUM_STAGES} integers >= 1, one per stage"
+    return [
+        ("DATA.BATCH_SIZE", cfg.DATA.BATCH_SIZE >= 1, "must be >= 1"),
+        ("DATA.IMG_SIZE", cfg.DATA.IMG_SIZE >= SIZE_DIVISOR and cfg.DATA.IMG_SIZE % SIZE_DIVISOR == 0,
+         f"must be a multiple of {SIZE_DIVISOR} (the four stages downsample by {SIZE_DIVISOR} in total), e.g. 224"),
+        ("TRAIN.EPOCHS", train.EPOCHS >= 1, "must be >= 1"),
+        ("TRAIN.WARMUP_EPOCHS", 0 <= train.WARMUP_EPOCHS < train.EPOCHS,
+         f"must be in [0, TRAIN.EPOCHS={train.EPOCHS})"),
+        ("TRAIN.ACCUMULATION_STEPS", train.ACCUMULATION_STEPS >= 1, "must be >= 1"),
+        ("TRAIN.BASE_LR", train.BASE_LR > 0, "must be > 0"),
+        ("TRAIN.MIN_LR", 0 <= train.MIN_LR <= train.BASE_LR, "must be in [0, TRAIN.BASE_LR]"),
+        ("TRAIN.WARMUP_LR", 0 <= train.WARMUP_LR <= train.BASE_LR, "must be in [0, TRAIN.BASE_LR]"),
+        ("TRAIN.WEIGHT_DECAY", train.WEIGHT_DECAY >= 0, "must be >= 0"),
+        ("TRAIN.CLIP_GRAD", train.CLIP_GRAD >= 0, "must be >= 0 (0 = no clipping)"),
+        ("TRAIN.LR_REFERENCE_BATCH", train.LR_REFERENCE_BATCH >= 0, "must be >= 0 (0 = no LR scaling)"),
+        ("TRAIN.STOP_AFTER_STEPS", train.STOP_AFTER_STEPS >= 0, "must be >= 0 (0 = off)"),
+        ("TRAIN.MAX_NONFINITE_STEPS", train.MAX_NONFINITE_STEPS >= 1, "must be >= 1"),
+        ("TRAIN.DEBUG_NONFINITE_STEPS", all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                                            for s in train.DEBUG_NONFINITE_STEPS),
+         "must be a list of global steps >= 1"),
+        ("TRAIN.EMA.DECAY", 0 <= train.EMA.DECAY < 1, "must be in [0, 1)"),
+        ("TRAIN.OPTIMIZER.BETAS", len(train.OPTIMIZER.BETAS) == 2 and all(0 <= b < 1 for b in train.OPTIMIZER.BETAS),
+         "must be two numbers in [0, 1)"),
+        ("TRAIN.OPTIMIZER.EPS", train.OPTIMIZER.EPS > 0, "must be > 0"),
+        ("DIST.TIMEOUT_S", cfg.DIST.TIMEOUT_S >= 1, "must be >= 1 (seconds)"),
+        ("MODEL.NUM_CLASSES", cfg.MODEL.NUM_CLASSES >= 1, "must be >= 1"),
+        ("MODEL.DROP_PATH_RATE", 0 <= cfg.MODEL.DROP_PATH_RATE < 1, "must be in [0, 1)"),
+        ("MODEL.DROP_RATE", 0 <= cfg.MODEL.DROP_RATE < 1, "must be in [0, 1)"),
+        ("MODEL.LABEL_SMOOTHING", 0 <= cfg.MODEL.LABEL_SMOOTHING < 1, "must be in [0, 1)"),
+        ("MODEL.CROSSFORMER.EMBED_DIM", arch.EMBED_DIM is None or arch.EMBED_DIM >= 1,
+         "must be null (the variant's value) or >= 1"),
+        *((f"MODEL.CROSSFORMER.{name}", _per_stage_ok(arch[name]), per_stage)
+          for name in ("DEPTHS", "NUM_HEADS", "GROUP_SIZE", "CRS_INTERVAL")),
+        ("AUG.SCALE", _range_ok(cfg.AUG.SCALE, 1.0),
+         "must be [lo, hi] with 0 < lo <= hi <= 1 (fractions of the image area), e.g. [0.08, 1.0]"),
+        ("AUG.RATIO", _range_ok(cfg.AUG.RATIO, float("inf")),
+         "must be [lo, hi] with 0 < lo <= hi (width / height), e.g. [0.75, 1.333]"),
+        ("SAVE_FREQ", cfg.SAVE_FREQ >= 1, "must be >= 1"),
+        ("SAVE_STEPS", cfg.SAVE_STEPS >= 0, "must be >= 0 (0 = off)"),
+        ("SAVE_KEEP", cfg.SAVE_KEEP >= 0, "must be >= 0"),
+        ("PRINT_FREQ", cfg.PRINT_FREQ >= 1, "must be >= 1"),
+        ("THROUGHPUT.ITERS", cfg.THROUGHPUT.ITERS >= 1, "must be >= 1"),
+        ("THROUGHPUT.WARMUP_ITERS", cfg.THROUGHPUT.WARMUP_ITERS >= 0, "must be >= 0"),
+    ]
+
+
+def validate(cfg: CN) -> None:
+    """Check every allowed value and value rule; the builders rely on a config that passed.
+
+    Args:
+        cfg: A fully merged config.
+
+    Raises:
+        ConfigError: naming the key, the rule and a fix.
+    """
+    from models import list_models
+
+    for key, allowed in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}={value!r} is not supported{hint}; use one of {', '.join(allowed)}")
+    for key, holds, rule in _value_rules(cfg):
+        if not holds:
+            raise ConfigError(f"{key}={_get(cfg, key)!r} {rule}; change it in the YAML or with --opts {key} VALUE")
+    if cfg.MODEL.RESUME and cfg.MODEL.PRETRAINED:
+        raise ConfigError("--resume and --pretrained were both given: --resume restores the whole training "
+                          "state (weights included), --pretrained only initialises the weights; pass one")
+    if cfg.MODEL.NAME not in list_models():
+        close = difflib.get_close_matches(cfg.MODEL.NAME, list_models(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"MODEL.NAME={cfg.MODEL.NAME!r} is not a registered model{hint}; "
+                          f"use one of {', '.join(list_models())}")
+
+
+# -----------------------------------------------------------------------------
+# Merging: defaults < YAML (BASE first) < --opts < named flags the user typed
+# -----------------------------------------------------------------------------
+# yacs's merge_from_other_cfg / merge_from_list are not used: their errors name neither the file or
+# flag a value came from nor the closest valid key, and their type rule accepts None for any key
+# but rejects an int for a float key and a quoted YAML number for a string key. Rewriting their
+# errors would mean wrapping every call; this small merge is shorter. yacs decodes --opts values.
 def _closest(key: str, candidates: Iterable[str]) -> str:
     candidates = list(candidates)
     close = difflib.get_close_matches(key, candidates, n=3, cutoff=0.5)
@@ -242,76 +359,74 @@ def _closest(key: str, candidates: Iterable[str]) -> str:
     return f"closest valid keys: {', '.join(close)}" if close else "see config.py for the valid keys"
 
 
-def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
-    """Check ``value`` against the type of ``default`` and convert where it is lossless.
+def _coerce(key: str, value: Any, example: Any, source: str) -> Any:
+    """Check ``value`` against the type of ``example`` and convert where it is lossless.
 
     Args:
         key: Dotted key, for the error message.
         value: The new value (from YAML, --opts or a flag).
-        default: The current value; its type is the rule.
+        example: A value of the key's type (its current value, or its ``_VARIANT_KEYS`` entry).
         source: Where the value came from, for the error message.
     """
     def fail(expected: str) -> ConfigError:
         return ConfigError(f"{key}={value!r} ({type(value).__name__}) from {source} has the wrong type: "
-                           f"expected {expected} like the default {default!r}; fix the value")
+                           f"expected {expected} like {example!r}; fix the value")
 
-    if isinstance(default, bool):
+    if isinstance(example, bool):
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
         raise fail("true or false")
-    if isinstance(default, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise fail("an integer")
-    if isinstance(default, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+    if isinstance(example, (int, float)):
+        kind = type(example)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and (kind is float or isinstance(value, int)):  # an int never takes a float
+            return kind(value)
         if isinstance(value, str):  # YAML 1.1 reads 5e-4 (no dot) as a string
             try:
-                return float(value)
+                return kind(value)
             except ValueError:
                 pass
-        raise fail("a number")
-    if isinstance(default, str):
+        raise fail("an integer" if kind is int else "a number")
+    if isinstance(example, str):
         if isinstance(value, str):
             return value
         raise fail("a string (quote it)")
-    if isinstance(default, (list, tuple)):
+    if isinstance(example, (list, tuple)):
         if not isinstance(value, (list, tuple)):
             raise fail("a list")
-        if default:
-            value = [_coerce(f"{key}[{i}]", v, default[0], source) for i, v in enumerate(value)]
+        if example:
+            value = [_coerce(f"{key}[{i}]", v, example[0], source) for i, v in enumerate(value)]
         elif any(isinstance(v, (dict, CN)) for v in value):
             raise fail("a list of plain values")
-        return type(default)(value)
-    raise fail(type(default).__name__)
+        return type(example)(value)
+    raise fail(type(example).__name__)
+
+
+def _example(cfg: CN, key: str, source: str) -> Any:
+    """A value of ``key``'s type (a section for a section); an error naming the closest keys if unknown."""
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, CN) or part not in node:
+            raise ConfigError(f"unknown config key {key} (from {source}); {_closest(key, flat_keys(cfg))}")
+        node = node[part]
+    return _VARIANT_KEYS.get(key, node)
 
 
 def _set(cfg: CN, key: str, value: Any, source: str) -> None:
     """Set dotted ``key`` of ``cfg`` to ``value`` after checking that the key exists and the type fits."""
-    node = cfg
-    parts = key.split(".")
-    for i, part in enumerate(parts):
-        if not isinstance(node, CN) or part not in node:
-            raise ConfigError(f"unknown config key {key} (from {source}); {_closest(key, flat_keys(cfg))}")
-        if i < len(parts) - 1:
-            node = node[part]
-    current = node[parts[-1]]
-    if isinstance(current, CN):
+    example = _example(cfg, key, source)
+    if isinstance(example, CN):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} (from {source}) is a section, not a value; set its keys, "
-                              f"e.g. {flat_keys(current, key + '.')[0]}")
+                              f"e.g. {flat_keys(example, key + '.')[0]}")
         for name, sub in value.items():
             _set(cfg, f"{key}.{name}", sub, source)
         return
-    node[parts[-1]] = _coerce(key, value, current, source)
+    parent, _, name = key.rpartition(".")
+    restore_variant = key in _VARIANT_KEYS and value in (None, "null")
+    (_get(cfg, parent) if parent else cfg)[name] = None if restore_variant else _coerce(key, value, example, source)
 
 
 def _read_yaml(path: str, chain: Tuple[str, ...] = ()) -> List[Tuple[str, Dict[str, Any]]]:
@@ -344,99 +459,14 @@ def _read_yaml(path: str, chain: Tuple[str, ...] = ()) -> List[Tuple[str, Dict[s
     return layers
 
 
-def _decode_opt(raw: str) -> Any:
-    """A --opts value as a Python literal when it is one (3, 0.1, [1, 2], True), else the string."""
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
-
-
 def _merge_opts(cfg: CN, opts: Sequence[str]) -> None:
     if len(opts) % 2:
         raise ConfigError(f"--opts needs KEY VALUE pairs, got {len(opts)} items ending with {opts[-1]!r}; "
                           "add the missing value")
     for key, raw in zip(opts[0::2], opts[1::2]):
-        value = _decode_opt(raw)
-        node = cfg
-        for part in key.split(".")[:-1]:
-            node = node.get(part) if isinstance(node, CN) else None
-        current = node.get(key.split(".")[-1]) if isinstance(node, CN) else None
-        if isinstance(current, str):
-            value = raw  # a string key takes the text as typed, e.g. TAG 001
+        # A string key takes the text as typed (TAG 001); others read it as a Python literal (3, [1, 2]).
+        value = raw if isinstance(_example(cfg, key, "--opts"), str) else CN._decode_cfg_value(raw)
         _set(cfg, key, value, "--opts")
-
-
-def validate(cfg: CN) -> None:
-    """Check the values that have rules beyond their type.
-
-    Args:
-        cfg: A fully merged config.
-
-    Raises:
-        ConfigError: naming the key, the rule and a fix.
-    """
-    for key, allowed in _CHOICES.items():
-        value = cfg
-        for part in key.split("."):
-            value = value[part]
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{key}={value!r} is not supported{hint}; use one of {', '.join(allowed)}")
-    rules = [
-        ("DATA.BATCH_SIZE", cfg.DATA.BATCH_SIZE >= 1, "must be >= 1"),
-        ("TRAIN.EPOCHS", cfg.TRAIN.EPOCHS >= 1, "must be >= 1"),
-        ("TRAIN.WARMUP_EPOCHS", 0 <= cfg.TRAIN.WARMUP_EPOCHS < cfg.TRAIN.EPOCHS,
-         f"must be in [0, TRAIN.EPOCHS={cfg.TRAIN.EPOCHS})"),
-        ("TRAIN.ACCUMULATION_STEPS", cfg.TRAIN.ACCUMULATION_STEPS >= 1, "must be >= 1"),
-        ("TRAIN.BASE_LR", cfg.TRAIN.BASE_LR > 0, "must be > 0"),
-        ("TRAIN.MIN_LR", 0 <= cfg.TRAIN.MIN_LR <= cfg.TRAIN.BASE_LR, "must be in [0, TRAIN.BASE_LR]"),
-        ("TRAIN.WARMUP_LR", 0 <= cfg.TRAIN.WARMUP_LR <= cfg.TRAIN.BASE_LR, "must be in [0, TRAIN.BASE_LR]"),
-        ("TRAIN.WEIGHT_DECAY", cfg.TRAIN.WEIGHT_DECAY >= 0, "must be >= 0"),
-        ("TRAIN.CLIP_GRAD", cfg.TRAIN.CLIP_GRAD >= 0, "must be >= 0 (0 = no clipping)"),
-        ("TRAIN.LR_REFERENCE_BATCH", cfg.TRAIN.LR_REFERENCE_BATCH >= 0, "must be >= 0 (0 = no LR scaling)"),
-        ("TRAIN.STOP_AFTER_STEPS", cfg.TRAIN.STOP_AFTER_STEPS >= 0, "must be >= 0 (0 = off)"),
-        ("TRAIN.MAX_NONFINITE_STEPS", cfg.TRAIN.MAX_NONFINITE_STEPS >= 1, "must be >= 1"),
-        ("TRAIN.DEBUG_NONFINITE_STEPS", all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
-                                            for s in cfg.TRAIN.DEBUG_NONFINITE_STEPS),
-         "must be a list of global steps >= 1"),
-        ("DIST.TIMEOUT_S", cfg.DIST.TIMEOUT_S >= 1, "must be >= 1 (seconds)"),
-        ("DATA.IMG_SIZE", cfg.DATA.IMG_SIZE >= 32 and cfg.DATA.IMG_SIZE % 32 == 0,
-         "must be a multiple of 32 (the four stages downsample by 32 in total), e.g. 224"),
-        ("TRAIN.EMA.DECAY", 0 <= cfg.TRAIN.EMA.DECAY < 1, "must be in [0, 1)"),
-        ("TRAIN.OPTIMIZER.BETAS", len(cfg.TRAIN.OPTIMIZER.BETAS) == 2
-         and all(0 <= b < 1 for b in cfg.TRAIN.OPTIMIZER.BETAS), "must be two numbers in [0, 1)"),
-        ("TRAIN.OPTIMIZER.EPS", cfg.TRAIN.OPTIMIZER.EPS > 0, "must be > 0"),
-        ("MODEL.NUM_CLASSES", cfg.MODEL.NUM_CLASSES >= 1, "must be >= 1"),
-        ("MODEL.DROP_PATH_RATE", 0 <= cfg.MODEL.DROP_PATH_RATE < 1, "must be in [0, 1)"),
-        ("MODEL.DROP_RATE", 0 <= cfg.MODEL.DROP_RATE < 1, "must be in [0, 1)"),
-        ("MODEL.LABEL_SMOOTHING", 0 <= cfg.MODEL.LABEL_SMOOTHING < 1, "must be in [0, 1)"),
-        ("SAVE_FREQ", cfg.SAVE_FREQ >= 1, "must be >= 1"),
-        ("SAVE_STEPS", cfg.SAVE_STEPS >= 0, "must be >= 0 (0 = off)"),
-        ("SAVE_KEEP", cfg.SAVE_KEEP >= 0, "must be >= 0"),
-        ("PRINT_FREQ", cfg.PRINT_FREQ >= 1, "must be >= 1"),
-        ("THROUGHPUT.ITERS", cfg.THROUGHPUT.ITERS >= 1, "must be >= 1"),
-        ("THROUGHPUT.WARMUP_ITERS", cfg.THROUGHPUT.WARMUP_ITERS >= 0, "must be >= 0"),
-    ]
-    for key, ok, rule in rules:
-        if not ok:
-            value = cfg
-            for part in key.split("."):
-                value = value[part]
-            raise ConfigError(f"{key}={value!r} {rule}; change it in the YAML or with --opts {key} VALUE")
-    if cfg.MODEL.RESUME and cfg.MODEL.PRETRAINED:
-        raise ConfigError("--resume and --pretrained were both given: --resume restores the whole training "
-                          "state (weights included), --pretrained only initialises the weights; pass one")
-    try:
-        import models
-    except ImportError:  # the registry check is repeated when the model is built
-        return
-    if cfg.MODEL.NAME not in models.list_models():
-        close = difflib.get_close_matches(cfg.MODEL.NAME, models.list_models(), n=3)
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ConfigError(f"MODEL.NAME={cfg.MODEL.NAME!r} is not a registered model{hint}; "
-                          f"use one of {', '.join(models.list_models())}")
 
 
 def scale_learning_rates(cfg: CN, world_size: int) -> None:
@@ -480,7 +510,7 @@ def load_config(cfg_file: str = "", opts: Sequence[str] = (), flags: Optional[Di
                 _set(cfg, key, value, path)
     _merge_opts(cfg, list(opts))
     for key, value in (flags or {}).items():
-        _set(cfg, key, value, f"the --{key.lower()} flag")
+        _set(cfg, key, value, f"the command-line flag for {key}")
     validate(cfg)
     scale_learning_rates(cfg, world_size)
     cfg.freeze()

@@ -10,14 +10,11 @@ from yacs.config import CfgNode
 
 from utils.distributed import rank_and_world_size
 
-from .common import EpochBatchSampler, crop_ranges
+from .common import EpochBatchSampler
 from .loader import Loaders
 from .synthetic import SyntheticLoader
 
 logger = logging.getLogger(__name__)
-
-DATASETS = ("imagenet", "toy", "synthetic")
-LOADERS = ("dali", "pytorch")
 
 
 def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = None,
@@ -25,7 +22,7 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
     """Build the train and validation loaders described by ``config``.
 
     Args:
-        config: The run's config (``DATA``, ``AUG``, ``TEST``, ``MODEL.NUM_CLASSES``, ``SEED``).
+        config: The run's validated config (``DATA``, ``AUG``, ``TEST``, ``MODEL.NUM_CLASSES``, ``SEED``).
         device: Where batches are delivered (CPU or a CUDA device).
         rank: Override of the rank (default: torch.distributed, else 0).
         world_size: Override of the number of processes (default: torch.distributed, else 1).
@@ -35,30 +32,23 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
     """
     rank, world_size = _rank_and_world_size(rank, world_size)
     device = torch.device(device)
-    dataset = config.DATA.DATASET
-    if dataset not in DATASETS:
-        raise ValueError(f"DATA.DATASET={dataset!r} is unknown; use one of {', '.join(DATASETS)}")
-    if dataset == "synthetic":
+    if config.DATA.DATASET == "synthetic":
         return _build_synthetic(config, device, rank, world_size)
 
     from .folder import resolve_dataset_root, scan_image_folder
 
-    crop_ranges(config)  # a bad AUG.SCALE / AUG.RATIO fails here, before any scan or pipeline build
     root = resolve_dataset_root(config)
     train_set, val_set = scan_image_folder(root, config.MODEL.NUM_CLASSES)
-    loader = config.DATA.LOADER
-    if loader == "pytorch":
+    if config.DATA.LOADER == "pytorch":
         from .torch_loader import make_torch_loader
 
         def make(split, sampler):
             return make_torch_loader(config, split, sampler, device)
-    elif loader == "dali":
+    else:  # "dali"
         from .dali_loader import DaliLoader
 
         def make(split, sampler):
             return DaliLoader(config, split, sampler, device)
-    else:
-        raise ValueError(f"DATA.LOADER={loader!r} is unknown; use one of {', '.join(LOADERS)}")
     train, val = (make(split, EpochBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size,
                                                 train=is_train))
                   for split, is_train in ((train_set, True), (val_set, False)))

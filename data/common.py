@@ -16,27 +16,6 @@ SALT_SYNTHETIC = 3
 SALT_BATCH_AUGMENT = 4
 
 
-def crop_ranges(config) -> Tuple[Tuple[float, float], Tuple[float, float]]:
-    """The random-resized-crop ranges ``(AUG.SCALE, AUG.RATIO)`` of both loaders, checked, as tuples.
-
-    Args:
-        config: The run's config.
-
-    Raises:
-        ValueError: a range that is not ``[lo, hi]`` with ``0 < lo <= hi`` (and ``hi <= 1`` for the scale).
-    """
-    rules = {"SCALE": (1.0, "0 < lo <= hi <= 1 (fractions of the image area), e.g. [0.08, 1.0]"),
-             "RATIO": (float("inf"), "0 < lo <= hi (width / height), e.g. [0.75, 1.333]")}
-    ranges = []
-    for name, (upper, rule) in rules.items():
-        values = tuple(float(v) for v in config.AUG[name])
-        if len(values) != 2 or not 0 < values[0] <= values[1] <= upper:
-            raise ValueError(f"AUG.{name}={list(config.AUG[name])} is invalid: need [lo, hi] with {rule}; "
-                             f"fix AUG.{name}")
-        ranges.append(values)
-    return ranges[0], ranges[1]
-
-
 def mix_seed(*values: int) -> int:
     """Hash several non-negative integers into one 63-bit seed (NumPy's SeedSequence mixing).
 

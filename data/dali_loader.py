@@ -28,7 +28,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 from yacs.config import CfgNode
 
-from .common import SALT_BATCH_AUGMENT, EpochBatchSampler, crop_ranges, mix_seed, seeded_rng
+from .common import SALT_BATCH_AUGMENT, EpochBatchSampler, mix_seed, seeded_rng
 from .folder import ImageSplit
 from .loader import BatchLoader, UnreadableImage, failure_reason, load_rgb, read_or_replace
 
@@ -291,9 +291,8 @@ class ShardSource:
 
 def _crop_graph(encoded, config: CfgNode, decode_device: str):
     """Decode fused with the random resized crop's window: (H, W, 3) uint8 crops of any size."""
-    scale, ratio = crop_ranges(config)
     return fn.decoders.image_random_crop(encoded, device=decode_device, output_type=types.RGB,
-                                         random_area=list(scale), random_aspect_ratio=list(ratio),
+                                         random_area=list(config.AUG.SCALE), random_aspect_ratio=list(config.AUG.RATIO),
                                          num_attempts=10, jpeg_fancy_upsampling=True, adjust_orientation=False)
 
 
@@ -407,9 +406,6 @@ class DaliLoader(BatchLoader):
         super().__init__(sampler, device)
         self.source = ShardSource(split, sampler)
         self._running = False
-        if config.DATA.INTERPOLATION not in INTERPOLATIONS:
-            raise ValueError(f"DATA.INTERPOLATION={config.DATA.INTERPOLATION!r} is not supported; "
-                             f"use one of {', '.join(INTERPOLATIONS)}")
         self.erase = (RandomErasing(config.AUG.REPROB, mode=config.AUG.REMODE, max_count=config.AUG.RECOUNT,
                                     device=str(self.device)) if sampler.train and config.AUG.REPROB > 0 else None)
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from yacs.config import CfgNode
 
-from .common import SALT_AUGMENT, EpochBatchSampler, crop_ranges, mix_seed, seeded_rng
+from .common import SALT_AUGMENT, EpochBatchSampler, mix_seed, seeded_rng
 from .folder import ImageSplit
 from .loader import BatchLoader, load_rgb, read_or_replace
 
@@ -174,8 +174,8 @@ def build_transforms(config: CfgNode, train: bool):
     """
     if train:
         aug = config.AUG
-        scale, ratio = crop_ranges(config)
-        transform = create_transform(config.DATA.IMG_SIZE, is_training=True, scale=scale, ratio=ratio,
+        transform = create_transform(config.DATA.IMG_SIZE, is_training=True, scale=tuple(aug.SCALE),
+                                     ratio=tuple(aug.RATIO),
                                      color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
                                      auto_augment=aug.AUTO_AUGMENT or None,
                                      interpolation=config.DATA.INTERPOLATION,

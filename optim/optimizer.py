@@ -49,12 +49,10 @@ def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     Fused kernels on CUDA, the foreach implementation elsewhere.
 
     Args:
-        config: Reads ``TRAIN.OPTIMIZER.*``, ``TRAIN.WEIGHT_DECAY`` and ``TRAIN.SCALED_BASE_LR``.
+        config: Reads ``TRAIN.OPTIMIZER.BETAS`` / ``EPS``, ``TRAIN.WEIGHT_DECAY`` and ``TRAIN.SCALED_BASE_LR``;
+            ``TRAIN.OPTIMIZER.NAME`` is ``adamw``, the one value ``config.validate()`` allows.
         model: The unwrapped model (not DDP), whose ``no_weight_decay()`` is honoured.
     """
-    name = config.TRAIN.OPTIMIZER.NAME
-    if name != "adamw":
-        raise ValueError(f"TRAIN.OPTIMIZER.NAME={name!r} is not supported; use 'adamw'")
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     groups = param_groups(model, config.TRAIN.WEIGHT_DECAY, skip)
     on_cuda = next(model.parameters()).is_cuda

@@ -98,6 +98,57 @@ def test_wrong_type_names_key_and_rule(tmp_path: Path) -> None:
         load_config(opts=["TRAIN.EPOCHS"])
 
 
+@pytest.mark.parametrize("key, value, needle", [
+    ("DATA.LOADER", "tf", r"DATA\.LOADER='tf' is not supported; use one of dali, pytorch"),
+    ("DATA.DATASET", "imagenett", r"DATA\.DATASET='imagenett' is not supported \(did you mean 'imagenet'\?\)"),
+    ("DATA.INTERPOLATION", "nearest", r"DATA\.INTERPOLATION='nearest' is not supported; use one of bicubic, bilinear"),
+    ("TRAIN.OPTIMIZER.NAME", "sgd", r"TRAIN\.OPTIMIZER\.NAME='sgd' is not supported; use one of adamw"),
+    ("TEST.AMP", "fp8", r"TEST\.AMP='fp8' is not supported; use one of train, bf16, fp16, none"),
+    ("AUG.SCALE", "[0.5, 0.2]", r"AUG\.SCALE=\[0\.5, 0\.2\] must be \[lo, hi\] with 0 < lo <= hi <= 1"),
+    ("AUG.SCALE", "[0.5, 1.5]", r"AUG\.SCALE=\[0\.5, 1\.5\] must be \[lo, hi\]"),
+    ("AUG.RATIO", "[0.0, 1.0]", r"AUG\.RATIO=\[0\.0, 1\.0\] must be \[lo, hi\] with 0 < lo <= hi \(width / height\)"),
+    ("AUG.RATIO", "[1.0]", r"AUG\.RATIO=\[1\.0\] must be \[lo, hi\]"),
+    ("DATA.IMG_SIZE", "48", r"DATA\.IMG_SIZE=48 must be a multiple of 32"),
+])
+def test_value_rules_name_value_rule_and_fix(key: str, value: str, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_config(opts=[key, value])
+
+
+def test_architecture_overrides_default_to_the_variant(tmp_path: Path) -> None:
+    """MODEL.CROSSFORMER.* are None (the variant's value) unless given; given values are type-checked."""
+    arch = load_config().MODEL.CROSSFORMER
+    assert [arch[k] for k in ("EMBED_DIM", "DEPTHS", "NUM_HEADS", "GROUP_SIZE", "CRS_INTERVAL")] == [None] * 5
+    cfg = load_config(opts=["MODEL.CROSSFORMER.EMBED_DIM", "64", "MODEL.CROSSFORMER.DEPTHS", "[1, 1, 2, 1]"])
+    assert cfg.MODEL.CROSSFORMER.EMBED_DIM == 64 and cfg.MODEL.CROSSFORMER.DEPTHS == [1, 1, 2, 1]
+    yaml_file = write(tmp_path / "run.yaml", "MODEL:\n  CROSSFORMER:\n    EMBED_DIM: 32\n    GROUP_SIZE: [7, 7, 7, 7]\n")
+    for null in ("null", "None"):  # --opts restores the variant's value over the YAML's
+        cfg = load_config(str(yaml_file), ["MODEL.CROSSFORMER.EMBED_DIM", null])
+        assert cfg.MODEL.CROSSFORMER.EMBED_DIM is None and cfg.MODEL.CROSSFORMER.GROUP_SIZE == [7, 7, 7, 7]
+    with pytest.raises(ConfigError, match=r"MODEL\.CROSSFORMER\.EMBED_DIM='wide' .*expected an integer"):
+        load_config(opts=["MODEL.CROSSFORMER.EMBED_DIM", "wide"])
+    with pytest.raises(ConfigError, match=r"MODEL\.CROSSFORMER\.DEPTHS\[1\]=1\.5 .*expected an integer"):
+        load_config(opts=["MODEL.CROSSFORMER.DEPTHS", "[1, 1.5, 2, 1]"])
+    with pytest.raises(ConfigError, match=r"MODEL\.CROSSFORMER\.NUM_HEADS=\[1, 2\] must be null \(the variant's "
+                                          r"value\) or 4 integers >= 1"):
+        load_config(opts=["MODEL.CROSSFORMER.NUM_HEADS", "[1, 2]"])
+    with pytest.raises(ConfigError, match=r"MODEL\.CROSSFORMER\.EMBED_DIM=0 must be null"):
+        load_config(opts=["MODEL.CROSSFORMER.EMBED_DIM", "0"])
+
+
+def test_build_model_keeps_the_variants_value_for_none() -> None:
+    from models import build_model
+
+    cfg = load_config(opts=["MODEL.NAME", "crossformerpp_s", "MODEL.CROSSFORMER.EMBED_DIM", "32",
+                            "MODEL.CROSSFORMER.DEPTHS", "[1, 1, 2, 1]", "MODEL.CROSSFORMER.NUM_HEADS", "[1, 2, 4, 8]"])
+    model = build_model(cfg)
+    assert [info["num_chs"] for info in model.feature_info] == [32, 64, 128, 256]
+    assert [len(stage.blocks) for stage in model.layers] == [1, 1, 2, 1]
+    # GROUP_SIZE / CRS_INTERVAL are None: crossformerpp_s's own (4, 4, 14, 7) and (4, 2, 1, 1).
+    assert [(stage.blocks[0].group_size, stage.blocks[0].interval) for stage in model.layers] == \
+        [(4, 4), (4, 2), (14, 1), (7, 1)]
+
+
 def test_yaml_exponent_without_dot_is_a_float(tmp_path: Path) -> None:
     # PyYAML reads 5e-4 as a string; a float key accepts it as the number.
     cfg = load_config(str(write(tmp_path / "run.yaml", "TRAIN:\n  BASE_LR: 5e-4\n")))
@@ -127,6 +178,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     config.dump_config(cfg, str(tmp_path / "config.yaml"))
     again = load_config(str(tmp_path / "config.yaml"), world_size=2)
     assert config.config_to_dict(again) == config.config_to_dict(cfg)
+    assert again.MODEL.CROSSFORMER.EMBED_DIM == 32 and again.MODEL.CROSSFORMER.GROUP_SIZE is None  # null round-trips
 
 
 @pytest.mark.parametrize("name", sorted(VARIANT_DROP_PATH))
@@ -147,7 +199,7 @@ def test_every_config_key_is_read() -> None:
     root = Path(__file__).resolve().parents[1]
     sources = [p for p in root.rglob("*.py") if "tests" not in p.parts and p.name != "config.py"]
     code = "\n".join(p.read_text() for p in sources)
-    # main.py reads the MODEL.CROSSFORMER overrides through ``arch = config.MODEL.CROSSFORMER``.
+    # models/build.py reads the MODEL.CROSSFORMER overrides through ``arch = config.MODEL.CROSSFORMER``.
     unread = []
     for key in config.flat_keys(config.get_defaults()):
         if key == "BASE":  # consumed by the YAML loader itself

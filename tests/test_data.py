@@ -161,8 +161,6 @@ def test_layout_errors(image_root: Path, tmp_path: Path) -> None:
     cfg = make_config(root, "pytorch", DATA__DATA_PATH="")
     with pytest.raises(ValueError, match="DATA.DATA_PATH is empty"):
         build_loader(cfg, CPU)
-    with pytest.raises(ValueError, match="DATA.LOADER='tf' is unknown"):
-        build_loader(make_config(image_root, "tf"), CPU)
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -324,10 +322,6 @@ def test_crop_scale_and_ratio_are_used(tmp_path: Path, loader: str) -> None:
     assert spread([0.08, 1.0], [1.0, 1.0]) > 0.05  # crops of different areas and heights
     assert spread([0.5, 0.5], [1.0, 1.0]) > 0.05  # 34x34 squares at different heights
     assert spread([0.5, 0.5], [0.5, 0.5]) < 1e-3  # 24 wide x 48 high strips: the full gradient again
-    for key, value in (("AUG__SCALE", [0.5, 0.2]), ("AUG__SCALE", [0.5, 1.5]), ("AUG__RATIO", [0.0, 1.0]),
-                       ("AUG__RATIO", [1.0])):
-        with pytest.raises(ValueError, match=f"AUG.{key[5:]}=.* is invalid"):
-            build_loader(make_config(tmp_path, loader, MODEL__NUM_CLASSES=2, **{key: value}), CPU)
 
 
 def test_build_mixup() -> None:

@@ -12,7 +12,7 @@ def resolve_amp(amp: str, device: torch.device, key: str = "TRAIN.AMP") -> Optio
     """The autocast dtype for a precision setting on ``device`` (None = float32).
 
     Args:
-        amp: ``"bf16"``, ``"fp16"`` or ``"none"``.
+        amp: ``"bf16"``, ``"fp16"`` or ``"none"`` (the values config.validate() allows).
         device: The compute device.
         key: The config key ``amp`` came from (named in errors).
     """
@@ -23,11 +23,9 @@ def resolve_amp(amp: str, device: torch.device, key: str = "TRAIN.AMP") -> Optio
             raise ValueError(f"{key}='fp16' needs a CUDA device, this process runs on {device.type}; "
                              f"use --opts {key} bf16 or none")
         return torch.float16
-    if amp == "bf16":
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError(f"{key}='bf16' is not supported by this GPU; use --opts {key} fp16")
-        return torch.bfloat16
-    raise ValueError(f"{key}={amp!r} is unknown; use bf16, fp16 or none")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"{key}='bf16' is not supported by this GPU; use --opts {key} fp16")
+    return torch.bfloat16
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
