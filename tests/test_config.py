@@ -199,7 +199,8 @@ def test_every_config_key_is_read() -> None:
     root = Path(__file__).resolve().parents[1]
     sources = [p for p in root.rglob("*.py") if "tests" not in p.parts and p.name != "config.py"]
     code = "\n".join(p.read_text() for p in sources)
-    # models/build.py reads the MODEL.CROSSFORMER overrides through ``arch = config.MODEL.CROSSFORMER``.
+    # models/build.py reads the MODEL.CROSSFORMER overrides through ``arch = config.MODEL.CROSSFORMER``,
+    # the trainer and the epoch some TRAIN keys through ``train = config.TRAIN``.
     unread = []
     for key in config.flat_keys(config.get_defaults()):
         if key == "BASE":  # consumed by the YAML loader itself
@@ -207,6 +208,8 @@ def test_every_config_key_is_read() -> None:
         parts = key.split(".")
         tail = ".".join(parts[-2:]) if len(parts) > 1 else parts[0]
         patterns = [re.escape(tail), re.escape(f'"{parts[-1]}"'), rf"\barch\.{parts[-1]}\b"]
+        if parts[0] == "TRAIN" and len(parts) == 2:
+            patterns.append(rf"\btrain\.{parts[-1]}\b")
         if not any(re.search(p, code) for p in patterns):
             unread.append(key)
     assert not unread, f"config keys never read: {unread}"
