@@ -98,10 +98,19 @@ _C.TRAIN.CLIP_GRAD = 5.0
 _C.TRAIN.AUTO_RESUME = True
 _C.TRAIN.ACCUMULATION_STEPS = 1
 _C.TRAIN.USE_CHECKPOINT = False
-# "bf16", "fp16" or "none".
+# "bf16", "fp16" or "none". On a GPU without native bf16 (before Ampere: V100, T4) bf16 falls back
+# to fp16 with a loss scaler, with a one-line notice.
 _C.TRAIN.AMP = "bf16"
-# torch.compile the model.
+# torch.compile the model; when distributed the DDP-wrapped model, so DDP's gradient buckets overlap
+# the backward pass. Evaluation compiles the unwrapped model separately.
 _C.TRAIN.COMPILE = False
+# The torch.compile backend: "inductor" (generated kernels), "aot_eager" or "eager" (graph capture
+# only, eager kernels: for debugging a compile problem).
+_C.TRAIN.COMPILE_BACKEND = "inductor"
+# Let float32 matmuls and convolutions on NVIDIA GPUs (Ampere and newer) use TF32 tensor cores: a
+# 10-bit mantissa in the products, fp32 accumulation. Speeds up float32 work (TRAIN.AMP none,
+# the parts autocast keeps in float32); False keeps full IEEE float32.
+_C.TRAIN.TF32 = True
 # Save last.pth and stop after this many optimizer steps in total (0 = off), e.g. to rehearse a preemption.
 _C.TRAIN.STOP_AFTER_STEPS = 0
 # A step whose gradient norm is not finite is skipped (no update) and counted; after this many in a
@@ -191,6 +200,7 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "TRAIN.AMP": ("bf16", "fp16", "none"),
     "TEST.AMP": ("train", "bf16", "fp16", "none"),
     "TRAIN.OPTIMIZER.NAME": ("adamw",),
+    "TRAIN.COMPILE_BACKEND": ("inductor", "aot_eager", "eager"),
 }
 
 # Stages of every registered variant: the length of each per-stage MODEL.CROSSFORMER list.
@@ -582,7 +592,6 @@ def dump_config(cfg: CN, path: str) -> None:
         cfg: The config.
         path: Output file.
     """
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=True)
-    os.replace(tmp, path)
+    from utils.file_io import atomic_write_text
+
+    atomic_write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=True), path)

@@ -29,9 +29,9 @@ from models import build_model, load_pretrained
 from optim import build_optimizer, build_scheduler
 from utils.checkpoint import BEST, EMA_BEST, CheckpointManager
 from utils.distributed import DistInfo
-from utils.file_io import remove_stale_temp_files
+from utils.file_io import atomic_write_text, remove_stale_temp_files
 from utils.metrics import RunRecorder
-from utils.precision import resolve_amp
+from utils.precision import resolve_amp, set_tf32
 from utils.progress import EpochProgress
 from utils.reliability import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionSignal,
                                RunStopped, check_free_space, estimate_checkpoint_bytes)
@@ -85,6 +85,7 @@ def run_throughput(config: CfgNode, dist_info: DistInfo) -> int:
     """
     if dist_info.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    set_tf32(config.TRAIN.TF32, dist_info.device)
     model = prepare_model(config, dist_info)
     result = measure_throughput(model, config, dist_info.device, resolve_amp(config.TRAIN.AMP, dist_info.device))
     if dist_info.is_main:
@@ -103,7 +104,11 @@ def _wrap_for_training(model: nn.Module, config: CfgNode, dist_info: DistInfo) -
     if dist_info.distributed:
         device = dist_info.device
         wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(wrapped) if config.TRAIN.COMPILE else wrapped
+    if not config.TRAIN.COMPILE:
+        return wrapped
+    logger.info("torch.compile (backend %s) of the %s", config.TRAIN.COMPILE_BACKEND,
+                "DDP-wrapped model" if dist_info.distributed else "model")
+    return torch.compile(wrapped, backend=config.TRAIN.COMPILE_BACKEND)
 
 
 class Trainer:
@@ -123,6 +128,7 @@ class Trainer:
         self._log_batch_and_lr()
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+        set_tf32(config.TRAIN.TF32, device)
         # --eval needs only its own precision: an fp16 run's config evaluates on a CPU with TEST.AMP none.
         amp_dtype = None if config.EVAL_MODE and config.TEST.AMP != "train" else resolve_amp(config.TRAIN.AMP, device)
         # Validation and --eval: TEST.AMP none gives a float32 number comparable across precisions.
@@ -134,7 +140,9 @@ class Trainer:
                              f"{config.MODEL.NUM_CLASSES}; set --opts MODEL.NUM_CLASSES {self.loaders.num_classes}")
         self.parts = self._build_components(model, amp_dtype)
         # Evaluation runs the unwrapped weights: DDP's forward would add collectives that hang on uneven shards.
-        self.eval_model = torch.compile(model) if config.TRAIN.COMPILE else model
+        self.eval_model = model
+        if config.TRAIN.COMPILE:
+            self.eval_model = torch.compile(model, backend=config.TRAIN.COMPILE_BACKEND)
         self.state = TrainState(device)
         self.checkpoints = CheckpointManager(run_dir, self.parts, self.state, config, dist_info)
         self.resumed_from = self.checkpoints.resume(len(self.loaders.train))
@@ -215,7 +223,9 @@ class Trainer:
             remove_stale_temp_files(self.run_dir)
             # Written only once every input was accepted: a rejected command leaves the old config.yaml.
             dump_config(self.config, os.path.join(self.run_dir, "config.yaml"))
-            logger.info("run directory %s; full config in config.yaml", self.run_dir)
+            atomic_write_text(json.dumps(self.checkpoints.provenance, indent=1) + "\n",
+                              os.path.join(self.run_dir, "provenance.json"))
+            logger.info("run directory %s; full config in config.yaml, what runs it in provenance.json", self.run_dir)
 
     def _train_epochs(self, stop_signal: PreemptionSignal, recorder: RunRecorder) -> int:
         config, state, checkpoints = self.config, self.state, self.checkpoints

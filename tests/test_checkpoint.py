@@ -171,3 +171,20 @@ def test_epoch_end_writes_due_files_best_files_and_keeps_the_newest_epochs(tmp_p
     assert steps == {"best.pth": 12, "ema_best.pth": 8, "epoch_0002.pth": 12, "last.pth": 12}
     assert (run.state.best_acc1, run.state.best_epoch, run.state.best_ema_acc1, run.state.best_ema_epoch) == \
         (12.0, 2, 6.0, 1)
+
+
+def test_every_checkpoint_carries_the_provenance_stamp_and_changes_are_named(tmp_path: Path) -> None:
+    from utils import provenance
+
+    run = _Run(tmp_path)
+    run.manager.save_last()
+    stamp = load_file(str(tmp_path / ckpt.LAST))["provenance"]
+    assert torch.__version__.startswith(stamp["packages"]["torch"]) and stamp["world_size"] == 1
+    assert stamp["python"] and stamp["devices"] and "command" in stamp
+    assert provenance.differences(stamp, stamp) == []
+    assert provenance.differences(None, stamp) == []  # a file written without a stamp: nothing to compare
+    newer = dict(stamp, packages=dict(stamp["packages"], timm="9.9.9"), git_commit="f" * 40, git_dirty=False)
+    changed = provenance.differences(stamp, newer)
+    assert f"timm {stamp['packages']['timm']} -> 9.9.9" in changed
+    assert any(item.startswith("code ") and item.endswith("f" * 40) for item in changed)
+    assert f"torch {stamp['packages']['torch']}" in provenance.describe(stamp)

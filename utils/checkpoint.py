@@ -5,7 +5,7 @@ A checkpoint is one ``torch.save`` dict (loadable with ``weights_only=True``):
 ``format_version``, ``model``, ``ema``, ``optimizer``, ``scheduler``, ``scaler``, the
 :class:`~utils.train_state.TrainState` keys (``epoch`` in progress, its next ``batch``,
 ``global_step``, the best accuracies, the skipped-step counts, ``ranks``: per rank every RNG
-state and the epoch's running sums, ``world_size``), ``config`` (plain data) and ``saved_at``.
+state and the epoch's running sums, ``world_size``), ``config`` (plain data), ``provenance`` (what produced it: :mod:`utils.provenance`) and ``saved_at``.
 
 Files of a run directory: ``last.pth`` (newest position), ``epoch_NNNN.pth`` (the newest
 ``SAVE_KEEP``), ``best.pth`` / ``ema_best.pth`` (best validation top-1 of the weights / of their
@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from yacs.config import CfgNode
 
+from . import provenance
 from .distributed import DistInfo, all_gather_object, broadcast_object
 from .file_io import atomic_copy, atomic_save, load_file
 from .reliability import first_line
@@ -179,6 +180,10 @@ class CheckpointManager:
         self.config = config
         self.config_dict = config_to_dict(config)
         self.dist_info = dist_info
+        self.provenance = provenance.collect(dist_info.world_size)
+        # Of the checkpoint resumed or evaluated: its stamp and its (epoch, batch, global step).
+        self.loaded_provenance: Optional[Dict[str, Any]] = None
+        self.loaded_position = (0, 0, 0)
 
     # --- the checkpoint dict --------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -193,6 +198,7 @@ class CheckpointManager:
             "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
             **self.state.state_dict(),
             "config": self.config_dict,
+            "provenance": self.provenance,
             "saved_at": time.time(),
         }
 
@@ -366,9 +372,13 @@ class CheckpointManager:
             if errors:
                 logger.warning("cannot resume %s (%s); trying the previous checkpoint", path, errors[0])
                 continue
-            state = self.state
-            logger.info("resumed from %s: epoch %d, batch %d, global step %d", path, state.epoch, state.batch,
-                        state.global_step)
+            logger.info("%s %s: epoch %d, batch %d, global step %d", "evaluating the weights of" if config.EVAL_MODE
+                        else "resumed from", path, *self.loaded_position)
+            logger.info("checkpoint written by: %s", provenance.describe(self.loaded_provenance))
+            changed = provenance.differences(self.loaded_provenance, self.provenance)
+            if changed and not config.EVAL_MODE:
+                logger.warning("resuming with other code or packages than the checkpoint's (%s): the run continues, "
+                               "but it may not match an uninterrupted one", "; ".join(changed))
             if saved_keys != self._batch_keys_now() and not config.EVAL_MODE:
                 self._remap_position(saved_keys, num_batches)
             return path
@@ -387,6 +397,8 @@ class CheckpointManager:
             checkpoint = load_file(path)
             check_format(checkpoint)
             saved_keys = _batch_keys(checkpoint, self.config)
+            self.loaded_provenance = checkpoint.get("provenance")
+            self.loaded_position = (int(checkpoint["epoch"]), int(checkpoint["batch"]), int(checkpoint["global_step"]))
             self.load_state_dict(checkpoint, weights_only=self.config.EVAL_MODE,
                                  restore_schedule=saved_keys == self._batch_keys_now())
         except IncompatibleCheckpoint as e:

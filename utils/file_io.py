@@ -66,6 +66,22 @@ def atomic_save(obj: Any, path: str) -> None:
     _publish(path, write)
 
 
+def atomic_write_text(text: str, path: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file, fsync, rename).
+
+    Args:
+        text: The contents.
+        path: Destination.
+    """
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    _publish(path, write)
+
+
 def atomic_copy(src: str, dst: str) -> None:
     """Make ``dst`` an atomic copy of the complete file ``src`` (a hard link where possible).
 

@@ -1,20 +1,26 @@
-"""Mixed precision: the autocast dtype a setting means on a device, the one autocast context, peak memory."""
+"""Precision: the autocast dtype a setting means on a device, TF32, the one autocast context, peak memory."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import resource
 from typing import Optional
 
 import torch
 
+logger = logging.getLogger(__name__)
 
 def resolve_amp(amp: str, device: torch.device, key: str = "TRAIN.AMP") -> Optional[torch.dtype]:
     """The autocast dtype for a precision setting on ``device`` (None = float32).
 
+    bf16 on a GPU that only emulates it (before Ampere: V100, T4, where it runs without tensor
+    cores, several times slower than fp16) becomes fp16, with a one-line notice: the caller adds
+    the loss scaler that fp16 needs.
+
     Args:
         amp: ``"bf16"``, ``"fp16"`` or ``"none"`` (the values config.validate() allows).
         device: The compute device.
-        key: The config key ``amp`` came from (named in errors).
+        key: The config key ``amp`` came from (named in errors and notices).
     """
     if amp == "none":
         return None
@@ -23,9 +29,29 @@ def resolve_amp(amp: str, device: torch.device, key: str = "TRAIN.AMP") -> Optio
             raise ValueError(f"{key}='fp16' needs a CUDA device, this process runs on {device.type}; "
                              f"use --opts {key} bf16 or none")
         return torch.float16
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"{key}='bf16' is not supported by this GPU; use --opts {key} fp16")
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        logger.warning("%s=bf16: %s has no native bf16 (only a slow emulation); using fp16 with a loss scaler "
+                       "instead (set %s fp16 to silence this)", key, torch.cuda.get_device_name(device), key)
+        return torch.float16
     return torch.bfloat16
+
+
+def set_tf32(enabled: bool, device: torch.device) -> Optional[str]:
+    """Let float32 matmuls and cuDNN convolutions use TF32 on ``device`` (CUDA only).
+
+    Sets PyTorch's ``fp32_precision`` flags (the API that replaces ``allow_tf32``) for cuBLAS
+    matmuls and cuDNN convolutions; returns the precision set, None off CUDA (nothing to set).
+
+    Args:
+        enabled: ``TRAIN.TF32``.
+        device: The compute device.
+    """
+    if device.type != "cuda":
+        return None
+    precision = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+    return precision
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:

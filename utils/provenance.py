@@ -19,8 +19,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Distribution names whose versions are recorded (DALI's wheel carries the CUDA major in its name).
-_PACKAGES = ("torch", "torchvision", "timm", "nvidia-dali-cuda130", "yacs")
+# Distributions whose versions are recorded, and their short names in log lines (DALI's wheel
+# carries the CUDA major in its name).
+_PACKAGES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "nvidia-dali-cuda130": "dali",
+             "yacs": "yacs"}
 
 
 def _git(*args: str) -> Optional[str]:
@@ -70,8 +72,8 @@ def describe(stamp: Optional[Dict[str, Any]]) -> str:
     commit = stamp.get("git_commit")
     code = f"code {commit[:12]}{' (uncommitted changes)' if stamp.get('git_dirty') else ''}" if commit else \
         "code outside a git checkout"
-    packages = ", ".join(f"{name.split('-')[0]} {version}" for name, version in stamp.get("packages", {}).items()
-                         if version)
+    packages = ", ".join(f"{_PACKAGES.get(name, name)} {version}"
+                         for name, version in stamp.get("packages", {}).items() if version)
     return (f"{code}; python {stamp.get('python')}, {packages}; {stamp.get('world_size')} process(es) on "
             f"{', '.join(sorted(set(stamp.get('devices') or [])))}")
 
