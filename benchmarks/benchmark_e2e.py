@@ -1,8 +1,8 @@
 """Framework overhead: end-to-end training images/s of ``main.py`` against the bare model step.
 
-Example (this machine's CPU)::
+Example (from the repository root)::
 
-    python benchmarks/benchmark_e2e.py --cfg configs/crossformerpp_s.yaml --batch-size 16 --img-size 224 \
+    python -m benchmarks.benchmark_e2e --cfg configs/crossformerpp_s.yaml --batch-size 16 --img-size 224 \
         --steps 8 --amp none --json e2e.json
 
 ``main.py`` runs one process on ``synthetic`` data for two epochs of ``--steps`` optimizer
@@ -10,7 +10,7 @@ steps each (the config's recipe otherwise: mixup/cutmix, label smoothing, gradie
 AdamW, the per-step LR schedule, checkpointing at epoch ends excluded from the timing); its
 second epoch's ``train_imgs_per_sec`` from ``metrics.jsonl`` is compared with the median
 images/s of a bare step (forward, cross-entropy, backward, AdamW step) of the same model, batch
-and precision measured here in-process after a warm-up.
+and precision measured here in-process after a warm-up (``benchmark_model.median_rate``).
 """
 from __future__ import annotations
 
@@ -24,15 +24,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.benchmark_model import median_rate  # noqa: E402
-from config import get_config, parse_option  # noqa: E402
-from models import build_model  # noqa: E402
+from benchmarks.benchmark_model import median_rate
+from config import get_config, parse_option
+from models import build_model
 
 _logger = logging.getLogger("benchmark_e2e")
 
+ROOT = Path(__file__).resolve().parents[1]
 AMP = {"none": None, "bf16": torch.bfloat16}
 
 
@@ -54,7 +52,6 @@ def bare_step_rate(cfg: str, batch_size: int, img_size: int, amp: str, warmup: i
     config = get_config(args, world_size=1)
     torch.manual_seed(0)
     model = build_model(config).train()
-    device = torch.device("cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
     x = torch.randn(batch_size, 3, img_size, img_size)
     target = torch.randint(0, config.MODEL.NUM_CLASSES, (batch_size,))
@@ -67,7 +64,7 @@ def bare_step_rate(cfg: str, batch_size: int, img_size: int, amp: str, warmup: i
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return median_rate(step, batch_size, warmup, trials, device)
+    return median_rate(step, batch_size, warmup, trials)
 
 
 def main() -> None:

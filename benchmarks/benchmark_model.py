@@ -1,8 +1,8 @@
 """Model speed: inference and training images/s of the fast path against the official formulation.
 
-Example (this machine's CPU, 2 threads)::
+Example (from the repository root; 2 CPU threads)::
 
-    python benchmarks/benchmark_model.py --model crossformerpp_s crossformerpp_b --batch-size 16 \
+    python -m benchmarks.benchmark_model --model crossformerpp_s crossformerpp_b --batch-size 16 \
         --precision fp32 bf16 --impl fast reference --threads 2 --json benchmark.json
 
 ``reference`` is the official formulation (``models/reference.py``, selected by
@@ -14,7 +14,8 @@ one oneDNN call in CPU inference). Both run the same weights on the same
 input. Each number is the median over ``--trials`` timed trials after ``--warmup`` untimed ones;
 the implementations take turns inside every trial, and the speedup is the median of the
 per-trial ratios, so that a drifting machine speed (±20 % within minutes on a shared VM) hits
-both alike.
+both alike. A trial times one step with ``torch.utils.benchmark.Timer`` (which runs two
+untimed steps first and synchronises the accelerator).
 Training = forward, backward and AdamW step (fused on CUDA, foreach elsewhere).
 """
 from __future__ import annotations
@@ -26,39 +27,36 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch.utils import benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import models  # noqa: E402
+import models
 
 _logger = logging.getLogger("benchmark_model")
 
+ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work (no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def median_rate(step: Callable[[], None], items: int, warmup: int, trials: int) -> float:
+    """Median of ``items / seconds`` over ``trials`` timed calls of ``step`` after ``warmup`` calls.
 
+    Each trial is ``Timer.timeit(1)``: two untimed calls, then one timed call, with the current
+    accelerator synchronised before and after it and torch's thread count left as it is.
 
-def median_rate(step: Callable[[], None], items: int, warmup: int, trials: int, device: torch.device) -> float:
-    """Median of ``items / seconds`` over ``trials`` calls of ``step`` after ``warmup`` calls."""
+    Args:
+        step: One training or inference step.
+        items: Images per step.
+        warmup: Untimed calls first.
+        trials: Timed calls.
+    """
     for _ in range(warmup):
         step()
-    synchronize(device)
-    rates = []
-    for _ in range(trials):
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        rates.append(items / (time.perf_counter() - start))
-    return statistics.median(rates)
+    timer = benchmark.Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    return statistics.median(items / timer.timeit(1).times[0] for _ in range(trials))
 
 
 def _proc_status_mib(key: str) -> float:
@@ -99,8 +97,8 @@ def cpu_step_peak_mib(setting: Dict[str, object], kind: str, warmup: int) -> Opt
         return None
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
     request = json.dumps(dict(setting=setting, kind=kind, warmup=warmup, threads=torch.get_num_threads()))
-    done = subprocess.run([sys.executable, __file__, "--child-peak", request], env=env, check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", __spec__.name, "--child-peak", request], cwd=ROOT, env=env,
+                          check=True, capture_output=True, text=True)
     value = json.loads(done.stdout.strip().splitlines()[-1])["peak_mib"]
     return None if value is None else float(value)
 
@@ -163,8 +161,8 @@ def build_setting(name: str, batch_size: int, img_size: int, precision: str, imp
     return {"infer": infer, "train": train}
 
 
-def measure(name: str, batch_size: int, img_size: int, precision: str, impls: List[str], compile_model: bool,
-            device: torch.device, warmup: int, trials: int, cpu_memory: bool = False) -> List[Dict[str, object]]:
+def measure(setting: Dict[str, object], impls: List[str], compile_model: bool, device: torch.device, warmup: int,
+            trials: int, cpu_memory: bool = False) -> List[Dict[str, object]]:
     """Rows of the table for one setting: every implementation, timed in alternation.
 
     The implementations take turns inside every trial (fast, reference, fast, ...), so a drift
@@ -172,12 +170,21 @@ def measure(name: str, batch_size: int, img_size: int, precision: str, impls: Li
     trial's rate, from which :func:`speedups` takes per-trial ratios. Peak memory is what one
     step needs beyond the resident weights and optimizer state: always on CUDA
     (:func:`cuda_step_peak_mib`), on CPU with ``cpu_memory`` (:func:`cpu_step_peak_mib`, eager only).
+
+    Args:
+        setting: :func:`build_setting`'s ``name``, ``batch_size``, ``img_size`` and ``precision``.
+        impls: "fast" and / or "reference".
+        compile_model: wrap the models in torch.compile.
+        device: where to run.
+        warmup: untimed steps of each implementation before its peak memory and the trials.
+        trials: timed steps of each implementation.
+        cpu_memory: on CPU, also measure the peak memory (one extra process per implementation and kind).
     """
-    settings = {impl: dict(name=name, batch_size=batch_size, img_size=img_size, precision=precision, impl=impl)
-                for impl in impls}
+    settings = {impl: dict(setting, impl=impl) for impl in impls}
     steps = {impl: build_setting(**settings[impl], compile_model=compile_model, device=device) for impl in impls}
-    rows = {impl: dict(model=name, batch_size=batch_size, img_size=img_size, precision=precision, impl=impl,
-                       compiled=compile_model, device=str(device)) for impl in impls}
+    rows = {impl: dict(model=setting["name"], batch_size=setting["batch_size"], img_size=setting["img_size"],
+                       precision=setting["precision"], impl=impl, compiled=compile_model, device=str(device))
+            for impl in impls}
     for kind in ("infer", "train"):
         rates: Dict[str, List[float]] = {impl: [] for impl in impls}
         peaks: Dict[str, Optional[float]] = {}
@@ -192,7 +199,7 @@ def measure(name: str, batch_size: int, img_size: int, precision: str, impls: Li
         for trial in range(trials):
             order = impls if trial % 2 == 0 else impls[::-1]
             for impl in order:
-                rates[impl].append(median_rate(steps[impl][kind], batch_size, 0, 1, device))
+                rates[impl].append(median_rate(steps[impl][kind], setting["batch_size"], 0, 1))
         for impl in impls:
             rows[impl][f"{kind}_imgs_per_sec"] = statistics.median(rates[impl])
             rows[impl][f"{kind}_trials"] = rates[impl]
@@ -248,12 +255,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # Timer synchronises the current device
     rows = []
     for name in args.model:
         for precision in args.precision:
+            setting = dict(name=name, batch_size=args.batch_size, img_size=args.img_size, precision=precision)
             for compiled in ([False, True] if args.compile else [False]):
-                for row in measure(name, args.batch_size, args.img_size, precision, args.impl, compiled, device,
-                                   args.warmup, args.trials, args.cpu_memory):
+                for row in measure(setting, args.impl, compiled, device, args.warmup, args.trials, args.cpu_memory):
                     rows.append(row)
                     _logger.info(
                         "%-16s %-5s %-9s compiled=%-5s infer %8.2f img/s (step peak %s MiB)  "

@@ -1,9 +1,9 @@
 """Images/s of the train loaders (dali, pytorch) with the default augmentation, with and without RandAugment.
 
-Examples:
-    python benchmarks/data_throughput.py --make-images 512 --data-path /tmp/bench500   # 500x375 JPEGs
-    python benchmarks/data_throughput.py --data-path /tmp/bench500 --threads 2
-    python benchmarks/data_throughput.py --toy --img-size 64 --threads 1 2
+Examples (from the repository root):
+    python -m benchmarks.data_throughput --make-images 512 --data-path /tmp/bench500   # 500x375 JPEGs
+    python -m benchmarks.data_throughput --data-path /tmp/bench500 --threads 2
+    python -m benchmarks.data_throughput --toy --img-size 64 --threads 1 2
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import logging
 import os
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import List
@@ -22,11 +21,9 @@ import torch
 from PIL import Image
 from yacs.config import CfgNode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from config import _C  # noqa: E402
-from data import build_loader  # noqa: E402
-from data.toy import CLASSES, draw_toy_image  # noqa: E402
+from config import _C
+from data import build_loader
+from data.toy import CLASSES, draw_toy_image
 
 logger = logging.getLogger("data_throughput")
 

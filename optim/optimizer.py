@@ -2,44 +2,33 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterable, List, Set
+from typing import Any, Dict, Iterable, List
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 from yacs.config import CfgNode
 
 logger = logging.getLogger(__name__)
 
 
-def _takes_no_decay(name: str, param: torch.Tensor, skip: Set[str]) -> bool:
-    """1-D tensors (norms, biases, scales), any ``.bias``, and the model's own no-decay names."""
-    return param.ndim <= 1 or name.endswith(".bias") or name in skip or any(name.endswith("." + s) for s in skip)
-
-
 def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()) -> List[Dict[str, Any]]:
-    """Split trainable parameters into a decayed and a non-decayed group.
+    """``[decay, no_decay]``: timm's split (no decay for 1-D tensors, ``.bias`` and ``skip``).
+
+    timm returns the no-decay group first, leaves out empty groups and, for a decay of 0, does
+    not split at all; checkpoints hold the optimizer state in this fixed two-group order, so
+    the split is taken from timm and laid out here.
 
     Args:
         model: The (unwrapped) model.
         weight_decay: Decay of the first group.
-        skip: Extra parameter names without decay, e.g. ``model.no_weight_decay()``.
+        skip: Full names of further parameters without decay, e.g. ``model.no_weight_decay()``.
     """
-    skip = set(skip)
-    decay, no_decay, used = [], [], set()
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if _takes_no_decay(name, param, skip):
-            no_decay.append(param)
-            used.update(s for s in skip if name == s or name.endswith("." + s))
-        else:
-            decay.append(param)
-    unmatched = skip - used
-    if unmatched:
-        logger.warning("no_weight_decay names that match no parameter: %s", ", ".join(sorted(unmatched)))
+    split = param_groups_weight_decay(model, weight_decay=1.0, no_weight_decay_list=list(skip))
+    params = {group["weight_decay"]: group["params"] for group in split}  # 1.0: decayed, 0.0: not
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params.get(1.0, []), "weight_decay": weight_decay},
+        {"params": params.get(0.0, []), "weight_decay": 0.0},
     ]
 
 

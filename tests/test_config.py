@@ -8,8 +8,9 @@ import pytest
 
 import config
 from config import ConfigError, get_config, load_config, parse_option
+from tests.helpers import REPO_ROOT
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = REPO_ROOT / "configs"
 VARIANT_DROP_PATH = {
     "crossformer_t": 0.1, "crossformer_s": 0.2, "crossformer_b": 0.3, "crossformer_l": 0.5,
     "crossformerpp_s": 0.2, "crossformerpp_b": 0.3, "crossformerpp_l": 0.5, "crossformerpp_h": 0.5,
@@ -196,8 +197,7 @@ def test_demo_config_is_small_and_on_toy_data() -> None:
 
 def test_every_config_key_is_read() -> None:
     """Each leaf key's last two parts (e.g. ``EMA.DECAY``) appear in the code outside config.py."""
-    root = Path(__file__).resolve().parents[1]
-    sources = [p for p in root.rglob("*.py") if "tests" not in p.parts and p.name != "config.py"]
+    sources = [p for p in REPO_ROOT.rglob("*.py") if "tests" not in p.parts and p.name != "config.py"]
     code = "\n".join(p.read_text() for p in sources)
     # models/build.py reads the MODEL.CROSSFORMER overrides through ``arch = config.MODEL.CROSSFORMER``,
     # the trainer and the epoch some TRAIN keys through ``train = config.TRAIN``.

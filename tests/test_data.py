@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import random
 import shutil
+import sys
 from pathlib import Path
 from typing import List, Tuple
 
@@ -19,6 +20,7 @@ from data.common import EpochBatchSampler
 from data.folder import scan_image_folder
 from data.loader import UnreadableImage, read_or_replace
 from data.toy import CLASSES, DEFAULT_TOY_SPEC, ToySpec, ensure_toy_dataset, generate_toy_dataset
+from tests.helpers import REPO_ROOT, run
 
 LOADERS = ["pytorch", "dali"]
 CPU = torch.device("cpu")
@@ -397,15 +399,9 @@ def test_pytorch_workers_start_after_a_dropped_dali_loader(image_root: Path) -> 
     A DALI loader that was used and dropped becomes cyclic garbage; a PyTorch loader created next
     forks its workers. Run in a subprocess: a regression shows up as a timeout, not a hung suite.
     """
-    import subprocess
-    import sys
-
-    from conftest import REPO_ROOT, subprocess_env
-
     code = f"""
-import gc, sys, torch
-sys.path[:0] = [{str(REPO_ROOT)!r}, {str(REPO_ROOT / "tests")!r}]
-from test_data import make_config
+import gc, torch
+from tests.test_data import make_config
 from data import build_loader
 from pathlib import Path
 gc.disable()  # keep the dropped DALI loader as garbage until a worker would collect it
@@ -418,6 +414,5 @@ gc.enable()
 images, labels = next(iter(torch_loader))
 print("ok", tuple(images.shape))
 """
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=subprocess_env(), capture_output=True,
-                            text=True, timeout=120)
+    result = run([sys.executable, "-c", code], REPO_ROOT, timeout=120)
     assert result.returncode == 0 and "ok (8, 3, 32, 32)" in result.stdout, result.stderr[-2000:]

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Dict, List
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 import copy
-import json
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
@@ -14,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import REPO_ROOT, subprocess_env
 from config import load_config
 from engine import Components, StopReason, evaluate, train_one_epoch
+from tests.helpers import last_json, read_metrics, run_main
 from utils.train_state import TrainState
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -99,16 +97,11 @@ def test_evaluate_counts_every_sample_once_with_uneven_batches() -> None:
     assert stats["loss"] == pytest.approx(F.cross_entropy(logits, labels).item())
 
 
-def _main(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO_ROOT / "main.py"), *args], cwd=cwd, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=240)
-
-
 def test_throughput_prints_a_table_and_json_last(tiny_yaml: Path, tmp_path: Path) -> None:
-    result = _main("--cfg", str(tiny_yaml), "--throughput", "--batch-size", "4", cwd=tmp_path)
+    result = run_main("--cfg", str(tiny_yaml), "--throughput", "--batch-size", "4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
-    report = json.loads(lines[-1])
+    report = last_json(result.stdout)
     assert {"infer_imgs_per_sec", "train_imgs_per_sec", "batch_size", "amp", "device"} <= set(report)
     assert report["batch_size"] == 4 and report["amp"] == "none" and report["device"] == "cpu"
     assert report["infer_imgs_per_sec"] > 0 and report["train_imgs_per_sec"] > 0
@@ -118,7 +111,7 @@ def test_throughput_prints_a_table_and_json_last(tiny_yaml: Path, tmp_path: Path
 
 def test_a_finished_run_says_where_its_outputs_are_and_how_to_evaluate(tiny_yaml: Path, tmp_path: Path) -> None:
     """The closing lines name existing paths, and the printed command evaluates the best checkpoint."""
-    trained = _main("--cfg", str(tiny_yaml), "--output", str(tmp_path / "out"), cwd=tmp_path)
+    trained = run_main("--cfg", str(tiny_yaml), "--output", str(tmp_path / "out"), cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
     log = trained.stdout + trained.stderr
     run_dir = tmp_path / "out" / "crossformerpp_s" / "default"
@@ -127,29 +120,28 @@ def test_a_finished_run_says_where_its_outputs_are_and_how_to_evaluate(tiny_yaml
     assert f"best checkpoint: {run_dir / 'best.pth'}" in log and (run_dir / "best.pth").is_file()
     command = shlex.split(log.split("evaluate it:")[1].splitlines()[0])
     assert command[:2] == ["python", "main.py"]
-    evaluated = subprocess.run([sys.executable, str(REPO_ROOT / "main.py"), *command[2:]], cwd=tmp_path,
-                               env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    evaluated = run_main(*command[2:], cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
-    best = max(json.loads(row)["val_acc1"] for row in (run_dir / "metrics.jsonl").read_text().splitlines())
-    assert json.loads(evaluated.stdout.strip().splitlines()[-1])["val_acc1"] == pytest.approx(best)
+    best = max(row["val_acc1"] for row in read_metrics(run_dir))
+    assert last_json(evaluated.stdout)["val_acc1"] == pytest.approx(best)
 
 
 def test_eval_precision_follows_test_amp(tiny_yaml: Path, tmp_path: Path) -> None:
     """--eval runs in TRAIN.AMP's precision by default and in float32 with TEST.AMP none."""
     out = str(tmp_path / "out")
-    trained = _main("--cfg", str(tiny_yaml), "--output", out, "--opts", "TRAIN.STOP_AFTER_STEPS", "2", cwd=tmp_path)
+    trained = run_main("--cfg", str(tiny_yaml), "--output", out, "--opts", "TRAIN.STOP_AFTER_STEPS", "2", cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr
     checkpoint = str(tmp_path / "out" / "crossformerpp_s" / "default" / "last.pth")
 
     def evaluate_with(test_amp: str) -> subprocess.CompletedProcess:
-        return _main("--cfg", str(tiny_yaml), "--eval", "--resume", checkpoint, "--output", out,
-                     "--opts", "TRAIN.AMP", "bf16", "TEST.AMP", test_amp, cwd=tmp_path)
+        return run_main("--cfg", str(tiny_yaml), "--eval", "--resume", checkpoint, "--output", out,
+                        "--opts", "TRAIN.AMP", "bf16", "TEST.AMP", test_amp, cwd=tmp_path)
 
     reports = {}
     for test_amp in ("train", "none"):
         result = evaluate_with(test_amp)
         assert result.returncode == 0, result.stderr
-        reports[test_amp] = json.loads(result.stdout.strip().splitlines()[-1])
+        reports[test_amp] = last_json(result.stdout)
     assert reports["train"]["amp"] == "bf16" and reports["none"]["amp"] == "none"
     assert reports["train"]["val_count"] == reports["none"]["val_count"] == 21
     # The same weights: bf16 rounding moves the loss a little, float32 does not round at all.
@@ -158,10 +150,10 @@ def test_eval_precision_follows_test_amp(tiny_yaml: Path, tmp_path: Path) -> Non
     failed = evaluate_with("fp16")
     assert failed.returncode == 1 and "TEST.AMP='fp16' needs a CUDA device" in failed.stderr
     # The config of an fp16 (GPU) run still evaluates on a CPU in float32.
-    from_fp16 = _main("--cfg", str(tiny_yaml), "--eval", "--resume", checkpoint, "--output", out,
-                      "--opts", "TRAIN.AMP", "fp16", "TEST.AMP", "none", cwd=tmp_path)
+    from_fp16 = run_main("--cfg", str(tiny_yaml), "--eval", "--resume", checkpoint, "--output", out,
+                         "--opts", "TRAIN.AMP", "fp16", "TEST.AMP", "none", cwd=tmp_path)
     assert from_fp16.returncode == 0, from_fp16.stderr
-    assert json.loads(from_fp16.stdout.strip().splitlines()[-1])["val_loss"] == reports["none"]["val_loss"]
+    assert last_json(from_fp16.stdout)["val_loss"] == reports["none"]["val_loss"]
 
 
 def test_user_errors_are_one_line_and_debug_shows_the_traceback(

@@ -6,51 +6,38 @@ EMA and optimizer state. Mixup, drop path and EMA are on, so every RNG stream ma
 """
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, subprocess_env
+from tests.helpers import last_json, read_metrics, run, run_dir, torchrun_command, write_tiny_yaml
 
-MODEL_DIR = "crossformerpp_s"
 # 64 samples / 2 ranks / batch 8 = 4 steps per epoch, 2 epochs; a checkpoint every 3 steps.
 COMMON = ["--opts", "SAVE_STEPS", "3", "SAVE_KEEP", "2"]
 
 
 def _torchrun(args: List[str], cwd: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(REPO_ROOT / "main.py"), *args]
-    result = subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    result = run(torchrun_command(*args), cwd, timeout=300)
     assert result.returncode == 0, f"{' '.join(args)}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result
 
 
-def _rows(run_dir: Path) -> List[Dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Path]:
-    from conftest import TINY_YAML
-
     root = tmp_path_factory.mktemp("ddp")
-    cfg = root / "tiny.yaml"
-    cfg.write_text(TINY_YAML)
+    cfg = write_tiny_yaml(root)
     base = ["--cfg", str(cfg)]
     _torchrun(base + ["--output", str(root / "a")] + COMMON, root)
     # Preempted after step 3 (mid-epoch 0, right after a SAVE_STEPS checkpoint), then auto-resumed.
     _torchrun(base + ["--output", str(root / "b")] + COMMON + ["TRAIN.STOP_AFTER_STEPS", "3"], root)
     _torchrun(base + ["--output", str(root / "b")] + COMMON, root)
     # An explicit --resume of the epoch-0 checkpoint into another run directory.
-    run_a = root / "a" / MODEL_DIR / "default"
+    run_a = run_dir(root / "a")
     _torchrun(base + ["--output", str(root / "c"), "--resume", str(run_a / "epoch_0000.pth")] + COMMON, root)
-    return {"root": root, "cfg": cfg, "a": run_a, "b": root / "b" / MODEL_DIR / "default",
-            "c": root / "c" / MODEL_DIR / "default"}
+    return {"root": root, "cfg": cfg, "a": run_a, "b": run_dir(root / "b"), "c": run_dir(root / "c")}
 
 
 def _assert_bitwise_equal(x: Any, y: Any, path: str) -> None:
@@ -72,7 +59,7 @@ def test_run_directory_and_metrics(runs: Dict[str, Path]) -> None:
     names = {p.name for p in run_a.iterdir()}
     assert {"config.yaml", "log.txt", "metrics.jsonl", "tensorboard", "last.pth", "best.pth", "ema_best.pth",
             "epoch_0000.pth", "epoch_0001.pth"} <= names
-    rows = _rows(run_a)
+    rows = read_metrics(run_a)
     assert [row["epoch"] for row in rows] == [0, 1]
     for row in rows:
         assert {"epoch", "train_loss", "val_acc1", "val_acc5", "val_loss", "lr", "train_imgs_per_sec",
@@ -92,14 +79,14 @@ def test_mid_epoch_auto_resume_is_bitwise_exact(runs: Dict[str, Path]) -> None:
     b = torch.load(runs["b"] / "last.pth", weights_only=True)
     for key in ("model", "ema", "optimizer", "scheduler", "global_step", "best_acc1"):
         _assert_bitwise_equal(a[key], b[key], key)
-    for row_a, row_b in zip(_rows(runs["a"]), _rows(runs["b"])):
+    for row_a, row_b in zip(read_metrics(runs["a"]), read_metrics(runs["b"])):
         for key in ("train_loss", "val_acc1", "val_loss", "ema_val_acc1", "lr"):
             assert row_a[key] == row_b[key], key
-    assert len(_rows(runs["b"])) == 2
+    assert len(read_metrics(runs["b"])) == 2
 
 
 def test_explicit_resume_continues_at_the_saved_epoch(runs: Dict[str, Path]) -> None:
-    rows = _rows(runs["c"])
+    rows = read_metrics(runs["c"])
     assert [row["epoch"] for row in rows] == [1]
     a = torch.load(runs["a"] / "last.pth", weights_only=True)
     c = torch.load(runs["c"] / "last.pth", weights_only=True)
@@ -111,8 +98,8 @@ def test_eval_reproduces_the_logged_accuracy(runs: Dict[str, Path]) -> None:
     # Synthetic samples depend on (rank, batch), so evaluate with the same 2 processes.
     result = _torchrun(["--cfg", str(runs["cfg"]), "--eval", "--resume", str(runs["a"] / "epoch_0000.pth"),
                         "--output", str(runs["root"] / "eval")], runs["root"])
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    logged = _rows(runs["a"])[0]
+    report = last_json(result.stdout)
+    logged = read_metrics(runs["a"])[0]
     assert report["val_count"] == 21  # 11 + 10 images: every one counted once, none padded
     for key in ("val_acc1", "val_acc5", "val_loss", "ema_val_acc1"):
         assert report[key] == logged[key], key

@@ -12,6 +12,7 @@ import models
 from models import CrossFormer, create_model, list_models
 from models.cpu_kernels import linear_gelu, linear_residual, onednn_dtype
 from models.crossformer import Attention, sdpa_backends
+from tests.helpers import REPO_ROOT
 
 # Outputs of the official code, shipped with the tests (see fixtures/official/README.md).
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "official"
@@ -493,4 +494,4 @@ def test_import_leaves_the_flop_registry_alone() -> None:
             "assert torch.ops.aten.addmm_ not in flop_registry; "
             "models.create_model('crossformerpp_s', embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8]).macs(64); "
             "assert torch.ops.aten.addmm_ in flop_registry")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)

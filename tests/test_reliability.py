@@ -15,10 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_YAML
-
-MODEL_DIR = "crossformerpp_s"
-
+from tests.helpers import MODEL_DIR, REPO_ROOT
 
 
 def _run(cfg: Path, out: Path, *opts: str, extra: Tuple[str, ...] = ()) -> int:
@@ -40,10 +37,8 @@ def _one_line_error(capsys: pytest.CaptureFixture, *needles: str) -> str:
 
 
 @pytest.fixture
-def cfg(tmp_path: Path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY_YAML)
-    return path
+def cfg(tiny_yaml: Path) -> Path:
+    return tiny_yaml
 
 
 # -----------------------------------------------------------------------------
@@ -269,8 +264,6 @@ def test_launch_sh_forwards_the_signal_and_requeues(tmp_path: Path) -> None:
     import subprocess
     import time
 
-    from conftest import REPO_ROOT
-
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     # A stand-in for torchrun: one "worker" that saves (a marker) and exits 75 on SIGUSR1.
@@ -310,7 +303,7 @@ def test_loader_workers_ignore_stop_signals() -> None:
 
     code = ("import time; from data.torch_loader import init_worker; init_worker(0); "
             "print('ready', flush=True); time.sleep(30)")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=str(Path(__file__).resolve().parents[1]),
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=str(REPO_ROOT),
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"

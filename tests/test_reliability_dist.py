@@ -10,9 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -20,23 +18,18 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TINY_YAML, subprocess_env
+from tests.helpers import (free_port, main_command, run, run_dir, run_main, start, subprocess_env,
+                           torchrun_command, write_tiny_yaml)
 
 pytestmark = pytest.mark.slow
 
-MODEL_DIR = "crossformerpp_s"
 # 128 samples / 2 ranks / batch 8 = 8 steps per epoch, 2 epochs; a checkpoint every 3 steps.
 COMMON = ["--opts", "DATA.SYNTHETIC_TRAIN_SIZE", "128", "SAVE_STEPS", "3", "PRINT_FREQ", "1"]
 LIMIT_S = 300
 
 
 def _torchrun_cmd(cfg: Path, out: Path, *extra: str) -> List[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *extra,
-            str(REPO_ROOT / "main.py"), "--cfg", str(cfg), "--output", str(out), *COMMON]
-
-
-def _run_dir(out: Path) -> Path:
-    return out / MODEL_DIR / "default"
+    return torchrun_command("--cfg", str(cfg), "--output", str(out), *COMMON, torchrun_args=extra)
 
 
 def _wait_for(path: Path, text: str, proc: subprocess.Popen) -> None:
@@ -80,26 +73,24 @@ def _assert_same_training_state(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("reliability_dist")
-    (root / "tiny.yaml").write_text(TINY_YAML)
+    write_tiny_yaml(root)
     return root
 
 
 @pytest.fixture(scope="module")
 def reference(root: Path) -> Path:
     out = root / "reference"
-    result = subprocess.run(_torchrun_cmd(root / "tiny.yaml", out), cwd=root, env=subprocess_env(),
-                            capture_output=True, text=True, timeout=LIMIT_S)
+    result = run(_torchrun_cmd(root / "tiny.yaml", out), root, timeout=LIMIT_S)
     assert result.returncode == 0, result.stderr[-3000:]
-    return _run_dir(out) / "last.pth"
+    return run_dir(out) / "last.pth"
 
 
 @pytest.fixture(scope="module")
 def preempted(root: Path) -> Dict[str, Path]:
     """A run whose rank 1 gets SIGUSR1 after its first step; returns its directory and a copy of last.pth."""
     out = root / "preempted"
-    log = _run_dir(out) / "log.txt"
-    proc = subprocess.Popen(_torchrun_cmd(root / "tiny.yaml", out), cwd=root, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = run_dir(out) / "log.txt"
+    proc = start(_torchrun_cmd(root / "tiny.yaml", out), root)
     try:
         _wait_for(log, "train epoch 0/2 [1/8]", proc)
         os.kill(_worker_pid(proc.pid, 1), signal.SIGUSR1)  # one rank only: the others must follow
@@ -109,7 +100,7 @@ def preempted(root: Path) -> Dict[str, Path]:
             proc.kill()
     assert proc.returncode != 0 and "exitcode  : 75" in output, output[-3000:]
     copy = root / "preempted_last.pth"
-    shutil.copy(_run_dir(out) / "last.pth", copy)
+    shutil.copy(run_dir(out) / "last.pth", copy)
     return {"out": out, "log": log, "last_copy": copy}
 
 
@@ -119,18 +110,16 @@ def test_signal_on_one_rank_stops_all_then_resume_is_bitwise_exact(root: Path, r
     assert 1 <= stopped["global_step"] < 16 and stopped["world_size"] == 2
     log = preempted["log"].read_text()
     assert "preempted: last.pth holds" in log and "exit code 75" in log
-    result = subprocess.run(_torchrun_cmd(root / "tiny.yaml", preempted["out"]), cwd=root, env=subprocess_env(),
-                            capture_output=True, text=True, timeout=LIMIT_S)
+    result = run(_torchrun_cmd(root / "tiny.yaml", preempted["out"]), root, timeout=LIMIT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"global step {stopped['global_step']}" in preempted["log"].read_text().split("preempted:")[-1]
-    _assert_same_training_state(reference, _run_dir(preempted["out"]) / "last.pth")
+    _assert_same_training_state(reference, run_dir(preempted["out"]) / "last.pth")
 
 
 def test_a_killed_rank_comes_back_under_max_restarts_and_resumes(root: Path, reference: Path) -> None:
     out = root / "killed"
-    log = _run_dir(out) / "log.txt"
-    proc = subprocess.Popen(_torchrun_cmd(root / "tiny.yaml", out, "--max-restarts=1"), cwd=root,
-                            env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = run_dir(out) / "log.txt"
+    proc = start(_torchrun_cmd(root / "tiny.yaml", out, "--max-restarts=1"), root)
     try:
         _wait_for(log, "saved last.pth (epoch 0, batch 3, step 3)", proc)
         os.kill(_worker_pid(proc.pid, 1), signal.SIGKILL)
@@ -140,27 +129,21 @@ def test_a_killed_rank_comes_back_under_max_restarts_and_resumes(root: Path, ref
             proc.kill()
     assert proc.returncode == 0, output[-3000:]
     assert "auto-resume" in log.read_text() or "resumed from" in log.read_text()
-    _assert_same_training_state(reference, _run_dir(out) / "last.pth")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    _assert_same_training_state(reference, run_dir(out) / "last.pth")
 
 
 def test_a_hung_rank_makes_the_others_exit_after_the_timeout(root: Path) -> None:
     out = root / "hung"
     env = subprocess_env()
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
-    cmd = [sys.executable, str(REPO_ROOT / "main.py"), "--cfg", str(root / "tiny.yaml"), "--output", str(out),
-           *COMMON, "DIST.TIMEOUT_S", "5", "TRAIN.EPOCHS", "50"]
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2")
+    cmd = main_command("--cfg", str(root / "tiny.yaml"), "--output", str(out), *COMMON, "DIST.TIMEOUT_S", "5",
+                       "TRAIN.EPOCHS", "50")
     procs: List[Optional[subprocess.Popen]] = []
     try:
         for rank in range(2):
             procs.append(subprocess.Popen(cmd, cwd=root, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
-        _wait_for(_run_dir(out) / "log.txt", "train epoch 0/50 [2/8]", procs[0])
+        _wait_for(run_dir(out) / "log.txt", "train epoch 0/50 [2/8]", procs[0])
         os.kill(procs[1].pid, signal.SIGSTOP)  # alive but stuck: nothing closes its sockets
         _, err = procs[0].communicate(timeout=LIMIT_S)  # bounded by DIST.TIMEOUT_S, not by this limit
     finally:
@@ -176,14 +159,13 @@ def test_a_hung_rank_makes_the_others_exit_after_the_timeout(root: Path) -> None
 def test_resume_with_another_world_size_logs_the_global_batch_change(
         root: Path, preempted: Dict[str, Path]) -> None:
     out = root / "one_process"
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "main.py"), "--cfg", str(root / "tiny.yaml"),
-                             "--output", str(out), "--resume", str(preempted["last_copy"]), *COMMON],
-                            cwd=root, env=subprocess_env(), capture_output=True, text=True, timeout=LIMIT_S)
+    result = run_main("--cfg", str(root / "tiny.yaml"), "--output", str(out), "--resume", str(preempted["last_copy"]),
+                      *COMMON, cwd=root, timeout=LIMIT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     stopped = torch.load(preempted["last_copy"], weights_only=True)
-    log = (_run_dir(out) / "log.txt").read_text()
+    log = (run_dir(out) / "log.txt").read_text()
     assert "total batch of 16 (2 processes x 8 x 1 accumulation), this run has 8 (1 x 8 x 1)" in log
     assert "optimizer steps per epoch ~8 -> 16" in log
     assert f"batch {2 * stopped['batch']} (was {stopped['batch']}), global step {2 * stopped['global_step']}" in log
-    final = torch.load(_run_dir(out) / "last.pth", weights_only=True)
+    final = torch.load(run_dir(out) / "last.pth", weights_only=True)
     assert (final["epoch"], final["batch"], final["global_step"], final["world_size"]) == (2, 0, 32, 1)

@@ -9,21 +9,18 @@ optimizer state must equal an uninterrupted run's bitwise.
 """
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TINY_YAML, subprocess_env
+from tests.helpers import MODEL_DIR, REPO_ROOT, last_json, run, write_tiny_yaml
 
 pytestmark = pytest.mark.slow
 
 TRIALS = 20
-MODEL_DIR = "crossformerpp_s"
 
 _HELPER = r"""
 import json, os, random, signal, sys, time
@@ -76,12 +73,11 @@ _RESUMED = re.compile(r"resumed from \S+: epoch \d+, batch \d+, global step (\d+
 
 
 def test_kill_9_at_random_moments_always_resumes(tmp_path: Path) -> None:
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(TINY_YAML)
-    result = subprocess.run([sys.executable, "-c", _HELPER, str(REPO_ROOT), str(cfg), str(tmp_path), str(TRIALS)],
-                            cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    cfg = write_tiny_yaml(tmp_path)
+    result = run([sys.executable, "-c", _HELPER, str(REPO_ROOT), str(cfg), str(tmp_path), str(TRIALS)], tmp_path,
+                 timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = last_json(result.stdout)
     resumed_steps = []
     for trial in report["trials"] + [{"log": str(tmp_path / "final.log"), "expected": report["final_expected"],
                                       "status": report["final"]}]:

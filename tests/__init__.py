@@ -1,0 +1,1 @@
+"""The test suite; a package, so that pytest puts the repository root on ``sys.path``."""

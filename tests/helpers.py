@@ -1,0 +1,156 @@
+"""What several test files share: the tiny run config, its run directory, and runners of
+``main.py`` in a subprocess (one process or under ``torchrun``)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MAIN = REPO_ROOT / "main.py"
+
+# A real CrossFormer++ shrunk to a few hundred thousand parameters, on 32x32 synthetic data.
+TINY_YAML = """\
+DATA:
+  DATASET: synthetic
+  BATCH_SIZE: 8
+  IMG_SIZE: 32
+  SYNTHETIC_TRAIN_SIZE: 64
+  SYNTHETIC_VAL_SIZE: 21
+  NUM_WORKERS: 0
+MODEL:
+  NAME: crossformerpp_s
+  NUM_CLASSES: 10
+  DROP_PATH_RATE: 0.1
+  CROSSFORMER:
+    EMBED_DIM: 32
+    DEPTHS: [1, 1, 1, 1]
+    NUM_HEADS: [1, 2, 4, 8]
+TRAIN:
+  EPOCHS: 2
+  WARMUP_EPOCHS: 1
+  AMP: none
+  EMA:
+    ENABLE: True
+    DECAY: 0.9
+AUG:
+  AUTO_AUGMENT: ""
+  REPROB: 0.0
+THROUGHPUT:
+  WARMUP_ITERS: 1
+  ITERS: 2
+PRINT_FREQ: 2
+"""
+MODEL_DIR = "crossformerpp_s"  # TINY_YAML's MODEL.NAME: a run's directory is OUTPUT/MODEL_DIR/TAG
+
+
+def write_tiny_yaml(directory: Path) -> Path:
+    """Write :data:`TINY_YAML` to ``directory/tiny.yaml`` and return that path.
+
+    Args:
+        directory: An existing directory.
+    """
+    path = directory / "tiny.yaml"
+    path.write_text(TINY_YAML)
+    return path
+
+
+def run_dir(output: Path, tag: str = "default") -> Path:
+    """The run directory of a :data:`TINY_YAML` run with ``--output output``.
+
+    Args:
+        output: The run's ``--output``.
+        tag: The run's ``--tag``.
+    """
+    return output / MODEL_DIR / tag
+
+
+def subprocess_env() -> Dict[str, str]:
+    """Environment for running main.py in a subprocess: one thread per process, repo on the path."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), NO_COLOR="1")
+    return env
+
+
+def main_command(*args: str) -> List[str]:
+    """``python main.py ARGS`` (one process).
+
+    Args:
+        args: main.py's arguments.
+    """
+    return [sys.executable, str(MAIN), *args]
+
+
+def torchrun_command(*args: str, nproc: int = 2, torchrun_args: Sequence[str] = ()) -> List[str]:
+    """``torchrun --standalone --nproc_per_node=NPROC TORCHRUN_ARGS main.py ARGS``.
+
+    Args:
+        args: main.py's arguments.
+        nproc: Processes on this node.
+        torchrun_args: torchrun's own extra options, e.g. ``--max-restarts=1``.
+    """
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            *torchrun_args, str(MAIN), *args]
+
+
+def run(command: Sequence[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run ``command`` to its end in :func:`subprocess_env`, capturing stdout and stderr as text.
+
+    Args:
+        command: E.g. :func:`main_command` or :func:`torchrun_command`.
+        cwd: Working directory.
+        timeout: Seconds before ``subprocess.TimeoutExpired``.
+    """
+    return subprocess.run(list(command), cwd=cwd, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def start(command: Sequence[str], cwd: Path) -> subprocess.Popen:
+    """Start ``command`` in :func:`subprocess_env` with stdout and stderr merged into one text pipe.
+
+    Args:
+        command: E.g. :func:`torchrun_command`.
+        cwd: Working directory.
+    """
+    return subprocess.Popen(list(command), cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def run_main(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``python main.py ARGS`` run to its end (see :func:`run`).
+
+    Args:
+        args: main.py's arguments.
+        cwd: Working directory.
+        timeout: Seconds before ``subprocess.TimeoutExpired``.
+    """
+    return run(main_command(*args), cwd, timeout)
+
+
+def last_json(stdout: str) -> Dict[str, Any]:
+    """The JSON object on the last line of ``stdout`` (what ``--eval`` and ``--throughput`` print last).
+
+    Args:
+        stdout: A run's standard output.
+    """
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def read_metrics(directory: Path) -> List[Dict[str, Any]]:
+    """The rows of ``directory/metrics.jsonl``, one per epoch.
+
+    Args:
+        directory: A run directory.
+    """
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for ``MASTER_PORT``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
