@@ -103,3 +103,24 @@ def test_eval_reproduces_the_logged_accuracy(runs: Dict[str, Path]) -> None:
     assert report["val_count"] == 21  # 11 + 10 images: every one counted once, none padded
     for key in ("val_acc1", "val_acc5", "val_loss", "ema_val_acc1"):
         assert report[key] == logged[key], key
+
+
+def test_compiled_ddp_model_trains_and_resumes_like_eager(runs: Dict[str, Path]) -> None:
+    """TRAIN.COMPILE compiles the DDP-wrapped model (aot_eager here: graph capture, DDP's graph
+    splitting at its buckets, eager kernels); stopped and resumed, it ends where eager ends."""
+    root = runs["root"]
+    compiled = COMMON + ["TRAIN.COMPILE", "True", "TRAIN.COMPILE_BACKEND", "aot_eager"]
+    base = ["--cfg", str(runs["cfg"]), "--output", str(root / "d")]
+    _torchrun(base + compiled + ["TRAIN.STOP_AFTER_STEPS", "3"], root)
+    _torchrun(base + compiled, root)
+    run_d = run_dir(root / "d")
+    log = (run_d / "log.txt").read_text()
+    assert "torch.compile (backend aot_eager) of the DDP-wrapped model" in log
+    assert "resumed from" in log and "epoch 0, batch 3, global step 3" in log
+    a = torch.load(runs["a"] / "last.pth", weights_only=True)
+    d = torch.load(run_d / "last.pth", weights_only=True)
+    assert (d["epoch"], d["batch"], d["global_step"]) == (a["epoch"], a["batch"], a["global_step"])
+    for key in ("model", "ema"):
+        for name, tensor in a[key].items():
+            torch.testing.assert_close(d[key][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
+    assert [row["epoch"] for row in read_metrics(run_d)] == [0, 1]
