@@ -147,6 +147,15 @@ def find_resume_candidates(run_dir: str) -> List[str]:
     return [path for _, path in sorted(candidates, reverse=True)]
 
 
+def _load_optional(component: Any, saved: Optional[Dict[str, Any]], missing: str) -> bool:
+    """Load ``saved`` into ``component``; without it log ``missing`` and return False."""
+    if saved is None:
+        logger.warning(missing)
+        return False
+    component.load_state_dict(saved)
+    return True
+
+
 def _batch_keys(checkpoint: Dict[str, Any], config: CfgNode) -> Tuple[int, int, int]:
     """(processes, per-process batch, accumulation steps) of the run that wrote ``checkpoint``."""
     saved = checkpoint.get("config") or {}
@@ -216,22 +225,17 @@ class CheckpointManager:
         check_format(checkpoint)
         check_compatible(checkpoint, parts.model.state_dict())
         parts.model.load_state_dict(checkpoint["model"])
-        if parts.ema is not None:
-            if checkpoint.get("ema") is not None:
-                parts.ema.load_state_dict(checkpoint["ema"])
-            else:
-                logger.warning("the checkpoint has no EMA weights; the EMA restarts from the model weights")
-                parts.ema.set(parts.model)
+        if parts.ema is not None and not _load_optional(
+                parts.ema, checkpoint.get("ema"), "the checkpoint has no EMA weights; the EMA restarts from the model"):
+            parts.ema.set(parts.model)
         if weights_only:
             return
         parts.optimizer.load_state_dict(checkpoint["optimizer"])
         if restore_schedule:
             parts.scheduler.load_state_dict(checkpoint["scheduler"])
         if parts.scaler is not None:
-            if checkpoint.get("scaler") is not None:
-                parts.scaler.load_state_dict(checkpoint["scaler"])
-            else:
-                logger.warning("the checkpoint has no fp16 grad-scaler state; the scaler starts afresh")
+            _load_optional(parts.scaler, checkpoint.get("scaler"),
+                           "the checkpoint has no fp16 grad-scaler state; the scaler starts afresh")
         self.state.load_state_dict(checkpoint, self.dist_info.rank, self.dist_info.world_size)
 
     # --- saving ---------------------------------------------------------------------------
