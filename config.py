@@ -41,6 +41,9 @@ _C.DATA.PIN_MEMORY = True
 _C.DATA.NUM_WORKERS = 8
 # Where the toy dataset is generated on first use ("" = ~/.cache/crossformer/toy).
 _C.DATA.TOY_ROOT = ""
+# Keep the scanned file list of each split in $XDG_CACHE_HOME/crossformer/filelists (~/.cache/...)
+# and reuse it while the class directories are unchanged: a restart does not list 1.28 M files again.
+_C.DATA.FILE_LIST_CACHE = True
 # Virtual dataset sizes (all ranks together) of the "synthetic" dataset.
 _C.DATA.SYNTHETIC_TRAIN_SIZE = 1281167
 _C.DATA.SYNTHETIC_VAL_SIZE = 50000

@@ -35,10 +35,11 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
     if config.DATA.DATASET == "synthetic":
         return _build_synthetic(config, device, rank, world_size)
 
-    from .folder import resolve_dataset_root, scan_image_folder
+    from .folder import FileListCache, default_cache_dir, resolve_dataset_root, scan_image_folder
 
     root = resolve_dataset_root(config)
-    train_set, val_set = scan_image_folder(root, config.MODEL.NUM_CLASSES)
+    cache = FileListCache(default_cache_dir(), write=rank == 0) if config.DATA.FILE_LIST_CACHE else None
+    train_set, val_set = scan_image_folder(root, config.MODEL.NUM_CLASSES, cache)
     if config.DATA.LOADER == "pytorch":
         from .torch_loader import make_torch_loader
 

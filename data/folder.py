@@ -1,14 +1,19 @@
 """The ``imagenet`` folder layout (``root/{train,val}/<class>/<image>``): scanning and validation."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from yacs.config import CfgNode
+
+from utils.file_io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +55,102 @@ def resolve_dataset_root(config: CfgNode) -> Path:
     return Path(config.DATA.DATA_PATH).expanduser()
 
 
-def _scan_split(split_dir: Path) -> ImageSplit:
-    """List the classes and images of one split, rejecting a split or class with no images."""
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/crossformer/filelists`` (``~/.cache/...``): where scanned file lists are kept."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "crossformer" / "filelists"
+
+
+def _directory_stamps(split_dir: Path, classes: List[str]) -> Dict[str, int]:
+    """The modification times (ns) of the split directory and of every class directory.
+
+    Adding, removing or renaming a file changes its directory's time, so equal stamps mean the
+    listing is unchanged (a file's contents may change; that is read, not listed)."""
+    stamps = {"": os.stat(split_dir).st_mtime_ns}
+    stamps.update({name: os.stat(os.path.join(split_dir, name)).st_mtime_ns for name in classes})
+    return stamps
+
+
+class FileListCache:
+    """The file list of an image-folder split, kept on disk and reused while its directories are unchanged.
+
+    A 1.28 M-file ImageNet train split costs one ``stat`` per class directory to validate instead
+    of a listing of every file; on a network file system that is seconds instead of minutes,
+    at every start and every requeue of a preempted job.
+
+    Args:
+        cache_dir: Where the lists are kept (one JSON file per split directory).
+        write: Whether this process writes lists it had to scan (rank 0; the others only read).
+    """
+
+    VERSION = 1
+
+    def __init__(self, cache_dir: Path, write: bool = True) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.write = write
+
+    def path(self, split_dir: Path) -> Path:
+        """The cache file of ``split_dir`` (named by a hash of its absolute path)."""
+        digest = hashlib.sha1(str(split_dir.resolve()).encode()).hexdigest()[:16]
+        return self.cache_dir / f"{split_dir.name}-{digest}.json"
+
+    def load(self, split_dir: Path) -> Optional[ImageSplit]:
+        """The cached split, or None when there is none, it is unreadable or a directory changed."""
+        path = self.path(split_dir)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("version") != self.VERSION or data["split"] != str(split_dir.resolve()):
+                return None
+            classes = data["classes"]
+            if data["stamps"] != _directory_stamps(split_dir, classes):
+                logger.info("%s changed since its file list was cached: scanning it again", split_dir)
+                return None
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as e:  # a class directory gone, a damaged file
+            logger.info("file list cache %s not used (%s): scanning %s", path, e, split_dir)
+            return None
+        samples = [(prefix + name, label) for label, names in enumerate(data["files"])
+                   for prefix in (os.path.join(str(split_dir), classes[label], ""),) for name in names]
+        logger.info("%s: %d classes, %d images from the file list cache %s (directories unchanged)", split_dir,
+                    len(classes), len(samples), path)
+        return ImageSplit(root=split_dir, classes=classes, samples=samples)
+
+    def store(self, split: ImageSplit, files: List[List[str]], stamps: Dict[str, int]) -> None:
+        """Keep ``split``'s listing; a failure to write is a warning (the cache is an optimisation)."""
+        if not self.write:
+            return
+        data = {"version": self.VERSION, "split": str(split.root.resolve()), "classes": split.classes,
+                "stamps": stamps, "files": files}
+        path = self.path(split.root)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(json.dumps(data), str(path))
+        except OSError as e:
+            logger.warning("cannot write the file list cache %s (%s); the next start scans %s again", path,
+                           e.strerror or e, split.root)
+
+
+def _scan_split(split_dir: Path, cache: Optional[FileListCache] = None) -> ImageSplit:
+    """List the classes and images of one split, rejecting a split or class with no images.
+
+    Logs its progress every 10 s and its time; with a ``cache``, an unchanged split is not listed.
+    """
     if not split_dir.is_dir():
         raise ValueError(f"split directory {split_dir} is missing; the dataset must be laid out as "
                          f"{split_dir.parent}/{{train,val}}/<class>/<image>.JPEG (move the images there or "
                          "fix DATA.DATA_PATH)")
+    cached = cache.load(split_dir) if cache is not None else None
+    if cached is not None:
+        return cached
+    start = last_report = time.monotonic()
     classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
     if not classes:
         raise ValueError(f"{split_dir} has no class directories; put each class's images in "
                          f"{split_dir}/<class>/ (a flat val folder must first be sorted into class folders)")
+    stamps = _directory_stamps(split_dir, classes)  # before listing: a file added meanwhile invalidates
     samples: List[Tuple[str, int]] = []
+    files_per_class: List[List[str]] = []
     for label, name in enumerate(classes):
         class_dir = split_dir / name
         files = sorted(entry.name for entry in os.scandir(class_dir)
@@ -68,16 +158,29 @@ def _scan_split(split_dir: Path) -> ImageSplit:
         if not files:
             raise ValueError(f"class directory {class_dir} has no images (extensions {', '.join(IMG_EXTENSIONS)}); "
                              "add its images or remove the directory from every split")
-        samples.extend((str(class_dir / file), label) for file in files)
-    return ImageSplit(root=split_dir, classes=classes, samples=samples)
+        prefix = os.path.join(str(class_dir), "")
+        samples.extend((prefix + file, label) for file in files)
+        files_per_class.append(files)
+        if time.monotonic() - last_report > 10:
+            last_report = time.monotonic()
+            logger.info("scanning %s: %d of %d classes, %d images so far", split_dir, label + 1, len(classes),
+                        len(samples))
+    split = ImageSplit(root=split_dir, classes=classes, samples=samples)
+    logger.info("scanned %s: %d classes, %d images in %.1f s", split_dir, len(classes), len(samples),
+                time.monotonic() - start)
+    if cache is not None:
+        cache.store(split, files_per_class, stamps)
+    return split
 
 
-def scan_image_folder(root: Path, num_classes: int) -> Tuple[ImageSplit, ImageSplit]:
+def scan_image_folder(root: Path, num_classes: int,
+                      cache: Optional[FileListCache] = None) -> Tuple[ImageSplit, ImageSplit]:
     """Scan and check ``root/train`` and ``root/val`` before training starts.
 
     Args:
         root: Dataset directory.
         num_classes: ``MODEL.NUM_CLASSES``, which must equal the number of class folders.
+        cache: Reuse (and keep) the file lists of unchanged splits; None scans every time.
 
     Returns:
         ``(train, val)`` splits with identical class lists.
@@ -90,7 +193,7 @@ def scan_image_folder(root: Path, num_classes: int) -> Tuple[ImageSplit, ImageSp
     if not root.is_dir():
         raise ValueError(f"dataset directory {root} does not exist; set DATA.DATA_PATH (--data-path) to the "
                          "folder holding train/ and val/")
-    train, val = (_scan_split(root / split) for split in SPLITS)
+    train, val = (_scan_split(root / split, cache) for split in SPLITS)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -12,6 +13,19 @@ from tests.helpers import write_tiny_yaml
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: long-running test (still run in CI)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def file_list_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Scanned file lists go to a temporary cache (XDG_CACHE_HOME), for this process and its subprocesses."""
+    cache = tmp_path_factory.mktemp("xdg_cache")
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    yield cache
+    if previous is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """Data pipelines: datasets, loaders, layout checks, order, sharding, parity, corrupt files."""
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import shutil
 import sys
@@ -163,6 +165,41 @@ def test_layout_errors(image_root: Path, tmp_path: Path) -> None:
     cfg = make_config(root, "pytorch", DATA__DATA_PATH="")
     with pytest.raises(ValueError, match="DATA.DATA_PATH is empty"):
         build_loader(cfg, CPU)
+
+
+def test_file_list_cache_skips_the_listing_until_a_directory_changes(image_root: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    from data import folder
+
+    root = _copy(image_root, tmp_path)
+    cache = folder.FileListCache(tmp_path / "cache")
+    scanned = folder.scan_image_folder(root, 10, cache)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+        cache.path(root / split).name for split in ("train", "val"))
+    real_scandir, listed = os.scandir, []
+
+    def scandir(path):  # counts the class directories listed
+        listed.append(str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(folder.os, "scandir", scandir)
+    with caplog.at_level(logging.INFO, logger="data.folder"):
+        again = folder.scan_image_folder(root, 10, cache)
+    assert listed == [] and "from the file list cache" in caplog.text
+    assert [(s.classes, s.samples) for s in again] == [(s.classes, s.samples) for s in scanned]
+
+    # A new image in one class changes that directory: the split is listed again and includes it.
+    new = root / "train" / "01_square" / "zz_new.jpg"
+    shutil.copy(next((root / "train" / "01_square").iterdir()), new)
+    train, val = folder.scan_image_folder(root, 10, cache)
+    assert (str(new), 1) in train.samples and len(train) == len(scanned[0]) + 1
+    assert any(path.startswith(str(root / "train")) for path in listed)
+    assert not any(path.startswith(str(root / "val")) for path in listed)  # val unchanged: from the cache
+    # A damaged cache file is ignored (and rewritten), never an error.
+    cache.path(root / "val").write_text("{not json")
+    assert folder.scan_image_folder(root, 10, cache)[1].samples == val.samples
+    assert json.loads(cache.path(root / "val").read_text())["classes"] == val.classes
 
 
 # ----------------------------------------------------------------------------- loaders
