@@ -169,3 +169,52 @@ def test_resume_with_another_world_size_logs_the_global_batch_change(
     assert f"batch {2 * stopped['batch']} (was {stopped['batch']}), global step {2 * stopped['global_step']}" in log
     final = torch.load(run_dir(out) / "last.pth", weights_only=True)
     assert (final["epoch"], final["batch"], final["global_step"], final["world_size"]) == (2, 0, 32, 1)
+
+
+def _interrupt_like_a_terminal(command: List[str], cwd: Path, log: Path) -> subprocess.CompletedProcess:
+    """Start ``command`` in its own process group, and after its first logged step send SIGINT to
+    the whole group, as a terminal's Ctrl-C does (the launcher and every worker receive it)."""
+    proc = subprocess.Popen(command, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        _wait_for(log, "train epoch 0/2 [1/", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=LIMIT_S)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def _ours(stderr: str) -> List[str]:
+    """The stderr lines our code writes (the launcher's and torch's own warnings left out)."""
+    return [line for line in stderr.splitlines() if line.startswith(("interrupt:", "aborted", "error", "stopped"))]
+
+
+def test_ctrl_c_stops_every_rank_at_one_step_and_resumes_bitwise(root: Path, reference: Path) -> None:
+    """Ctrl-C under torchrun: one line of ours, the ranks agree on the step and write last.pth; the
+    same command then ends bitwise equal to an uninterrupted run. (torchrun itself also reacts to
+    the terminal's interrupt: its warnings and exit status are its own.)"""
+    out = root / "interrupted"
+    result = _interrupt_like_a_terminal(_torchrun_cmd(root / "tiny.yaml", out), root, run_dir(out) / "log.txt")
+    assert _ours(result.stderr) == ["interrupt: stopping after the current step and saving last.pth; the same "
+                                    "command resumes there (Ctrl-C again to abort now, without saving)"], result.stderr
+    stopped = torch.load(run_dir(out) / "last.pth", weights_only=True)
+    log = (run_dir(out) / "log.txt").read_text()
+    assert f"interrupted: last.pth holds epoch 0, batch {stopped['batch']}, global step {stopped['global_step']}" \
+        in log and "(exit code 130)" in log
+    assert 1 <= stopped["global_step"] < 16
+    resumed = run(_torchrun_cmd(root / "tiny.yaml", out), root, timeout=LIMIT_S)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_training_state(reference, run_dir(out) / "last.pth")
+
+
+def test_ctrl_c_of_one_process_is_one_line_and_exit_130(root: Path) -> None:
+    """Without a launcher the process's own exit code and stderr are what the terminal shows."""
+    out = root / "interrupted_alone"
+    command = main_command("--cfg", str(root / "tiny.yaml"), "--output", str(out), *COMMON)
+    result = _interrupt_like_a_terminal(command, root, run_dir(out) / "log.txt")
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert [line for line in result.stderr.splitlines() if "Traceback" in line] == []
+    assert len(_ours(result.stderr)) == 1 and _ours(result.stderr)[0].startswith("interrupt: stopping")
+    assert torch.load(run_dir(out) / "last.pth", weights_only=True)["global_step"] >= 1
