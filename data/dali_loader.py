@@ -11,7 +11,6 @@ and validation shards partition the set; the files are read ahead on a thread po
 from __future__ import annotations
 
 import logging
-import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain, islice
@@ -159,6 +158,22 @@ def _warp(data, matrix, fill_value, interp_type):
                                             fill_value=fill_value, interp_type=interp_type)
 
 
+# DALI's own ``aa.equalize`` / ``aa.sharpness`` call the deprecated aliases ``fn.experimental.equalize`` /
+# ``fn.experimental.filter``, which warn at every pipeline build from inside DALI's own
+# ``catch_warnings(simplefilter("default"))`` (so no ``warnings.filterwarnings`` can narrow them):
+# the suite calls the operators under their current names instead.
+@augmentation(name="equalize")
+def _equalize(data, _):
+    """DALI's ``aa.equalize`` (OpenCV's histogram equalisation)."""
+    return fn.equalize(data)
+
+
+@augmentation(param_device="auto")
+def _sharpness(data, kernel):
+    """DALI's ``aa.sharpness``: the image filtered with the (3, 3) ``kernel``."""
+    return fn.filter(data, kernel)
+
+
 def timm_rand_augment_suite(image_size: int) -> List:
     """DALI versions of timm's 15 increasing RandAugment ops (``_RAND_INCREASING_TRANSFORMS``, same order).
 
@@ -176,7 +191,7 @@ def timm_rand_augment_suite(image_size: int) -> List:
         return augmentation(_warp, mag_range=LEVELS, randomly_negate=True, mag_to_param=to_param, name=name)
 
     return [
-        aa.auto_contrast, aa.equalize, aa.invert,
+        aa.auto_contrast, _equalize, aa.invert,
         warp(_rotate_matrix(image_size), "rotate"),
         aa.posterize.augmentation(mag_range=LEVELS, randomly_negate=False, mag_to_param=_posterize_mask),
         aa.solarize.augmentation(mag_range=LEVELS, randomly_negate=False, mag_to_param=_solarize_threshold),
@@ -184,7 +199,7 @@ def timm_rand_augment_suite(image_size: int) -> List:
         signed(aa.color, _enhance_factor, "color"),
         signed(aa.contrast, _enhance_factor, "contrast"),
         signed(aa.brightness, _enhance_factor, "brightness"),
-        signed(aa.sharpness, _sharpness_kernel, "sharpness"),
+        signed(_sharpness, _sharpness_kernel, "sharpness"),
         warp(_shear_matrix(0), "shear_x"),
         warp(_shear_matrix(1), "shear_y"),
         warp(_translate_matrix(0, image_size), "translate_x"),
@@ -497,10 +512,8 @@ class DaliLoader(BatchLoader):
                           else _val_graph(encoded, config, "mixed" if gpu else "cpu"))
             return images, (labels.gpu() if gpu else labels)
 
-        with warnings.catch_warnings():  # DALI's auto_aug still calls its own deprecated aliases
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pipe = pipeline(seed=seed, **kwargs)
-            pipe.build()
+        pipe = pipeline(seed=seed, **kwargs)
+        pipe.build()
         return pipe
 
     def _reset(self) -> None:

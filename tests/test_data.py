@@ -304,6 +304,15 @@ def test_dali_reads_ahead_give_the_serial_batches(image_root: Path, tmp_path: Pa
         assert sum(str(path) in record.getMessage() for record in caplog.records) == 2
 
 
+def test_dali_rand_augment_warns_of_no_deprecated_operator(image_root: Path, recwarn) -> None:
+    """The RandAugment suite (equalize, sharpness among its ops) calls no operator DALI deprecates."""
+    train = build_loader(make_config(image_root, "dali", AUG__AUTO_AUGMENT="rand-m9-mstd0.5-inc1"), CPU).train
+    next(iter(train))
+    deprecated = [str(w.message) for w in recwarn if issubclass(w.category, DeprecationWarning)
+                  and "nvidia.dali" in str(w.message)]
+    assert deprecated == []
+
+
 def test_read_or_replace_walks_on_in_training_and_drops_in_validation() -> None:
     samples = [(f"f{i}", i % 2) for i in range(4)]
 
