@@ -5,8 +5,9 @@ resize between them (``CropResizer``: DALI's CPU resize cost more than the decod
 
 Every rank feeds its own shard through ``fn.external_source`` from the same ``EpochBatchSampler``
 as the PyTorch loader, so sample order is a function of ``(SEED, epoch)``, positioning is exact
-and validation shards partition the set; the files are read ahead on a thread pool. Augmentation randomness comes from the pipeline's seed
-(``SEED``, rank): bitwise-identical augmentation after a mid-epoch resume is not guaranteed.
+and validation shards partition the set; the files are read ahead on a thread pool. Augmentation
+randomness comes from the pipeline's seed (``SEED``, rank): bitwise-identical augmentation after a
+mid-epoch resume is not guaranteed.
 """
 from __future__ import annotations
 
