@@ -5,15 +5,16 @@ resize between them (``CropResizer``: DALI's CPU resize cost more than the decod
 
 Every rank feeds its own shard through ``fn.external_source`` from the same ``EpochBatchSampler``
 as the PyTorch loader, so sample order is a function of ``(SEED, epoch)``, positioning is exact
-and validation shards partition the set. Augmentation randomness comes from the pipeline's seed
-(``SEED``, rank): bitwise-identical augmentation after a mid-epoch resume is not guaranteed.
+and validation shards partition the set; the files are read ahead on a thread pool. Augmentation
+randomness comes from the pipeline's seed (``SEED``, rank): bitwise-identical augmentation after a
+mid-epoch resume is not guaranteed.
 """
 from __future__ import annotations
 
 import logging
-import warnings
 from collections import deque
-from itertools import chain
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import chain, islice
 from typing import Deque, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -158,6 +159,22 @@ def _warp(data, matrix, fill_value, interp_type):
                                             fill_value=fill_value, interp_type=interp_type)
 
 
+# DALI's own ``aa.equalize`` / ``aa.sharpness`` call the deprecated aliases ``fn.experimental.equalize`` /
+# ``fn.experimental.filter``, which warn at every pipeline build from inside DALI's own
+# ``catch_warnings(simplefilter("default"))`` (so no ``warnings.filterwarnings`` can narrow them):
+# the suite calls the operators under their current names instead.
+@augmentation(name="equalize")
+def _equalize(data, _):
+    """DALI's ``aa.equalize`` (OpenCV's histogram equalisation)."""
+    return fn.equalize(data)
+
+
+@augmentation(param_device="auto")
+def _sharpness(data, kernel):
+    """DALI's ``aa.sharpness``: the image filtered with the (3, 3) ``kernel``."""
+    return fn.filter(data, kernel)
+
+
 def timm_rand_augment_suite(image_size: int) -> List:
     """DALI versions of timm's 15 increasing RandAugment ops (``_RAND_INCREASING_TRANSFORMS``, same order).
 
@@ -175,7 +192,7 @@ def timm_rand_augment_suite(image_size: int) -> List:
         return augmentation(_warp, mag_range=LEVELS, randomly_negate=True, mag_to_param=to_param, name=name)
 
     return [
-        aa.auto_contrast, aa.equalize, aa.invert,
+        aa.auto_contrast, _equalize, aa.invert,
         warp(_rotate_matrix(image_size), "rotate"),
         aa.posterize.augmentation(mag_range=LEVELS, randomly_negate=False, mag_to_param=_posterize_mask),
         aa.solarize.augmentation(mag_range=LEVELS, randomly_negate=False, mag_to_param=_solarize_threshold),
@@ -183,7 +200,7 @@ def timm_rand_augment_suite(image_size: int) -> List:
         signed(aa.color, _enhance_factor, "color"),
         signed(aa.contrast, _enhance_factor, "contrast"),
         signed(aa.brightness, _enhance_factor, "brightness"),
-        signed(aa.sharpness, _sharpness_kernel, "sharpness"),
+        signed(_sharpness, _sharpness_kernel, "sharpness"),
         warp(_shear_matrix(0), "shear_x"),
         warp(_shear_matrix(1), "shear_y"),
         warp(_translate_matrix(0, image_size), "translate_x"),
@@ -204,6 +221,21 @@ def _magnitude_bins(magnitude: int, magnitude_std: float):
     return signed_bin(bins, random_sign=fn.random.uniform(values=[0, 1], dtype=types.INT32))
 
 
+# Files are read on a thread pool, up to READ_AHEAD_BATCHES sampler batches ahead of the batch DALI
+# asks for, so a per-file latency (a network filesystem) overlaps the pipeline's work instead of
+# stalling the thread that runs it. Threads rather than DALI's parallel external source: that one
+# runs a stateless callback of the batch index in worker processes, while the replacement walk,
+# the replay after a decoder failure and the bad-file reports are state of this process; forked
+# workers cannot start once CUDA is initialised (a pipeline rebuilt mid-run), spawned ones need a
+# picklable source and take the default action on the SIGTERM / SIGINT that the trainer turns into
+# a checkpoint. Threads receive no signals, and reading a file releases the GIL.
+READ_THREADS_PER_WORKER = 4  # reader threads per DATA.NUM_WORKERS; 0 workers read on the calling thread
+READ_AHEAD_BATCHES = 2
+
+Batch = List[Tuple[int, int]]  # a sampler batch: (dataset index, epoch) pairs
+Read = Tuple[Optional[Tuple[np.ndarray, int, str]], List[str]]  # read_or_replace's result
+
+
 class ShardSource:
     """``external_source`` callback: this rank's next batch of encoded files and labels.
 
@@ -211,41 +243,53 @@ class ShardSource:
     the next good file (training) or dropped (validation) through ``read_or_replace``. Files that
     pass that check but fail inside the decoder stop the pipeline; ``find_corrupt`` then decodes
     the batches still in flight with PIL to name them, and ``replay`` feeds those batches again
-    without them. Reports of bad files are queued in ``bad`` for the consumer to log.
+    without them. Reports of bad files are queued in ``bad`` for the consumer to log, in sample
+    order whether the files are read ahead on ``read_threads`` threads or on the calling thread.
 
     Args:
         split: The scanned split.
         sampler: Batch sampler giving this rank's ``(index, epoch)`` batches.
+        read_threads: Threads reading files ahead of the pipeline; 0 reads each batch when DALI asks.
     """
 
-    def __init__(self, split: ImageSplit, sampler: EpochBatchSampler) -> None:
+    def __init__(self, split: ImageSplit, sampler: EpochBatchSampler, read_threads: int) -> None:
         self.samples = split.samples
         self.sampler = sampler
         self.bad: List[str] = []
         # Files that pass the header check but fail in the decoder: path -> reason.
         self.corrupt: Dict[str, str] = {}
         # Batches handed to DALI and not yet returned by it: (sampler batch, paths fed).
-        self.pending: Deque[Tuple[List[Tuple[int, int]], List[str]]] = deque()
-        self._batches: Iterator[List[Tuple[int, int]]] = iter(())
+        self.pending: Deque[Tuple[Batch, List[str]]] = deque()
+        self._batches: Iterator[Batch] = iter(())
+        self._pool = ThreadPoolExecutor(read_threads, thread_name_prefix="dali-read") if read_threads > 0 else None
+        # Batches taken from the sampler, not yet fed, with their reads under way (one per sample).
+        self._ahead: Deque[Tuple[Batch, List["Future[Read]"]]] = deque()
+
+    def _restart(self, batches: Iterator[Batch]) -> None:
+        """Feed ``batches`` next, dropping the batches in flight and the reads ahead."""
+        for _, reads in self._ahead:
+            for read in reads:
+                read.cancel()
+        self._ahead.clear()
+        self.pending.clear()
+        self._batches = batches
 
     def start(self) -> None:
         """Begin the epoch and position that ``sampler.set_epoch`` selected."""
-        self._batches = iter(self.sampler)
-        self.pending.clear()
+        self._restart(iter(self.sampler))
 
     def stop(self) -> None:
         """End the current pass early (the next call raises StopIteration)."""
-        self._batches = iter(())
-        self.pending.clear()
+        self._restart(iter(()))
 
     def consumed(self) -> None:
         """The oldest batch in flight came out of the pipeline."""
         self.pending.popleft()
 
     def replay(self) -> None:
-        """Feed the batches in flight again (after the pipeline was rebuilt)."""
-        self._batches = chain([batch for batch, _ in self.pending], self._batches)
-        self.pending.clear()
+        """Feed the batches in flight again (after the pipeline was rebuilt), then those read ahead,
+        read again now that the files found corrupt are marked."""
+        self._restart(chain([batch for batch, _ in self.pending], [batch for batch, _ in self._ahead], self._batches))
 
     def find_corrupt(self) -> int:
         """Decode every file in flight with PIL; mark the failures corrupt and return how many there were."""
@@ -273,12 +317,26 @@ class ShardSource:
             raise UnreadableImage(f"not a recognised image format, {data.size} bytes")
         return data
 
+    def _read_sample(self, index: int) -> Read:
+        return read_or_replace(self.samples, index, self.sampler.train, self._read)
+
+    def _next_batch(self) -> Tuple[Batch, Iterator[Read]]:
+        """The next sampler batch and its samples' reads, in order (each waited for as it is taken)."""
+        if self._pool is None:
+            batch = next(self._batches)
+            return batch, (self._read_sample(index) for index, _ in batch)
+        for batch in islice(self._batches, READ_AHEAD_BATCHES + 1 - len(self._ahead)):
+            self._ahead.append((batch, [self._pool.submit(self._read_sample, index) for index, _ in batch]))
+        if not self._ahead:
+            raise StopIteration
+        batch, reads = self._ahead.popleft()
+        return batch, (read.result() for read in reads)
+
     def __call__(self) -> Tuple[List[np.ndarray], List[np.ndarray]]:
         encoded, labels, paths = [], [], []
         while not encoded:  # a validation batch of only corrupt files is skipped entirely
-            batch = next(self._batches)
-            for index, _epoch in batch:
-                found, bad = read_or_replace(self.samples, index, self.sampler.train, self._read)
+            batch, reads = self._next_batch()
+            for found, bad in reads:
                 self.bad.extend(bad)
                 if found is not None:
                     data, label, path = found
@@ -400,11 +458,14 @@ class DaliLoader(BatchLoader):
         split: The scanned split.
         sampler: This rank's batch sampler (its seed and rank seed the pipeline).
         device: CPU (CPU-only pipeline, ``device_id=None``) or a CUDA device (mixed decode, GPU ops).
+
+    ``DATA.NUM_WORKERS`` sets DALI's threads (at least 1) and ``READ_THREADS_PER_WORKER`` reader threads
+    each (none for 0: files are read when DALI asks for a batch, on the thread that runs the pipeline).
     """
 
     def __init__(self, config: CfgNode, split: ImageSplit, sampler: EpochBatchSampler, device: torch.device) -> None:
         super().__init__(sampler, device)
-        self.source = ShardSource(split, sampler)
+        self.source = ShardSource(split, sampler, READ_THREADS_PER_WORKER * config.DATA.NUM_WORKERS)
         self._running = False
         self.erase = (RandomErasing(config.AUG.REPROB, mode=config.AUG.REMODE, max_count=config.AUG.RECOUNT,
                                     device=str(self.device)) if sampler.train and config.AUG.REPROB > 0 else None)
@@ -448,10 +509,8 @@ class DaliLoader(BatchLoader):
                           else _val_graph(encoded, config, "mixed" if gpu else "cpu"))
             return images, (labels.gpu() if gpu else labels)
 
-        with warnings.catch_warnings():  # DALI's auto_aug still calls its own deprecated aliases
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pipe = pipeline(seed=seed, **kwargs)
-            pipe.build()
+        pipe = pipeline(seed=seed, **kwargs)
+        pipe.build()
         return pipe
 
     def _reset(self) -> None:

@@ -317,6 +317,39 @@ def test_corrupt_files_are_replaced_or_skipped(image_root: Path, tmp_path: Path,
         assert sum(str(path) in record.getMessage() for record in caplog.records) == 1
 
 
+def test_dali_reads_ahead_give_the_serial_batches(image_root: Path, tmp_path: Path, caplog) -> None:
+    """Files read ahead on reader threads (DATA.NUM_WORKERS 2) feed DALI exactly the batches that reads
+    on the calling thread (0) feed it, through a decoder failure and a resume; bad files are still
+    replaced and reported once."""
+    root = _copy(image_root, tmp_path)
+    good = (root / "train" / "00_circle" / "00000.jpg").read_bytes()
+    truncated, empty = root / "train" / "03_star" / "00003.jpg", root / "train" / "05_ring" / "00007.jpg"
+    truncated.write_bytes(good[:len(good) // 2])  # fails inside the decoder: pipeline rebuilt, batches replayed
+    empty.write_bytes(b"")  # caught before the pipeline
+    caplog.set_level(logging.WARNING)
+    passes = {}
+    for workers in (0, 2):
+        train = build_loader(make_config(root, "dali", DATA__NUM_WORKERS=workers), CPU).train
+        train.set_epoch(1)
+        full = list(train)
+        train.set_epoch(2, start_batch=4)
+        passes[workers] = full + list(train)
+        assert len(passes[workers]) == 15 + 11 and train.num_bad == 2
+    for (images_a, labels_a), (images_b, labels_b) in zip(passes[0], passes[2]):
+        assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+    for path in (truncated, empty):  # once by each of the two loaders
+        assert sum(str(path) in record.getMessage() for record in caplog.records) == 2
+
+
+def test_dali_rand_augment_warns_of_no_deprecated_operator(image_root: Path, recwarn) -> None:
+    """The RandAugment suite (equalize, sharpness among its ops) calls no operator DALI deprecates."""
+    train = build_loader(make_config(image_root, "dali", AUG__AUTO_AUGMENT="rand-m9-mstd0.5-inc1"), CPU).train
+    next(iter(train))
+    deprecated = [str(w.message) for w in recwarn if issubclass(w.category, DeprecationWarning)
+                  and "nvidia.dali" in str(w.message)]
+    assert deprecated == []
+
+
 def test_read_or_replace_walks_on_in_training_and_drops_in_validation() -> None:
     samples = [(f"f{i}", i % 2) for i in range(4)]
 
