@@ -1,33 +1,41 @@
-"""``pytorch`` loader: torchvision ImageFolder + timm transforms, per-sample seeded augmentation."""
+"""``pytorch`` loader: torchvision ImageFolder + timm transforms, per-sample seeded augmentation.
+
+Workers hand uint8 batches over (a quarter of the shared memory of float32 ones); the batch is
+normalised and randomly erased on the device, as timm's ``PrefetchLoader`` does.
+"""
 from __future__ import annotations
 
 import atexit
 import gc
+import random
 import signal
 import weakref
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
-from timm.data import create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from timm.data.auto_augment import RandAugment, posterize
-from torch.utils.data import DataLoader
+from timm.data.random_erasing import RandomErasing
+from torch.utils.data import DataLoader, default_collate
 from torchvision.datasets import ImageFolder
 from yacs.config import CfgNode
 
-from .common import SALT_AUGMENT, EpochBatchSampler, mix_seed, seeded_rng
+from .common import SALT_AUGMENT, SALT_BATCH_AUGMENT, EpochBatchSampler, mix_seed, seeded_rng
 from .folder import ImageSplit
 from .loader import BatchLoader, load_rgb, read_or_replace
 
-Sample = Tuple[Optional[torch.Tensor], int, Tuple[str, ...]]
+# (image (3, H, W) uint8 or None when dropped, label, erasing seed, unreadable-file reports)
+Sample = Tuple[Optional[torch.Tensor], int, int, Tuple[str, ...]]
 
 
 def init_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: ignore SIGTERM / SIGUSR1; never collect the parent's objects.
+    """DataLoader ``worker_init_fn``: ignore SIGINT / SIGTERM / SIGUSR1; never collect the parent's objects.
 
-    A scheduler (``scancel``, preemption) signals every process of the job; the training
-    process turns the signal into a checkpoint at the next step boundary, which needs its
-    workers alive until then. They still exit with their parent.
+    A scheduler (``scancel``, preemption) signals every process of the job, and a terminal's
+    Ctrl-C signals its whole process group; the training process turns each into a stop (and a
+    checkpoint) at the next step boundary, which needs its workers alive until then. They still
+    exit with their parent.
 
     A forked worker inherits the parent's objects, DALI pipelines included, without the threads
     behind them; the cyclic garbage collector finalising such a pipeline in the worker waits for
@@ -39,8 +47,8 @@ def init_worker(worker_id: int) -> None:
         worker_id: Unused (the DataLoader's worker index).
     """
     gc.freeze()
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(stop_signal, signal.SIG_IGN)
 
 
 class SeededImageFolder(ImageFolder):
@@ -51,9 +59,12 @@ class SeededImageFolder(ImageFolder):
     decode is replaced by the next readable image (training) or dropped (validation); the bad
     paths travel with the sample so the main process can count and log them.
 
+    Each sample also carries the seed of its random erasing, ``(seed, epoch, index)`` hashed, which
+    the loader applies on the device after normalising.
+
     Args:
         split: The scanned split (its class list and samples are used as-is, no rescan).
-        transform: timm transform producing a normalised (3, H, W) float tensor.
+        transform: timm transform producing a (3, H, W) uint8 tensor (``use_prefetcher=True``).
         seed: The run's ``SEED``.
         train: Replace (True) or drop (False) unreadable images.
     """
@@ -75,26 +86,69 @@ class SeededImageFolder(ImageFolder):
         index, epoch = key
         found, bad = read_or_replace(self.samples, index, self.train, load_rgb)
         if found is None:
-            return None, -1, tuple(bad)
+            return None, -1, 0, tuple(bad)
         image, label, _ = found
         with seeded_rng(mix_seed(self.seed, SALT_AUGMENT, epoch, index)):
-            tensor = self.transform(image)  # (3, H, W) float32, normalised
-        return tensor, label, tuple(bad)
+            tensor = self.transform(image)  # (3, H, W) uint8
+        return tensor, label, mix_seed(self.seed, SALT_BATCH_AUGMENT, epoch, index), tuple(bad)
 
 
-def collate(batch: Sequence[Sample]) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
-    """Stack images and labels, dropping validation samples that failed to decode."""
-    kept = [(image, label) for image, label, _ in batch if image is not None]
-    bad = [path for _, _, paths in batch for path in paths]
+def collate(batch: Sequence[Sample]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[str]]:
+    """Stack images, labels and erasing seeds, dropping validation samples that failed to decode.
+
+    ``default_collate`` stacks straight into shared memory inside a worker (no extra copy).
+
+    Returns:
+        ``(images (B, 3, H, W) uint8, labels (B,) int64, erasing seeds (B,) int64, reports)``.
+    """
+    kept = [(image, label, seed) for image, label, seed, _ in batch if image is not None]
+    bad = [path for *_, paths in batch for path in paths]
     if not kept:
-        return torch.empty(0), torch.empty(0, dtype=torch.int64), bad
-    images = torch.stack([image for image, _ in kept])  # (B, 3, H, W)
-    labels = torch.tensor([label for _, label in kept], dtype=torch.int64)  # (B,)
-    return images, labels, bad
+        empty = torch.empty(0, dtype=torch.int64)
+        return torch.empty(0, dtype=torch.uint8), empty, empty, bad
+    images, labels, seeds = default_collate(kept)
+    return images, labels, seeds, bad
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    """The default generator of ``device`` (CPU or CUDA), which timm's ``RandomErasing`` draws from."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+def erase_per_sample(erase: RandomErasing, images: torch.Tensor, seeds: Sequence[int]) -> None:
+    """timm's ``RandomErasing`` on each normalised image in place, under that image's own seed.
+
+    The batch form of ``RandomErasing`` (timm's ``PrefetchLoader``) runs the same per-image
+    ``_erase`` from the global streams; reseeding them per image makes the result a function of
+    the image's seed alone, whatever the batch, worker count or resume point. Python's generator
+    and the device's default generator are restored afterwards.
+
+    Args:
+        erase: timm's ``RandomErasing``, built for ``images.device``.
+        images: (B, 3, H, W) normalised batch.
+        seeds: One seed per image (63-bit).
+    """
+    generator = _default_generator(images.device)
+    python_state, device_state = random.getstate(), generator.get_state()
+    try:
+        for image, seed in zip(images, seeds):  # image: (3, H, W) view into the batch
+            random.seed(seed)
+            generator.manual_seed(seed)
+            erase(image)
+    finally:
+        random.setstate(python_state)
+        generator.set_state(device_state)
 
 
 class TorchLoader(BatchLoader):
     """A DataLoader over ``EpochBatchSampler`` that delivers batches on ``device`` and reports bad files.
+
+    Workers hand over uint8 batches, two per worker ahead; on ``device`` each batch is converted
+    to float32, normalised with timm's ImageNet mean and std (on the 0..255 scale, as timm's
+    ``PrefetchLoader`` does) and, in training, randomly erased. Training workers persist across
+    epochs; validation workers start for each pass and exit after it.
 
     Args:
         dataset: The seeded dataset.
@@ -102,21 +156,25 @@ class TorchLoader(BatchLoader):
         num_workers: DataLoader worker processes (0 = load in the main process).
         pin_memory: Pin host batches (only used when ``device`` is CUDA).
         device: Where batches are delivered.
+        erase: timm's ``RandomErasing`` for ``device``, or None for no erasing.
     """
 
     def __init__(self, dataset: SeededImageFolder, sampler: EpochBatchSampler, num_workers: int,
-                 pin_memory: bool, device: torch.device) -> None:
+                 pin_memory: bool, device: torch.device, erase: Optional[RandomErasing] = None) -> None:
         super().__init__(sampler, device)
+        self.erase = erase
+        self.mean = torch.tensor([255 * x for x in IMAGENET_DEFAULT_MEAN], device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor([255 * x for x in IMAGENET_DEFAULT_STD], device=self.device).view(1, 3, 1, 1)
         self.loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                                  pin_memory=pin_memory and self.device.type == "cuda",
-                                 persistent_workers=num_workers > 0,
-                                 prefetch_factor=4 if num_workers > 0 else None,
+                                 persistent_workers=num_workers > 0 and sampler.train,
+                                 prefetch_factor=2 if num_workers > 0 else None,
                                  worker_init_fn=init_worker,
                                  # Own generator: the loader's per-pass base seed must not consume
                                  # (and so shift) the training process's global torch RNG.
                                  generator=torch.Generator())
-        # Workers ignore SIGTERM, so multiprocessing's own exit hook (terminate, then join) would
-        # wait for them forever if the process exits while they still run: shut them down first
+        # Workers ignore SIGINT and SIGTERM, so multiprocessing's own exit hook (terminate, then join)
+        # would wait for them forever if the process exits while they still run: shut them down first
         # (atexit hooks run last-registered first; the reference is weak, so this keeps nothing alive).
         atexit.register(TorchLoader._close_at_exit, weakref.ref(self))
 
@@ -127,7 +185,7 @@ class TorchLoader(BatchLoader):
             loader.close()
 
     def close(self) -> None:
-        """Stop the persistent worker processes (a later iteration starts new ones)."""
+        """Stop the persistent (training) worker processes (a later iteration starts new ones)."""
         iterator = getattr(self.loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
@@ -136,11 +194,14 @@ class TorchLoader(BatchLoader):
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         if self.loader.num_workers > 0 and getattr(self.loader, "_iterator", None) is None:
             gc.collect()  # workers are forked now: leave them no garbage to finalise (see init_worker)
-        for images, labels, bad in self.loader:
+        for images, labels, seeds, bad in self.loader:
             self.report_bad(bad)
             if len(labels) == 0:
                 continue
-            yield (images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True))
+            images = images.to(self.device, non_blocking=True).float().sub_(self.mean).div_(self.std)  # (B, 3, H, W)
+            if self.erase is not None:
+                erase_per_sample(self.erase, images, seeds.tolist())
+            yield images, labels.to(self.device, non_blocking=True)
 
 
 def posterize_allow_zero_bits(image: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
@@ -164,9 +225,9 @@ def _patch_posterize(transform) -> None:
 
 
 def build_transforms(config: CfgNode, train: bool):
-    """timm's reference ImageNet transforms for ``config`` (train: RRC over ``AUG.SCALE`` / ``AUG.RATIO``,
-    flip, RandAugment or colour jitter, normalise, random erasing; eval: resize to ``IMG_SIZE / CROP_PCT``,
-    center crop, normalise).
+    """timm's reference ImageNet transforms for ``config``, up to a uint8 (3, H, W) tensor (train: RRC over
+    ``AUG.SCALE`` / ``AUG.RATIO``, flip, RandAugment or colour jitter; eval: resize to ``IMG_SIZE / CROP_PCT``,
+    center crop). Normalising and random erasing follow on the device (``TorchLoader``).
 
     Args:
         config: Reads ``DATA.IMG_SIZE``, ``DATA.INTERPOLATION``, ``AUG.*`` and ``TEST.CROP_PCT``.
@@ -178,18 +239,17 @@ def build_transforms(config: CfgNode, train: bool):
                                      ratio=tuple(aug.RATIO),
                                      color_jitter=aug.COLOR_JITTER if aug.COLOR_JITTER > 0 else None,
                                      auto_augment=aug.AUTO_AUGMENT or None,
-                                     interpolation=config.DATA.INTERPOLATION,
-                                     re_prob=aug.REPROB, re_mode=aug.REMODE, re_count=aug.RECOUNT)
+                                     interpolation=config.DATA.INTERPOLATION, use_prefetcher=True)
         _patch_posterize(transform)
         return transform
     return create_transform(config.DATA.IMG_SIZE, is_training=False, interpolation=config.DATA.INTERPOLATION,
-                            crop_pct=config.TEST.CROP_PCT)
-
+                            crop_pct=config.TEST.CROP_PCT, use_prefetcher=True)
 
 
 def make_torch_loader(config: CfgNode, split: ImageSplit, sampler: EpochBatchSampler,
                       device: torch.device) -> TorchLoader:
-    """A ``TorchLoader`` over ``split`` with timm's transforms for ``sampler.train``.
+    """A ``TorchLoader`` over ``split`` with timm's transforms for ``sampler.train`` (and random erasing,
+    ``AUG.REPROB`` / ``REMODE`` / ``RECOUNT``, in training).
 
     Args:
         config: The run's config.
@@ -197,5 +257,8 @@ def make_torch_loader(config: CfgNode, split: ImageSplit, sampler: EpochBatchSam
         sampler: This rank's batch sampler.
         device: Where batches are delivered.
     """
+    aug = config.AUG
+    erase = (RandomErasing(aug.REPROB, mode=aug.REMODE, max_count=aug.RECOUNT, device=str(torch.device(device)))
+             if sampler.train and aug.REPROB > 0 else None)
     dataset = SeededImageFolder(split, build_transforms(config, sampler.train), config.SEED, sampler.train)
-    return TorchLoader(dataset, sampler, config.DATA.NUM_WORKERS, config.DATA.PIN_MEMORY, device)
+    return TorchLoader(dataset, sampler, config.DATA.NUM_WORKERS, config.DATA.PIN_MEMORY, device, erase)

@@ -259,9 +259,75 @@ def test_pytorch_resume_is_bitwise_exact(image_root: Path) -> None:
     resumed.set_epoch(3, start_batch=9)
     for (images_a, labels_a), (images_b, labels_b) in zip(full[9:], resumed):
         assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
-    state = torch.get_rng_state()
-    list(direct)  # per-sample seeding restores the caller's generators
-    assert torch.equal(state, torch.get_rng_state())
+    state, python_state = torch.get_rng_state(), random.getstate()
+    list(direct)  # per-sample seeding (transforms in the workers, erasing here) restores the caller's generators
+    assert torch.equal(state, torch.get_rng_state()) and python_state == random.getstate()
+
+
+def test_pytorch_loader_is_timms_prefetcher_pipeline(image_root: Path) -> None:
+    """Each batch is timm's own pipeline: ``create_transform(use_prefetcher=True)`` per sample (under the
+    sample's seed), ``fast_collate``, ``PrefetchLoader``'s normalisation, then timm's ``RandomErasing``
+    per image under a seed of (SEED, epoch, index), bit for bit."""
+    from timm.data import create_transform
+    from timm.data.loader import PrefetchLoader, fast_collate
+    from timm.data.random_erasing import RandomErasing
+    from torch.utils.data import DataLoader
+    from torchvision.datasets import ImageFolder
+
+    from data.common import SALT_AUGMENT, SALT_BATCH_AUGMENT, mix_seed, seeded_rng
+    from data.loader import load_rgb
+
+    cfg = make_config(image_root, "pytorch", DATA__NUM_WORKERS=2, AUG__REPROB=0.5)
+    loaders = build_loader(cfg, CPU)
+    # Validation: timm's eval transform over the sorted file list, normalised by timm's prefetcher.
+    val_set = ImageFolder(str(image_root / "val"), create_transform(32, is_training=False, use_prefetcher=True,
+                                                                    interpolation=cfg.DATA.INTERPOLATION,
+                                                                    crop_pct=cfg.TEST.CROP_PCT))
+    timm_val = PrefetchLoader(DataLoader(val_set, batch_size=8, collate_fn=fast_collate), device=CPU)
+    for (images, labels), (timm_images, timm_labels) in zip(loaders.val, timm_val, strict=True):
+        assert torch.equal(images, timm_images) and torch.equal(labels, timm_labels)
+    # Training, epoch 2, the first two batches.
+    loaders.train.set_epoch(2)
+    batches = [batch for batch, _ in zip(loaders.train, range(2))]
+    transform = create_transform(32, is_training=True, use_prefetcher=True, scale=tuple(cfg.AUG.SCALE),
+                                 ratio=tuple(cfg.AUG.RATIO), color_jitter=cfg.AUG.COLOR_JITTER,
+                                 auto_augment=cfg.AUG.AUTO_AUGMENT, interpolation=cfg.DATA.INTERPOLATION)
+    erase = RandomErasing(0.5, mode=cfg.AUG.REMODE, max_count=cfg.AUG.RECOUNT, device="cpu")
+    samples = loaders.train.loader.dataset.samples
+    erased = 0
+    for (images, labels), keys in zip(batches, loaders.train.sampler):
+        uint8 = []
+        for index, epoch in keys:
+            with seeded_rng(mix_seed(cfg.SEED, SALT_AUGMENT, epoch, index)):
+                uint8.append((transform(load_rgb(samples[index][0])), samples[index][1]))
+        (timm_images, timm_labels), = PrefetchLoader([fast_collate(uint8)], device=CPU)
+        for image, (index, epoch) in zip(timm_images, keys):
+            before = image.clone()
+            seed = mix_seed(cfg.SEED, SALT_BATCH_AUGMENT, epoch, index)
+            random.seed(seed)
+            torch.manual_seed(seed)
+            erased += not torch.equal(erase(image), before)
+        assert torch.equal(images, timm_images) and torch.equal(labels, timm_labels)
+    assert erased > 0  # the erasing was exercised
+
+
+def test_pytorch_workers_hand_over_uint8_and_val_workers_exit(image_root: Path) -> None:
+    """Workers send uint8 batches (a quarter of float32's shared memory); training workers persist
+    across passes, validation workers exit at the end of each pass."""
+    import multiprocessing
+
+    loaders = build_loader(make_config(image_root, "pytorch", DATA__NUM_WORKERS=2), CPU)
+    assert next(iter(loaders.val.loader))[0].dtype == torch.uint8  # (B, 3, H, W) from the workers
+    before = set(multiprocessing.active_children())
+    list(loaders.train)
+    train_workers = set(multiprocessing.active_children()) - before
+    assert len(train_workers) == 2
+    val = iter(loaders.val)
+    next(val)
+    assert len(set(multiprocessing.active_children()) - before - train_workers) == 2
+    list(val)
+    assert set(multiprocessing.active_children()) - before == train_workers
+    loaders.train.close()
 
 
 def test_sharding_covers_every_sample_once() -> None:

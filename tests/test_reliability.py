@@ -296,7 +296,8 @@ wait $! || exit 1
 
 
 def test_loader_workers_ignore_stop_signals() -> None:
-    """A job-wide SIGTERM must not kill the DataLoader workers before the trainer has saved."""
+    """A job-wide SIGTERM, or a terminal's Ctrl-C (SIGINT to the whole process group), must not kill
+    the DataLoader workers before the trainer has saved."""
     import subprocess
     import sys
     import time
@@ -307,8 +308,8 @@ def test_loader_workers_ignore_stop_signals() -> None:
                             stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        proc.send_signal(signal.SIGTERM)
-        proc.send_signal(signal.SIGUSR1)
+        for stop_signal in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            proc.send_signal(stop_signal)
         time.sleep(0.5)
         assert proc.poll() is None
     finally:
