@@ -38,7 +38,10 @@ _C.DATA.IMG_SIZE = 224
 # Interpolation for random-resized-crop and eval resize: "bicubic", "bilinear".
 _C.DATA.INTERPOLATION = "bicubic"
 _C.DATA.PIN_MEMORY = True
-_C.DATA.NUM_WORKERS = 8
+# Loader workers per process: PyTorch DataLoader worker processes; for DALI, its CPU threads (and 4
+# file-reading threads each). None (YAML null): the CPU cores available to this process divided by
+# the processes on this node (LOCAL_WORLD_SIZE), at most 8; the log says what was chosen.
+_C.DATA.NUM_WORKERS = None
 # Where the toy dataset is generated on first use ("" = ~/.cache/crossformer/toy).
 _C.DATA.TOY_ROOT = ""
 # Keep the scanned file list of each split in $XDG_CACHE_HOME/crossformer/filelists (~/.cache/...)
@@ -64,7 +67,7 @@ _C.MODEL.PRETRAINED = ""
 # A checkpoint to resume the whole training state from (overrides auto-resume). Set by --resume.
 _C.MODEL.RESUME = ""
 # Architecture overrides for custom (e.g. tiny) models: stage-1 width and one entry per stage.
-# None (YAML null) keeps the variant's value; the types are declared in _VARIANT_KEYS below.
+# None (YAML null) keeps the variant's value; the types are declared in _NONE_KEYS below.
 _C.MODEL.CROSSFORMER = CN()
 _C.MODEL.CROSSFORMER.EMBED_DIM = None
 _C.MODEL.CROSSFORMER.DEPTHS = None
@@ -209,9 +212,11 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
 # Stages of every registered variant: the length of each per-stage MODEL.CROSSFORMER list.
 NUM_STAGES = 4
 
-# Keys whose default None means "the variant's value". A value given in YAML or --opts must have
-# the type of this example; null (or None) restores the variant's value.
-_VARIANT_KEYS: Dict[str, Any] = {
+# Keys whose default None means "decided when the run starts" (the variant's value; the worker count
+# for this machine). A value given in YAML or --opts must have the type of this example; null (or
+# None) restores the default.
+_NONE_KEYS: Dict[str, Any] = {
+    "DATA.NUM_WORKERS": 8,
     "MODEL.CROSSFORMER.EMBED_DIM": 64,
     "MODEL.CROSSFORMER.DEPTHS": [2, 2, 18, 2],
     "MODEL.CROSSFORMER.NUM_HEADS": [2, 4, 8, 16],
@@ -282,6 +287,8 @@ def _value_rules(cfg: CN) -> List[Tuple[str, bool, str]]:
     per_stage = f"must be null (the variant's value) or {NUM_STAGES} integers >= 1, one per stage"
     return [
         ("DATA.BATCH_SIZE", cfg.DATA.BATCH_SIZE >= 1, "must be >= 1"),
+        ("DATA.NUM_WORKERS", cfg.DATA.NUM_WORKERS is None or cfg.DATA.NUM_WORKERS >= 0,
+         "must be >= 0 (0 = load in the training process) or null (one per core, at most 8)"),
         ("DATA.IMG_SIZE", cfg.DATA.IMG_SIZE >= SIZE_DIVISOR and cfg.DATA.IMG_SIZE % SIZE_DIVISOR == 0,
          f"must be a multiple of {SIZE_DIVISOR} (the four stages downsample by {SIZE_DIVISOR} in total), e.g. 224"),
         ("TRAIN.EPOCHS", train.EPOCHS >= 1, "must be >= 1"),
@@ -378,7 +385,7 @@ def _coerce(key: str, value: Any, example: Any, source: str) -> Any:
     Args:
         key: Dotted key, for the error message.
         value: The new value (from YAML, --opts or a flag).
-        example: A value of the key's type (its current value, or its ``_VARIANT_KEYS`` entry).
+        example: A value of the key's type (its current value, or its ``_NONE_KEYS`` entry).
         source: Where the value came from, for the error message.
     """
     def fail(expected: str) -> ConfigError:
@@ -424,7 +431,7 @@ def _example(cfg: CN, key: str, source: str) -> Any:
         if not isinstance(node, CN) or part not in node:
             raise ConfigError(f"unknown config key {key} (from {source}); {_closest(key, flat_keys(cfg))}")
         node = node[part]
-    return _VARIANT_KEYS.get(key, node)
+    return _NONE_KEYS.get(key, node)
 
 
 def _set(cfg: CN, key: str, value: Any, source: str) -> None:
@@ -438,8 +445,8 @@ def _set(cfg: CN, key: str, value: Any, source: str) -> None:
             _set(cfg, f"{key}.{name}", sub, source)
         return
     parent, _, name = key.rpartition(".")
-    restore_variant = key in _VARIANT_KEYS and value in (None, "null")
-    (_get(cfg, parent) if parent else cfg)[name] = None if restore_variant else _coerce(key, value, example, source)
+    restore_default = key in _NONE_KEYS and value in (None, "null")
+    (_get(cfg, parent) if parent else cfg)[name] = None if restore_default else _coerce(key, value, example, source)
 
 
 def _read_yaml(path: str, chain: Tuple[str, ...] = ()) -> List[Tuple[str, Dict[str, Any]]]:

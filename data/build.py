@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -15,6 +16,8 @@ from .loader import Loaders
 from .synthetic import SyntheticLoader
 
 logger = logging.getLogger(__name__)
+
+MAX_AUTO_WORKERS = 8  # the automatic DATA.NUM_WORKERS: more workers than this rarely help one GPU
 
 
 def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = None,
@@ -40,20 +43,40 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
     root = resolve_dataset_root(config)
     cache = FileListCache(default_cache_dir(), write=rank == 0) if config.DATA.FILE_LIST_CACHE else None
     train_set, val_set = scan_image_folder(root, config.MODEL.NUM_CLASSES, cache)
+    workers = num_workers(config)
     if config.DATA.LOADER == "pytorch":
         from .torch_loader import make_torch_loader
 
         def make(split, sampler):
-            return make_torch_loader(config, split, sampler, device)
+            return make_torch_loader(config, split, sampler, device, workers)
     else:  # "dali"
         from .dali_loader import DaliLoader
 
         def make(split, sampler):
-            return DaliLoader(config, split, sampler, device)
+            return DaliLoader(config, split, sampler, device, workers)
     train, val = (make(split, EpochBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size,
                                                 train=is_train))
                   for split, is_train in ((train_set, True), (val_set, False)))
     return Loaders(train=train, val=val, num_classes=len(train_set.classes))
+
+
+def num_workers(config: CfgNode) -> int:
+    """``DATA.NUM_WORKERS``, or when it is None the CPU cores of this process per process on the node
+    (``LOCAL_WORLD_SIZE``), at least 1 and at most 8; logged either way.
+
+    Args:
+        config: Reads ``DATA.NUM_WORKERS`` and ``DATA.LOADER``.
+    """
+    what = "DataLoader worker processes" if config.DATA.LOADER == "pytorch" else "DALI CPU threads"
+    if config.DATA.NUM_WORKERS is not None:
+        logger.info("%d %s per process (DATA.NUM_WORKERS)", config.DATA.NUM_WORKERS, what)
+        return config.DATA.NUM_WORKERS
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    chosen = min(MAX_AUTO_WORKERS, max(1, cores // local_processes))
+    logger.info("%d %s per process: %d CPU cores / %d process(es) on this node, at most %d (DATA.NUM_WORKERS "
+                "null; set a number to override)", chosen, what, cores, local_processes, MAX_AUTO_WORKERS)
+    return chosen
 
 
 def _rank_and_world_size(rank: Optional[int], world_size: Optional[int]) -> Tuple[int, int]:

@@ -458,14 +458,16 @@ class DaliLoader(BatchLoader):
         split: The scanned split.
         sampler: This rank's batch sampler (its seed and rank seed the pipeline).
         device: CPU (CPU-only pipeline, ``device_id=None``) or a CUDA device (mixed decode, GPU ops).
-
-    ``DATA.NUM_WORKERS`` sets DALI's threads (at least 1) and ``READ_THREADS_PER_WORKER`` reader threads
-    each (none for 0: files are read when DALI asks for a batch, on the thread that runs the pipeline).
+        num_workers: ``data.build.num_workers``: DALI's threads (at least 1) and ``READ_THREADS_PER_WORKER``
+            reader threads each (none for 0: files are read when DALI asks for a batch, on the thread
+            that runs the pipeline).
     """
 
-    def __init__(self, config: CfgNode, split: ImageSplit, sampler: EpochBatchSampler, device: torch.device) -> None:
+    def __init__(self, config: CfgNode, split: ImageSplit, sampler: EpochBatchSampler, device: torch.device,
+                 num_workers: int) -> None:
         super().__init__(sampler, device)
-        self.source = ShardSource(split, sampler, READ_THREADS_PER_WORKER * config.DATA.NUM_WORKERS)
+        self.num_workers = num_workers
+        self.source = ShardSource(split, sampler, READ_THREADS_PER_WORKER * num_workers)
         self._running = False
         self.erase = (RandomErasing(config.AUG.REPROB, mode=config.AUG.REMODE, max_count=config.AUG.RECOUNT,
                                     device=str(self.device)) if sampler.train and config.AUG.REPROB > 0 else None)
@@ -478,7 +480,7 @@ class DaliLoader(BatchLoader):
         """Build the DALI pipeline (again after a decoder failure left the old one unusable)."""
         config, sampler, gpu = self.config, self.sampler, self.device.type == "cuda"
 
-        threads = max(1, config.DATA.NUM_WORKERS)
+        threads = max(1, self.num_workers)
         seed = mix_seed(sampler.seed, SALT_BATCH_AUGMENT, sampler.rank) % 2**31
         kwargs = dict(batch_size=sampler.batch_size, num_threads=threads, prefetch_queue_depth=2,
                       exec_dynamic=True, device_id=(self.device.index or 0) if gpu else None)

@@ -246,8 +246,8 @@ def build_transforms(config: CfgNode, train: bool):
                             crop_pct=config.TEST.CROP_PCT, use_prefetcher=True)
 
 
-def make_torch_loader(config: CfgNode, split: ImageSplit, sampler: EpochBatchSampler,
-                      device: torch.device) -> TorchLoader:
+def make_torch_loader(config: CfgNode, split: ImageSplit, sampler: EpochBatchSampler, device: torch.device,
+                      num_workers: int) -> TorchLoader:
     """A ``TorchLoader`` over ``split`` with timm's transforms for ``sampler.train`` (and random erasing,
     ``AUG.REPROB`` / ``REMODE`` / ``RECOUNT``, in training).
 
@@ -256,9 +256,10 @@ def make_torch_loader(config: CfgNode, split: ImageSplit, sampler: EpochBatchSam
         split: The scanned split.
         sampler: This rank's batch sampler.
         device: Where batches are delivered.
+        num_workers: DataLoader worker processes (``data.build.num_workers``).
     """
     aug = config.AUG
     erase = (RandomErasing(aug.REPROB, mode=aug.REMODE, max_count=aug.RECOUNT, device=str(torch.device(device)))
              if sampler.train and aug.REPROB > 0 else None)
     dataset = SeededImageFolder(split, build_transforms(config, sampler.train), config.SEED, sampler.train)
-    return TorchLoader(dataset, sampler, config.DATA.NUM_WORKERS, config.DATA.PIN_MEMORY, device, erase)
+    return TorchLoader(dataset, sampler, num_workers, config.DATA.PIN_MEMORY, device, erase)

@@ -202,6 +202,25 @@ def test_file_list_cache_skips_the_listing_until_a_directory_changes(image_root:
     assert json.loads(cache.path(root / "val").read_text())["classes"] == val.classes
 
 
+def test_num_workers_default_is_the_cores_per_local_process_capped_and_logged(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from data.build import MAX_AUTO_WORKERS, num_workers
+
+    cfg = _C.clone()
+    assert cfg.DATA.NUM_WORKERS is None  # the default: decided on the machine that runs
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    for local_processes, expected in (("8", 8), ("16", 4), ("1", MAX_AUTO_WORKERS), ("128", 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_processes)
+        with caplog.at_level(logging.INFO, logger="data.build"):
+            assert num_workers(cfg) == expected
+        assert f"{expected} DALI CPU threads per process: 64 CPU cores / {local_processes} process(es)" in caplog.text
+        caplog.clear()
+    cfg.DATA.NUM_WORKERS, cfg.DATA.LOADER = 3, "pytorch"
+    with caplog.at_level(logging.INFO, logger="data.build"):
+        assert num_workers(cfg) == 3
+    assert "3 DataLoader worker processes per process (DATA.NUM_WORKERS)" in caplog.text
+
+
 # ----------------------------------------------------------------------------- loaders
 
 
