@@ -20,7 +20,9 @@ class RunRecorder:
         enabled: False on every rank but 0.
         resume_epoch: When resuming, rows of this epoch and later are dropped from
             ``metrics.jsonl`` (they are about to be recomputed).
-        resume_step: When resuming, TensorBoard events after this global step are purged.
+        resume_step: When resuming, the global step of the checkpoint: TensorBoard events after it
+            are purged (those at it were logged before the checkpoint was written, or are the
+            epoch's points recorded right after it, and the resumed run does not log them again).
     """
 
     def __init__(self, output_dir: str, enabled: bool, resume_epoch: Optional[int] = None,
@@ -37,7 +39,9 @@ class RunRecorder:
         except ImportError:  # tensorboard is optional at run time
             logger.warning("tensorboard is not installed; scalars go to %s only", self.path)
             return
-        self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=resume_step)
+        # SummaryWriter purges events at purge_step and later.
+        purge_step = resume_step + 1 if resume_step is not None else None
+        self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=purge_step)
 
     def _truncate(self, epoch: int) -> None:
         if not os.path.exists(self.path):
