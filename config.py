@@ -352,6 +352,10 @@ def validate(cfg: CN) -> None:
     for key, holds, rule in _value_rules(cfg):
         if not holds:
             raise ConfigError(f"{key}={_get(cfg, key)!r} {rule}; change it in the YAML or with --opts {key} VALUE")
+    if cfg.DATA.DATA_PATH and cfg.DATA.DATASET != "imagenet":
+        raise ConfigError(f"DATA.DATA_PATH={cfg.DATA.DATA_PATH!r} was given but DATA.DATASET={cfg.DATA.DATASET!r} "
+                          "reads no folder; add --opts DATA.DATASET imagenet to train on the folder, or drop "
+                          "--data-path")
     if cfg.MODEL.RESUME and cfg.MODEL.PRETRAINED:
         raise ConfigError("--resume and --pretrained were both given: --resume restores the whole training "
                           "state (weights included), --pretrained only initialises the weights; pass one")

@@ -190,7 +190,8 @@ def test_resume_refuses_a_checkpoint_of_another_model(cfg: Path, tmp_path: Path,
     before = checkpoint.read_bytes()
     config_yaml = (out / MODEL_DIR / "default" / "config.yaml").read_text()
     assert _run(cfg, out, "MODEL.CROSSFORMER.EMBED_DIM", "64") == 1
-    _one_line_error(capsys, "cannot resume", "another model")
+    _one_line_error(capsys, "cannot resume", "another run", "MODEL.CROSSFORMER.EMBED_DIM 32 -> 64", "--tag NAME",
+                    "--pretrained")
     assert checkpoint.read_bytes() == before
     assert (out / MODEL_DIR / "default" / "config.yaml").read_text() == config_yaml
 
@@ -348,3 +349,46 @@ def test_restarted_ranks_use_a_store_namespace_of_their_restart(monkeypatch: pyt
     with caplog.at_level("WARNING"):
         assert _restart_scoped_agent_store(4, timeout) is None  # 2 of 4 ranks on this node
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text
+
+
+def test_a_new_experiment_in_an_old_run_directory_is_refused_with_the_differences(
+        cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture, restore_logging: None) -> None:
+    """Auto-resume compares the run's identity (model, data, image size) with the checkpoint's."""
+    out = tmp_path / "out"
+    run_dir = out / MODEL_DIR / "default"
+    assert _run(cfg, out, "TRAIN.STOP_AFTER_STEPS", "2") == 0
+    before = {name: (run_dir / name).read_bytes() for name in ("last.pth", "config.yaml")}
+    capsys.readouterr()
+    assert _run(cfg, out, "DATA.IMG_SIZE", "64", "MODEL.NUM_CLASSES", "7") == 1
+    _one_line_error(capsys, "another run", "MODEL.NUM_CLASSES 10 -> 7", "DATA.IMG_SIZE 32 -> 64", "--tag NAME",
+                    f"--pretrained {run_dir / 'last.pth'}")
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    # A data path for a dataset that reads no folder is an error, not silently ignored.
+    assert _run(cfg, out, extra=("--data-path", str(tmp_path))) == 1
+    _one_line_error(capsys, "DATA.DATA_PATH", "DATA.DATASET='synthetic' reads no folder", "DATA.DATASET imagenet")
+    # The same experiment, or another tag, still runs.
+    assert _run(cfg, out, "DATA.IMG_SIZE", "64", extra=("--tag", "size64")) == 0
+
+
+def test_every_epoch_point_survives_a_resume_in_tensorboard(cfg: Path, tmp_path: Path, restore_logging: None) -> None:
+    """A run that died in epoch 1 before any save of that epoch resumes from the end of epoch 0:
+    epoch 0's TensorBoard points (logged at that very step) must survive the purge."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    run_dir = out / MODEL_DIR / "default"
+    assert _run(cfg, out, "TRAIN.STOP_AFTER_STEPS", "10") == 0
+    (run_dir / "last.pth").unlink()  # as if killed in epoch 1 before it saved: epoch_0000.pth is newest
+    assert _run(cfg, out) == 0
+    assert "resumed from" in (run_dir / "log.txt").read_text()
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("epoch/val_acc1")] == [
+        (8 * (row["epoch"] + 1), pytest.approx(row["val_acc1"])) for row in _metrics(run_dir)]
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(2, 17, 2))  # PRINT_FREQ 2, no repeats
+
+
+def _metrics(run_dir: Path) -> List[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

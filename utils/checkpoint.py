@@ -147,6 +147,39 @@ def find_resume_candidates(run_dir: str) -> List[str]:
     return [path for _, path in sorted(candidates, reverse=True)]
 
 
+# What makes a run this run: an auto-resumed checkpoint that differs in any of these is another
+# experiment that happens to share the run directory.
+IDENTITY_KEYS = ("MODEL.NAME", "MODEL.NUM_CLASSES", "MODEL.CROSSFORMER.EMBED_DIM", "MODEL.CROSSFORMER.DEPTHS",
+                 "MODEL.CROSSFORMER.NUM_HEADS", "MODEL.CROSSFORMER.GROUP_SIZE", "MODEL.CROSSFORMER.CRS_INTERVAL",
+                 "DATA.DATASET", "DATA.DATA_PATH", "DATA.IMG_SIZE")
+
+
+def _lookup(config: Dict[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return KeyError
+        node = node[part]
+    if key == "DATA.DATA_PATH" and node:
+        return os.path.abspath(os.path.expanduser(node))
+    return list(node) if isinstance(node, tuple) else node
+
+
+def identity_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
+    """``KEY old -> new`` for each :data:`IDENTITY_KEYS` entry that differs (keys a file lacks are skipped).
+
+    Args:
+        saved: The checkpoint's config (plain data).
+        current: This run's config (plain data).
+    """
+    found = []
+    for key in IDENTITY_KEYS:
+        old, new = _lookup(saved, key), _lookup(current, key)
+        if old is not KeyError and new is not KeyError and old != new:
+            found.append(f"{key} {old!r} -> {new!r}")
+    return found
+
+
 def _load_optional(component: Any, saved: Optional[Dict[str, Any]], missing: str) -> bool:
     """Load ``saved`` into ``component``; without it log ``missing`` and return False."""
     if saved is None:
@@ -369,7 +402,7 @@ class CheckpointManager:
         else:
             return ""
         for path in candidates:
-            error, saved_keys = self._try_load(path)
+            error, saved_keys = self._try_load(path, explicit)
             errors = [message for message in all_gather_object(error) if message]  # collective: agree on the file
             if errors and explicit:
                 raise ValueError(f"cannot resume {path} ({errors[0]}); pass a complete checkpoint to --resume")
@@ -394,12 +427,26 @@ class CheckpointManager:
     def _batch_keys_now(self) -> Tuple[int, int, int]:
         return self.dist_info.world_size, self.config.DATA.BATCH_SIZE, self.config.TRAIN.ACCUMULATION_STEPS
 
-    def _try_load(self, path: str) -> Tuple[Optional[str], Tuple[int, int, int]]:
-        """Load ``path`` into the run; (None or the reason it failed, the saved batch keys)."""
+    def _check_identity(self, checkpoint: Dict[str, Any], path: str) -> None:
+        """Refuse to auto-resume a checkpoint of another experiment (model, data or image size)."""
+        changed = identity_differences(checkpoint.get("config") or {}, self.config_dict)
+        if changed:
+            raise IncompatibleCheckpoint(
+                f"the run directory holds another run ({'; '.join(changed)}), and this command would continue it; "
+                f"give this experiment its own directory with --tag NAME (or --output DIR), or start from those "
+                f"weights with --pretrained {path} --tag NAME")
+
+    def _try_load(self, path: str, explicit: bool) -> Tuple[Optional[str], Tuple[int, int, int]]:
+        """Load ``path`` into the run; (None or the reason it failed, the saved batch keys).
+
+        An auto-resumed (not ``explicit``) checkpoint of another experiment is an error, never skipped.
+        """
         saved_keys = self._batch_keys_now()
         try:
             checkpoint = load_file(path)
             check_format(checkpoint)
+            if not (explicit or self.config.EVAL_MODE):
+                self._check_identity(checkpoint, path)
             saved_keys = _batch_keys(checkpoint, self.config)
             self.loaded_provenance = checkpoint.get("provenance")
             self.loaded_position = (int(checkpoint["epoch"]), int(checkpoint["batch"]), int(checkpoint["global_step"]))
