@@ -563,6 +563,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use-checkpoint", action="store_const", const=True,
                         help="gradient checkpointing to save memory (TRAIN.USE_CHECKPOINT)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
+    # torch.distributed.launch (Swin's command) passes the local rank as a flag; the rank is read
+    # from the environment (LOCAL_RANK) as under torchrun, so the value is accepted and not used.
+    parser.add_argument("--local-rank", "--local_rank", type=int, dest="local_rank", help=argparse.SUPPRESS)
     return parser
 
 

@@ -25,7 +25,8 @@ set -euo pipefail
 
 EXIT_PREEMPTED=75
 
-cd "$(dirname "${BASH_SOURCE[0]}")"
+# Paths in the arguments resolve from where this script is run, as with torchrun itself.
+MAIN="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/main.py"
 
 count_gpus() {
     if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
@@ -74,7 +75,7 @@ fi
 
 echo "launch.sh: ${NNODES} node(s) x ${NPROC_PER_NODE} process(es), node rank ${NODE_RANK}" >&2
 TORCHRUN="${TORCHRUN:-torchrun}"
-"${TORCHRUN}" --nproc_per_node="${NPROC_PER_NODE}" --max-restarts="${MAX_RESTARTS:-0}" "${RDZV[@]}" main.py "$@" &
+"${TORCHRUN}" --nproc_per_node="${NPROC_PER_NODE}" --max-restarts="${MAX_RESTARTS:-0}" "${RDZV[@]}" "${MAIN}" "$@" &
 TORCHRUN_PID=$!
 
 # torchrun itself is not told: it would take SIGUSR1 as fatal, and on SIGTERM it gives the

@@ -48,6 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
     """
     args = parse_option(argv)
+    if args.local_rank is not None:  # torch.distributed.launch's flag; its launcher sets LOCAL_RANK too
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     rank = os.environ.get("RANK", "0")
     try:
         return run(args)

@@ -296,6 +296,36 @@ wait $! || exit 1
     assert (tmp_path / "scontrol").read_text().split() == ["requeue", "123"]
 
 
+def test_launch_sh_keeps_relative_paths_relative_to_where_it_runs(tmp_path: Path) -> None:
+    """launch.sh runs main.py by its absolute path from the caller's directory, as torchrun does."""
+    import os
+    import subprocess
+
+    torchrun = tmp_path / "fake_torchrun"
+    torchrun.write_text(f'#!/usr/bin/env bash\necho "$PWD" > {tmp_path}/cwd\nprintf "%s\\n" "$@" > {tmp_path}/args\n')
+    torchrun.chmod(0o755)
+    work = tmp_path / "myexp"
+    work.mkdir()
+    env = dict(os.environ, TORCHRUN=str(torchrun), NPROC_PER_NODE="1")
+    env.pop("SLURM_JOB_ID", None)
+    result = subprocess.run(["bash", str(REPO_ROOT / "launch.sh"), "--cfg", "my.yaml", "--data-path", "./data",
+                             "--output", "./out"], cwd=work, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "cwd").read_text().strip() == str(work)
+    args = (tmp_path / "args").read_text().split("\n")
+    main_index = args.index(str(REPO_ROOT / "main.py"))
+    assert args[main_index + 1:main_index + 7] == ["--cfg", "my.yaml", "--data-path", "./data", "--output", "./out"]
+
+
+def test_torch_distributed_launch_local_rank_flag_is_accepted() -> None:
+    """Swin's ``python -m torch.distributed.launch ... main.py`` passes --local-rank / --local_rank."""
+    from config import parse_option
+
+    assert parse_option(["--cfg", "x.yaml", "--local-rank=1"]).local_rank == 1
+    assert parse_option(["--cfg", "x.yaml", "--local_rank", "0"]).local_rank == 0
+    assert parse_option(["--cfg", "x.yaml"]).local_rank is None
+
+
 def test_loader_workers_ignore_stop_signals() -> None:
     """A job-wide SIGTERM, or a terminal's Ctrl-C (SIGINT to the whole process group), must not kill
     the DataLoader workers before the trainer has saved."""
