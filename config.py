@@ -64,6 +64,9 @@ _C.MODEL.LABEL_SMOOTHING = 0.1
 # Weights-only initialisation from one of our checkpoints or an official one (a dict with "model");
 # the head is re-initialised when its number of classes differs. Set by --pretrained.
 _C.MODEL.PRETRAINED = ""
+# Which weights of a training checkpoint --pretrained loads: "model" (the trained weights) or "ema"
+# (their exponential moving average, as in ema_best.pth). Set to "ema" by --use-ema.
+_C.MODEL.PRETRAINED_WEIGHTS = "model"
 # A checkpoint to resume the whole training state from (overrides auto-resume). Set by --resume.
 _C.MODEL.RESUME = ""
 # Architecture overrides for custom (e.g. tiny) models: stage-1 width and one entry per stage.
@@ -207,6 +210,7 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "TEST.AMP": ("train", "bf16", "fp16", "none"),
     "TRAIN.OPTIMIZER.NAME": ("adamw",),
     "TRAIN.COMPILE_BACKEND": ("inductor", "aot_eager", "eager"),
+    "MODEL.PRETRAINED_WEIGHTS": ("model", "ema"),
 }
 
 # Stages of every registered variant: the length of each per-stage MODEL.CROSSFORMER list.
@@ -232,6 +236,7 @@ _FLAG_KEYS: Dict[str, str] = {
     "tag": "TAG",
     "resume": "MODEL.RESUME",
     "pretrained": "MODEL.PRETRAINED",
+    "use_ema": "MODEL.PRETRAINED_WEIGHTS",
     "eval": "EVAL_MODE",
     "throughput": "THROUGHPUT_MODE",
     "accumulation_steps": "TRAIN.ACCUMULATION_STEPS",
@@ -556,6 +561,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag", type=str, help="run name under OUTPUT/MODEL.NAME (TAG)")
     parser.add_argument("--resume", type=str, help="checkpoint to resume the full training state from")
     parser.add_argument("--pretrained", type=str, help="checkpoint to initialise the weights from")
+    parser.add_argument("--use-ema", action="store_const", const="ema",
+                        help="take the EMA weights of the --pretrained checkpoint (MODEL.PRETRAINED_WEIGHTS ema)")
     parser.add_argument("--eval", action="store_const", const=True, help="evaluate and exit")
     parser.add_argument("--throughput", action="store_const", const=True,
                         help="measure inference and training images/s and exit")

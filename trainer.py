@@ -55,11 +55,26 @@ def prepare_model(config: CfgNode, dist_info: DistInfo) -> nn.Module:
     random_seed(config.SEED)
     model = build_model(config)
     if config.MODEL.PRETRAINED:
-        load_pretrained(model, config.MODEL.PRETRAINED)
+        saved = load_pretrained(model, config.MODEL.PRETRAINED, config.MODEL.PRETRAINED_WEIGHTS)
+        warn_if_trained_at_another_size(saved, config, config.MODEL.PRETRAINED)
     model.to(dist_info.device)
     random_seed(config.SEED, dist_info.rank)
     logger.info("%s: %.2fM parameters", config.MODEL.NAME, sum(p.numel() for p in model.parameters()) / 1e6)
     return model
+
+
+def warn_if_trained_at_another_size(saved: Optional[Dict[str, Any]], config: CfgNode, path: str) -> None:
+    """``--eval`` of weights trained at another image size: a one-line warning (accuracy drops).
+
+    Args:
+        saved: The config the weights were trained with (None when the file has none).
+        config: This run's config.
+        path: The checkpoint, for the message.
+    """
+    trained = ((saved or {}).get("DATA") or {}).get("IMG_SIZE")
+    if config.EVAL_MODE and trained and trained != config.DATA.IMG_SIZE:
+        logger.warning("evaluating %s at %d px, but it was trained at %d px; --opts DATA.IMG_SIZE %d evaluates it at "
+                       "its own size", path, config.DATA.IMG_SIZE, trained, trained)
 
 
 def build_criterion(config: CfgNode, mixup: bool) -> nn.Module:
@@ -176,18 +191,23 @@ class Trainer:
         if not (self.resumed_from or self.config.MODEL.PRETRAINED):
             raise ValueError(f"--eval found no weights: pass --resume PATH or --pretrained PATH (no checkpoint "
                              f"in {self.run_dir})")
-        result: Dict[str, Any] = {"amp": _AMP_NAMES[self.eval_dtype]}
+        config, source = self.config, self.resumed_from or self.config.MODEL.PRETRAINED
+        if self.resumed_from:
+            warn_if_trained_at_another_size(self.checkpoints.loaded_config, config, source)
+        ema_only = not self.resumed_from and config.MODEL.PRETRAINED_WEIGHTS == "ema"  # --pretrained --use-ema
+        result: Dict[str, Any] = {"amp": _AMP_NAMES[self.eval_dtype], "weights": "ema" if ema_only else "model"}
         stats = self._validate(self.eval_model)
         result.update({"val_acc1": stats["acc1"], "val_acc5": stats["acc5"], "val_loss": stats["loss"],
-                       "val_count": stats["count"]})
-        logger.info("eval: acc@1 %.3f  acc@5 %.3f  loss %.4f on %d images", stats["acc1"], stats["acc5"],
-                    stats["loss"], stats["count"])
-        if self.parts.ema is not None:
+                       "val_count": int(stats["count"])})
+        logger.info("eval of the %s of %s: acc@1 %.3f  acc@5 %.3f  loss %.4f on %d images",
+                    "EMA weights" if ema_only else "weights", source, stats["acc1"], stats["acc5"], stats["loss"],
+                    stats["count"])
+        if self.parts.ema is not None and self.resumed_from:  # the checkpoint's own EMA weights
             ema_stats = self._validate(self.parts.ema.module)
             result.update({"ema_val_acc1": ema_stats["acc1"], "ema_val_acc5": ema_stats["acc5"],
                            "ema_val_loss": ema_stats["loss"]})
-            logger.info("eval EMA: acc@1 %.3f  acc@5 %.3f  loss %.4f", ema_stats["acc1"], ema_stats["acc5"],
-                        ema_stats["loss"])
+            logger.info("eval of the EMA weights of %s: acc@1 %.3f  acc@5 %.3f  loss %.4f", source,
+                        ema_stats["acc1"], ema_stats["acc5"], ema_stats["loss"])
         if self.dist_info.is_main:
             sys.stdout.write(json.dumps(result) + "\n")
             sys.stdout.flush()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any, Dict, Optional
 
 from torch import nn
 from yacs.config import CfgNode
@@ -29,7 +30,7 @@ def build_model(config: CfgNode) -> nn.Module:
                         use_checkpoint=config.TRAIN.USE_CHECKPOINT, **overrides)
 
 
-def load_pretrained(model: nn.Module, path: str) -> None:
+def load_pretrained(model: nn.Module, path: str, weights: str = "model") -> Optional[Dict[str, Any]]:
     """Initialise ``model`` from one of our checkpoints, an official one or a bare state dict.
 
     The file's format (``model`` / ``state_dict`` / bare, DDP's ``module.`` prefix, a head of
@@ -39,21 +40,30 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     Args:
         model: The unwrapped model.
         path: Checkpoint file.
+        weights: ``"model"`` or ``"ema"`` (the EMA weights a training checkpoint of ours holds).
+
+    Returns:
+        The config the file was trained with (a training checkpoint of ours), else None.
     """
     checkpoint = load_file(path)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a checkpoint "
                          "of this framework or an official CrossFormer release")
+    if weights == "ema":
+        if not isinstance(checkpoint.get("ema"), dict):
+            raise ValueError(f"{path} holds no EMA weights (it was not trained with TRAIN.EMA.ENABLE True, or is "
+                             "not a training checkpoint of this framework); drop --use-ema to load its weights")
+        checkpoint = {"model": checkpoint["ema"], "config": checkpoint.get("config")}
     try:
-        weights = checkpoint_filter_fn(checkpoint, model)
+        state = checkpoint_filter_fn(checkpoint, model)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
     own = model.state_dict()
-    for key, value in weights.items():
+    for key, value in state.items():
         if key in own and value.shape != own[key].shape:
             raise ValueError(f"{path}: {key} has shape {tuple(value.shape)} but the model expects "
                              f"{tuple(own[key].shape)}; check MODEL.NAME and MODEL.CROSSFORMER.*")
-    result = model.load_state_dict(weights, strict=False)
+    result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("head.")]
     if missing:
         logger.warning("%s: %d model tensors were not in the checkpoint and keep their initialisation: %s",
@@ -61,4 +71,6 @@ def load_pretrained(model: nn.Module, path: str) -> None:
     if result.unexpected_keys:
         logger.warning("%s: %d checkpoint tensors are not used by the model: %s", path,
                        len(result.unexpected_keys), ", ".join(result.unexpected_keys[:10]))
-    logger.info("loaded pretrained weights from %s", path)
+    logger.info("loaded the %s of %s", "EMA weights" if weights == "ema" else "weights", path)
+    saved = checkpoint.get("config")
+    return saved if isinstance(saved, dict) else None

@@ -749,7 +749,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: CrossFormer) -> Dict
     framework) or ``state_dict``, or a bare state dict; strips DDP's ``module.`` prefix; leaves out
     a classifier head whose shape differs from the model's (another number of classes), so the
     model keeps its own. Other mismatches are left for ``load_state_dict`` to report. timm's
-    builder and ``utils.checkpoint.load_pretrained`` both call it.
+    builder and ``models.build.load_pretrained`` both call it.
 
     Args:
         state_dict: the loaded checkpoint.
@@ -816,7 +816,7 @@ def _create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -
             raise ValueError(
                 f"pretrained=True for {variant} needs a local file: weights are never downloaded; pass "
                 "pretrained_cfg_overlay=dict(file=PATH) with a released checkpoint, or create the model and load "
-                "one with utils.checkpoint.load_pretrained (--pretrained in main.py)"
+                "one with models.load_pretrained (--pretrained in main.py)"
             )
         # timm drops the head when num_classes differs from the config's: the file's head fits the
         # model being built unless its shape says otherwise (checkpoint_filter_fn decides that).

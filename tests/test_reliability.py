@@ -400,6 +400,49 @@ def test_a_new_experiment_in_an_old_run_directory_is_refused_with_the_difference
     assert _run(cfg, out, "DATA.IMG_SIZE", "64", extra=("--tag", "size64")) == 0
 
 
+def test_eval_and_pretrained_take_the_ema_weights_when_asked(cfg: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture,
+                                                            restore_logging: None) -> None:
+    """--use-ema picks a checkpoint's EMA weights for --pretrained (and so for --eval); --eval logs
+    the checkpoint's real position and warns at another image size."""
+    import json
+
+    out = tmp_path / "out"
+    run_dir = out / MODEL_DIR / "default"
+    assert _run(cfg, out, "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0") == 0
+    ema_best = run_dir / "ema_best.pth"
+    capsys.readouterr()
+
+    def evaluate(*extra: str, opts: Tuple[str, ...] = ()) -> dict:
+        assert _run(cfg, tmp_path / "eval", *opts, extra=("--eval", *extra)) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    both = evaluate("--resume", str(ema_best))
+    assert both["weights"] == "model" and isinstance(both["val_count"], int)
+    assert both["val_acc1"] != both["ema_val_acc1"] or both["val_loss"] != both["ema_val_loss"]
+    raw = evaluate("--pretrained", str(ema_best))
+    ema = evaluate("--pretrained", str(ema_best), "--use-ema")
+    assert (raw["weights"], ema["weights"]) == ("model", "ema")
+    assert (raw["val_acc1"], raw["val_loss"]) == (both["val_acc1"], both["val_loss"])
+    assert (ema["val_acc1"], ema["val_loss"]) == (both["ema_val_acc1"], both["ema_val_loss"])
+    log = (tmp_path / "eval" / MODEL_DIR / "default" / "log.txt").read_text()
+    assert f"evaluating the weights of {ema_best}: epoch 1, batch 0, global step 8" in log
+    assert f"loaded the EMA weights of {ema_best}" in log
+    evaluate("--resume", str(ema_best), opts=("DATA.IMG_SIZE", "64"))
+    assert f"evaluating {ema_best} at 64 px, but it was trained at 32 px" in \
+        (tmp_path / "eval" / MODEL_DIR / "default" / "log.txt").read_text()
+
+
+def test_use_ema_on_a_checkpoint_without_ema_is_one_line(cfg: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                         restore_logging: None) -> None:
+    out = tmp_path / "out"
+    assert _run(cfg, out, "TRAIN.STOP_AFTER_STEPS", "1", "TRAIN.EMA.ENABLE", "False") == 0
+    last = out / MODEL_DIR / "default" / "last.pth"
+    capsys.readouterr()
+    assert _run(cfg, tmp_path / "eval", extra=("--eval", "--pretrained", str(last), "--use-ema")) == 1
+    _one_line_error(capsys, f"{last} holds no EMA weights", "drop --use-ema")
+
+
 def test_every_epoch_point_survives_a_resume_in_tensorboard(cfg: Path, tmp_path: Path, restore_logging: None) -> None:
     """A run that died in epoch 1 before any save of that epoch resumes from the end of epoch 0:
     epoch 0's TensorBoard points (logged at that very step) must survive the purge."""

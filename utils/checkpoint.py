@@ -225,6 +225,7 @@ class CheckpointManager:
         self.provenance = provenance.collect(dist_info.world_size)
         # Of the checkpoint resumed or evaluated: its stamp and its (epoch, batch, global step).
         self.loaded_provenance: Optional[Dict[str, Any]] = None
+        self.loaded_config: Optional[Dict[str, Any]] = None
         self.loaded_position = (0, 0, 0)
 
     # --- the checkpoint dict --------------------------------------------------------------
@@ -262,6 +263,9 @@ class CheckpointManager:
                 parts.ema, checkpoint.get("ema"), "the checkpoint has no EMA weights; the EMA restarts from the model"):
             parts.ema.set(parts.model)
         if weights_only:
+            if parts.ema is None and checkpoint.get("ema") is not None:
+                logger.info("the checkpoint also holds EMA weights: evaluate them with --pretrained FILE --use-ema, "
+                            "or --opts TRAIN.EMA.ENABLE True to evaluate both")
             return
         parts.optimizer.load_state_dict(checkpoint["optimizer"])
         if restore_schedule:
@@ -449,6 +453,7 @@ class CheckpointManager:
                 self._check_identity(checkpoint, path)
             saved_keys = _batch_keys(checkpoint, self.config)
             self.loaded_provenance = checkpoint.get("provenance")
+            self.loaded_config = checkpoint.get("config")
             self.loaded_position = (int(checkpoint["epoch"]), int(checkpoint["batch"]), int(checkpoint["global_step"]))
             self.load_state_dict(checkpoint, weights_only=self.config.EVAL_MODE,
                                  restore_schedule=saved_keys == self._batch_keys_now())
