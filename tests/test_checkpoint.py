@@ -188,3 +188,38 @@ def test_every_checkpoint_carries_the_provenance_stamp_and_changes_are_named(tmp
     assert f"timm {stamp['packages']['timm']} -> 9.9.9" in changed
     assert any(item.startswith("code ") and item.endswith("f" * 40) for item in changed)
     assert f"torch {stamp['packages']['torch']}" in provenance.describe(stamp)
+
+
+def test_exported_weights_load_everywhere(tmp_path: Path) -> None:
+    """utils.export: the weights or the EMA weights of a training checkpoint, as .pth or .safetensors,
+    load with torch.load(weights_only=True), --pretrained and timm.create_model(pretrained_cfg_overlay)."""
+    import timm
+
+    import models
+    from timm.utils import ModelEmaV3
+    from utils.export import main as export
+
+    kwargs = dict(num_classes=10, embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8])
+    torch.manual_seed(0)
+    model = models.create_model("crossformerpp_s", **kwargs)
+    ema = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    ema.update(model, step=1)  # now the EMA differs from the weights
+    torch.save({"format_version": 1, "model": model.state_dict(), "ema": ema.state_dict(), "config": {}},
+               tmp_path / "best.pth")
+    assert export([str(tmp_path / "best.pth"), str(tmp_path / "w.pth")]) == 0
+    assert export([str(tmp_path / "best.pth"), str(tmp_path / "ema.safetensors"), "--ema"]) == 0
+    plain = torch.load(tmp_path / "w.pth", weights_only=True)
+    assert plain.keys() == model.state_dict().keys()
+    assert all(torch.equal(plain[k], v) for k, v in model.state_dict().items())
+    ema_weights = {k: v for k, v in ema.module.state_dict().items()}
+    for path, expected in ((tmp_path / "w.pth", model.state_dict()), (tmp_path / "ema.safetensors", ema_weights)):
+        loaded = models.create_model("crossformerpp_s", **kwargs)
+        models.load_pretrained(loaded, str(path))
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in expected.items()), path
+        via_timm = timm.create_model("crossformerpp_s", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                     **kwargs)
+        assert all(torch.equal(via_timm.state_dict()[k], v) for k, v in expected.items()), path
+    assert export([str(tmp_path / "w.pth"), str(tmp_path / "x.pth"), "--ema"]) == 1  # a bare file has no EMA

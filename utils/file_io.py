@@ -114,6 +114,10 @@ def load_file(path: str, map_location: Any = "cpu", mmap: bool = False) -> Dict[
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path given to --resume / --pretrained")
     try:
+        if path.endswith(".safetensors"):  # a bare state dict (utils.export writes them)
+            from safetensors.torch import load_file as load_safetensors
+
+            return load_safetensors(path, device=str(map_location))
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - the message names the cause
         raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]}); "
