@@ -258,6 +258,11 @@ class Trainer:
             if checkpoints.step_save_due():
                 checkpoints.save_last()
 
+        if state.epoch >= config.TRAIN.EPOCHS:
+            logger.info("the run finished at epoch %d (TRAIN.EPOCHS=%d): nothing to train; raise TRAIN.EPOCHS to "
+                        "train longer, or pass --tag NAME for a new run", state.epoch, config.TRAIN.EPOCHS)
+            self.log_outputs()
+            return EXIT_OK
         logger.info("training epochs %d..%d from batch %d (%d optimizer steps per epoch)", state.epoch,
                     config.TRAIN.EPOCHS - 1, state.batch, epoch_steps)
         start_time = time.time()

@@ -443,6 +443,49 @@ def test_use_ema_on_a_checkpoint_without_ema_is_one_line(cfg: Path, tmp_path: Pa
     _one_line_error(capsys, f"{last} holds no EMA weights", "drop --use-ema")
 
 
+def test_changed_settings_on_resume_take_effect_or_are_refused(cfg: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture,
+                                                               restore_logging: None) -> None:
+    """A finished run says so; more epochs rebuild the LR schedule at the current step (not the old
+    minimum LR); an optimizer hyperparameter change is refused with the fix; config.yaml follows."""
+    from config import load_config
+    from optim import build_optimizer, build_scheduler
+
+    out = tmp_path / "out"
+    run_dir = out / MODEL_DIR / "default"
+    assert _run(cfg, out) == 0  # 2 epochs of 8 steps
+    assert _run(cfg, out) == 0
+    log = (run_dir / "log.txt").read_text()
+    assert "the run finished at epoch 2 (TRAIN.EPOCHS=2): nothing to train" in log
+    assert "training epochs 2..1" not in log
+
+    capsys.readouterr()
+    config_yaml = (run_dir / "config.yaml").read_text()
+    assert _run(cfg, out, "TRAIN.WEIGHT_DECAY", "0.1") == 1
+    _one_line_error(capsys, "TRAIN.WEIGHT_DECAY 0.05 -> 0.1 cannot take effect on resume", "--pretrained",
+                    "--tag NAME")
+    assert (run_dir / "config.yaml").read_text() == config_yaml
+
+    assert _run(cfg, out, "TRAIN.EPOCHS", "3", "TRAIN.BASE_LR", "1e-3") == 0
+    log = (run_dir / "log.txt").read_text().split("resumed from")[-1]
+    assert "resuming with changed settings (checkpoint -> now): TRAIN.BASE_LR 0.0005 -> 0.001; TRAIN.EPOCHS 2 -> 3" \
+        in log and "the LR schedule is rebuilt from the new settings (TRAIN.EPOCHS 3)" in log
+    assert "EPOCHS: 3" in (run_dir / "config.yaml").read_text()
+    # The third epoch followed the new 3-epoch schedule at the new LR from global step 16 on: the
+    # LR logged at step 18 is the schedule's value after step 17, far above the old minimum.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    new = load_config(str(cfg), ["TRAIN.EPOCHS", "3", "TRAIN.BASE_LR", "1e-3"])
+    optimizer = build_optimizer(new, torch.nn.Linear(2, 2))
+    build_scheduler(new, optimizer, 8).step_update(17)
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/lr")}
+    assert logged[18] == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-6)
+    rows = _metrics(run_dir)
+    assert [row["epoch"] for row in rows] == [0, 1, 2] and logged[18] > 10 * rows[1]["lr"]
+
+
 def test_every_epoch_point_survives_a_resume_in_tensorboard(cfg: Path, tmp_path: Path, restore_logging: None) -> None:
     """A run that died in epoch 1 before any save of that epoch resumes from the end of epoch 0:
     epoch 0's TensorBoard points (logged at that very step) must survive the purge."""

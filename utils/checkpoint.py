@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from yacs.config import CfgNode
 
-from . import provenance
+from . import config_diff, provenance
 from .distributed import DistInfo, all_gather_object, broadcast_object
 from .file_io import atomic_copy, atomic_save, load_file
 from .reliability import first_line
@@ -147,39 +147,6 @@ def find_resume_candidates(run_dir: str) -> List[str]:
     return [path for _, path in sorted(candidates, reverse=True)]
 
 
-# What makes a run this run: an auto-resumed checkpoint that differs in any of these is another
-# experiment that happens to share the run directory.
-IDENTITY_KEYS = ("MODEL.NAME", "MODEL.NUM_CLASSES", "MODEL.CROSSFORMER.EMBED_DIM", "MODEL.CROSSFORMER.DEPTHS",
-                 "MODEL.CROSSFORMER.NUM_HEADS", "MODEL.CROSSFORMER.GROUP_SIZE", "MODEL.CROSSFORMER.CRS_INTERVAL",
-                 "DATA.DATASET", "DATA.DATA_PATH", "DATA.IMG_SIZE")
-
-
-def _lookup(config: Dict[str, Any], key: str) -> Any:
-    node: Any = config
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return KeyError
-        node = node[part]
-    if key == "DATA.DATA_PATH" and node:
-        return os.path.abspath(os.path.expanduser(node))
-    return list(node) if isinstance(node, tuple) else node
-
-
-def identity_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
-    """``KEY old -> new`` for each :data:`IDENTITY_KEYS` entry that differs (keys a file lacks are skipped).
-
-    Args:
-        saved: The checkpoint's config (plain data).
-        current: This run's config (plain data).
-    """
-    found = []
-    for key in IDENTITY_KEYS:
-        old, new = _lookup(saved, key), _lookup(current, key)
-        if old is not KeyError and new is not KeyError and old != new:
-            found.append(f"{key} {old!r} -> {new!r}")
-    return found
-
-
 def _load_optional(component: Any, saved: Optional[Dict[str, Any]], missing: str) -> bool:
     """Load ``saved`` into ``component``; without it log ``missing`` and return False."""
     if saved is None:
@@ -226,6 +193,7 @@ class CheckpointManager:
         # Of the checkpoint resumed or evaluated: its stamp and its (epoch, batch, global step).
         self.loaded_provenance: Optional[Dict[str, Any]] = None
         self.loaded_config: Optional[Dict[str, Any]] = None
+        self.loaded_changes: List[config_diff.Change] = []
         self.loaded_position = (0, 0, 0)
 
     # --- the checkpoint dict --------------------------------------------------------------
@@ -422,23 +390,44 @@ class CheckpointManager:
                                "but it may not match an uninterrupted one", "; ".join(changed))
             if saved_keys != self._batch_keys_now() and not config.EVAL_MODE:
                 self._remap_position(saved_keys, num_batches)
+            if self.loaded_changes:
+                self._apply_changes()
             return path
         if candidates:
             raise ValueError(f"none of the {len(candidates)} checkpoint(s) in {self.run_dir} can be loaded (see the "
                              "warnings above); move them aside to start afresh, or pass a good one to --resume")
         return ""
 
+    def _apply_changes(self) -> None:
+        """Log every changed setting; a changed LR schedule continues, rebuilt, at the current step."""
+        logger.warning("resuming with changed settings (checkpoint -> now): %s; config.yaml records the new values",
+                       config_diff.describe(self.loaded_changes))
+        if config_diff.of(self.loaded_changes, config_diff.SCHEDULE_KEYS):
+            optimizer = self.components.optimizer
+            before = optimizer.param_groups[0]["lr"]
+            self.components.scheduler.step_update(self.state.global_step)
+            logger.warning("the LR schedule is rebuilt from the new settings (TRAIN.EPOCHS %d) and continues at "
+                           "global step %d: LR %.4g -> %.4g", self.config.TRAIN.EPOCHS, self.state.global_step, before,
+                           optimizer.param_groups[0]["lr"])
+
     def _batch_keys_now(self) -> Tuple[int, int, int]:
         return self.dist_info.world_size, self.config.DATA.BATCH_SIZE, self.config.TRAIN.ACCUMULATION_STEPS
 
-    def _check_identity(self, checkpoint: Dict[str, Any], path: str) -> None:
-        """Refuse to auto-resume a checkpoint of another experiment (model, data or image size)."""
-        changed = identity_differences(checkpoint.get("config") or {}, self.config_dict)
-        if changed:
+    def _check_changes(self, changed: List[config_diff.Change], path: str, explicit: bool) -> None:
+        """Refuse what cannot continue this run: another experiment's checkpoint under auto-resume,
+        changed optimizer hyperparameters (its saved state carries them)."""
+        identity = config_diff.of(changed, config_diff.IDENTITY_KEYS)
+        if identity and not explicit:
             raise IncompatibleCheckpoint(
-                f"the run directory holds another run ({'; '.join(changed)}), and this command would continue it; "
-                f"give this experiment its own directory with --tag NAME (or --output DIR), or start from those "
-                f"weights with --pretrained {path} --tag NAME")
+                f"the run directory holds another run ({config_diff.describe(identity)}), and this command would "
+                f"continue it; give this experiment its own directory with --tag NAME (or --output DIR), or start "
+                f"from those weights with --pretrained {path} --tag NAME")
+        fixed = config_diff.of(changed, config_diff.OPTIMIZER_KEYS)
+        if fixed:
+            raise IncompatibleCheckpoint(
+                f"{config_diff.describe(fixed)} cannot take effect on resume (the optimizer's saved state carries "
+                f"the old values); drop the change to continue this run, or start a new one from its weights with "
+                f"--pretrained {path} --tag NAME")
 
     def _try_load(self, path: str, explicit: bool) -> Tuple[Optional[str], Tuple[int, int, int]]:
         """Load ``path`` into the run; (None or the reason it failed, the saved batch keys).
@@ -449,14 +438,17 @@ class CheckpointManager:
         try:
             checkpoint = load_file(path)
             check_format(checkpoint)
-            if not (explicit or self.config.EVAL_MODE):
-                self._check_identity(checkpoint, path)
+            changed = [] if self.config.EVAL_MODE else config_diff.changes(checkpoint.get("config") or {},
+                                                                          self.config_dict)
+            self._check_changes(changed, path, explicit)
+            self.loaded_changes = changed
             saved_keys = _batch_keys(checkpoint, self.config)
             self.loaded_provenance = checkpoint.get("provenance")
             self.loaded_config = checkpoint.get("config")
             self.loaded_position = (int(checkpoint["epoch"]), int(checkpoint["batch"]), int(checkpoint["global_step"]))
+            schedule_changed = bool(config_diff.of(changed, config_diff.SCHEDULE_KEYS))
             self.load_state_dict(checkpoint, weights_only=self.config.EVAL_MODE,
-                                 restore_schedule=saved_keys == self._batch_keys_now())
+                                 restore_schedule=saved_keys == self._batch_keys_now() and not schedule_changed)
         except IncompatibleCheckpoint as e:
             raise ValueError(f"cannot resume {path}: {e}") from None
         except (OSError, EOFError, ValueError, KeyError, TypeError, RuntimeError) as e:
