@@ -85,6 +85,11 @@ _C.TRAIN = CN()
 _C.TRAIN.EPOCHS = 300
 _C.TRAIN.WARMUP_EPOCHS = 20
 _C.TRAIN.WEIGHT_DECAY = 0.05
+# Layer-wise LR decay (BEiT, timm's param_groups_layer_decay): parameters at depth d of D (stem,
+# blocks and patch merges in order, the final norm with the last block, the head at D) train at
+# LR x LAYER_DECAY ** (D - d).
+# 1.0 = off (pre-training); fine-tuning recipes use 0.65-0.9.
+_C.TRAIN.LAYER_DECAY = 1.0
 # Learning rates are given for a total batch of 512 and scaled linearly.
 _C.TRAIN.BASE_LR = 5e-4
 _C.TRAIN.WARMUP_LR = 5e-7
@@ -304,6 +309,7 @@ def _value_rules(cfg: CN) -> List[Tuple[str, bool, str]]:
         ("TRAIN.MIN_LR", 0 <= train.MIN_LR <= train.BASE_LR, "must be in [0, TRAIN.BASE_LR]"),
         ("TRAIN.WARMUP_LR", 0 <= train.WARMUP_LR <= train.BASE_LR, "must be in [0, TRAIN.BASE_LR]"),
         ("TRAIN.WEIGHT_DECAY", train.WEIGHT_DECAY >= 0, "must be >= 0"),
+        ("TRAIN.LAYER_DECAY", 0 < train.LAYER_DECAY <= 1, "must be in (0, 1] (1 = no layer-wise decay)"),
         ("TRAIN.CLIP_GRAD", train.CLIP_GRAD >= 0, "must be >= 0 (0 = no clipping)"),
         ("TRAIN.LR_REFERENCE_BATCH", train.LR_REFERENCE_BATCH >= 0, "must be >= 0 (0 = no LR scaling)"),
         ("TRAIN.STOP_AFTER_STEPS", train.STOP_AFTER_STEPS >= 0, "must be >= 0 (0 = off)"),

@@ -67,6 +67,11 @@ class Components:
         return inner if isinstance(inner, DistributedDataParallel) else None
 
 
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The base LR the optimizer runs at: the largest group LR (layer-wise decay scales the others down)."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
 def steps_per_epoch(num_batches: int, accumulation_steps: int) -> int:
     """Optimizer steps in an epoch of ``num_batches``; a last, shorter group still makes a step."""
     return math.ceil(num_batches / accumulation_steps)
@@ -217,7 +222,7 @@ def train_one_epoch(parts: Components, loader: Any, state: TrainState, config: C
         state.batch = index + 1
         if not is_step:
             continue
-        lr = parts.optimizer.param_groups[0]["lr"]  # the LR this step uses
+        lr = current_lr(parts.optimizer)  # the LR this step uses
         grad_norm, finite = optimizer_step(parts, train.CLIP_GRAD)
         state.count_step(_diverged(parts, finite, group_nonfinite_loss))
         group_nonfinite_loss = torch.zeros_like(group_nonfinite_loss)

@@ -23,8 +23,8 @@ from yacs.config import CfgNode
 
 from config import dump_config
 from data import build_loader, build_mixup
-from engine import Components, StopReason, evaluate, measure_throughput, steps_per_epoch, summarize_train_epoch, \
-    train_one_epoch
+from engine import (Components, StopReason, current_lr, evaluate, measure_throughput, steps_per_epoch,
+                    summarize_train_epoch, train_one_epoch)
 from models import build_model, load_pretrained
 from optim import build_optimizer, build_scheduler
 from utils.checkpoint import BEST, EMA_BEST, CheckpointManager
@@ -314,7 +314,7 @@ class Trainer:
         """Validate (weights and EMA), track the best, advance to the next epoch, checkpoint, record."""
         state, parts, epoch = self.state, self.parts, self.state.epoch
         row: Dict[str, Any] = {"epoch": epoch, **summarize_train_epoch(state),
-                               "lr": parts.optimizer.param_groups[0]["lr"]}
+                               "lr": current_lr(parts.optimizer)}
         stats = self._validate(self.eval_model)
         row.update({"val_acc1": stats["acc1"], "val_acc5": stats["acc5"], "val_loss": stats["loss"]})
         ema_acc1 = None

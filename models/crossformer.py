@@ -621,6 +621,24 @@ class CrossFormer(nn.Module):
             if isinstance(module, Attention):
                 module.clear_cache()
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's grouping of the parameters by depth (layer-wise LR decay): the stem first, then each
+        stage's blocks and its closing patch merge in order, the final norm with the last block
+        (timm's ``(99999,)``: join the previous group), the head, matched by nothing, last.
+
+        Args:
+            coarse: One group per stage instead of per block.
+        """
+        return dict(
+            stem=r"^patch_embed",
+            blocks=r"^layers\.(\d+)" if coarse else [
+                (r"^layers\.(\d+)\.blocks\.(\d+)", None),
+                (r"^layers\.(\d+)\.downsample", (99998,)),
+                (r"^norm", (99999,)),
+            ],
+        )
+
     def no_weight_decay(self) -> Set[str]:
         """Names of parameters that take no weight decay: norms, biases and other 1-D tensors."""
         return {name for name, param in self.named_parameters() if param.ndim <= 1 or name.endswith(".bias")}

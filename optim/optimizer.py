@@ -1,11 +1,12 @@
-"""AdamW over two parameter groups: with and without weight decay."""
+"""AdamW over two parameter groups (with and without weight decay), or per-depth groups with
+layer-wise LR decay (``TRAIN.LAYER_DECAY`` < 1, timm's ``param_groups_layer_decay``)."""
 from __future__ import annotations
 
 import logging
 from typing import Any, Dict, Iterable, List
 
 import torch
-from timm.optim import param_groups_weight_decay
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 from yacs.config import CfgNode
 
@@ -43,7 +44,13 @@ def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         model: The unwrapped model (not DDP), whose ``no_weight_decay()`` is honoured.
     """
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    groups = param_groups(model, config.TRAIN.WEIGHT_DECAY, skip)
+    layer_decay = config.TRAIN.LAYER_DECAY
+    if layer_decay < 1:
+        # Each group carries an ``lr_scale`` that timm's scheduler multiplies into its LR.
+        groups = param_groups_layer_decay(model, config.TRAIN.WEIGHT_DECAY, no_weight_decay_list=list(skip),
+                                          layer_decay=layer_decay)
+    else:
+        groups = param_groups(model, config.TRAIN.WEIGHT_DECAY, skip)
     on_cuda = next(model.parameters()).is_cuda
     optimizer = torch.optim.AdamW(
         groups,
@@ -54,6 +61,11 @@ def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         fused=True if on_cuda else None,
         foreach=None if on_cuda else True,
     )
-    logger.info("AdamW: %d tensors with weight decay %g, %d without",
-                len(groups[0]["params"]), config.TRAIN.WEIGHT_DECAY, len(groups[1]["params"]))
+    if layer_decay < 1:
+        scales = sorted({group["lr_scale"] for group in groups})
+        logger.info("AdamW with layer-wise LR decay %g: %d depths, LR scales %.3g .. %.3g, weight decay %g",
+                    layer_decay, len(scales), scales[0], scales[-1], config.TRAIN.WEIGHT_DECAY)
+    else:
+        logger.info("AdamW: %d tensors with weight decay %g, %d without",
+                    len(groups[0]["params"]), config.TRAIN.WEIGHT_DECAY, len(groups[1]["params"]))
     return optimizer

@@ -213,3 +213,19 @@ def test_every_config_key_is_read() -> None:
         if not any(re.search(p, code) for p in patterns):
             unread.append(key)
     assert not unread, f"config keys never read: {unread}"
+
+
+@pytest.mark.parametrize("name", sorted(VARIANT_DROP_PATH))
+def test_384_finetune_configs_are_swins_recipe_on_each_variant(name: str) -> None:
+    cfg = load_config(str(CONFIGS / f"{name}_384_finetune.yaml"), world_size=8, opts=["DATA.BATCH_SIZE", "64"])
+    assert (cfg.MODEL.NAME, cfg.MODEL.DROP_PATH_RATE, cfg.DATA.IMG_SIZE, cfg.TEST.CROP_PCT) == \
+        (name, VARIANT_DROP_PATH[name], 384, 1.0)
+    train = cfg.TRAIN
+    assert (train.EPOCHS, train.WARMUP_EPOCHS, train.WEIGHT_DECAY) == (30, 5, 1e-8)
+    assert (train.SCALED_BASE_LR, train.SCALED_WARMUP_LR, train.SCALED_MIN_LR) == (2e-5, 2e-8, 2e-7)  # 8 x 64 = 512
+
+
+def test_transfer_config_decays_lower_layers_and_needs_a_folder() -> None:
+    cfg = load_config(str(CONFIGS / "transfer_small.yaml"), opts=["MODEL.NUM_CLASSES", "102"])
+    assert cfg.DATA.DATASET == "imagenet" and cfg.TRAIN.LAYER_DECAY == 0.75 and cfg.TRAIN.EMA.ENABLE
+    assert cfg.MODEL.NUM_CLASSES == 102 and cfg.AUG.MIXUP == cfg.AUG.CUTMIX == 0.0

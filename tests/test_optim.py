@@ -139,3 +139,30 @@ def test_schedule_state_round_trip() -> None:
     sched_a.step_update(16)
     sched_b.step_update(16)
     assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"]
+
+
+def test_layer_decay_scales_land_on_the_right_blocks() -> None:
+    """TRAIN.LAYER_DECAY: depth d of D trains at LR x decay ** (D - d), counting the stem, every
+    block and every patch merge in order; the final norm goes with the last block, the head is D."""
+    import models
+
+    torch.manual_seed(0)
+    model = models.create_model("crossformerpp_s", num_classes=10, embed_dim=32, depths=[1, 1, 2, 1],
+                                num_heads=[1, 2, 4, 8])
+    cfg = load_config(opts=["TRAIN.LAYER_DECAY", "0.5", "TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "0"])
+    optimizer = build_optimizer(cfg, model)
+    scale = {id(p): group["lr_scale"] for group in optimizer.param_groups for p in group["params"]}
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    depth = {"patch_embed": 0, "layers.0.blocks.0": 1, "layers.0.downsample": 2, "layers.1.blocks.0": 3,
+             "layers.1.downsample": 4, "layers.2.blocks.0": 5, "layers.2.blocks.1": 6, "layers.2.downsample": 7,
+             "layers.3.blocks.0": 8, "norm": 8, "head": 9}
+    skip = model.no_weight_decay()
+    for name, param in model.named_parameters():
+        prefix = next(p for p in depth if name == p or name.startswith(p + "."))
+        assert scale[id(param)] == pytest.approx(0.5 ** (9 - depth[prefix])), name
+        assert decay[id(param)] == (0.0 if name in skip else cfg.TRAIN.WEIGHT_DECAY), name
+    # timm's scheduler applies the scales: the stem's LR is the base LR x 0.5 ** 9.
+    scheduler = build_scheduler(cfg, optimizer, 4)
+    scheduler.step_update(2)
+    lrs = {group["lr_scale"]: group["lr"] for group in optimizer.param_groups}
+    assert lrs[0.5 ** 9] == pytest.approx(lrs[1.0] * 0.5 ** 9)

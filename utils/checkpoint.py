@@ -403,12 +403,12 @@ class CheckpointManager:
         logger.warning("resuming with changed settings (checkpoint -> now): %s; config.yaml records the new values",
                        config_diff.describe(self.loaded_changes))
         if config_diff.of(self.loaded_changes, config_diff.SCHEDULE_KEYS):
-            optimizer = self.components.optimizer
-            before = optimizer.param_groups[0]["lr"]
+            groups = self.components.optimizer.param_groups
+            before = max(group["lr"] for group in groups)
             self.components.scheduler.step_update(self.state.global_step)
             logger.warning("the LR schedule is rebuilt from the new settings (TRAIN.EPOCHS %d) and continues at "
                            "global step %d: LR %.4g -> %.4g", self.config.TRAIN.EPOCHS, self.state.global_step, before,
-                           optimizer.param_groups[0]["lr"])
+                           max(group["lr"] for group in groups))
 
     def _batch_keys_now(self) -> Tuple[int, int, int]:
         return self.dist_info.world_size, self.config.DATA.BATCH_SIZE, self.config.TRAIN.ACCUMULATION_STEPS
