@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from yacs.config import CfgNode
@@ -61,14 +61,32 @@ def default_cache_dir() -> Path:
     return Path(base) / "crossformer" / "filelists"
 
 
-def _directory_stamps(split_dir: Path, classes: List[str]) -> Dict[str, int]:
-    """The modification times (ns) of the split directory and of every class directory.
+def _directory_stamps(split_dir: Path, directories: Iterable[str]) -> Dict[str, int]:
+    """The modification times (ns) of ``directories`` (relative to ``split_dir``; "" is itself).
 
     Adding, removing or renaming a file changes its directory's time, so equal stamps mean the
     listing is unchanged (a file's contents may change; that is read, not listed)."""
-    stamps = {"": os.stat(split_dir).st_mtime_ns}
-    stamps.update({name: os.stat(os.path.join(split_dir, name)).st_mtime_ns for name in classes})
-    return stamps
+    return {name: os.stat(os.path.join(split_dir, name)).st_mtime_ns for name in directories}
+
+
+def _list_images(split_dir: Path, class_name: str, stamps: Dict[str, int]) -> List[str]:
+    """The images of one class, nested folders included, as paths relative to the class directory,
+    in torchvision ``ImageFolder``'s order (directories by path, then files by name). Each
+    directory's time goes into ``stamps`` before it is listed, so a file added meanwhile invalidates."""
+    listed: List[Tuple[str, List[str]]] = []
+    pending = [""]
+    while pending:
+        relative = pending.pop()
+        directory = os.path.join(split_dir, class_name, relative)
+        stamps[os.path.join(class_name, relative) if relative else class_name] = os.stat(directory).st_mtime_ns
+        files = []
+        for entry in os.scandir(directory):
+            if entry.is_dir():
+                pending.append(os.path.join(relative, entry.name))
+            elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                files.append(os.path.join(relative, entry.name))
+        listed.append((os.path.join(str(split_dir), class_name, relative), sorted(files)))
+    return [file for _, files in sorted(listed) for file in files]
 
 
 class FileListCache:
@@ -102,7 +120,7 @@ class FileListCache:
             if data.get("version") != self.VERSION or data["split"] != str(split_dir.resolve()):
                 return None
             classes = data["classes"]
-            if data["stamps"] != _directory_stamps(split_dir, classes):
+            if data["stamps"] != _directory_stamps(split_dir, data["stamps"]):
                 logger.info("%s changed since its file list was cached: scanning it again", split_dir)
                 return None
         except FileNotFoundError:
@@ -144,17 +162,16 @@ def _scan_split(split_dir: Path, cache: Optional[FileListCache] = None) -> Image
     if cached is not None:
         return cached
     start = last_report = time.monotonic()
+    stamps = _directory_stamps(split_dir, [""])  # before listing: a change meanwhile invalidates
     classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
     if not classes:
         raise ValueError(f"{split_dir} has no class directories; put each class's images in "
                          f"{split_dir}/<class>/ (a flat val folder must first be sorted into class folders)")
-    stamps = _directory_stamps(split_dir, classes)  # before listing: a file added meanwhile invalidates
     samples: List[Tuple[str, int]] = []
     files_per_class: List[List[str]] = []
     for label, name in enumerate(classes):
         class_dir = split_dir / name
-        files = sorted(entry.name for entry in os.scandir(class_dir)
-                       if entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS))
+        files = _list_images(split_dir, name, stamps)
         if not files:
             raise ValueError(f"class directory {class_dir} has no images (extensions {', '.join(IMG_EXTENSIONS)}); "
                              "add its images or remove the directory from every split")

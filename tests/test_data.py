@@ -221,6 +221,29 @@ def test_num_workers_default_is_the_cores_per_local_process_capped_and_logged(
     assert "3 DataLoader worker processes per process (DATA.NUM_WORKERS)" in caplog.text
 
 
+def test_nested_class_folders_are_scanned_as_torchvision_imagefolder_does(tmp_path: Path) -> None:
+    """Images in subfolders of a class belong to it, in ImageFolder's order; a change deep in a
+    class folder invalidates the cached list."""
+    from torchvision.datasets import ImageFolder
+
+    from data import folder
+
+    root = tmp_path / "data"
+    layout = ["a/1.jpg", "a/x/2.jpg", "a/x/y/3.png", "a/x-y/4.jpg", "a/x-y/readme.txt", "b/5.JPEG", "b/b2/6.jpg"]
+    for split in ("train", "val"):
+        for relative in layout:
+            path = root / split / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"x")
+    cache = folder.FileListCache(tmp_path / "cache")
+    train, _ = folder.scan_image_folder(root, 2, cache)
+    reference = ImageFolder(str(root / "train"), loader=lambda path: path)
+    assert train.samples == reference.samples and train.classes == reference.classes
+    new = root / "train" / "a" / "x" / "y" / "7.jpg"
+    new.write_bytes(b"x")
+    assert (str(new), 0) in folder.scan_image_folder(root, 2, cache)[0].samples
+
+
 # ----------------------------------------------------------------------------- loaders
 
 
