@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import enum
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,8 @@ from utils.distributed import all_reduce_sum, rank_and_world_size
 from utils.precision import autocast, peak_memory_mb
 from utils.progress import EpochProgress
 from utils.train_state import TrainState
+
+logger = logging.getLogger(__name__)
 
 
 class StopReason(enum.Enum):
@@ -70,6 +73,10 @@ class Components:
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     """The base LR the optimizer runs at: the largest group LR (layer-wise decay scales the others down)."""
     return max(group["lr"] for group in optimizer.param_groups)
+
+
+# Seconds between progress lines of a validation pass (ImageNet's 50,000 images take minutes on few GPUs).
+VAL_PROGRESS_EVERY_S = 30.0
 
 
 def steps_per_epoch(num_batches: int, accumulation_steps: int) -> int:
@@ -207,18 +214,18 @@ def train_one_epoch(parts: Components, loader: Any, state: TrainState, config: C
     # Creating the iterator must not move the global RNG: a run resumed mid-epoch creates it
     # after restoring the RNG, the uninterrupted run before its first step.
     with torch.random.fork_rng(devices=[state.device] if state.device.type == "cuda" else []):
-        batches = iter(loader)
+        batches = _timed(iter(loader))
     progress.start(state.batch // accumulation)
     time_before = state.train_time
     group_nonfinite_loss = torch.zeros((), dtype=torch.int64, device=state.device)
-    for index, (images, targets) in enumerate(batches, start=state.batch):
+    for index, (waited, (images, targets)) in enumerate(batches, start=state.batch):
         group_start = index - index % accumulation
         group_size = min(accumulation, num_batches - group_start)
         is_step = index + 1 == group_start + group_size
         loss = _micro_batch(parts, images, targets, group_size, is_step, state.global_step + 1 in nan_steps)
         group_nonfinite_loss += (~torch.isfinite(loss.detach())).long()
         _accumulate_loss(state, loss, images.shape[0])
-        progress.count(images.shape[0])
+        progress.count(images.shape[0], waited)
         state.batch = index + 1
         if not is_step:
             continue
@@ -243,6 +250,17 @@ def train_one_epoch(parts: Components, loader: Any, state: TrainState, config: C
             return StopReason.PREEMPTED
     state.train_time = time_before + time.perf_counter() - progress.epoch_start
     return StopReason.COMPLETED
+
+
+def _timed(batches: Iterator[Any]) -> Iterator[Tuple[float, Any]]:
+    """``(seconds waited for it, batch)`` for each batch of ``batches``."""
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        yield time.perf_counter() - start, batch
 
 
 def summarize_train_epoch(state: TrainState) -> Dict[str, float]:
@@ -279,7 +297,11 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device,
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, samples
-    for images, targets in loader:
+    start = last_report = time.perf_counter()
+    for index, (images, targets) in enumerate(loader):
+        if time.perf_counter() - last_report > VAL_PROGRESS_EVERY_S:  # a long validation shows it is moving
+            last_report = time.perf_counter()
+            logger.info("validation [%d/%d] %.0f s", index, len(loader), last_report - start)
         with autocast(device, amp_dtype):
             logits = model(images)  # (B, num_classes)
         logits = logits.float()

@@ -201,3 +201,45 @@ def test_a_loss_scaler_overflow_is_not_a_non_finite_step_but_a_nan_loss_is() -> 
     state.start_epoch(0)
     assert train_one_epoch(parts, _ListLoader(batches), state, nan_at) is StopReason.COMPLETED
     assert (state.global_step, int(state.nonfinite_total), int(state.nonfinite_streak)) == (6, 1, 0)
+
+
+def test_progress_shows_the_share_of_time_spent_waiting_for_data() -> None:
+    """A loader that takes 0.2 s per batch shows as most of the step time in the progress lines."""
+    import time as clock
+
+    from utils.progress import EpochProgress
+
+    class SlowLoader(_ListLoader):
+        def __iter__(self) -> Iterator[Batch]:
+            for batch in self.batches:
+                clock.sleep(0.2)
+                yield batch
+
+    torch.manual_seed(5)
+    model = _tiny_model()
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
+    parts = Components(train_model=model, criterion=nn.CrossEntropyLoss(),
+                       optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scheduler=_NoSchedule())
+    cfg = load_config(opts=["TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "1"])
+    logged: List[float] = []
+    progress = EpochProgress(1, 3, 1, 20, on_scalars=lambda step, values: logged.append(
+        values["train/data_wait_percent"]))
+    for loader, low, high in ((SlowLoader(batches), 50, 100), (_ListLoader(batches), 0, 30)):
+        logged.clear()
+        state = TrainState(torch.device("cpu"))
+        assert train_one_epoch(parts, loader, state, cfg, progress) is StopReason.COMPLETED
+        assert len(logged) == 3 and all(low <= value <= high for value in logged), logged
+
+
+def test_a_long_validation_logs_its_progress(monkeypatch: pytest.MonkeyPatch,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import engine
+
+    monkeypatch.setattr(engine, "VAL_PROGRESS_EVERY_S", 0.0)  # every batch counts as "long" here
+    batches = [(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))) for _ in range(3)]
+    with caplog.at_level(logging.INFO, logger="engine"):
+        evaluate(_tiny_model(), _ListLoader(batches), torch.device("cpu"))
+    assert [r.getMessage().split(" ")[1] for r in caplog.records if r.getMessage().startswith("validation")] == \
+        ["[0/3]", "[1/3]", "[2/3]"]  # batches done so far

@@ -1,4 +1,5 @@
-"""Progress lines of a training epoch: position, ETA, loss, LR, gradient norm, images/s, memory.
+"""Progress lines of a training epoch: position, ETA, loss, LR, gradient norm, images/s, the share
+of the time spent waiting for data (how a slow loader shows), memory.
 
 The epoch loop counts samples and calls :meth:`EpochProgress.log` on log steps only, where the
 values are read from the device (the one host sync of those steps).
@@ -52,10 +53,17 @@ class EpochProgress:
         self.first_step = first_step
         self.epoch_start = self.window_start = time.perf_counter()
         self.window_samples = 0
+        self.window_wait = 0.0
 
-    def count(self, samples: int) -> None:
-        """Add a micro-batch's samples to the images/s window."""
+    def count(self, samples: int, waited: float = 0.0) -> None:
+        """Add a micro-batch to the window: its samples, and the seconds spent waiting for it.
+
+        Args:
+            samples: Images in the micro-batch.
+            waited: Seconds the loop waited for the loader to hand it over.
+        """
         self.window_samples += samples
+        self.window_wait += waited
 
     def due(self, global_step: int, step_in_epoch: int) -> bool:
         """Whether this optimizer step logs (every ``print_freq`` global steps and the epoch's last)."""
@@ -76,13 +84,15 @@ class EpochProgress:
         loss_value, norm_value = loss.item(), grad_norm.item()
         total_skipped, streak = int(state.nonfinite_total), int(state.nonfinite_streak)
         now = time.perf_counter()
-        imgs_per_sec = self.window_samples * self.world_size / max(now - self.window_start, 1e-9)
+        elapsed = max(now - self.window_start, 1e-9)
+        imgs_per_sec = self.window_samples * self.world_size / elapsed
+        data_wait = 100.0 * min(self.window_wait / elapsed, 1.0)  # a slow loader shows here
         per_step = (now - self.epoch_start) / max(step_in_epoch - self.first_step, 1)
         eta = datetime.timedelta(seconds=int(per_step * (self.epoch_steps - step_in_epoch)))
         logger.info("train epoch %d/%d [%d/%d] eta %s  loss %.4f (avg %.4f)  lr %.3e  grad_norm %.3f  "
-                    "%.1f img/s  mem %.0f MB", state.epoch, self.epochs, step_in_epoch, self.epoch_steps, eta,
-                    loss_value, state.loss_sum.item() / max(state.loss_count, 1), lr, norm_value, imgs_per_sec,
-                    peak_memory_mb(state.device))
+                    "%.1f img/s  data wait %.0f%%  mem %.0f MB", state.epoch, self.epochs, step_in_epoch,
+                    self.epoch_steps, eta, loss_value, state.loss_sum.item() / max(state.loss_count, 1), lr,
+                    norm_value, imgs_per_sec, data_wait, peak_memory_mb(state.device))
         if total_skipped != self.reported_skipped:  # warn when the count grows, not on every log line
             self.reported_skipped = total_skipped
             logger.warning("skipped %d optimizer step(s) with a non-finite loss or gradient so far, the last %d in "
@@ -90,6 +100,7 @@ class EpochProgress:
         if self.on_scalars is not None:
             self.on_scalars(state.global_step, {"train/loss": loss_value, "train/lr": lr,
                                                 "train/grad_norm": norm_value, "train/imgs_per_sec": imgs_per_sec,
+                                                "train/data_wait_percent": data_wait,
                                                 "train/nonfinite_steps": float(total_skipped)})
-        self.window_start, self.window_samples = now, 0
+        self.window_start, self.window_samples, self.window_wait = now, 0, 0.0
         return streak
