@@ -9,9 +9,10 @@ This file parses the command line, sets up the process and dispatches; :mod:`tra
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 
@@ -32,13 +33,50 @@ def run(args: Any) -> int:
     config = get_config(args, int(os.environ.get("WORLD_SIZE", "1")))
     dist_info = init_distributed(config.DIST.TIMEOUT_S)
     run_dir = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+    created = _missing_directories(run_dir)
     if not (config.THROUGHPUT_MODE or config.EVAL_MODE):
         check_output_writable(run_dir)
     setup_logging(dist_info.rank, None if config.THROUGHPUT_MODE else run_dir)
-    if config.THROUGHPUT_MODE:
-        return run_throughput(config, dist_info)
-    trainer = Trainer(config, dist_info, run_dir)
-    return trainer.evaluate() if config.EVAL_MODE else trainer.fit()
+    try:
+        if config.THROUGHPUT_MODE:
+            return run_throughput(config, dist_info)
+        trainer = Trainer(config, dist_info, run_dir)
+        return trainer.evaluate() if config.EVAL_MODE else trainer.fit()
+    except Exception:
+        if dist_info.is_main:
+            _remove_if_only_a_log(created)
+        raise
+
+
+def _missing_directories(path: str) -> List[str]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _remove_if_only_a_log(created: List[str]) -> None:
+    """A run that failed before it wrote anything but its log leaves no directory behind: remove
+    the directories this command created (deepest first) while they hold nothing else."""
+    if not created:
+        return
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # close log.txt
+        if isinstance(handler, logging.FileHandler) and os.path.dirname(handler.baseFilename) == created[0]:
+            root.removeHandler(handler)
+            handler.close()
+    log = os.path.join(created[0], "log.txt")
+    if os.path.isdir(created[0]) and set(os.listdir(created[0])) <= {"log.txt"}:
+        if os.path.exists(log):
+            os.remove(log)
+        for directory in created:
+            try:
+                os.rmdir(directory)  # only ever an empty directory
+            except OSError:
+                break
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

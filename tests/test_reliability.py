@@ -254,6 +254,12 @@ def test_every_bad_input_is_one_line_and_destroys_nothing(cfg: Path, tmp_path: P
         assert line.startswith("error (rank 0): ") and "rerun with --debug" in line, what
         for name, data in kept.items():
             assert (run_dir / name).read_bytes() == data, (what, name)
+    # In a fresh output directory a bad input leaves nothing behind, not even its log.
+    for what, opts, flags, needle in _bad_inputs(tmp_path / "again"):
+        fresh = tmp_path / "fresh"
+        assert _run(cfg, fresh, *opts, extra=tuple(flags)) == 1, what
+        _one_line_error(capsys, needle)
+        assert not fresh.exists() or not any(fresh.rglob("*")), (what, sorted(fresh.rglob("*")))
 
 
 # -----------------------------------------------------------------------------
