@@ -42,7 +42,9 @@ def run(args: Any) -> int:
             return run_throughput(config, dist_info)
         trainer = Trainer(config, dist_info, run_dir)
         return trainer.evaluate() if config.EVAL_MODE else trainer.fit()
-    except Exception:
+    except RunStopped:  # the environment stopped the run (no space, a signal): its log says why, keep it
+        raise
+    except Exception:  # bad input: nothing of the run existed, so nothing of it is left behind
         if dist_info.is_main:
             _remove_if_only_a_log(created)
         raise

@@ -16,7 +16,7 @@ from optim import build_optimizer, build_scheduler
 from engine import Components
 from utils import checkpoint as ckpt
 from utils.distributed import DistInfo
-from utils.file_io import atomic_save, load_file
+from utils.file_io import atomic_save, load_file, remove_stale_temp_files
 from utils.train_state import TrainState, capture_rng_state, restore_rng_state
 
 
@@ -98,6 +98,15 @@ def test_crash_while_saving_keeps_the_old_file(tmp_path: Path, monkeypatch: pyte
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"global_step": 1}
     assert os.listdir(tmp_path) == ["last.pth"]  # no temp file left behind
+
+
+def test_temp_files_of_killed_writers_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    names = [".last.pth.tmp-999999", ".provenance.json.tmp-999999", ".config.yaml.tmp-999999",
+             f".last.pth.tmp-{os.getpid()}", "last.pth", "log.txt", "notes.tmp-1"]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    remove_stale_temp_files(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted([f".last.pth.tmp-{os.getpid()}", "last.pth", "log.txt", "notes.tmp-1"])
 
 
 def test_auto_resume_picks_highest_step_not_newest_file(tmp_path: Path) -> None:

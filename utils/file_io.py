@@ -15,7 +15,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_TEMP_RE = re.compile(r"^\..+\.pth\.tmp-(\d+)$")
+_TEMP_RE = re.compile(r"^\..+\.tmp-(\d+)$")
 
 
 def _temp_path(path: str) -> str:
@@ -126,10 +126,10 @@ def load_file(path: str, map_location: Any = "cpu", mmap: bool = False) -> Dict[
 
 
 def remove_stale_temp_files(directory: str) -> None:
-    """Delete partial checkpoint temp files (``.NAME.pth.tmp-PID``) that a killed writer left behind.
+    """Delete partial temp files (``.NAME.tmp-PID``: checkpoints, config, provenance) a killed writer left.
 
     Only files of this module's temp-file pattern written by another process are touched;
-    complete checkpoints never are.
+    complete files never are.
 
     Args:
         directory: The run directory (call on rank 0, before training).
@@ -140,4 +140,4 @@ def remove_stale_temp_files(directory: str) -> None:
         match = _TEMP_RE.match(name)
         if match and int(match.group(1)) != os.getpid():
             os.remove(os.path.join(directory, name))
-            logger.info("removed %s: an incomplete checkpoint left by a killed run", name)
+            logger.info("removed %s: an incomplete file left by a killed run", name)
