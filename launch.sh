@@ -10,7 +10,8 @@
 # Environment: NPROC_PER_NODE (default: all visible GPUs, 1 without GPUs), NNODES (1),
 # NODE_RANK (0), MASTER_ADDR, MASTER_PORT (29500), MAX_RESTARTS (0: torchrun --max-restarts, to
 # come back after a dead rank). Under SLURM (one task per node) the node count, node rank and
-# master address come from the allocation. TORCHRUN overrides the torchrun command.
+# master address come from the allocation. PYTHON (default: python, else python3) runs torchrun;
+# TORCHRUN replaces that command.
 #
 # Preemption (docs/reliability.md): SIGUSR1 or SIGTERM to this script is forwarded as SIGUSR1 to
 # the training processes, which agree to stop at the next step, write last.pth and exit 75; this
@@ -26,7 +27,8 @@ set -euo pipefail
 EXIT_PREEMPTED=75
 
 # Paths in the arguments resolve from where this script is run, as with torchrun itself.
-MAIN="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/main.py"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+MAIN="${REPO}/main.py"
 
 count_gpus() {
     if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
@@ -74,8 +76,14 @@ else
 fi
 
 echo "launch.sh: ${NNODES} node(s) x ${NPROC_PER_NODE} process(es), node rank ${NODE_RANK}" >&2
-TORCHRUN="${TORCHRUN:-torchrun}"
-"${TORCHRUN}" --nproc_per_node="${NPROC_PER_NODE}" --max-restarts="${MAX_RESTARTS:-0}" "${RDZV[@]}" "${MAIN}" "$@" &
+# torchrun through utils/launch.py: the same launcher, but a run's end is one line, not a traceback.
+if [[ -n "${TORCHRUN:-}" ]]; then
+    LAUNCHER=("${TORCHRUN}")
+else
+    PYTHON="${PYTHON:-$(command -v python || command -v python3)}"
+    LAUNCHER=(env "PYTHONPATH=${REPO}${PYTHONPATH:+:${PYTHONPATH}}" "${PYTHON}" -m utils.launch)
+fi
+"${LAUNCHER[@]}" --nproc_per_node="${NPROC_PER_NODE}" --max-restarts="${MAX_RESTARTS:-0}" "${RDZV[@]}" "${MAIN}" "$@" &
 TORCHRUN_PID=$!
 
 # torchrun itself is not told: it would take SIGUSR1 as fatal, and on SIGTERM it gives the
@@ -91,13 +99,16 @@ forward_stop() {
     done
 }
 trap forward_stop USR1 TERM
+# Ctrl-C reaches torchrun and the workers from the terminal: this script only waits for them to
+# save and exit (without the trap, bash would exit at once and leave them writing to the terminal).
+trap ':' INT
 
 STATUS=""
 while [[ -z "${STATUS}" ]]; do
     if [[ "${PREEMPTED}" == 0 ]]; then
         wait "${TORCHRUN_PID}" && STATUS=0 || STATUS=$?
-        if [[ "${PREEMPTED}" == 1 ]] && kill -0 "${TORCHRUN_PID}" 2>/dev/null; then
-            STATUS=""  # wait was interrupted by the trapped signal
+        if kill -0 "${TORCHRUN_PID}" 2>/dev/null; then
+            STATUS=""  # wait was interrupted by a trapped signal
         fi
     elif kill -0 "${TORCHRUN_PID}" 2>/dev/null; then
         # Once the signalled workers have saved and exited, stop torchrun so that --max-restarts
@@ -114,7 +125,7 @@ while [[ -z "${STATUS}" ]]; do
         wait "${TORCHRUN_PID}" && STATUS=0 || STATUS=$?
     fi
 done
-trap - USR1 TERM
+trap - USR1 TERM INT
 
 if [[ "${PREEMPTED}" == 1 ]]; then
     if [[ -n "${SLURM_JOB_ID:-}" && "${NODE_RANK}" == 0 ]] && command -v scontrol >/dev/null 2>&1; then

@@ -97,6 +97,16 @@ def torchrun_command(*args: str, nproc: int = 2, torchrun_args: Sequence[str] = 
             *torchrun_args, str(MAIN), *args]
 
 
+def launch_sh_command(*args: str, nproc: int = 2) -> List[str]:
+    """``NPROC_PER_NODE=NPROC launch.sh ARGS``, with this interpreter running its torchrun.
+
+    Args:
+        args: main.py's arguments.
+        nproc: Processes on this node.
+    """
+    return ["env", f"NPROC_PER_NODE={nproc}", f"PYTHON={sys.executable}", "bash", str(REPO_ROOT / "launch.sh"), *args]
+
+
 def run(command: Sequence[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run ``command`` to its end in :func:`subprocess_env`, capturing stdout and stderr as text.
 

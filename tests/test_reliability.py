@@ -323,6 +323,18 @@ def test_launch_sh_keeps_relative_paths_relative_to_where_it_runs(tmp_path: Path
     assert args[main_index + 1:main_index + 7] == ["--cfg", "my.yaml", "--data-path", "./data", "--output", "./out"]
 
 
+def test_the_launcher_adds_a_line_only_for_exits_we_did_not_explain() -> None:
+    from utils.launch import exit_code, failure_line
+    from utils.reliability import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_PREEMPTED
+
+    for code in (EXIT_ERROR, EXIT_PREEMPTED, EXIT_INTERRUPTED):  # the worker's own line says why
+        assert failure_line(0, 123, code) is None and exit_code(code) == code
+    killed = failure_line(1, 456, -9)
+    assert killed.startswith("launch: local rank 1 (pid 456) on ") and "was killed by SIGKILL" in killed
+    assert "out-of-memory" in killed and exit_code(-9) == 137
+    assert "exited with code 2;" in failure_line(0, 7, 2)
+
+
 def test_torch_distributed_launch_local_rank_flag_is_accepted() -> None:
     """Swin's ``python -m torch.distributed.launch ... main.py`` passes --local-rank / --local_rank."""
     from config import parse_option

@@ -18,8 +18,8 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
-from tests.helpers import (free_port, main_command, run, run_dir, run_main, start, subprocess_env,
-                           torchrun_command, write_tiny_yaml)
+from tests.helpers import (free_port, launch_sh_command, main_command, run, run_dir, run_main, start,
+                           subprocess_env, torchrun_command, write_tiny_yaml)
 
 pytestmark = pytest.mark.slow
 
@@ -192,11 +192,14 @@ def _ours(stderr: str) -> List[str]:
 
 
 def test_ctrl_c_stops_every_rank_at_one_step_and_resumes_bitwise(root: Path, reference: Path) -> None:
-    """Ctrl-C under torchrun: one line of ours, the ranks agree on the step and write last.pth; the
-    same command then ends bitwise equal to an uninterrupted run. (torchrun itself also reacts to
-    the terminal's interrupt: its warnings and exit status are its own.)"""
+    """Ctrl-C to a 2-process launch.sh (torchrun through utils/launch.py): one line of ours, no
+    traceback, exit 130; the ranks agree on the step and write last.pth; the same command then ends
+    bitwise equal to an uninterrupted run."""
     out = root / "interrupted"
-    result = _interrupt_like_a_terminal(_torchrun_cmd(root / "tiny.yaml", out), root, run_dir(out) / "log.txt")
+    command = launch_sh_command("--cfg", str(root / "tiny.yaml"), "--output", str(out), *COMMON)
+    result = _interrupt_like_a_terminal(command, root, run_dir(out) / "log.txt")
+    assert result.returncode == 130, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Exception" not in result.stderr, result.stderr[-3000:]
     assert _ours(result.stderr) == ["interrupt: stopping after the current step and saving last.pth; the same "
                                     "command resumes there (Ctrl-C again to abort now, without saving)"], result.stderr
     stopped = torch.load(run_dir(out) / "last.pth", weights_only=True)
@@ -204,9 +207,21 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_resumes_bitwise(root: Path, ref
     assert f"interrupted: last.pth holds epoch 0, batch {stopped['batch']}, global step {stopped['global_step']}" \
         in log and "(exit code 130)" in log
     assert 1 <= stopped["global_step"] < 16
-    resumed = run(_torchrun_cmd(root / "tiny.yaml", out), root, timeout=LIMIT_S)
+    resumed = run(command, root, timeout=LIMIT_S)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_training_state(reference, run_dir(out) / "last.pth")
+
+
+def test_a_bad_input_under_launch_sh_is_our_line_not_a_launcher_traceback(root: Path) -> None:
+    out = root / "bad_input"
+    result = run(launch_sh_command("--cfg", str(root / "tiny.yaml"), "--output", str(out), "--opts",
+                                   "TRAIN.EPOCHS", "0"), root, timeout=LIMIT_S)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]
+    assert sorted(_ours(result.stderr)) == [
+        f"error (rank {rank}): TRAIN.EPOCHS=0 must be >= 1; change it in the YAML or with --opts TRAIN.EPOCHS VALUE "
+        "[ConfigError; rerun with --debug for the traceback]" for rank in (0, 1)], result.stderr
+    assert not out.exists()
 
 
 def test_ctrl_c_of_one_process_is_one_line_and_exit_130(root: Path) -> None:
