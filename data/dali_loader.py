@@ -30,6 +30,7 @@ from timm.data.random_erasing import RandomErasing
 from yacs.config import CfgNode
 
 from .common import SALT_BATCH_AUGMENT, EpochBatchSampler, mix_seed, seeded_rng
+from .encoded import encoded_problem
 from .folder import ImageSplit
 from .loader import BatchLoader, UnreadableImage, failure_reason, load_rgb, read_or_replace
 
@@ -41,9 +42,6 @@ INTERPOLATIONS = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR
 MEAN_255 = [255 * m for m in IMAGENET_DEFAULT_MEAN]
 STD_255 = [255 * s for s in IMAGENET_DEFAULT_STD]
 
-# Leading bytes of the formats DALI's decoders read; anything else is reported as corrupt
-# before it can fail inside the pipeline (which would stop the whole batch).
-MAGIC_BYTES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"GIF8", b"II*\x00", b"MM\x00*", b"RIFF")
 
 
 def parse_rand_augment(policy: str) -> Tuple[int, int, float]:
@@ -313,8 +311,9 @@ class ShardSource:
             data = np.fromfile(path, dtype=np.uint8)
         except OSError as error:
             raise UnreadableImage(str(error)) from error
-        if not data[:8].tobytes().startswith(MAGIC_BYTES):
-            raise UnreadableImage(f"not a recognised image format, {data.size} bytes")
+        problem = encoded_problem(data)  # found here, not by a decoder that stops the batch and prints
+        if problem:
+            raise UnreadableImage(problem)
         return data
 
     def _read_sample(self, index: int) -> Read:

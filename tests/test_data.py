@@ -1,6 +1,7 @@
 """Data pipelines: datasets, loaders, layout checks, order, sharding, parity, corrupt files."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -403,7 +404,8 @@ def test_val_parity_dali_vs_pytorch(image_root: Path) -> None:
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_corrupt_files_are_replaced_or_skipped(image_root: Path, tmp_path: Path, loader: str, caplog) -> None:
+def test_corrupt_files_are_replaced_or_skipped(image_root: Path, tmp_path: Path, loader: str, caplog,
+                                              capfd) -> None:
     root = _copy(image_root, tmp_path)
     good = (root / "train" / "00_circle" / "00000.jpg").read_bytes()
     bad_train = [root / "train" / "03_star" / "00003.jpg", root / "train" / "05_ring" / "00007.jpg",
@@ -423,12 +425,56 @@ def test_corrupt_files_are_replaced_or_skipped(image_root: Path, tmp_path: Path,
     assert len(val_labels) == 29 and loaders.val.num_bad == 1
     for path in bad_train + [bad_val]:
         assert sum(str(path) in record.getMessage() for record in caplog.records) == 1
+    assert "[ERROR]" not in capfd.readouterr().err  # no decoder's own lines: the bad files never reach one
 
 
-def test_dali_reads_ahead_give_the_serial_batches(image_root: Path, tmp_path: Path, caplog) -> None:
+def test_damaged_image_structure_is_found_before_a_decoder_and_real_images_pass() -> None:
+    from data.encoded import encoded_problem
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x010F] = "camera"
+    good = []
+    for options in (dict(quality=90), dict(progressive=True, optimize=True), dict(quality=50, subsampling=0)):
+        for mode in ("RGB", "L", "CMYK"):
+            buffer = io.BytesIO()
+            image.convert(mode).save(buffer, "JPEG", exif=exif.tobytes(), **options)
+            good.append(buffer.getvalue())
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    png, jpeg = buffer.getvalue(), good[0]
+    for encoded in good + [png]:
+        Image.open(io.BytesIO(encoded)).load()
+        assert encoded_problem(np.frombuffer(encoded, np.uint8)) is None
+    damaged = {
+        "truncated JPEG: no end-of-image marker": jpeg[:len(jpeg) // 2],
+        "truncated JPEG header": jpeg[:100],
+        "invalid JPEG marker 0x00 at byte 2": b"\xff\xd8\xff" + bytes(range(256)) * 8,
+        "invalid JPEG segment length 1": jpeg[:4] + b"\x00\x01" + jpeg[6:],
+        "truncated PNG: no end chunk": png[:len(png) // 2],
+        "invalid PNG header chunk": png[:8] + bytes(range(256)),
+        "not a recognised image format": b"GIF7" + bytes(100),
+    }
+    for expected, encoded in damaged.items():
+        problem = encoded_problem(np.frombuffer(encoded, np.uint8))
+        assert problem is not None and problem.startswith(expected), (expected, problem)
+        if "segment length" not in expected:  # PIL skips a bad APP0 length; DALI's parser refuses it
+            with pytest.raises(Exception):  # PIL cannot decode them either
+                Image.open(io.BytesIO(encoded)).load()
+
+
+def test_dali_reads_ahead_give_the_serial_batches(image_root: Path, tmp_path: Path, caplog,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Files read ahead on reader threads (DATA.NUM_WORKERS 2) feed DALI exactly the batches that reads
     on the calling thread (0) feed it, through a decoder failure and a resume; bad files are still
     replaced and reported once."""
+    import data.dali_loader
+
+    # Only the leading bytes are checked, so that the truncated file fails inside the decoder, as a
+    # file damaged inside its compressed data does.
+    monkeypatch.setattr(data.dali_loader, "encoded_problem",
+                        lambda encoded: None if encoded[:3].tobytes() == b"\xff\xd8\xff" else "not an image")
     root = _copy(image_root, tmp_path)
     good = (root / "train" / "00_circle" / "00000.jpg").read_bytes()
     truncated, empty = root / "train" / "03_star" / "00003.jpg", root / "train" / "05_ring" / "00007.jpg"
