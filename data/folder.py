@@ -149,7 +149,7 @@ class FileListCache:
                            e.strerror or e, split.root)
 
 
-def _scan_split(split_dir: Path, cache: Optional[FileListCache] = None) -> ImageSplit:
+def scan_split(split_dir: Path, cache: Optional[FileListCache] = None) -> ImageSplit:
     """List the classes and images of one split, rejecting a split or class with no images.
 
     Logs its progress every 10 s and its time; with a ``cache``, an unchanged split is not listed.
@@ -210,7 +210,7 @@ def scan_image_folder(root: Path, num_classes: int,
     if not root.is_dir():
         raise ValueError(f"dataset directory {root} does not exist; set DATA.DATA_PATH (--data-path) to the "
                          "folder holding train/ and val/")
-    train, val = (_scan_split(root / split, cache) for split in SPLITS)
+    train, val = (scan_split(root / split, cache) for split in SPLITS)
     if train.classes != val.classes:
         only_train = sorted(set(train.classes) - set(val.classes))
         only_val = sorted(set(val.classes) - set(train.classes))
