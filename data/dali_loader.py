@@ -32,7 +32,7 @@ from yacs.config import CfgNode
 from .common import SALT_BATCH_AUGMENT, EpochBatchSampler, mix_seed, seeded_rng
 from .encoded import encoded_problem
 from .folder import ImageSplit
-from .loader import BatchLoader, UnreadableImage, failure_reason, load_rgb, read_or_replace
+from .loader import BatchLoader, UnreadableImage, failure_reason, read_or_replace
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ READ_THREADS_PER_WORKER = 4  # reader threads per DATA.NUM_WORKERS; 0 workers re
 READ_AHEAD_BATCHES = 2
 
 Batch = List[Tuple[int, int]]  # a sampler batch: (dataset index, epoch) pairs
-Read = Tuple[Optional[Tuple[np.ndarray, int, str]], List[str]]  # read_or_replace's result
+Read = Tuple[Optional[Tuple[np.ndarray, int, int]], List[str]]  # read_or_replace's result
 
 
 class ShardSource:
@@ -251,13 +251,13 @@ class ShardSource:
     """
 
     def __init__(self, split: ImageSplit, sampler: EpochBatchSampler, read_threads: int) -> None:
-        self.samples = split.samples
+        self.split = split
         self.sampler = sampler
         self.bad: List[str] = []
-        # Files that pass the header check but fail in the decoder: path -> reason.
-        self.corrupt: Dict[str, str] = {}
-        # Batches handed to DALI and not yet returned by it: (sampler batch, paths fed).
-        self.pending: Deque[Tuple[Batch, List[str]]] = deque()
+        # Files that pass the structure check but fail in the decoder: sample position -> reason.
+        self.corrupt: Dict[int, str] = {}
+        # Batches handed to DALI and not yet returned by it: (sampler batch, sample positions fed).
+        self.pending: Deque[Tuple[Batch, List[int]]] = deque()
         self._batches: Iterator[Batch] = iter(())
         self._pool = ThreadPoolExecutor(read_threads, thread_name_prefix="dali-read") if read_threads > 0 else None
         # Batches taken from the sampler, not yet fed, with their reads under way (one per sample).
@@ -292,23 +292,24 @@ class ShardSource:
     def find_corrupt(self) -> int:
         """Decode every file in flight with PIL; mark the failures corrupt and return how many there were."""
         found = 0
-        for _, paths in self.pending:
-            for path in paths:
-                if path in self.corrupt:
+        for _, positions in self.pending:
+            for position in positions:
+                if position in self.corrupt:
                     continue
                 try:
-                    load_rgb(path)
+                    self.split.load_rgb(position)
                 except Exception as error:  # any decoder failure: PIL raises several types
-                    self.corrupt[path] = failure_reason(error)
+                    self.corrupt[position] = failure_reason(error)
                     found += 1
         return found
 
-    def _read(self, path: str) -> np.ndarray:
-        """The file's bytes (1-D uint8); raises ``UnreadableImage`` for a corrupt, unreadable or non-image file."""
-        if path in self.corrupt:
-            raise UnreadableImage(self.corrupt[path])
+    def _read(self, position: int) -> np.ndarray:
+        """The sample's encoded bytes (1-D uint8); raises ``UnreadableImage`` for a corrupt, unreadable or
+        non-image file."""
+        if position in self.corrupt:
+            raise UnreadableImage(self.corrupt[position])
         try:
-            data = np.fromfile(path, dtype=np.uint8)
+            data = self.split.read_encoded(position)
         except OSError as error:
             raise UnreadableImage(str(error)) from error
         problem = encoded_problem(data)  # found here, not by a decoder that stops the batch and prints
@@ -317,7 +318,7 @@ class ShardSource:
         return data
 
     def _read_sample(self, index: int) -> Read:
-        return read_or_replace(self.samples, index, self.sampler.train, self._read)
+        return read_or_replace(self.split.samples, index, self.sampler.train, self._read)
 
     def _next_batch(self) -> Tuple[Batch, Iterator[Read]]:
         """The next sampler batch and its samples' reads, in order (each waited for as it is taken)."""
@@ -332,17 +333,17 @@ class ShardSource:
         return batch, (read.result() for read in reads)
 
     def __call__(self) -> Tuple[List[np.ndarray], List[np.ndarray]]:
-        encoded, labels, paths = [], [], []
+        encoded, labels, positions = [], [], []
         while not encoded:  # a validation batch of only corrupt files is skipped entirely
             batch, reads = self._next_batch()
             for found, bad in reads:
                 self.bad.extend(bad)
                 if found is not None:
-                    data, label, path = found
+                    data, label, position = found
                     encoded.append(data)
                     labels.append(np.array([label], dtype=np.int64))
-                    paths.append(path)
-        self.pending.append((batch, paths))
+                    positions.append(position)
+        self.pending.append((batch, positions))
         return encoded, labels
 
 

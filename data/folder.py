@@ -10,10 +10,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
+import numpy as np
+from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from yacs.config import CfgNode
 
 from utils.file_io import atomic_write_text
+
+from .loader import load_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +40,14 @@ class ImageSplit:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def read_encoded(self, position: int) -> np.ndarray:
+        """The encoded bytes (1-D uint8) of the sample at ``position`` of ``samples``."""
+        return np.fromfile(self.samples[position][0], dtype=np.uint8)
+
+    def load_rgb(self, position: int) -> Image.Image:
+        """The sample at ``position`` of ``samples``, decoded to RGB by PIL."""
+        return load_rgb(self.samples[position][0])
 
 
 def resolve_dataset_root(config: CfgNode) -> Path:

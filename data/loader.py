@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar
+from typing import BinaryIO, Callable, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar, Union
 
 import torch
 from PIL import Image
@@ -28,16 +28,18 @@ class UnreadableImage(Exception):
     """A file that is no readable image; the message says why."""
 
 
-def load_rgb(path: str) -> Image.Image:
+def load_rgb(source: Union[str, BinaryIO]) -> Image.Image:
     """Open and fully decode an image as RGB (raises on unreadable or truncated files).
 
     Args:
-        path: Image file.
+        source: Image file, or an open binary file (e.g. ``io.BytesIO`` of its bytes).
     """
-    with open(path, "rb") as f:
-        image = Image.open(f)
-        image.load()
-        return image.convert("RGB")
+    if isinstance(source, str):
+        with open(source, "rb") as f:
+            return load_rgb(f)
+    image = Image.open(source)
+    image.load()
+    return image.convert("RGB")
 
 
 def failure_reason(error: Exception) -> str:
@@ -50,21 +52,22 @@ def failure_reason(error: Exception) -> str:
 
 
 def read_or_replace(samples: Sequence[Tuple[str, int]], index: int, train: bool,
-                    read: Callable[[str], Content]) -> Tuple[Optional[Tuple[Content, int, str]], List[str]]:
+                    read: Callable[[int], Content]) -> Tuple[Optional[Tuple[Content, int, int]], List[str]]:
     """Read sample ``index``; in training, an unreadable file is replaced by the next readable one.
 
     Training keeps batch shapes static by walking on through the dataset (wrapping around);
     validation drops the sample instead, so every image is evaluated at most once.
 
     Args:
-        samples: ``(path, label)`` pairs of the split.
+        samples: ``(name, label)`` pairs of the split (a file's path, or a shard member's name).
         index: The sample to read.
         train: Replace (True) or drop (False) an unreadable file.
-        read: Reads one path; any exception marks the file unreadable.
+        read: Reads the sample at a position of ``samples`` (e.g. ``ImageSplit.load_rgb``); any
+            exception marks the file unreadable.
 
     Returns:
-        ``((content, label, path) or None when dropped, reports)``: one ``"path (reason)"`` report per
-        unreadable file met.
+        ``((content, label, position read) or None when dropped, reports)``: one ``"name (reason)"``
+        report per unreadable file met.
 
     Raises:
         RuntimeError: ``MAX_REPLACEMENTS`` files in a row are unreadable (training).
@@ -72,11 +75,12 @@ def read_or_replace(samples: Sequence[Tuple[str, int]], index: int, train: bool,
     bad: List[str] = []
     attempts = MAX_REPLACEMENTS if train else 1
     for attempt in range(attempts):
-        path, label = samples[(index + attempt) % len(samples)]
+        position = (index + attempt) % len(samples)
+        name, label = samples[position]
         try:
-            return (read(path), label, path), bad
+            return (read(position), label, position), bad
         except Exception as error:  # any decoder failure: PIL raises several types
-            bad.append(f"{path} ({failure_reason(error)})")
+            bad.append(f"{name} ({failure_reason(error)})")
     if train:
         raise RuntimeError(f"{attempts} consecutive images from {samples[index][0]} on are unreadable: {bad[:3]}; "
                            "check the dataset for corruption")

@@ -23,7 +23,7 @@ from yacs.config import CfgNode
 
 from .common import SALT_AUGMENT, SALT_BATCH_AUGMENT, EpochBatchSampler, mix_seed, seeded_rng
 from .folder import ImageSplit
-from .loader import BatchLoader, load_rgb, read_or_replace
+from .loader import BatchLoader, read_or_replace
 
 # (image (3, H, W) uint8 or None when dropped, label, erasing seed, unreadable-file reports)
 Sample = Tuple[Optional[torch.Tensor], int, int, Tuple[str, ...]]
@@ -84,7 +84,7 @@ class SeededImageFolder(ImageFolder):
 
     def __getitem__(self, key: Tuple[int, int]) -> Sample:  # type: ignore[override]
         index, epoch = key
-        found, bad = read_or_replace(self.samples, index, self.train, load_rgb)
+        found, bad = read_or_replace(self.samples, index, self.train, self._split.load_rgb)
         if found is None:
             return None, -1, 0, tuple(bad)
         image, label, _ = found

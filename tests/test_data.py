@@ -507,17 +507,17 @@ def test_dali_rand_augment_warns_of_no_deprecated_operator(image_root: Path, rec
 def test_read_or_replace_walks_on_in_training_and_drops_in_validation() -> None:
     samples = [(f"f{i}", i % 2) for i in range(4)]
 
-    def read(path: str) -> str:
-        if path in ("f1", "f2"):
+    def read(position: int) -> str:
+        if position in (1, 2):
             raise UnreadableImage("bad header")
-        return path.upper()
+        return samples[position][0].upper()
 
-    assert read_or_replace(samples, 1, True, read) == (("F3", 1, "f3"), ["f1 (bad header)", "f2 (bad header)"])
-    assert read_or_replace(samples, 3, True, read) == (("F3", 1, "f3"), [])
+    assert read_or_replace(samples, 1, True, read) == (("F3", 1, 3), ["f1 (bad header)", "f2 (bad header)"])
+    assert read_or_replace(samples, 3, True, read) == (("F3", 1, 3), [])
     assert read_or_replace(samples, 1, False, read) == (None, ["f1 (bad header)"])
     with pytest.raises(RuntimeError, match=r"32 consecutive images from f2 on are unreadable: "
                                            r"\['f2 \(ZeroDivisionError: division by zero\)'"):
-        read_or_replace(samples, 2, True, lambda path: 1 / 0)
+        read_or_replace(samples, 2, True, lambda position: 1 / 0)
 
 
 def _identical_images_dataset(root: Path) -> None:
