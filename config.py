@@ -34,6 +34,12 @@ _C.DATA.DATA_PATH = ""
 _C.DATA.DATASET = "imagenet"
 # "dali" or "pytorch".
 _C.DATA.LOADER = "dali"
+# How an imagenet DATA_PATH stores its images: "folder" (train/<class>/<image>, val/...) or "shards"
+# (train/ and val/ of tar shards with an index.json, written by python -m data.make_shards).
+_C.DATA.FORMAT = "folder"
+# Shards: places of each rank's shuffle buffer; a sample is drawn from the next SHUFFLE_BUFFER
+# samples of the rank's shard stream (the buffer holds sample numbers, not images).
+_C.DATA.SHUFFLE_BUFFER = 4096
 _C.DATA.IMG_SIZE = 224
 # Interpolation for random-resized-crop and eval resize: "bicubic", "bilinear".
 _C.DATA.INTERPOLATION = "bicubic"
@@ -210,6 +216,7 @@ _C.THROUGHPUT.ITERS = 30
 _CHOICES: Dict[str, Tuple[str, ...]] = {
     "DATA.DATASET": ("imagenet", "toy", "synthetic"),
     "DATA.LOADER": ("dali", "pytorch"),
+    "DATA.FORMAT": ("folder", "shards"),
     "DATA.INTERPOLATION": ("bicubic", "bilinear"),
     "TRAIN.AMP": ("bf16", "fp16", "none"),
     "TEST.AMP": ("train", "bf16", "fp16", "none"),
@@ -297,6 +304,7 @@ def _value_rules(cfg: CN) -> List[Tuple[str, bool, str]]:
     per_stage = f"must be null (the variant's value) or {NUM_STAGES} integers >= 1, one per stage"
     return [
         ("DATA.BATCH_SIZE", cfg.DATA.BATCH_SIZE >= 1, "must be >= 1"),
+        ("DATA.SHUFFLE_BUFFER", cfg.DATA.SHUFFLE_BUFFER >= 1, "must be >= 1 (1: no shuffling within a shard stream)"),
         ("DATA.NUM_WORKERS", cfg.DATA.NUM_WORKERS is None or cfg.DATA.NUM_WORKERS >= 0,
          "must be >= 0 (0 = load in the training process) or null (one per core, at most 8)"),
         ("DATA.IMG_SIZE", cfg.DATA.IMG_SIZE >= SIZE_DIVISOR and cfg.DATA.IMG_SIZE % SIZE_DIVISOR == 0,
@@ -367,6 +375,9 @@ def validate(cfg: CN) -> None:
         raise ConfigError(f"DATA.DATA_PATH={cfg.DATA.DATA_PATH!r} was given but DATA.DATASET={cfg.DATA.DATASET!r} "
                           "reads no folder; add --opts DATA.DATASET imagenet to train on the folder, or drop "
                           "--data-path")
+    if cfg.DATA.FORMAT == "shards" and cfg.DATA.DATASET != "imagenet":
+        raise ConfigError(f"DATA.FORMAT='shards' reads DATA_PATH but DATA.DATASET={cfg.DATA.DATASET!r} reads none; "
+                          "add --opts DATA.DATASET imagenet and --data-path SHARDS, or drop DATA.FORMAT")
     if cfg.MODEL.RESUME and cfg.MODEL.PRETRAINED:
         raise ConfigError("--resume and --pretrained were both given: --resume restores the whole training "
                           "state (weights included), --pretrained only initialises the weights; pass one")

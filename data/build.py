@@ -41,8 +41,20 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
     from .folder import FileListCache, default_cache_dir, resolve_dataset_root, scan_image_folder
 
     root = resolve_dataset_root(config)
-    cache = FileListCache(default_cache_dir(), write=rank == 0) if config.DATA.FILE_LIST_CACHE else None
-    train_set, val_set = scan_image_folder(root, config.MODEL.NUM_CLASSES, cache)
+    if config.DATA.FORMAT == "shards":
+        from .shards import ShardBatchSampler, open_shard_splits
+
+        train_set, val_set = open_shard_splits(root, config.MODEL.NUM_CLASSES)
+
+        def sampler(split, train):
+            return ShardBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size, train=train,
+                                     shard_sizes=tuple(split.shard_sizes), buffer=config.DATA.SHUFFLE_BUFFER)
+    else:
+        cache = FileListCache(default_cache_dir(), write=rank == 0) if config.DATA.FILE_LIST_CACHE else None
+        train_set, val_set = scan_image_folder(root, config.MODEL.NUM_CLASSES, cache)
+
+        def sampler(split, train):
+            return EpochBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size, train=train)
     workers = num_workers(config)
     if config.DATA.LOADER == "pytorch":
         from .torch_loader import make_torch_loader
@@ -54,9 +66,7 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
 
         def make(split, sampler):
             return DaliLoader(config, split, sampler, device, workers)
-    train, val = (make(split, EpochBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size,
-                                                train=is_train))
-                  for split, is_train in ((train_set, True), (val_set, False)))
+    train, val = (make(split, sampler(split, is_train)) for split, is_train in ((train_set, True), (val_set, False)))
     return Loaders(train=train, val=val, num_classes=len(train_set.classes))
 
 

@@ -14,6 +14,7 @@ SALT_ORDER = 1
 SALT_AUGMENT = 2
 SALT_SYNTHETIC = 3
 SALT_BATCH_AUGMENT = 4
+SALT_SHARD_ORDER = 5
 
 
 def mix_seed(*values: int) -> int:
