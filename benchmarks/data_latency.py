@@ -41,9 +41,9 @@ def read_latency(seconds: float) -> Iterator[None]:
         return
     read = dali_loader.ShardSource._read
 
-    def slow_read(source: dali_loader.ShardSource, path: str):
+    def slow_read(source: dali_loader.ShardSource, position: int):
         time.sleep(seconds)
-        return read(source, path)
+        return read(source, position)
 
     with mock.patch.object(dali_loader.ShardSource, "_read", slow_read):
         yield

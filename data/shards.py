@@ -170,11 +170,15 @@ class ShardSplit(ImageSplit):
         with self._lock:
             fd = self._handles.pop(shard, None)
             if fd is None:
-                fd = os.open(self.files[shard], os.O_RDONLY)
+                fd = self.open_shard(shard)
                 if len(self._handles) >= OPEN_SHARDS:
                     os.close(self._handles.popitem(last=False)[1])
             self._handles[shard] = fd
             return fd
+
+    def open_shard(self, shard: int) -> int:
+        """Open shard number ``shard`` for reading; returns the file descriptor."""
+        return os.open(self.files[shard], os.O_RDONLY)
 
     def read_encoded(self, position: int) -> np.ndarray:
         size, offset = int(self.sizes[position]), int(self.offsets[position])
