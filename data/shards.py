@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .common import SALT_SHARD_ORDER, EpochBatchSampler, mix_seed
 from .folder import SPLITS, ImageSplit
@@ -188,7 +188,10 @@ class ShardSplit(ImageSplit):
         return np.frombuffer(data, dtype=np.uint8)
 
     def load_rgb(self, position: int) -> Image.Image:
-        return load_rgb(io.BytesIO(self.read_encoded(position).tobytes()))
+        try:
+            return load_rgb(io.BytesIO(self.read_encoded(position).tobytes()))
+        except UnidentifiedImageError:  # its message names the in-memory file object, a new one each time
+            raise UnreadableImage("not an image PIL can identify") from None
 
     def __getstate__(self) -> Dict[str, Any]:  # open files and the lock stay in their process
         state = dict(self.__dict__)

@@ -1,13 +1,21 @@
 """Sharded datasets: each epoch's order across ranks, reading, resume and the errors of a damaged set."""
 from __future__ import annotations
 
+import logging
+import shutil
 from collections import Counter
+from pathlib import Path
 from typing import List
 
 import numpy as np
 import pytest
+import torch
 
-from data.shards import ShardBatchSampler, buffer_shuffle
+from config import _C
+from data import build_loader
+from data.make_shards import convert
+from data.shards import ShardBatchSampler, ShardIndex, buffer_shuffle
+from data.toy import ToySpec, ensure_toy_dataset
 
 SHARD_SIZES = (10, 10, 10, 10, 10, 10, 7)  # 67 samples, a short last shard
 
@@ -87,3 +95,118 @@ def test_shard_order_spreads_samples_of_every_shard_over_ranks_across_epochs() -
         for index in _set_epoch(_sampler(0, 2), epoch).indices():
             counts[index] += 1
     assert len(counts) == 67  # rank 0 sees every sample in some epoch
+
+
+# -----------------------------------------------------------------------------
+# Reading real shards (converted from a small toy folder) with both loaders
+# -----------------------------------------------------------------------------
+LOADERS = ["pytorch", "dali"]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 classes of 48x48 toy JPEGs: 120 train and 30 val images."""
+    return ensure_toy_dataset(tmp_path_factory.mktemp("toy"), ToySpec(12, 3, 48))
+
+
+@pytest.fixture(scope="module")
+def shards(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    destination = tmp_path_factory.mktemp("shards") / "toy"
+    convert(folder, destination, samples_per_shard=25, workers=1)
+    return destination
+
+
+def _config(root: Path, loader: str, data_format: str = "shards", **data):
+    cfg = _C.clone()
+    cfg.DATA.DATASET, cfg.DATA.DATA_PATH, cfg.DATA.FORMAT, cfg.DATA.LOADER = "imagenet", str(root), data_format, loader
+    cfg.DATA.IMG_SIZE, cfg.DATA.BATCH_SIZE, cfg.DATA.NUM_WORKERS, cfg.MODEL.NUM_CLASSES = 32, 8, 1, 10
+    for key, value in data.items():
+        cfg.DATA[key] = value
+    return cfg
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_validation_from_shards_is_the_folders_batch_for_batch(folder: Path, shards: Path, loader: str) -> None:
+    """The val shards hold the folder's files in its order: the same bytes give the same batches."""
+    from_folder, from_shards = (list(build_loader(_config(root, loader, data_format), CPU).val)
+                                for root, data_format in ((folder, "folder"), (shards, "shards")))
+    assert len(from_folder) == len(from_shards) == 4
+    for (images_a, labels_a), (images_b, labels_b) in zip(from_folder, from_shards):
+        assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_training_epoch_delivers_every_rank_the_same_batches_of_distinct_samples(shards: Path,
+                                                                                   loader: str) -> None:
+    world_size, seen = 2, []
+    for rank in range(world_size):
+        train = build_loader(_config(shards, loader), CPU, rank=rank, world_size=world_size).train
+        train.set_epoch(1)
+        batches = list(train)
+        assert len(batches) == len(train) == 120 // 2 // 8 and all(images.shape[0] == 8 for images, _ in batches)
+        seen += [index for batch in train.sampler for index, _ in batch]
+    assert len(seen) == len(set(seen)) == 2 * 7 * 8
+
+
+def test_resume_mid_epoch_gives_the_very_next_batches(shards: Path) -> None:
+    train = build_loader(_config(shards, "pytorch"), CPU).train
+    train.set_epoch(3)
+    full = list(train)
+    train.set_epoch(3, start_batch=5)
+    rest = list(train)
+    assert len(rest) == len(full) - 5
+    for (images_a, labels_a), (images_b, labels_b) in zip(full[5:], rest):
+        assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+
+
+def _damage_one_member(root: Path) -> str:
+    """Overwrite the image bytes of the first training sample of shard 1 in place; returns its name."""
+    index = ShardIndex.load(root / "train")
+    shard = index.shards[1]
+    with open(root / "train" / shard.file, "r+b") as f:
+        f.seek(shard.offsets[0])
+        f.write(b"\xff\xd8\xff" + b"\x00" * (shard.sizes[0] - 3))
+    return f"{shard.file}:{shard.keys[0]}"
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_corrupt_member_is_skipped_named_and_counted(shards: Path, tmp_path: Path, loader: str, caplog) -> None:
+    root = tmp_path / "damaged"
+    shutil.copytree(shards, root)
+    name = _damage_one_member(root)
+    caplog.set_level(logging.WARNING)
+    train = build_loader(_config(root, loader), CPU).train
+    for epoch in range(2):
+        train.set_epoch(epoch)
+        assert sum(images.shape[0] for images, _ in train) == len(train) * 8
+    assert train.num_bad == 1
+    assert [record.getMessage().split(" (")[0] for record in caplog.records if name in record.getMessage()] == \
+        [f"unreadable image {name}"]
+
+
+def test_a_missing_or_truncated_shard_is_one_error_naming_it(shards: Path, tmp_path: Path) -> None:
+    root = tmp_path / "broken"
+    shutil.copytree(shards, root)
+    shard = root / "train" / "shard-000002.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=f"shard {shard} has {len(data) // 2} bytes but index.json says "
+                                         f"{len(data)}: it is truncated"):
+        build_loader(_config(root, "pytorch"), CPU)
+    shard.unlink()
+    with pytest.raises(ValueError, match=f"shard {shard} is missing"):
+        build_loader(_config(root, "pytorch"), CPU)
+    shard.write_bytes(data)
+    (root / "val" / "index.json").unlink()
+    with pytest.raises(ValueError, match="index.json does not exist: DATA.FORMAT shards reads"):
+        build_loader(_config(root, "pytorch"), CPU)
+
+
+def test_shards_need_an_imagenet_data_path() -> None:
+    from config import ConfigError, validate
+
+    cfg = _C.clone()
+    cfg.DATA.DATASET, cfg.DATA.FORMAT = "toy", "shards"
+    with pytest.raises(ConfigError, match="DATA.FORMAT='shards' reads DATA_PATH"):
+        validate(cfg)
