@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import hashlib
 import io
 import json
@@ -397,8 +398,11 @@ class SplitSummary:
     resumed_shards: int
 
 
-def _ignore_sigint() -> None:
-    """Pool workers leave Ctrl-C to the parent, which terminates them (no traceback per worker)."""
+def _init_worker() -> None:
+    """Pool workers leave Ctrl-C to the parent, which terminates them (no traceback per worker), and
+    never collect the objects they inherit: finalising a forked copy of a DALI pipeline waits forever
+    for threads the child does not have (as in ``data/torch_loader.py``)."""
+    gc.freeze()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -535,7 +539,8 @@ def convert(src: Path, dst: Path, samples_per_shard: int = DEFAULT_SAMPLES_PER_S
         for plan in plans:
             summaries.append(convert_split(plan, dst / plan.name, None, on_progress))
         return summaries
-    with multiprocessing.Pool(workers, initializer=_ignore_sigint) as pool:
+    gc.collect()  # what is garbage now is not inherited by the workers
+    with multiprocessing.Pool(workers, initializer=_init_worker) as pool:
         for plan in plans:
             summaries.append(convert_split(plan, dst / plan.name, pool, on_progress))
     return summaries
