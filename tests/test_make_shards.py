@@ -71,45 +71,88 @@ def originals(split_dir: Path) -> Dict[str, Tuple[bytes, int]]:
     return result
 
 
+def check_shards(split_dir: Path, expected: Dict[str, Tuple[bytes, int]], scratch: Path) -> List[str]:
+    """Assert that the shards of ``split_dir`` hold ``expected`` (key -> original bytes, label):
+    by ``os.pread`` at the index's byte ranges, as tar members with fixed metadata and ``.cls``
+    labels, and with DALI index files equal to what DALI's own ``wds2idx`` makes of the tars.
+    Returns the keys in shard order."""
+    index = ShardIndex.load(split_dir)
+    keys = []
+    for number, shard in enumerate(index.shards):
+        path = split_dir / shard.file
+        assert shard.bytes == path.stat().st_size
+        with open(path, "rb") as f:
+            for key, label, ext, offset, size in zip(shard.keys, shard.labels, shard.exts, shard.offsets,
+                                                     shard.sizes):
+                data, source_label = expected[key]
+                assert os.pread(f.fileno(), size, offset) == data and label == source_label
+        with tarfile.open(path) as tar:
+            members = tar.getmembers()
+            labels = [tar.extractfile(member).read() for member in members[1::2]]
+        names = [f"{key}.{ext}" for key, ext in zip(shard.keys, shard.exts)]
+        assert [member.name for member in members] == [name for image in names
+                                                       for name in (image, image.rsplit(".", 1)[0] + ".cls")]
+        assert [member.offset_data for member in members[::2]] == shard.offsets
+        assert labels == [str(label).encode() for label in shard.labels]
+        assert {(m.mtime, m.mode, m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0o644, 0, 0, "", "")}
+        reference = scratch / "reference.idx"
+        with IndexCreator(str(path), str(reference), verbose=False) as creator:
+            creator.create_index()
+        assert (split_dir / dali_index_name(number)).read_bytes() == reference.read_bytes()
+        keys += shard.keys
+    assert sorted(keys) == sorted(expected)  # every readable file once
+    return keys
+
+
+def dali_read(split_dir: Path) -> List[Tuple[bytes, int]]:
+    """(image bytes, label) of every sample of ``split_dir``'s shards, as DALI's webdataset reader
+    returns them (CPU) from our tars and index files."""
+    from nvidia.dali import fn, pipeline_def
+
+    index = ShardIndex.load(split_dir)
+    files = [shard.file for shard in index.shards]
+
+    @pipeline_def(batch_size=index.num_samples, num_threads=1, device_id=None)
+    def pipeline():
+        images, labels = fn.readers.webdataset(
+            paths=[str(split_dir / name) for name in files],
+            index_paths=[str(split_dir / (name[:-len(".tar")] + ".idx")) for name in files],
+            ext=["jpg;jpeg;png", "cls"], missing_component_behavior="error")
+        return images, labels
+
+    pipe = pipeline()
+    pipe.build()
+    images, labels = pipe.run()
+    return [(images.at(i).tobytes(), int(labels.at(i).tobytes())) for i in range(len(images))]
+
+
 def test_round_trip_bytes_labels_members_and_dali_index(folder: Path, tmp_path: Path) -> None:
     dst = tmp_path / "shards"
     summaries = convert(folder, dst, samples_per_shard=PER_SHARD, workers=2)
     assert [(s.split, s.samples, s.skipped) for s in summaries] == [("train", 40, 3), ("val", 12, 0)]
     for split in ("train", "val"):
         index = ShardIndex.load(dst / split)
-        expected = originals(folder / split)
         assert index.split == split and index.classes == CLASSES
-        assert index.num_samples == len(expected) and len(index.shards) == {"train": 6, "val": 2}[split]
-        seen = []
-        for number, shard in enumerate(index.shards):
-            path = dst / split / shard.file
-            assert shard.file == shard_name(number) and shard.bytes == path.stat().st_size
-            with open(path, "rb") as f:
-                for key, label, ext, offset, size in zip(shard.keys, shard.labels, shard.exts, shard.offsets,
-                                                         shard.sizes):
-                    data, source_label = expected[key]
-                    assert os.pread(f.fileno(), size, offset) == data and label == source_label
-                    assert ext in ("jpeg", "jpg", "png")
-            with tarfile.open(path) as tar:
-                members = tar.getmembers()
-            assert [m.name for m in members] == [f"{k}.{e}" for k, e in zip(shard.keys, shard.exts)
-                                                 for e in (e, "cls")]
-            assert [m.offset_data for m in members[::2]] == shard.offsets
-            with tarfile.open(path) as tar:
-                assert [tar.extractfile(m).read() for m in members[1::2]] == [str(label).encode()
-                                                                              for label in shard.labels]
-            assert {(m.mtime, m.mode, m.uid, m.gid, m.uname, m.gname) for m in members} == {(0, 0o644, 0, 0, "", "")}
-            # The DALI index is exactly what DALI's own tool (wds2idx) makes of the tar.
-            reference = tmp_path / "reference.idx"
-            with IndexCreator(str(path), str(reference), verbose=False) as creator:
-                creator.create_index()
-            assert (dst / split / dali_index_name(number)).read_bytes() == reference.read_bytes()
-            seen += shard.keys
-        assert sorted(seen) == sorted(expected)  # every readable file once
+        assert [shard.file for shard in index.shards] == [shard_name(n) for n in range({"train": 6, "val": 2}[split])]
+        check_shards(dst / split, originals(folder / split), tmp_path)
+    assert {ext for shard in ShardIndex.load(dst / "train").shards for ext in shard.exts} == {"jpeg", "jpg", "png"}
     skipped = ShardIndex.load(dst / "train").skipped
     assert sorted(path for path, _ in skipped) == sorted(CORRUPT)
     for path, reason in skipped:
         assert reason.startswith(CORRUPT[path]), (path, reason)
+
+
+def test_long_and_non_ascii_names_round_trip(tmp_path: Path) -> None:
+    """Such names get a PAX header before their member: offsets and DALI indexes still hold."""
+    class_dir = tmp_path / "src" / "val" / "café"
+    class_dir.mkdir(parents=True)
+    for n, name in enumerate(["x" * 150 + ".png", "crème brûlée.jpg", "plain.JPEG"]):
+        Image.new("RGB", (8, 8), (n, 0, 0)).save(class_dir / name, "PNG" if name.endswith("png") else "JPEG")
+    convert(tmp_path / "src", tmp_path / "shards", workers=1)
+    expected = originals(tmp_path / "src" / "val")
+    assert "café_crème_brûlée" in expected
+    keys = check_shards(tmp_path / "shards" / "val", expected, tmp_path)
+    assert dali_read(tmp_path / "shards" / "val") == [expected[key] for key in keys]
 
 
 def test_keys_are_the_relative_path_with_dots_and_slashes_made_underscores() -> None:
@@ -192,11 +235,10 @@ def test_kill_9_midway_then_rerun_gives_the_uninterrupted_result(folder: Path, t
 def test_ctrl_c_returns_130_and_a_rerun_resumes(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                 capsys: pytest.CaptureFixture, restore_logging: None) -> None:
     convert(folder, tmp_path / "clean", samples_per_shard=PER_SHARD, workers=1)
-    write, calls = make_shards.write_shard, []
+    write, interrupt_at = make_shards.write_shard, [2]
 
-    def interrupted(task):
-        calls.append(task.number)
-        if len(calls) == 3:
+    def interrupted(task):  # Ctrl-C when a given shard is started
+        if task.number == interrupt_at[0]:
             raise KeyboardInterrupt
         return write(task)
 
@@ -211,6 +253,15 @@ def test_ctrl_c_returns_130_and_a_rerun_resumes(folder: Path, tmp_path: Path, mo
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("train: 40 samples written, 3 skipped, 6 shards (2 complete before this run)")
     assert out[-1].startswith("total: 52 samples written, 3 skipped, 8 shards")
+    assert tree(tmp_path / "out") == tree(tmp_path / "clean")
+    # Interrupted again after a shard went missing: the index of the complete output goes too.
+    (tmp_path / "out" / "train" / sidecar_name(4)).unlink()
+    interrupt_at[0] = 4
+    monkeypatch.setattr(make_shards, "write_shard", interrupted)
+    assert main(argv) == 130
+    assert not (tmp_path / "out" / "train" / INDEX_NAME).exists()
+    monkeypatch.setattr(make_shards, "write_shard", write)
+    assert main(argv) == 0
     assert tree(tmp_path / "out") == tree(tmp_path / "clean")
 
 
@@ -256,33 +307,12 @@ def test_key_collisions_are_refused(tmp_path: Path) -> None:
 
 
 def test_dali_webdataset_reader_reads_the_shards_with_our_index_files(folder: Path, tmp_path: Path) -> None:
-    from nvidia.dali import fn, pipeline_def
-
     dst = tmp_path / "shards"
     convert(folder, dst, samples_per_shard=PER_SHARD, workers=1)
-    split_dir = dst / "train"
-    index = ShardIndex.load(split_dir)
-    files = [shard.file for shard in index.shards]
-
-    @pipeline_def(batch_size=index.num_samples, num_threads=1, device_id=None)
-    def pipeline():
-        images, labels = fn.readers.webdataset(
-            paths=[str(split_dir / name) for name in files],
-            index_paths=[str(split_dir / (name[:-len(".tar")] + ".idx")) for name in files],
-            ext=["jpg;jpeg;png", "cls"], missing_component_behavior="error")
-        return images, labels
-
-    pipe = pipeline()
-    pipe.build()
-    images, labels = pipe.run()
     expected = originals(folder / "train")
-    keys = [key for shard in index.shards for key in shard.keys]
-    assert {ext for shard in index.shards for ext in shard.exts} == {"jpeg", "jpg", "png"}
-    assert len(images) == len(keys) == len(expected)
-    for i, key in enumerate(keys):
-        data, label = expected[key]
-        assert images.at(i).tobytes() == data
-        assert int(labels.at(i).tobytes()) == label
+    keys = [key for shard in ShardIndex.load(dst / "train").shards for key in shard.keys]
+    assert len(keys) == len(expected) == 40
+    assert dali_read(dst / "train") == [expected[key] for key in keys]
 
 
 @pytest.mark.parametrize("case", ["no src", "src missing", "no splits", "samples per shard", "workers",
