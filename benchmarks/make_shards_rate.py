@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=3)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    root = args.root or Path(tempfile.gettempdir()) / f"crossformer_shards_bench_{args.images}_{args.width}x{args.height}"
+    name = f"crossformer_shards_bench_{args.images}_{args.width}x{args.height}"
+    root = args.root or Path(tempfile.gettempdir()) / name
     created = time.perf_counter()
     make_folder(root, args.images, args.width, args.height)
     created = time.perf_counter() - created

@@ -223,7 +223,8 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> int:
     member.uid = member.gid = 0
     member.uname = member.gname = ""
     tar.addfile(member, io.BytesIO(data))
-    return tar.offset - -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE  # data, padded to a block
+    padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return tar.offset - padded  # the data, padded to whole blocks, ends where the tar now ends
 
 
 def write_shard(task: ShardTask) -> ShardResult:
