@@ -2,6 +2,7 @@
 atomic resume, bad files, DALI's webdataset reader, argument errors."""
 from __future__ import annotations
 
+import io
 import os
 import random
 import signal
@@ -19,7 +20,8 @@ from wds2idx import IndexCreator
 
 from data import make_shards
 from data.folder import scan_split
-from data.make_shards import convert, dali_index_name, main, sample_key, sidecar_name
+from data.make_shards import (Progress, ProgressLine, convert, dali_index_name, main, sample_key,
+                              sidecar_name)
 from data.shards import INDEX_NAME, ShardIndex, shard_name
 from tests.helpers import subprocess_env
 
@@ -348,3 +350,25 @@ def test_bad_arguments_are_one_line_errors(case: str, folder: Path, tmp_path: Pa
     err = capsys.readouterr().err.strip().splitlines()  # the scan's log lines, then the error
     errors = [line for line in err if line.startswith("error: ")]
     assert errors == err[-1:] and expected[case] in errors[0], err
+
+
+def test_progress_is_one_rewritten_line_on_a_terminal_else_a_line_per_interval() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    state = Progress(split="train", samples_done=500, samples_total=2000, shards_done=1, shards_total=4,
+                     samples_written=500, bytes_written=50_000_000, seconds=5.0)
+    terminal = Terminal()
+    line = ProgressLine(terminal)
+    line(state)
+    line(state)
+    expected = "train: 500/2,000 samples, shards 1/4, 100 images/s, 10.0 MB/s, ETA 0:00:15"
+    assert terminal.getvalue() == f"\r\x1b[K{expected}" * 2
+    line.clear()  # before a log line or the summary
+    assert terminal.getvalue().endswith("\r\x1b[K") and not line.showing
+    log = io.StringIO()
+    line = ProgressLine(log, interval=3600)
+    line(state)
+    line(state)  # within the interval: nothing
+    assert log.getvalue() == expected + "\n"
