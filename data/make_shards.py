@@ -49,7 +49,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Text
 import numpy as np
 from PIL import Image
 
-from utils.file_io import _publish, atomic_write_text, remove_stale_temp_files
+from utils.file_io import atomic_publish, atomic_write_text, remove_stale_temp_files
 
 from .encoded import encoded_problem
 from .folder import SPLITS, ImageSplit, scan_split
@@ -277,7 +277,7 @@ def write_shard(task: ShardTask) -> ShardResult:
 
     info: Optional[ShardInfo] = None
     try:
-        _publish(str(destination / shard_name(task.number)), write)
+        atomic_publish(str(destination / shard_name(task.number)), write)
         info = ShardInfo(file=shard_name(task.number), bytes=size, keys=keys, labels=labels, exts=exts,
                          offsets=offsets, sizes=sizes)
         dali_index = f"{DALI_INDEX_VERSION} {len(keys)}\n" + "".join(lines)

@@ -36,9 +36,14 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _publish(path: str, write: Callable[[str], None]) -> None:
+def atomic_publish(path: str, write: Callable[[str], None]) -> None:
     """Atomically make ``path`` the file that ``write(tmp)`` produces: temp file, rename, fsync the
-    directory; on any failure the temp file is removed and ``path`` is untouched."""
+    directory; on any failure the temp file is removed and ``path`` is untouched.
+
+    Args:
+        path: Destination.
+        write: Writes the complete file (and fsyncs it) at the temp path it is given.
+    """
     tmp = _temp_path(path)
     try:
         write(tmp)
@@ -63,7 +68,7 @@ def atomic_save(obj: Any, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
 
-    _publish(path, write)
+    atomic_publish(path, write)
 
 
 def atomic_write_text(text: str, path: str) -> None:
@@ -79,7 +84,7 @@ def atomic_write_text(text: str, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
 
-    _publish(path, write)
+    atomic_publish(path, write)
 
 
 def atomic_copy(src: str, dst: str) -> None:
@@ -100,7 +105,7 @@ def atomic_copy(src: str, dst: str) -> None:
                 fout.flush()
                 os.fsync(fout.fileno())
 
-    _publish(dst, write)
+    atomic_publish(dst, write)
 
 
 def load_file(path: str, map_location: Any = "cpu", mmap: bool = False) -> Dict[str, Any]:
