@@ -164,3 +164,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def assert_same_training_state(a: Path, b: Path) -> None:
+    """Two checkpoint files hold the same position and bitwise equal weights, EMA and optimizer state.
+
+    Args:
+        a: One checkpoint file.
+        b: The other.
+    """
+    import torch
+
+    x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    assert (x["epoch"], x["batch"], x["global_step"]) == (y["epoch"], y["batch"], y["global_step"])
+    for key in ("model", "ema"):
+        for name, tensor in x[key].items():
+            assert torch.equal(tensor, y[key][name]), f"{key}.{name}"
+    for index, state in x["optimizer"]["state"].items():
+        for name, tensor in state.items():
+            assert torch.equal(tensor, y["optimizer"]["state"][index][name]), f"optimizer.{index}.{name}"

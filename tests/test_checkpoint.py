@@ -106,7 +106,8 @@ def test_temp_files_of_killed_writers_are_removed_and_nothing_else(tmp_path: Pat
     for name in names:
         (tmp_path / name).write_text("x")
     remove_stale_temp_files(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == sorted([f".last.pth.tmp-{os.getpid()}", "last.pth", "log.txt", "notes.tmp-1"])
+    kept = [f".last.pth.tmp-{os.getpid()}", "last.pth", "log.txt", "notes.tmp-1"]  # ours, complete, not temp
+    assert sorted(os.listdir(tmp_path)) == sorted(kept)
 
 
 def test_auto_resume_picks_highest_step_not_newest_file(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 
-from tests.helpers import (free_port, launch_sh_command, main_command, run, run_dir, run_main, start,
+from tests.helpers import (assert_same_training_state, free_port, launch_sh_command, main_command, run, run_dir, run_main, start,
                            subprocess_env, torchrun_command, write_tiny_yaml)
 
 pytestmark = pytest.mark.slow
@@ -57,17 +57,6 @@ def _worker_pid(parent: int, rank: int) -> int:
         if ppid == parent and f"RANK={rank}".encode() in environ:
             return int(entry)
     raise AssertionError(f"no worker of rank {rank} under pid {parent}")
-
-
-def _assert_same_training_state(a: Path, b: Path) -> None:
-    x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    assert (x["epoch"], x["batch"], x["global_step"]) == (y["epoch"], y["batch"], y["global_step"])
-    for key in ("model", "ema"):
-        for name, tensor in x[key].items():
-            assert torch.equal(tensor, y[key][name]), f"{key}.{name}"
-    for index, state in x["optimizer"]["state"].items():
-        for name, tensor in state.items():
-            assert torch.equal(tensor, y["optimizer"]["state"][index][name]), f"optimizer.{index}.{name}"
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +102,7 @@ def test_signal_on_one_rank_stops_all_then_resume_is_bitwise_exact(root: Path, r
     result = run(_torchrun_cmd(root / "tiny.yaml", preempted["out"]), root, timeout=LIMIT_S)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"global step {stopped['global_step']}" in preempted["log"].read_text().split("preempted:")[-1]
-    _assert_same_training_state(reference, run_dir(preempted["out"]) / "last.pth")
+    assert_same_training_state(reference, run_dir(preempted["out"]) / "last.pth")
 
 
 def test_a_killed_rank_comes_back_under_max_restarts_and_resumes(root: Path, reference: Path) -> None:
@@ -129,7 +118,7 @@ def test_a_killed_rank_comes_back_under_max_restarts_and_resumes(root: Path, ref
             proc.kill()
     assert proc.returncode == 0, output[-3000:]
     assert "auto-resume" in log.read_text() or "resumed from" in log.read_text()
-    _assert_same_training_state(reference, run_dir(out) / "last.pth")
+    assert_same_training_state(reference, run_dir(out) / "last.pth")
 
 
 def test_a_hung_rank_makes_the_others_exit_after_the_timeout(root: Path) -> None:
@@ -209,7 +198,7 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_resumes_bitwise(root: Path, ref
     assert 1 <= stopped["global_step"] < 16
     resumed = run(command, root, timeout=LIMIT_S)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _assert_same_training_state(reference, run_dir(out) / "last.pth")
+    assert_same_training_state(reference, run_dir(out) / "last.pth")
 
 
 def test_a_bad_input_under_launch_sh_is_our_line_not_a_launcher_traceback(root: Path) -> None:
