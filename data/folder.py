@@ -176,6 +176,9 @@ def scan_split(split_dir: Path, cache: Optional[FileListCache] = None) -> ImageS
     start = last_report = time.monotonic()
     stamps = _directory_stamps(split_dir, [""])  # before listing: a change meanwhile invalidates
     classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    if not classes and (split_dir / "index.json").is_file():
+        raise ValueError(f"{split_dir} holds tar shards (index.json), not class folders; add --opts DATA.FORMAT "
+                         "shards to read them")
     if not classes:
         raise ValueError(f"{split_dir} has no class directories; put each class's images in "
                          f"{split_dir}/<class>/ (a flat val folder must first be sorted into class folders)")

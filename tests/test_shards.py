@@ -203,6 +203,12 @@ def test_a_missing_or_truncated_shard_is_one_error_naming_it(shards: Path, tmp_p
         build_loader(_config(root, "pytorch"), CPU)
 
 
+def test_shards_read_as_a_folder_say_which_format_they_are(shards: Path) -> None:
+    with pytest.raises(ValueError, match="holds tar shards \\(index.json\\), not class folders; add --opts "
+                                         "DATA.FORMAT shards"):
+        build_loader(_config(shards, "pytorch", data_format="folder", FILE_LIST_CACHE=False), CPU)
+
+
 def test_shards_need_an_imagenet_data_path() -> None:
     from config import ConfigError, validate
 
