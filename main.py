@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Sequence
 
 import torch
 
-from config import get_config, parse_option
+from config import ConfigError, get_config, parse_option
 from trainer import Trainer, run_throughput
 from utils.distributed import cleanup, init_distributed
 from utils.logger import setup_logging
@@ -107,6 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:  # noqa: BLE001 - reported in one line; --debug shows the traceback
         if args.debug:
             raise
+        if isinstance(e, ConfigError) and os.environ.get("LOCAL_RANK", "0") != "0":
+            return EXIT_ERROR  # the same config fails the same way on every rank: one line per node
         message = first_line(e)
         if isinstance(e, torch.distributed.DistError) or "timed out" in message.lower():
             message = (f"a collective failed, another rank died or hangs ({message}); waits are bounded by "
