@@ -1,261 +1,295 @@
-"""Configuration: yacs defaults reproducing the CrossFormer / CrossFormer++ ImageNet recipe.
+"""Configuration: every key declared once, with the defaults of the CrossFormer / CrossFormer++ recipe.
 
 Precedence (lowest to highest): these defaults < YAML file (with ``BASE`` inheritance)
 < ``--opts KEY VALUE ...`` < named command-line flags that the user actually typed.
+
+:data:`KEYS` is the one table of keys: each :class:`Key` holds its default (whose type is the key's
+type), what it means, its allowed values, the named flag that sets it, its value rule and what a
+change means when a run resumes. The yacs defaults (:func:`get_defaults`), the checks of
+:func:`validate`, the command line's flags and the resume policy (``resume.py``) are derived from it.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import difflib
+import enum
 import functools
 import logging
 import os
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import timm
 import yaml
 from yacs.config import CfgNode as CN
 
 logger = logging.getLogger(__name__)
 
-_C = CN()
-
-# YAML files listed here are merged first (paths relative to the including file).
-_C.BASE = [""]
-
-# -----------------------------------------------------------------------------
-# Data
-# -----------------------------------------------------------------------------
-_C.DATA = CN()
-# Per-process batch size.
-_C.DATA.BATCH_SIZE = 128
-_C.DATA.DATA_PATH = ""
-# "imagenet" (folder layout), "toy" (built-in generated JPEGs), "synthetic" (random tensors).
-_C.DATA.DATASET = "imagenet"
-# "dali" or "pytorch".
-_C.DATA.LOADER = "dali"
-# How an imagenet DATA_PATH stores its images: "folder" (train/<class>/<image>, val/...) or "shards"
-# (train/ and val/ of tar shards with an index.json, written by python -m data.make_shards).
-_C.DATA.FORMAT = "folder"
-# Shards: places of each rank's shuffle buffer; a sample is drawn from the next SHUFFLE_BUFFER
-# samples of the rank's shard stream (the buffer holds sample numbers, not images).
-_C.DATA.SHUFFLE_BUFFER = 4096
-_C.DATA.IMG_SIZE = 224
-# Interpolation for random-resized-crop and eval resize: "bicubic", "bilinear".
-_C.DATA.INTERPOLATION = "bicubic"
-_C.DATA.PIN_MEMORY = True
-# Loader workers per process: PyTorch DataLoader worker processes; for DALI, its CPU threads (and 4
-# file-reading threads each). None (YAML null): the CPU cores available to this process divided by
-# the processes on this node (LOCAL_WORLD_SIZE), at most 8; the log says what was chosen.
-_C.DATA.NUM_WORKERS = None
-# Where the toy dataset is generated on first use ("" = ~/.cache/crossformer/toy).
-_C.DATA.TOY_ROOT = ""
-# Keep the scanned file list of each split in $XDG_CACHE_HOME/crossformer/filelists (~/.cache/...)
-# and reuse it while the class directories are unchanged: a restart does not list 1.28 M files again.
-_C.DATA.FILE_LIST_CACHE = True
-# Virtual dataset sizes (all ranks together) of the "synthetic" dataset.
-_C.DATA.SYNTHETIC_TRAIN_SIZE = 1281167
-_C.DATA.SYNTHETIC_VAL_SIZE = 50000
-
-# -----------------------------------------------------------------------------
-# Model
-# -----------------------------------------------------------------------------
-_C.MODEL = CN()
-# A registered variant, see models.list_models().
-_C.MODEL.NAME = "crossformerpp_b"
-_C.MODEL.NUM_CLASSES = 1000
-_C.MODEL.DROP_RATE = 0.0
-_C.MODEL.DROP_PATH_RATE = 0.3
-_C.MODEL.LABEL_SMOOTHING = 0.1
-# Weights-only initialisation from one of our checkpoints or an official one (a dict with "model");
-# the head is re-initialised when its number of classes differs. Set by --pretrained.
-_C.MODEL.PRETRAINED = ""
-# Which weights of a training checkpoint --pretrained loads: "model" (the trained weights) or "ema"
-# (their exponential moving average, as in ema_best.pth). Set to "ema" by --use-ema.
-_C.MODEL.PRETRAINED_WEIGHTS = "model"
-# A checkpoint to resume the whole training state from (overrides auto-resume). Set by --resume.
-_C.MODEL.RESUME = ""
-# Architecture overrides for custom (e.g. tiny) models: stage-1 width and one entry per stage.
-# None (YAML null) keeps the variant's value; the types are declared in _NONE_KEYS below.
-_C.MODEL.CROSSFORMER = CN()
-_C.MODEL.CROSSFORMER.EMBED_DIM = None
-_C.MODEL.CROSSFORMER.DEPTHS = None
-_C.MODEL.CROSSFORMER.NUM_HEADS = None
-_C.MODEL.CROSSFORMER.GROUP_SIZE = None
-_C.MODEL.CROSSFORMER.CRS_INTERVAL = None
-
-# -----------------------------------------------------------------------------
-# Training
-# -----------------------------------------------------------------------------
-_C.TRAIN = CN()
-_C.TRAIN.EPOCHS = 300
-_C.TRAIN.WARMUP_EPOCHS = 20
-_C.TRAIN.WEIGHT_DECAY = 0.05
-# Layer-wise LR decay (BEiT, timm's param_groups_layer_decay): parameters at depth d of D (stem,
-# blocks and patch merges in order, the final norm with the last block, the head at D) train at
-# LR x LAYER_DECAY ** (D - d).
-# 1.0 = off (pre-training); fine-tuning recipes use 0.65-0.9.
-_C.TRAIN.LAYER_DECAY = 1.0
-# Learning rates are given for a total batch of 512 and scaled linearly.
-_C.TRAIN.BASE_LR = 5e-4
-_C.TRAIN.WARMUP_LR = 5e-7
-_C.TRAIN.MIN_LR = 5e-6
-# The LRs above are for this total batch (per-process batch x processes x accumulation steps)
-# and are scaled linearly with the real one; 0 disables the scaling.
-_C.TRAIN.LR_REFERENCE_BATCH = 512
-# Derived by get_config(): the scaled learning rates the optimizer actually uses.
-_C.TRAIN.SCALED_BASE_LR = 0.0
-_C.TRAIN.SCALED_WARMUP_LR = 0.0
-_C.TRAIN.SCALED_MIN_LR = 0.0
-_C.TRAIN.LR_SCHEDULER = CN()
-# False (the official recipe): the cosine runs over all steps and the warmup line is laid over
-# its start (timm's CosineLRScheduler with t_initial = all steps). True: the cosine starts at the
-# end of the warmup and spans the remaining steps (a higher mean LR, about 7 % for 20 of 300 epochs).
-_C.TRAIN.LR_SCHEDULER.WARMUP_PREFIX = False
-# Max global gradient norm; 0 disables clipping (the norm is still logged).
-_C.TRAIN.CLIP_GRAD = 5.0
-# Resume from the newest complete checkpoint of the run directory when there is one.
-_C.TRAIN.AUTO_RESUME = True
-_C.TRAIN.ACCUMULATION_STEPS = 1
-_C.TRAIN.USE_CHECKPOINT = False
-# "bf16", "fp16" or "none". On a GPU without native bf16 (before Ampere: V100, T4) bf16 falls back
-# to fp16 with a loss scaler, with a one-line notice.
-_C.TRAIN.AMP = "bf16"
-# torch.compile the model; when distributed the DDP-wrapped model, so DDP's gradient buckets overlap
-# the backward pass. Evaluation compiles the unwrapped model separately.
-_C.TRAIN.COMPILE = False
-# The torch.compile backend: "inductor" (generated kernels), "aot_eager" or "eager" (graph capture
-# only, eager kernels: for debugging a compile problem).
-_C.TRAIN.COMPILE_BACKEND = "inductor"
-# Let float32 matmuls and convolutions on NVIDIA GPUs (Ampere and newer) use TF32 tensor cores: a
-# 10-bit mantissa in the products, fp32 accumulation. Speeds up float32 work (TRAIN.AMP none,
-# the parts autocast keeps in float32); False keeps full IEEE float32.
-_C.TRAIN.TF32 = True
-# Save last.pth and stop after this many optimizer steps in total (0 = off), e.g. to rehearse a preemption.
-_C.TRAIN.STOP_AFTER_STEPS = 0
-# A step whose gradient norm is not finite is skipped (no update) and counted; after this many in a
-# row the run writes nonfinite_stepN.pth and stops with exit code 3 (docs/reliability.md).
-_C.TRAIN.MAX_NONFINITE_STEPS = 20
-# Testing aid: rank 0's loss is replaced by NaN at these global optimizer steps (1-based); [] = off.
-_C.TRAIN.DEBUG_NONFINITE_STEPS = []
-
-_C.TRAIN.OPTIMIZER = CN()
-_C.TRAIN.OPTIMIZER.NAME = "adamw"
-_C.TRAIN.OPTIMIZER.EPS = 1e-8
-_C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
-
-_C.TRAIN.EMA = CN()
-_C.TRAIN.EMA.ENABLE = False
-_C.TRAIN.EMA.DECAY = 0.9998
-
-# -----------------------------------------------------------------------------
-# Distributed
-# -----------------------------------------------------------------------------
-_C.DIST = CN()
-# Seconds a collective may wait for the other ranks before the process fails (a dead or hung rank);
-# must exceed the longest checkpoint write and the slowest rank's lag.
-_C.DIST.TIMEOUT_S = 600
-
-# -----------------------------------------------------------------------------
-# Augmentation (timm conventions)
-# -----------------------------------------------------------------------------
-_C.AUG = CN()
-_C.AUG.COLOR_JITTER = 0.4
-# RandAugment policy string; "" disables it.
-_C.AUG.AUTO_AUGMENT = "rand-m9-mstd0.5-inc1"
-_C.AUG.REPROB = 0.25
-_C.AUG.REMODE = "pixel"
-_C.AUG.RECOUNT = 1
-# Random-resized-crop area fraction and aspect-ratio ranges (both loaders; timm / Inception defaults).
-_C.AUG.SCALE = [0.08, 1.0]
-_C.AUG.RATIO = [3.0 / 4.0, 4.0 / 3.0]
-_C.AUG.MIXUP = 0.8
-_C.AUG.CUTMIX = 1.0
-_C.AUG.MIXUP_PROB = 1.0
-_C.AUG.MIXUP_SWITCH_PROB = 0.5
-_C.AUG.MIXUP_MODE = "batch"
-
-# -----------------------------------------------------------------------------
-# Testing
-# -----------------------------------------------------------------------------
-_C.TEST = CN()
-# Eval: resize shorter side to IMG_SIZE / CROP_PCT, then center-crop IMG_SIZE (224 -> 256).
-_C.TEST.CROP_PCT = 0.875
-# Precision of validation and --eval: "train" (as TRAIN.AMP), "bf16", "fp16" or "none" (float32).
-_C.TEST.AMP = "train"
-
-# -----------------------------------------------------------------------------
-# Misc
-# -----------------------------------------------------------------------------
-_C.OUTPUT = "output"
-_C.TAG = "default"
-# Checkpoint every SAVE_FREQ epochs and every SAVE_STEPS optimizer steps (0 = off).
-_C.SAVE_FREQ = 1
-_C.SAVE_STEPS = 0
-# Number of per-epoch checkpoints kept.
-_C.SAVE_KEEP = 3
-# Log a progress line every PRINT_FREQ optimizer steps.
-_C.PRINT_FREQ = 10
-_C.SEED = 0
-# Set by --eval / --throughput.
-_C.EVAL_MODE = False
-_C.THROUGHPUT_MODE = False
-
-# -----------------------------------------------------------------------------
-# Throughput benchmark (--throughput)
-# -----------------------------------------------------------------------------
-_C.THROUGHPUT = CN()
-_C.THROUGHPUT.WARMUP_ITERS = 10
-_C.THROUGHPUT.ITERS = 30
-
-
-# -----------------------------------------------------------------------------
-# Rules: the allowed values and value rules of every key, checked once by validate()
-# -----------------------------------------------------------------------------
-# Allowed values of the string keys that select an implementation.
-_CHOICES: Dict[str, Tuple[str, ...]] = {
-    "DATA.DATASET": ("imagenet", "toy", "synthetic"),
-    "DATA.LOADER": ("dali", "pytorch"),
-    "DATA.FORMAT": ("folder", "shards"),
-    "DATA.INTERPOLATION": ("bicubic", "bilinear"),
-    "TRAIN.AMP": ("bf16", "fp16", "none"),
-    "TEST.AMP": ("train", "bf16", "fp16", "none"),
-    "TRAIN.OPTIMIZER.NAME": ("adamw",),
-    "TRAIN.COMPILE_BACKEND": ("inductor", "aot_eager", "eager"),
-    "MODEL.PRETRAINED_WEIGHTS": ("model", "ema"),
-}
-
 # Stages of every registered variant: the length of each per-stage MODEL.CROSSFORMER list.
 NUM_STAGES = 4
+# The models' total downsampling (models.crossformer.SIZE_DIVISOR; a test keeps the two equal).
+IMG_SIZE_MULTIPLE = 32
 
-# Keys whose default None means "decided when the run starts" (the variant's value; the worker count
-# for this machine). A value given in YAML or --opts must have the type of this example; null (or
-# None) restores the default.
-_NONE_KEYS: Dict[str, Any] = {
-    "DATA.NUM_WORKERS": 8,
-    "MODEL.CROSSFORMER.EMBED_DIM": 64,
-    "MODEL.CROSSFORMER.DEPTHS": [2, 2, 18, 2],
-    "MODEL.CROSSFORMER.NUM_HEADS": [2, 4, 8, 16],
-    "MODEL.CROSSFORMER.GROUP_SIZE": [4, 4, 14, 7],
-    "MODEL.CROSSFORMER.CRS_INTERVAL": [4, 2, 1, 1],
-}
 
-# Named flag -> config key. A flag changes the config only when typed.
-_FLAG_KEYS: Dict[str, str] = {
-    "batch_size": "DATA.BATCH_SIZE",
-    "data_path": "DATA.DATA_PATH",
-    "output": "OUTPUT",
-    "tag": "TAG",
-    "resume": "MODEL.RESUME",
-    "pretrained": "MODEL.PRETRAINED",
-    "use_ema": "MODEL.PRETRAINED_WEIGHTS",
-    "eval": "EVAL_MODE",
-    "throughput": "THROUGHPUT_MODE",
-    "accumulation_steps": "TRAIN.ACCUMULATION_STEPS",
-    "use_checkpoint": "TRAIN.USE_CHECKPOINT",
-}
+class OnResume(enum.Enum):
+    """What a key's changed value means when a run resumes (applied by ``resume.py``)."""
 
-_SCALED_KEYS = (("BASE_LR", "SCALED_BASE_LR"), ("WARMUP_LR", "SCALED_WARMUP_LR"), ("MIN_LR", "SCALED_MIN_LR"))
+    IDENTITY = "identity"  # what makes a run this run: refused under auto-resume (another experiment)
+    SCHEDULE = "schedule"  # the LR schedule is rebuilt and continues at the current step
+    OPTIMIZER = "optimizer"  # refused: the optimizer's saved state carries the old value
+    FREE = "free"  # takes effect by itself (the components are built from the config); logged
+    NOT_COMPARED = "not compared"  # set per command, derived from other keys, or reported elsewhere (batch keys)
+
+
+Rule = Tuple[Callable[[Any, CN], bool], str]  # (holds(value, config), the rule in words)
+
+_UNSET = object()
+
+
+@dataclass(frozen=True)
+class Key:
+    """One config key.
+
+    Args:
+        name: Dotted name, e.g. ``TRAIN.EMA.DECAY``.
+        default: The default; its type is the key's type (see ``example`` for a default of None).
+        doc: What the key means (shown by ``--help`` for flags; the documentation of the key).
+        choices: The allowed values of a string key that selects an implementation.
+        example: For a key whose default None means "decided when the run starts": a value of its
+            type; YAML ``null`` (or ``None``) restores the default.
+        flag: ``(flag, argparse keyword arguments)`` of the named command-line flag that sets it.
+        rule: ``(holds(value, config), rule)`` beyond the type and the choices.
+        resume: What a changed value means on resume.
+    """
+
+    name: str
+    default: Any
+    doc: str = ""
+    choices: Tuple[str, ...] = ()
+    example: Any = _UNSET
+    flag: Optional[Tuple[str, Dict[str, Any]]] = None
+    rule: Optional[Rule] = None
+    resume: OnResume = OnResume.FREE
+
+    @property
+    def none_allowed(self) -> bool:
+        return self.example is not _UNSET
+
+
+def _at_least(lower: float, note: str = "") -> Rule:
+    return (lambda value, cfg: value >= lower), f"must be >= {lower:g}{note}"
+
+
+def _range_ok(values: Sequence[float], upper: float) -> bool:
+    """``values`` is ``[lo, hi]`` with ``0 < lo <= hi <= upper``."""
+    return len(values) == 2 and 0 < values[0] <= values[1] <= upper
+
+
+_PER_STAGE: Rule = ((lambda values, cfg: values is None or (len(values) == NUM_STAGES and all(v >= 1 for v in values))),
+                    f"must be null (the variant's value) or {NUM_STAGES} integers >= 1, one per stage")
+_FRACTION: Rule = ((lambda value, cfg: 0 <= value < 1), "must be in [0, 1)")
+_I, _S, _N, _O, _F = OnResume.IDENTITY, OnResume.SCHEDULE, OnResume.NOT_COMPARED, OnResume.OPTIMIZER, OnResume.FREE
+
+
+def _flag(name: str, help_text: str, **kwargs: Any) -> Tuple[str, Dict[str, Any]]:
+    return name, {"help": help_text, **kwargs}
+
+
+KEYS: Tuple[Key, ...] = (
+    Key("BASE", [""], "YAML files merged first (paths relative to the including file)."),
+    # --- Data -------------------------------------------------------------------------------
+    Key("DATA.BATCH_SIZE", 128, "Per-process batch size.", rule=_at_least(1), resume=_N,
+        flag=_flag("--batch-size", "per-process batch size (DATA.BATCH_SIZE)", type=int)),
+    Key("DATA.DATA_PATH", "", "Dataset root (train/ and val/).", resume=_I,
+        flag=_flag("--data-path", "dataset root (DATA.DATA_PATH)", type=str)),
+    Key("DATA.DATASET", "imagenet", '"imagenet" (folder layout), "toy" (built-in generated JPEGs), "synthetic" '
+        "(random tensors).", choices=("imagenet", "toy", "synthetic"), resume=_I),
+    Key("DATA.LOADER", "dali", "The loader: DALI or PyTorch's DataLoader with timm's transforms.",
+        choices=("dali", "pytorch")),
+    Key("DATA.FORMAT", "folder", 'How an imagenet DATA_PATH stores its images: "folder" (train/<class>/<image>, '
+        'val/...) or "shards" (train/ and val/ of tar shards with an index.json, written by python -m '
+        "data.make_shards).", choices=("folder", "shards")),
+    Key("DATA.SHUFFLE_BUFFER", 4096, "Shards: places of each rank's shuffle buffer; a sample is drawn from the next "
+        "SHUFFLE_BUFFER samples of the rank's shard stream (the buffer holds sample numbers, not images).",
+        rule=_at_least(1, " (1: no shuffling within a shard stream)")),
+    Key("DATA.IMG_SIZE", 224, "Training and evaluation image size.", resume=_I,
+        rule=((lambda value, cfg: value >= IMG_SIZE_MULTIPLE and value % IMG_SIZE_MULTIPLE == 0),
+              f"must be a multiple of {IMG_SIZE_MULTIPLE} (the four stages downsample by {IMG_SIZE_MULTIPLE} in "
+              "total), e.g. 224")),
+    Key("DATA.INTERPOLATION", "bicubic", "Interpolation of random-resized-crop and the eval resize.",
+        choices=("bicubic", "bilinear")),
+    Key("DATA.PIN_MEMORY", True, "Pinned host memory for the PyTorch loader's batches."),
+    Key("DATA.NUM_WORKERS", None, "Loader workers per process: PyTorch DataLoader worker processes; for DALI, its "
+        "CPU threads (and 4 file-reading threads each). None (YAML null): the CPU cores available to this process "
+        "divided by the processes on this node (LOCAL_WORLD_SIZE), at most 8; the log says what was chosen.",
+        example=8, rule=((lambda value, cfg: value is None or value >= 0),
+                         "must be >= 0 (0 = load in the training process) or null (one per core, at most 8)")),
+    Key("DATA.TOY_ROOT", "", 'Where the toy dataset is generated on first use ("" = ~/.cache/crossformer/toy).'),
+    Key("DATA.FILE_LIST_CACHE", True, "Keep the scanned file list of each split in $XDG_CACHE_HOME/crossformer/"
+        "filelists (~/.cache/...) and reuse it while the class directories are unchanged: a restart does not list "
+        "1.28 M files again."),
+    Key("DATA.SYNTHETIC_TRAIN_SIZE", 1281167, "Virtual training set size (all ranks together) of the synthetic "
+        "dataset.", rule=_at_least(1)),
+    Key("DATA.SYNTHETIC_VAL_SIZE", 50000, "Virtual validation set size of the synthetic dataset.", rule=_at_least(1)),
+    # --- Model ------------------------------------------------------------------------------
+    Key("MODEL.NAME", "crossformerpp_b", "A registered variant, see models.list_models().", resume=_I),
+    Key("MODEL.NUM_CLASSES", 1000, "Classes of the head.", rule=_at_least(1), resume=_I),
+    Key("MODEL.DROP_RATE", 0.0, "Dropout before the head.", rule=_FRACTION),
+    Key("MODEL.DROP_PATH_RATE", 0.3, "Stochastic depth rate of the last block (linear in depth).", rule=_FRACTION),
+    Key("MODEL.LABEL_SMOOTHING", 0.1, "Label smoothing of the loss.", rule=_FRACTION),
+    Key("MODEL.PRETRAINED", "", 'Weights-only initialisation from one of our checkpoints or an official one (a dict '
+        'with "model"); the head is re-initialised when its number of classes differs.', resume=_N,
+        flag=_flag("--pretrained", "checkpoint to initialise the weights from", type=str)),
+    Key("MODEL.PRETRAINED_WEIGHTS", "model", 'Which weights of a training checkpoint --pretrained loads: "model" (the '
+        'trained weights) or "ema" (their exponential moving average, as in ema_best.pth).',
+        choices=("model", "ema"), resume=_N,
+        flag=_flag("--use-ema", "take the EMA weights of the --pretrained checkpoint (MODEL.PRETRAINED_WEIGHTS ema)",
+                   action="store_const", const="ema")),
+    Key("MODEL.RESUME", "", "A checkpoint to resume the whole training state from (overrides auto-resume).",
+        resume=_N, flag=_flag("--resume", "checkpoint to resume the full training state from", type=str)),
+    # Architecture overrides for custom (e.g. tiny) models; None (YAML null) keeps the variant's value.
+    Key("MODEL.CROSSFORMER.EMBED_DIM", None, "Stage-1 width.", example=64, resume=_I,
+        rule=((lambda value, cfg: value is None or value >= 1), "must be null (the variant's value) or >= 1")),
+    Key("MODEL.CROSSFORMER.DEPTHS", None, "Blocks per stage.", example=[2, 2, 18, 2], rule=_PER_STAGE, resume=_I),
+    Key("MODEL.CROSSFORMER.NUM_HEADS", None, "Attention heads per stage.", example=[2, 4, 8, 16], rule=_PER_STAGE,
+        resume=_I),
+    Key("MODEL.CROSSFORMER.GROUP_SIZE", None, "Attention group size per stage.", example=[4, 4, 14, 7],
+        rule=_PER_STAGE, resume=_I),
+    Key("MODEL.CROSSFORMER.CRS_INTERVAL", None, "Long-distance attention interval per stage.", example=[4, 2, 1, 1],
+        rule=_PER_STAGE, resume=_I),
+    # --- Training ---------------------------------------------------------------------------
+    Key("TRAIN.EPOCHS", 300, "Epochs of the run.", rule=_at_least(1), resume=_S),
+    Key("TRAIN.WARMUP_EPOCHS", 20, "Linear LR warmup epochs.", resume=_S,
+        rule=((lambda value, cfg: 0 <= value < cfg.TRAIN.EPOCHS), "must be in [0, TRAIN.EPOCHS={cfg.TRAIN.EPOCHS})")),
+    Key("TRAIN.WEIGHT_DECAY", 0.05, "AdamW's decoupled weight decay (not on norms, biases, position biases).",
+        rule=_at_least(0), resume=_O),
+    Key("TRAIN.LAYER_DECAY", 1.0, "Layer-wise LR decay (BEiT, timm's param_groups_layer_decay): parameters at depth "
+        "d of D (stem, blocks and patch merges in order, the final norm with the last block, the head at D) train "
+        "at LR x LAYER_DECAY ** (D - d). 1.0 = off (pre-training); fine-tuning recipes use 0.65-0.9.",
+        rule=((lambda value, cfg: 0 < value <= 1), "must be in (0, 1] (1 = no layer-wise decay)")),
+    Key("TRAIN.BASE_LR", 5e-4, "Peak LR for a total batch of TRAIN.LR_REFERENCE_BATCH (scaled linearly).",
+        rule=((lambda value, cfg: value > 0), "must be > 0"), resume=_S),
+    Key("TRAIN.WARMUP_LR", 5e-7, "LR at the start of the warmup (scaled like BASE_LR).", resume=_S,
+        rule=((lambda value, cfg: 0 <= value <= cfg.TRAIN.BASE_LR), "must be in [0, TRAIN.BASE_LR]")),
+    Key("TRAIN.MIN_LR", 5e-6, "LR at the end of the cosine (scaled like BASE_LR).", resume=_S,
+        rule=((lambda value, cfg: 0 <= value <= cfg.TRAIN.BASE_LR), "must be in [0, TRAIN.BASE_LR]")),
+    Key("TRAIN.LR_REFERENCE_BATCH", 512, "The LRs above are for this total batch (per-process batch x processes x "
+        "accumulation steps) and are scaled linearly with the real one; 0 disables the scaling.",
+        rule=_at_least(0, " (0 = no LR scaling)"), resume=_S),
+    Key("TRAIN.SCALED_BASE_LR", 0.0, "Derived by load_config(): the scaled base LR the optimizer uses.", resume=_N),
+    Key("TRAIN.SCALED_WARMUP_LR", 0.0, "Derived by load_config(): the scaled warmup LR.", resume=_N),
+    Key("TRAIN.SCALED_MIN_LR", 0.0, "Derived by load_config(): the scaled minimum LR.", resume=_N),
+    Key("TRAIN.LR_SCHEDULER.WARMUP_PREFIX", False, "False (the official recipe): the cosine runs over all steps and "
+        "the warmup line is laid over its start (timm's CosineLRScheduler with t_initial = all steps). True: the "
+        "cosine starts at the end of the warmup and spans the remaining steps (a higher mean LR, about 7 % for 20 "
+        "of 300 epochs).", resume=_S),
+    Key("TRAIN.CLIP_GRAD", 5.0, "Max global gradient norm; 0 disables clipping (the norm is still logged).",
+        rule=_at_least(0, " (0 = no clipping)")),
+    Key("TRAIN.AUTO_RESUME", True, "Resume from the newest complete checkpoint of the run directory when there is "
+        "one."),
+    Key("TRAIN.ACCUMULATION_STEPS", 1, "Micro-batches per optimizer step.", rule=_at_least(1), resume=_N,
+        flag=_flag("--accumulation-steps", "gradient accumulation steps", type=int)),
+    Key("TRAIN.USE_CHECKPOINT", False, "Gradient checkpointing of every stage (saves memory, costs a forward).",
+        flag=_flag("--use-checkpoint", "gradient checkpointing to save memory (TRAIN.USE_CHECKPOINT)",
+                   action="store_const", const=True)),
+    Key("TRAIN.AMP", "bf16", '"bf16", "fp16" or "none". On a GPU without native bf16 (before Ampere: V100, T4) bf16 '
+        "falls back to fp16 with a loss scaler, with a one-line notice.", choices=("bf16", "fp16", "none")),
+    Key("TRAIN.COMPILE", False, "torch.compile the model; when distributed the DDP-wrapped model, so DDP's gradient "
+        "buckets overlap the backward pass. Evaluation compiles the unwrapped model separately."),
+    Key("TRAIN.COMPILE_BACKEND", "inductor", 'The torch.compile backend: "inductor" (generated kernels), "aot_eager" '
+        'or "eager" (graph capture only, eager kernels: for debugging a compile problem).',
+        choices=("inductor", "aot_eager", "eager")),
+    Key("TRAIN.TF32", True, "Let float32 matmuls and convolutions on NVIDIA GPUs (Ampere and newer) use TF32 tensor "
+        "cores: a 10-bit mantissa in the products, fp32 accumulation. Speeds up float32 work (TRAIN.AMP none, the "
+        "parts autocast keeps in float32); False keeps full IEEE float32."),
+    Key("TRAIN.STOP_AFTER_STEPS", 0, "Save last.pth and stop after this many optimizer steps in total (0 = off), "
+        "e.g. to rehearse a preemption.", rule=_at_least(0, " (0 = off)")),
+    Key("TRAIN.MAX_NONFINITE_STEPS", 20, "A step whose gradient norm is not finite is skipped (no update) and "
+        "counted; after this many in a row the run writes nonfinite_stepN.pth and stops with exit code 3 "
+        "(docs/reliability.md).", rule=_at_least(1)),
+    Key("TRAIN.DEBUG_NONFINITE_STEPS", [], "Testing aid: rank 0's loss is replaced by NaN at these global optimizer "
+        "steps (1-based); [] = off.",
+        rule=((lambda steps, cfg: all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in steps)),
+              "must be a list of global steps >= 1")),
+    Key("TRAIN.OPTIMIZER.NAME", "adamw", "The optimizer.", choices=("adamw",), resume=_O),
+    Key("TRAIN.OPTIMIZER.EPS", 1e-8, "AdamW's epsilon.", rule=((lambda value, cfg: value > 0), "must be > 0"),
+        resume=_O),
+    Key("TRAIN.OPTIMIZER.BETAS", (0.9, 0.999), "AdamW's betas.", resume=_O,
+        rule=((lambda betas, cfg: len(betas) == 2 and all(0 <= b < 1 for b in betas)), "must be two numbers in [0, 1)")),
+    Key("TRAIN.EMA.ENABLE", False, "Keep an exponential moving average of the weights (validated and saved too)."),
+    Key("TRAIN.EMA.DECAY", 0.9998, "The EMA's decay per optimizer step.", rule=_FRACTION),
+    # --- Distributed ------------------------------------------------------------------------
+    Key("DIST.TIMEOUT_S", 600, "Seconds a collective may wait for the other ranks before the process fails (a dead or "
+        "hung rank); must exceed the longest checkpoint write and the slowest rank's lag.",
+        rule=_at_least(1, " (seconds)")),
+    # --- Augmentation (timm conventions) ----------------------------------------------------
+    Key("AUG.COLOR_JITTER", 0.4, "Colour jitter strength (without RandAugment)."),
+    Key("AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc1", 'RandAugment policy string; "" disables it.'),
+    Key("AUG.REPROB", 0.25, "Random erasing probability."),
+    Key("AUG.REMODE", "pixel", "Random erasing fill mode."),
+    Key("AUG.RECOUNT", 1, "Random erasing count."),
+    Key("AUG.SCALE", [0.08, 1.0], "Random-resized-crop area fraction range (both loaders; timm / Inception default).",
+        rule=((lambda values, cfg: _range_ok(values, 1.0)),
+              "must be [lo, hi] with 0 < lo <= hi <= 1 (fractions of the image area), e.g. [0.08, 1.0]")),
+    Key("AUG.RATIO", [3.0 / 4.0, 4.0 / 3.0], "Random-resized-crop aspect-ratio range.",
+        rule=((lambda values, cfg: _range_ok(values, float("inf"))),
+              "must be [lo, hi] with 0 < lo <= hi (width / height), e.g. [0.75, 1.333]")),
+    Key("AUG.MIXUP", 0.8, "Mixup alpha (0 = off)."),
+    Key("AUG.CUTMIX", 1.0, "CutMix alpha (0 = off)."),
+    Key("AUG.MIXUP_PROB", 1.0, "Probability of mixing a batch."),
+    Key("AUG.MIXUP_SWITCH_PROB", 0.5, "Probability of CutMix instead of mixup when both are on."),
+    Key("AUG.MIXUP_MODE", "batch", "timm Mixup's mode: batch, pair or elem."),
+    # --- Testing ----------------------------------------------------------------------------
+    Key("TEST.CROP_PCT", 0.875, "Eval: resize the shorter side to IMG_SIZE / CROP_PCT, then center-crop IMG_SIZE "
+        "(224 -> 256)."),
+    Key("TEST.AMP", "train", 'Precision of validation and --eval: "train" (as TRAIN.AMP), "bf16", "fp16" or "none" '
+        "(float32).", choices=("train", "bf16", "fp16", "none")),
+    # --- Misc -------------------------------------------------------------------------------
+    Key("OUTPUT", "output", "Root of the run directories (OUTPUT/MODEL.NAME/TAG).",
+        flag=_flag("--output", "root of the run directories (OUTPUT)", type=str)),
+    Key("TAG", "default", "Run name under OUTPUT/MODEL.NAME.",
+        flag=_flag("--tag", "run name under OUTPUT/MODEL.NAME (TAG)", type=str)),
+    Key("SAVE_FREQ", 1, "Checkpoint every SAVE_FREQ epochs.", rule=_at_least(1)),
+    Key("SAVE_STEPS", 0, "Save last.pth every SAVE_STEPS optimizer steps (0 = off).", rule=_at_least(0, " (0 = off)")),
+    Key("SAVE_KEEP", 3, "Number of per-epoch checkpoints kept.", rule=_at_least(0)),
+    Key("PRINT_FREQ", 10, "Log a progress line every PRINT_FREQ optimizer steps.", rule=_at_least(1)),
+    Key("SEED", 0, "Seed of the weights, the data order and the augmentation."),
+    Key("EVAL_MODE", False, "Evaluate and exit.", resume=_N,
+        flag=_flag("--eval", "evaluate and exit", action="store_const", const=True)),
+    Key("THROUGHPUT_MODE", False, "Measure inference and training images/s and exit.", resume=_N,
+        flag=_flag("--throughput", "measure inference and training images/s and exit", action="store_const",
+                   const=True)),
+    Key("THROUGHPUT.WARMUP_ITERS", 10, "--throughput: untimed iterations first.", rule=_at_least(0)),
+    Key("THROUGHPUT.ITERS", 30, "--throughput: timed iterations.", rule=_at_least(1)),
+)
+_KEY_BY_NAME: Dict[str, Key] = {key.name: key for key in KEYS}
+
+
+def _build_defaults() -> CN:
+    root = CN()
+    for key in KEYS:
+        node = root
+        *sections, leaf = key.name.split(".")
+        for section in sections:
+            if section not in node:
+                node[section] = CN()
+            node = node[section]
+        node[leaf] = copy.deepcopy(key.default)
+    return root
+
+
+_C = _build_defaults()
+
+
+def keys_on_resume(meaning: OnResume) -> Tuple[str, ...]:
+    """The keys whose change on resume means ``meaning``."""
+    return tuple(key.name for key in KEYS if key.resume is meaning)
+
+
+def registered_models() -> List[str]:
+    """The CrossFormer variants in timm's registry (``import models`` registers them)."""
+    return timm.list_models(module="crossformer")
 
 
 class ConfigError(ValueError):
@@ -286,73 +320,11 @@ def _get(cfg: CN, key: str) -> Any:
     return functools.reduce(lambda node, part: node[part], key.split("."), cfg)
 
 
-def _range_ok(values: Sequence[float], upper: float) -> bool:
-    """``values`` is ``[lo, hi]`` with ``0 < lo <= hi <= upper``."""
-    return len(values) == 2 and 0 < values[0] <= values[1] <= upper
-
-
-def _per_stage_ok(values: Optional[Sequence[int]]) -> bool:
-    """``values`` is None (the variant's) or one integer >= 1 per stage."""
-    return values is None or (len(values) == NUM_STAGES and all(v >= 1 for v in values))
-
-
-def _value_rules(cfg: CN) -> List[Tuple[str, bool, str]]:
-    """``(key, holds, rule)`` for every rule beyond a key's type and choices; a table, hence its length."""
-    from models.crossformer import SIZE_DIVISOR  # the model's total downsampling
-
-    train, arch = cfg.TRAIN, cfg.MODEL.CROSSFORMER
-    per_stage = f"must be null (the variant's value) or {NUM_STAGES} integers >= 1, one per stage"
-    return [
-        ("DATA.BATCH_SIZE", cfg.DATA.BATCH_SIZE >= 1, "must be >= 1"),
-        ("DATA.SHUFFLE_BUFFER", cfg.DATA.SHUFFLE_BUFFER >= 1, "must be >= 1 (1: no shuffling within a shard stream)"),
-        ("DATA.NUM_WORKERS", cfg.DATA.NUM_WORKERS is None or cfg.DATA.NUM_WORKERS >= 0,
-         "must be >= 0 (0 = load in the training process) or null (one per core, at most 8)"),
-        ("DATA.IMG_SIZE", cfg.DATA.IMG_SIZE >= SIZE_DIVISOR and cfg.DATA.IMG_SIZE % SIZE_DIVISOR == 0,
-         f"must be a multiple of {SIZE_DIVISOR} (the four stages downsample by {SIZE_DIVISOR} in total), e.g. 224"),
-        ("TRAIN.EPOCHS", train.EPOCHS >= 1, "must be >= 1"),
-        ("TRAIN.WARMUP_EPOCHS", 0 <= train.WARMUP_EPOCHS < train.EPOCHS,
-         f"must be in [0, TRAIN.EPOCHS={train.EPOCHS})"),
-        ("TRAIN.ACCUMULATION_STEPS", train.ACCUMULATION_STEPS >= 1, "must be >= 1"),
-        ("TRAIN.BASE_LR", train.BASE_LR > 0, "must be > 0"),
-        ("TRAIN.MIN_LR", 0 <= train.MIN_LR <= train.BASE_LR, "must be in [0, TRAIN.BASE_LR]"),
-        ("TRAIN.WARMUP_LR", 0 <= train.WARMUP_LR <= train.BASE_LR, "must be in [0, TRAIN.BASE_LR]"),
-        ("TRAIN.WEIGHT_DECAY", train.WEIGHT_DECAY >= 0, "must be >= 0"),
-        ("TRAIN.LAYER_DECAY", 0 < train.LAYER_DECAY <= 1, "must be in (0, 1] (1 = no layer-wise decay)"),
-        ("TRAIN.CLIP_GRAD", train.CLIP_GRAD >= 0, "must be >= 0 (0 = no clipping)"),
-        ("TRAIN.LR_REFERENCE_BATCH", train.LR_REFERENCE_BATCH >= 0, "must be >= 0 (0 = no LR scaling)"),
-        ("TRAIN.STOP_AFTER_STEPS", train.STOP_AFTER_STEPS >= 0, "must be >= 0 (0 = off)"),
-        ("TRAIN.MAX_NONFINITE_STEPS", train.MAX_NONFINITE_STEPS >= 1, "must be >= 1"),
-        ("TRAIN.DEBUG_NONFINITE_STEPS", all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
-                                            for s in train.DEBUG_NONFINITE_STEPS),
-         "must be a list of global steps >= 1"),
-        ("TRAIN.EMA.DECAY", 0 <= train.EMA.DECAY < 1, "must be in [0, 1)"),
-        ("TRAIN.OPTIMIZER.BETAS", len(train.OPTIMIZER.BETAS) == 2 and all(0 <= b < 1 for b in train.OPTIMIZER.BETAS),
-         "must be two numbers in [0, 1)"),
-        ("TRAIN.OPTIMIZER.EPS", train.OPTIMIZER.EPS > 0, "must be > 0"),
-        ("DIST.TIMEOUT_S", cfg.DIST.TIMEOUT_S >= 1, "must be >= 1 (seconds)"),
-        ("MODEL.NUM_CLASSES", cfg.MODEL.NUM_CLASSES >= 1, "must be >= 1"),
-        ("MODEL.DROP_PATH_RATE", 0 <= cfg.MODEL.DROP_PATH_RATE < 1, "must be in [0, 1)"),
-        ("MODEL.DROP_RATE", 0 <= cfg.MODEL.DROP_RATE < 1, "must be in [0, 1)"),
-        ("MODEL.LABEL_SMOOTHING", 0 <= cfg.MODEL.LABEL_SMOOTHING < 1, "must be in [0, 1)"),
-        ("MODEL.CROSSFORMER.EMBED_DIM", arch.EMBED_DIM is None or arch.EMBED_DIM >= 1,
-         "must be null (the variant's value) or >= 1"),
-        *((f"MODEL.CROSSFORMER.{name}", _per_stage_ok(arch[name]), per_stage)
-          for name in ("DEPTHS", "NUM_HEADS", "GROUP_SIZE", "CRS_INTERVAL")),
-        ("AUG.SCALE", _range_ok(cfg.AUG.SCALE, 1.0),
-         "must be [lo, hi] with 0 < lo <= hi <= 1 (fractions of the image area), e.g. [0.08, 1.0]"),
-        ("AUG.RATIO", _range_ok(cfg.AUG.RATIO, float("inf")),
-         "must be [lo, hi] with 0 < lo <= hi (width / height), e.g. [0.75, 1.333]"),
-        ("SAVE_FREQ", cfg.SAVE_FREQ >= 1, "must be >= 1"),
-        ("SAVE_STEPS", cfg.SAVE_STEPS >= 0, "must be >= 0 (0 = off)"),
-        ("SAVE_KEEP", cfg.SAVE_KEEP >= 0, "must be >= 0"),
-        ("PRINT_FREQ", cfg.PRINT_FREQ >= 1, "must be >= 1"),
-        ("THROUGHPUT.ITERS", cfg.THROUGHPUT.ITERS >= 1, "must be >= 1"),
-        ("THROUGHPUT.WARMUP_ITERS", cfg.THROUGHPUT.WARMUP_ITERS >= 0, "must be >= 0"),
-    ]
-
-
 def validate(cfg: CN) -> None:
-    """Check every allowed value and value rule; the builders rely on a config that passed.
+    """Check every key's allowed values and value rule, then the rules between keys.
+
+    Rules that need more than the config (the dataset's class count, the world size) are checked
+    where that is known: ``data/build.py``, ``data/folder.py``.
 
     Args:
         cfg: A fully merged config.
@@ -360,17 +332,15 @@ def validate(cfg: CN) -> None:
     Raises:
         ConfigError: naming the key, the rule and a fix.
     """
-    from models import list_models
-
-    for key, allowed in _CHOICES.items():
-        value = _get(cfg, key)
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), allowed, n=1)
+    for key in KEYS:
+        value = _get(cfg, key.name)
+        if key.choices and value not in key.choices:
+            close = difflib.get_close_matches(str(value), key.choices, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{key}={value!r} is not supported{hint}; use one of {', '.join(allowed)}")
-    for key, holds, rule in _value_rules(cfg):
-        if not holds:
-            raise ConfigError(f"{key}={_get(cfg, key)!r} {rule}; change it in the YAML or with --opts {key} VALUE")
+            raise ConfigError(f"{key.name}={value!r} is not supported{hint}; use one of {', '.join(key.choices)}")
+        if key.rule is not None and not key.rule[0](value, cfg):
+            raise ConfigError(f"{key.name}={value!r} {key.rule[1].format(cfg=cfg)}; change it in the YAML or with "
+                              f"--opts {key.name} VALUE")
     if cfg.DATA.DATA_PATH and cfg.DATA.DATASET != "imagenet":
         raise ConfigError(f"DATA.DATA_PATH={cfg.DATA.DATA_PATH!r} was given but DATA.DATASET={cfg.DATA.DATASET!r} "
                           "reads no folder; add --opts DATA.DATASET imagenet to train on the folder, or drop "
@@ -381,11 +351,12 @@ def validate(cfg: CN) -> None:
     if cfg.MODEL.RESUME and cfg.MODEL.PRETRAINED:
         raise ConfigError("--resume and --pretrained were both given: --resume restores the whole training "
                           "state (weights included), --pretrained only initialises the weights; pass one")
-    if cfg.MODEL.NAME not in list_models():
-        close = difflib.get_close_matches(cfg.MODEL.NAME, list_models(), n=3)
+    names = registered_models()
+    if cfg.MODEL.NAME not in names:
+        close = difflib.get_close_matches(cfg.MODEL.NAME, names, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"MODEL.NAME={cfg.MODEL.NAME!r} is not a registered model{hint}; "
-                          f"use one of {', '.join(list_models())}")
+                          f"use one of {', '.join(names) or '(none: import models to register the variants)'}")
 
 
 # -----------------------------------------------------------------------------
@@ -411,7 +382,7 @@ def _coerce(key: str, value: Any, example: Any, source: str) -> Any:
     Args:
         key: Dotted key, for the error message.
         value: The new value (from YAML, --opts or a flag).
-        example: A value of the key's type (its current value, or its ``_NONE_KEYS`` entry).
+        example: A value of the key's type (its current value, or its declared ``example``).
         source: Where the value came from, for the error message.
     """
     def fail(expected: str) -> ConfigError:
@@ -457,7 +428,8 @@ def _example(cfg: CN, key: str, source: str) -> Any:
         if not isinstance(node, CN) or part not in node:
             raise ConfigError(f"unknown config key {key} (from {source}); {_closest(key, flat_keys(cfg))}")
         node = node[part]
-    return _NONE_KEYS.get(key, node)
+    declared = _KEY_BY_NAME.get(key)
+    return declared.example if declared is not None and declared.none_allowed else node
 
 
 def _set(cfg: CN, key: str, value: Any, source: str) -> None:
@@ -471,7 +443,7 @@ def _set(cfg: CN, key: str, value: Any, source: str) -> None:
             _set(cfg, f"{key}.{name}", sub, source)
         return
     parent, _, name = key.rpartition(".")
-    restore_default = key in _NONE_KEYS and value in (None, "null")
+    restore_default = _KEY_BY_NAME[key].none_allowed and value in (None, "null")
     (_get(cfg, parent) if parent else cfg)[name] = None if restore_default else _coerce(key, value, example, source)
 
 
@@ -527,7 +499,8 @@ def scale_learning_rates(cfg: CN, world_size: int) -> None:
     """
     total_batch = cfg.DATA.BATCH_SIZE * world_size * cfg.TRAIN.ACCUMULATION_STEPS
     factor = total_batch / cfg.TRAIN.LR_REFERENCE_BATCH if cfg.TRAIN.LR_REFERENCE_BATCH else 1.0
-    for entered, scaled in _SCALED_KEYS:
+    for entered, scaled in (("BASE_LR", "SCALED_BASE_LR"), ("WARMUP_LR", "SCALED_WARMUP_LR"),
+                            ("MIN_LR", "SCALED_MIN_LR")):
         value = cfg.TRAIN[entered] * factor
         given = cfg.TRAIN[scaled]
         if given and abs(given - value) > 1e-12 * max(abs(value), 1.0):
@@ -563,6 +536,11 @@ def load_config(cfg_file: str = "", opts: Sequence[str] = (), flags: Optional[Di
     return cfg
 
 
+def _flag_dest(key: Key) -> str:
+    """The argparse attribute of ``key``'s flag: ``--batch-size`` -> ``batch_size``."""
+    return key.flag[0].lstrip("-").replace("-", "_")
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     """The command line of ``main.py`` (Swin-compatible flag names)."""
     parser = argparse.ArgumentParser(
@@ -572,20 +550,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE",
                         help="override config keys, e.g. --opts TRAIN.EPOCHS 10 DATA.IMG_SIZE 64")
     # Every named flag defaults to None: one the user does not type changes nothing.
-    parser.add_argument("--batch-size", type=int, help="per-process batch size (DATA.BATCH_SIZE)")
-    parser.add_argument("--data-path", type=str, help="dataset root (DATA.DATA_PATH)")
-    parser.add_argument("--output", type=str, help="root of the run directories (OUTPUT)")
-    parser.add_argument("--tag", type=str, help="run name under OUTPUT/MODEL.NAME (TAG)")
-    parser.add_argument("--resume", type=str, help="checkpoint to resume the full training state from")
-    parser.add_argument("--pretrained", type=str, help="checkpoint to initialise the weights from")
-    parser.add_argument("--use-ema", action="store_const", const="ema",
-                        help="take the EMA weights of the --pretrained checkpoint (MODEL.PRETRAINED_WEIGHTS ema)")
-    parser.add_argument("--eval", action="store_const", const=True, help="evaluate and exit")
-    parser.add_argument("--throughput", action="store_const", const=True,
-                        help="measure inference and training images/s and exit")
-    parser.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
-    parser.add_argument("--use-checkpoint", action="store_const", const=True,
-                        help="gradient checkpointing to save memory (TRAIN.USE_CHECKPOINT)")
+    for key in KEYS:
+        if key.flag is not None:
+            name, kwargs = key.flag
+            parser.add_argument(name, dest=_flag_dest(key), **kwargs)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
     # torch.distributed.launch (Swin's command) passes the local rank as a flag; the rank is read
     # from the environment (LOCAL_RANK) as under torchrun, so the value is accepted and not used.
@@ -609,7 +577,8 @@ def get_config(args: argparse.Namespace, world_size: int = 1) -> CN:
         args: From :func:`parse_option`.
         world_size: Number of processes, for the LR scaling.
     """
-    flags = {key: getattr(args, name) for name, key in _FLAG_KEYS.items() if getattr(args, name) is not None}
+    flags = {key.name: getattr(args, _flag_dest(key)) for key in KEYS
+             if key.flag is not None and getattr(args, _flag_dest(key)) is not None}
     return load_config(args.cfg, args.opts, flags, world_size)
 
 

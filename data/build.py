@@ -103,10 +103,6 @@ def _rank_and_world_size(rank: Optional[int], world_size: Optional[int]) -> Tupl
 def _build_synthetic(config: CfgNode, device: torch.device, rank: int, world_size: int) -> Loaders:
     """Random tensors on ``device``; ``DATA.LOADER`` does not apply."""
     sizes = {True: config.DATA.SYNTHETIC_TRAIN_SIZE, False: config.DATA.SYNTHETIC_VAL_SIZE}
-    for num_samples in sizes.values():
-        if num_samples < 1:
-            raise ValueError(f"synthetic dataset size {num_samples} must be >= 1; "
-                             "set DATA.SYNTHETIC_TRAIN_SIZE / DATA.SYNTHETIC_VAL_SIZE")
     if sizes[True] // world_size < config.DATA.BATCH_SIZE:
         raise ValueError(
             f"{sizes[True]} synthetic training samples give no full batch of {config.DATA.BATCH_SIZE} on each "

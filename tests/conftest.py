@@ -8,6 +8,7 @@ from typing import Iterator
 
 import pytest
 
+import models  # noqa: F401 - registers the variants that config checks MODEL.NAME against
 from tests.helpers import write_tiny_yaml
 
 
