@@ -69,6 +69,50 @@ class Components:
         inner = getattr(self.train_model, "_orig_mod", self.train_model)
         return inner if isinstance(inner, DistributedDataParallel) else None
 
+    def state_dict(self) -> Dict[str, Any]:
+        """The states of the model, EMA, optimizer, scheduler and scaler (None where a part is absent)."""
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+
+    def load_state_dict(self, saved: Dict[str, Any], weights_only: bool = False,
+                        restore_schedule: bool = True) -> None:
+        """Restore what :meth:`state_dict` saved; a part the file lacks starts afresh, with one line.
+
+        Args:
+            saved: A checkpoint dict (it holds the keys of :meth:`state_dict`).
+            weights_only: Restore only the model and EMA weights (``--eval``).
+            restore_schedule: Restore the LR scheduler's state; False keeps the freshly built one.
+        """
+        self.model.load_state_dict(saved["model"])
+        if self.ema is not None and not _load_optional(
+                self.ema, saved.get("ema"), "the checkpoint has no EMA weights; the EMA restarts from the model"):
+            self.ema.set(self.model)
+        if weights_only:
+            if self.ema is None and saved.get("ema") is not None:
+                logger.info("the checkpoint also holds EMA weights: evaluate them with --pretrained FILE --use-ema, "
+                            "or --opts TRAIN.EMA.ENABLE True to evaluate both")
+            return
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if restore_schedule:
+            self.scheduler.load_state_dict(saved["scheduler"])
+        if self.scaler is not None:
+            _load_optional(self.scaler, saved.get("scaler"),
+                           "the checkpoint has no fp16 grad-scaler state; the scaler starts afresh")
+
+
+def _load_optional(component: Any, saved: Optional[Dict[str, Any]], missing: str) -> bool:
+    """Load ``saved`` into ``component``; without it log ``missing`` and return False."""
+    if saved is None:
+        logger.warning(missing)
+        return False
+    component.load_state_dict(saved)
+    return True
+
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     """The base LR the optimizer runs at: the largest group LR (layer-wise decay scales the others down)."""

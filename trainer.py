@@ -2,7 +2,7 @@
 
 Data flows one way: config -> :class:`Trainer` (loaders, model and its wrappers, optimizer,
 scheduler, scaler, EMA, checkpoint manager) -> :func:`engine.train_one_epoch` per epoch ->
-:class:`utils.checkpoint.CheckpointManager` after steps and epochs.
+:class:`resume.RunCheckpoints` after steps and epochs.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from engine import (Components, StopReason, current_lr, evaluate, measure_throug
                     summarize_train_epoch, train_one_epoch)
 from models import build_model, load_pretrained
 from optim import build_optimizer, build_scheduler
-from utils.checkpoint import BEST, EMA_BEST, CheckpointManager
+from resume import RunCheckpoints
+from utils.checkpoint import BEST, EMA_BEST
 from utils.distributed import DistInfo
 from utils.file_io import atomic_write_text, remove_stale_temp_files
 from utils.metrics import RunRecorder
@@ -159,7 +160,7 @@ class Trainer:
         if config.TRAIN.COMPILE:
             self.eval_model = torch.compile(model, backend=config.TRAIN.COMPILE_BACKEND)
         self.state = TrainState(device)
-        self.checkpoints = CheckpointManager(run_dir, self.parts, self.state, config, dist_info)
+        self.checkpoints = RunCheckpoints(run_dir, self.parts, self.state, config, dist_info)
         self.resumed_from = self.checkpoints.resume(len(self.loaders.train))
 
     def _log_batch_and_lr(self) -> None:

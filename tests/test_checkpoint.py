@@ -14,6 +14,7 @@ from torch import nn
 from config import load_config
 from optim import build_optimizer, build_scheduler
 from engine import Components
+from resume import RunCheckpoints
 from utils import checkpoint as ckpt
 from utils.distributed import DistInfo
 from utils.file_io import atomic_save, load_file, remove_stale_temp_files
@@ -31,8 +32,8 @@ class _Run:
         self.parts = Components(train_model=model, criterion=nn.MSELoss(), optimizer=optimizer,
                                 scheduler=build_scheduler(cfg, optimizer, 4))
         self.state = TrainState(torch.device("cpu"))
-        self.manager = ckpt.CheckpointManager(str(run_dir), self.parts, self.state, cfg,
-                                              DistInfo(0, 1, 0, torch.device("cpu")))
+        self.manager = RunCheckpoints(str(run_dir), self.parts, self.state, cfg,
+                                      DistInfo(0, 1, 0, torch.device("cpu")))
 
     def train_steps(self, steps: int) -> None:
         for _ in range(steps):
