@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import enum
 import math
 import time
 from dataclasses import dataclass
@@ -16,21 +15,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from yacs.config import CfgNode
 
+from stopping import StopPolicy, StopReason
 from utils.distributed import all_reduce_sum, rank_and_world_size
 from utils.precision import autocast, peak_memory_mb
 from utils.progress import EpochProgress
 from utils.train_state import TrainState
 
 logger = logging.getLogger(__name__)
-
-
-class StopReason(enum.Enum):
-    """Why :func:`train_one_epoch` returned."""
-
-    COMPLETED = "completed"  # the epoch ran to its end
-    STOP_AFTER_STEPS = "stop_after_steps"  # TRAIN.STOP_AFTER_STEPS reached
-    PREEMPTED = "preempted"  # a stop signal, agreed by every rank
-    NONFINITE = "nonfinite"  # TRAIN.MAX_NONFINITE_STEPS skipped steps in a row
 
 
 @dataclass
@@ -228,24 +219,24 @@ def _accumulate_loss(state: TrainState, loss: torch.Tensor, samples: int) -> Non
 
 def train_one_epoch(parts: Components, loader: Any, state: TrainState, config: CfgNode,
                     progress: Optional[EpochProgress] = None, after_step: Optional[Callable[[], None]] = None,
-                    should_stop: Optional[Callable[[], bool]] = None) -> StopReason:
+                    stops: Optional[StopPolicy] = None) -> StopReason:
     """Train from ``state.batch`` to the end of ``state.epoch``, or until a stop; returns why it returned.
 
     Micro-batches are grouped by ``TRAIN.ACCUMULATION_STEPS``; each group makes one
     :func:`optimizer_step`. A step whose gradient norm is not finite is skipped and counted on the
-    device; the streak is read on log steps, and at ``TRAIN.MAX_NONFINITE_STEPS`` the epoch stops.
+    device. After every step ``stops`` decides whether the run stops (:mod:`stopping`).
     The loader must already be positioned with ``loader.set_epoch(state.epoch, state.batch)``.
 
     Args:
         parts: Model, loss, optimizer, scheduler, scaler, EMA, mixup and precision.
         loader: Yields ``(images, labels)`` on the device; ``len(loader)`` is the full epoch.
         state: Counters and running sums, updated in place.
-        config: Reads ``TRAIN.ACCUMULATION_STEPS``, ``TRAIN.CLIP_GRAD``, ``TRAIN.STOP_AFTER_STEPS``,
-            ``TRAIN.MAX_NONFINITE_STEPS``, ``TRAIN.DEBUG_NONFINITE_STEPS``, ``TRAIN.EPOCHS``, ``PRINT_FREQ``.
+        config: Reads ``TRAIN.ACCUMULATION_STEPS``, ``TRAIN.CLIP_GRAD``, ``TRAIN.DEBUG_NONFINITE_STEPS``,
+            ``TRAIN.EPOCHS``, ``PRINT_FREQ`` (and, for a default ``stops``, the stop limits).
         progress: Progress lines; a default one is made from ``config`` when None.
         after_step: Called after every optimizer step (the caller saves when ``SAVE_STEPS`` makes it due).
-        should_stop: Called after every optimizer step on every rank (it may be a collective);
-            True ends the epoch there.
+        stops: Decides after every optimizer step, on every rank (a collective when distributed);
+            a default one checks the step limits of ``config``.
     """
     train = config.TRAIN
     accumulation, num_batches = train.ACCUMULATION_STEPS, len(loader)
@@ -253,6 +244,7 @@ def train_one_epoch(parts: Components, loader: Any, state: TrainState, config: C
     if progress is None:
         progress = EpochProgress(train.EPOCHS, steps_per_epoch(num_batches, accumulation), config.PRINT_FREQ,
                                  train.MAX_NONFINITE_STEPS, world_size)
+    stops = stops if stops is not None else StopPolicy(config)
     nan_steps = set(train.DEBUG_NONFINITE_STEPS) if rank == 0 else set()
     parts.train_model.train()
     # Creating the iterator must not move the global RNG: a run resumed mid-epoch creates it
@@ -281,17 +273,14 @@ def train_one_epoch(parts: Components, loader: Any, state: TrainState, config: C
         if parts.ema is not None:
             parts.ema.update(parts.model, step=state.global_step)
         step_in_epoch = index // accumulation + 1
-        streak = progress.log(state, step_in_epoch, loss, grad_norm, lr) \
-            if progress.due(state.global_step, step_in_epoch) else 0
+        if progress.due(state.global_step, step_in_epoch):
+            progress.log(state, step_in_epoch, loss, grad_norm, lr)
         state.train_time = time_before + time.perf_counter() - progress.epoch_start
         if after_step is not None:
             after_step()
-        if train.STOP_AFTER_STEPS and state.global_step >= train.STOP_AFTER_STEPS:
-            return StopReason.STOP_AFTER_STEPS
-        if streak >= train.MAX_NONFINITE_STEPS:
-            return StopReason.NONFINITE
-        if should_stop is not None and should_stop():
-            return StopReason.PREEMPTED
+        reason = stops.check(state)
+        if reason is not None:
+            return reason
     state.train_time = time_before + time.perf_counter() - progress.epoch_start
     return StopReason.COMPLETED
 
@@ -380,11 +369,13 @@ def measure_throughput(model: nn.Module, config: CfgNode, device: torch.device,
                        amp_dtype: Optional[torch.dtype]) -> Dict[str, Any]:
     """Inference and training images/s of ``model`` on synthetic input, after a warm-up.
 
-    Training is forward, backward and an AdamW step (the model's weights change).
+    A training step is the one :func:`train_one_epoch` runs: forward and loss under autocast, backward
+    (scaled for fp16), :func:`optimizer_step` (unscale, clip, step if finite, zero); the weights change.
 
     Args:
         model: Unwrapped model on ``device``.
-        config: Reads ``DATA.BATCH_SIZE``, ``DATA.IMG_SIZE``, ``TRAIN.AMP``, ``THROUGHPUT.*``.
+        config: Reads ``DATA.BATCH_SIZE``, ``DATA.IMG_SIZE``, ``TRAIN.AMP``, ``TRAIN.CLIP_GRAD``, ``THROUGHPUT.*``
+            and the optimizer's keys.
         device: Compute device.
         amp_dtype: Autocast dtype, None for float32.
     """
@@ -407,18 +398,13 @@ def measure_throughput(model: nn.Module, config: CfgNode, device: torch.device,
     model.train()
     from optim import build_optimizer  # the training step measured is the real one
     optimizer = build_optimizer(config, model)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    parts = Components(train_model=model, criterion=nn.CrossEntropyLoss(), optimizer=optimizer, scheduler=None,
+                       scaler=torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None,
+                       amp_dtype=amp_dtype)
 
     def train_step() -> None:
-        with autocast(device, amp_dtype):
-            loss = F.cross_entropy(model(images), labels)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        _micro_batch(parts, images, labels, group_size=1, sync=True, nan_loss=False)
+        optimizer_step(parts, config.TRAIN.CLIP_GRAD)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -23,19 +23,19 @@ from yacs.config import CfgNode
 
 from config import dump_config
 from data import build_loader, build_mixup
-from engine import (Components, StopReason, current_lr, evaluate, measure_throughput, steps_per_epoch,
+from engine import (Components, current_lr, evaluate, measure_throughput, steps_per_epoch,
                     summarize_train_epoch, train_one_epoch)
 from models import build_model, load_pretrained
 from optim import build_optimizer, build_scheduler
 from resume import RunCheckpoints
+from stopping import StopPolicy, StopReason
 from utils.checkpoint import BEST, EMA_BEST
 from utils.distributed import DistInfo
 from utils.file_io import atomic_write_text, remove_stale_temp_files
 from utils.metrics import RunRecorder
 from utils.precision import resolve_amp, set_tf32
 from utils.progress import EpochProgress
-from utils.reliability import (EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionSignal,
-                               RunStopped, check_free_space, estimate_checkpoint_bytes)
+from utils.reliability import EXIT_OK, PreemptionSignal, check_free_space, estimate_checkpoint_bytes
 from utils.train_state import TrainState
 
 logger = logging.getLogger(__name__)
@@ -254,6 +254,7 @@ class Trainer:
         epoch_steps = steps_per_epoch(len(train_loader), config.TRAIN.ACCUMULATION_STEPS)
         progress = EpochProgress(config.TRAIN.EPOCHS, epoch_steps, config.PRINT_FREQ, config.TRAIN.MAX_NONFINITE_STEPS,
                                  self.dist_info.world_size, recorder.scalars)
+        stops = StopPolicy(config, stop_signal)
 
         def after_step() -> None:
             if checkpoints.step_save_due():
@@ -268,16 +269,13 @@ class Trainer:
                     config.TRAIN.EPOCHS - 1, state.batch, epoch_steps)
         start_time = time.time()
         while state.epoch < config.TRAIN.EPOCHS:
-            if config.TRAIN.STOP_AFTER_STEPS and state.global_step >= config.TRAIN.STOP_AFTER_STEPS:
-                logger.info("stopping: TRAIN.STOP_AFTER_STEPS=%d reached", config.TRAIN.STOP_AFTER_STEPS)
-                return EXIT_OK
-            if stop_signal.agreed():  # signalled during evaluation or a save
-                checkpoints.save_last()
-                return self._preempted(stop_signal)
+            reason = stops.check(state)  # a step limit reached on resume; a signal during validation or a save
+            if reason is not None:
+                return stops.conclude(reason, checkpoints, at_epoch_start=True)
             train_loader.set_epoch(state.epoch, start_batch=state.batch)
-            reason = train_one_epoch(self.parts, train_loader, state, config, progress, after_step, stop_signal.agreed)
+            reason = train_one_epoch(self.parts, train_loader, state, config, progress, after_step, stops)
             if reason is not StopReason.COMPLETED:
-                return self._stopped(reason, stop_signal)
+                return stops.conclude(reason, checkpoints)
             self._end_epoch(recorder)
         logger.info("done in %s: best acc@1 %.3f (epoch %d)%s",
                     time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time)), state.best_acc1,
@@ -285,31 +283,6 @@ class Trainer:
                     if self.parts.ema is not None else "")
         self.log_outputs()
         return EXIT_OK
-
-    def _stopped(self, reason: StopReason, stop_signal: PreemptionSignal) -> int:
-        """Save and report a stop inside an epoch; the exit code (or :class:`RunStopped`)."""
-        state, checkpoints, limit = self.state, self.checkpoints, self.config.TRAIN.MAX_NONFINITE_STEPS
-        if reason is StopReason.NONFINITE:
-            path = checkpoints.save_nonfinite()  # never last.pth / best.pth
-            raise RunStopped(
-                f"stopped at global step {state.global_step}: the last {int(state.nonfinite_streak)} optimizer steps "
-                f"had a non-finite loss or gradient and were skipped (TRAIN.MAX_NONFINITE_STEPS={limit}); the state "
-                f"is in {path}, last.pth is untouched: lower TRAIN.BASE_LR or TRAIN.CLIP_GRAD, or check the data, "
-                "then run again to resume from last.pth", EXIT_NONFINITE)
-        if not checkpoints.step_save_due():  # else the step itself saved
-            checkpoints.save_last()
-        if reason is StopReason.PREEMPTED:
-            return self._preempted(stop_signal)
-        logger.info("stopping after global step %d: TRAIN.STOP_AFTER_STEPS=%d", state.global_step,
-                    self.config.TRAIN.STOP_AFTER_STEPS)
-        return EXIT_OK
-
-    def _preempted(self, stop_signal: PreemptionSignal) -> int:
-        state = self.state
-        what, code = ("interrupted", EXIT_INTERRUPTED) if stop_signal.interrupted else ("preempted", EXIT_PREEMPTED)
-        logger.warning("%s: last.pth holds epoch %d, batch %d, global step %d; run the same command to continue "
-                       "(exit code %d)", what, state.epoch, state.batch, state.global_step, code)
-        return code
 
     def _end_epoch(self, recorder: RunRecorder) -> None:
         """Validate (weights and EMA), track the best, advance to the next epoch, checkpoint, record."""

@@ -70,8 +70,8 @@ class EpochProgress:
         return global_step % self.print_freq == 0 or step_in_epoch == self.epoch_steps
 
     def log(self, state: TrainState, step_in_epoch: int, loss: torch.Tensor, grad_norm: torch.Tensor,
-            lr: float) -> int:
-        """Log one progress line (and a warning when skipped steps grew); returns the non-finite streak.
+            lr: float) -> None:
+        """Log one progress line (and a warning when skipped steps grew).
 
         Args:
             state: The run's counters (global step, skipped steps, the epoch's loss sums).
@@ -103,4 +103,3 @@ class EpochProgress:
                                                 "train/data_wait_percent": data_wait,
                                                 "train/nonfinite_steps": float(total_skipped)})
         self.window_start, self.window_samples, self.window_wait = now, 0, 0.0
-        return streak

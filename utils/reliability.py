@@ -22,11 +22,9 @@ import time
 from types import FrameType
 from typing import Any, Dict, Optional, Sequence
 
-import torch
-import torch.distributed as dist
 from torch import nn
 
-from .distributed import broadcast_object, is_distributed
+from .distributed import all_reduce_max_on_host, broadcast_object, rank_and_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +62,10 @@ class RunStopped(Exception):
 class PreemptionSignal:
     """Turn SIGTERM / SIGUSR1 / SIGINT into a stop that every rank agrees on at a step boundary.
 
-    The handler only sets a flag. :meth:`agreed` is a collective: every rank contributes its
-    flag to a MAX all-reduce of one integer, so a signal delivered to any single rank stops all
-    of them after the same step. The all-reduce runs on a CPU (gloo) group: with NCCL that is a
-    side group created here, so the check never waits for the GPU (no device sync). Its cost is
-    one 8-byte host-to-host all-reduce per step (tens of microseconds on one node, about a
-    network round trip across nodes), overlapped with the GPU work already queued.
+    The handler only sets a flag. Every rank contributes its flag to a MAX all-reduce on the host
+    (:func:`utils.distributed.all_reduce_max_on_host`, never a device sync), so a signal delivered
+    to any single rank stops all of them after the same step: :meth:`agreed` alone, or
+    ``stopping.StopPolicy`` with the other stop conditions in the same all-reduce.
 
     Ctrl-C (SIGINT) stops the same way, after one line on rank 0 saying so; a second Ctrl-C
     raises ``KeyboardInterrupt`` at once (``main`` reports it in one line, exit 130).
@@ -89,8 +85,6 @@ class PreemptionSignal:
         self._previous: Dict[int, Any] = {}
         self.stopping = False  # the last agreed decision
         self.interrupted = False  # the agreed stop came from an interrupt (Ctrl-C) on some rank
-        self._group: Any = None
-        self._group_ready = False
         self._reported = False
 
     def __enter__(self) -> "PreemptionSignal":
@@ -110,21 +104,26 @@ class PreemptionSignal:
             return
         if self.received is None:  # a flag, and for Ctrl-C one line written straight to stderr
             self.received, self._received_at = signum, time.monotonic()
-            if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
+            if signum == signal.SIGINT and rank_and_world_size()[0] == 0:
                 os.write(2, b"interrupt: stopping after the current step and saving last.pth; the same command "
                             b"resumes there (Ctrl-C again to abort now, without saving)\n")
 
+    def local_flag(self) -> int:
+        """This rank's request: 0 none, 1 a stop signal, 2 an interrupt (Ctrl-C)."""
+        return 0 if self.received is None else self._FLAGS.get(self.received, 1)
+
     def agreed(self) -> bool:
         """True on every rank when any rank has received a stop signal (a collective)."""
-        flag = torch.tensor([0 if self.received is None else self._FLAGS.get(self.received, 1)], dtype=torch.int64)
-        if is_distributed():
-            if not self._group_ready:  # a collective, on the first call (the same step on every rank)
-                self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-                self._group_ready = True
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)  # host only: a CPU tensor
-        value = int(flag.item())
-        stop = self.stopping = value > 0
-        self.interrupted = value == 2
+        return self.decide(all_reduce_max_on_host([self.local_flag()])[0])
+
+    def decide(self, agreed_flag: int) -> bool:
+        """Record the flag agreed by every rank (the MAX of :meth:`local_flag`); whether to stop.
+
+        Args:
+            agreed_flag: The MAX over ranks of :meth:`local_flag`.
+        """
+        stop = self.stopping = agreed_flag > 0
+        self.interrupted = agreed_flag == 2
         if stop and not self._reported:
             self._reported = True
             if self.received is not None:
@@ -186,7 +185,7 @@ def check_free_space(run_dir: str, needed: int) -> None:
         RunStopped: when the free space is smaller than ``needed``.
     """
     message = None
-    if not is_distributed() or dist.get_rank() == 0:
+    if rank_and_world_size()[0] == 0:
         free = shutil.disk_usage(run_dir).free
         if free < needed:
             message = (f"only {free / 2**20:.1f} MiB free in {run_dir} but a checkpoint needs about "
