@@ -1,4 +1,4 @@
-"""Opt-in oneDNN kernels for CPU inference: fc1+GELU in one call, fc2 accumulating onto the residual.
+"""The oneDNN kernels CPU inference uses by default: fc1+GELU in one call, fc2 accumulating onto the residual.
 
 ``Mlp.forward_residual`` in ``models/crossformer.py`` calls both in eval mode. ``linear_gelu``
 uses the oneDNN call only on CPU without autograd (float32 or bf16 autocast) and otherwise runs

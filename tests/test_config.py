@@ -229,3 +229,19 @@ def test_transfer_config_decays_lower_layers_and_needs_a_folder() -> None:
     cfg = load_config(str(CONFIGS / "transfer_small.yaml"), opts=["MODEL.NUM_CLASSES", "102"])
     assert cfg.DATA.DATASET == "imagenet" and cfg.TRAIN.LAYER_DECAY == 0.75 and cfg.TRAIN.EMA.ENABLE
     assert cfg.MODEL.NUM_CLASSES == 102 and cfg.AUG.MIXUP == cfg.AUG.CUTMIX == 0.0
+
+
+def test_each_key_is_declared_once_and_the_tables_derive_from_it() -> None:
+    """config.KEYS is the one declaration: defaults, flags and the resume meaning come from it."""
+    from models.crossformer import SIZE_DIVISOR
+
+    names = [key.name for key in config.KEYS]
+    assert len(names) == len(set(names)) and names == config.flat_keys(config.get_defaults())
+    assert config.IMG_SIZE_MULTIPLE == SIZE_DIVISOR
+    flagged = {key.name: key.flag[0] for key in config.KEYS if key.flag is not None}
+    assert flagged["DATA.BATCH_SIZE"] == "--batch-size" and flagged["MODEL.PRETRAINED_WEIGHTS"] == "--use-ema"
+    args = parse_option(["--cfg", "x.yaml", "--batch-size", "8", "--use-ema", "--eval"])
+    assert (args.batch_size, args.use_ema, args.eval) == (8, "ema", True)
+    assert set(config.keys_on_resume(config.OnResume.OPTIMIZER)) == {
+        "TRAIN.WEIGHT_DECAY", "TRAIN.OPTIMIZER.NAME", "TRAIN.OPTIMIZER.EPS", "TRAIN.OPTIMIZER.BETAS"}
+    assert "DATA.BATCH_SIZE" in config.keys_on_resume(config.OnResume.NOT_COMPARED)

@@ -243,3 +243,21 @@ def test_a_long_validation_logs_its_progress(monkeypatch: pytest.MonkeyPatch,
         evaluate(_tiny_model(), _ListLoader(batches), torch.device("cpu"))
     assert [r.getMessage().split(" ")[1] for r in caplog.records if r.getMessage().startswith("validation")] == \
         ["[0/3]", "[1/3]", "[2/3]"]  # batches done so far
+
+
+def test_a_non_finite_streak_stops_at_the_step_it_is_reached_not_at_a_log_step() -> None:
+    """stopping.StopPolicy decides after every step: with PRINT_FREQ 100 the streak still stops at step 4."""
+    torch.manual_seed(6)
+    model = _tiny_model()
+    batches = [(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))) for _ in range(8)]
+    parts = Components(train_model=model, criterion=nn.CrossEntropyLoss(),
+                       optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scheduler=_NoSchedule())
+    cfg = load_config(opts=["TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "100",
+                            "TRAIN.DEBUG_NONFINITE_STEPS", "[2, 3, 4]", "TRAIN.MAX_NONFINITE_STEPS", "3"])
+    state = TrainState(torch.device("cpu"))
+    assert train_one_epoch(parts, _ListLoader(batches), state, cfg) is StopReason.NONFINITE
+    assert (state.global_step, int(state.nonfinite_total), int(state.nonfinite_streak)) == (4, 3, 3)
+    limit = load_config(opts=["TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0", "PRINT_FREQ", "100",
+                              "TRAIN.STOP_AFTER_STEPS", "6"])
+    assert train_one_epoch(parts, _ListLoader(batches), state, limit) is StopReason.STOP_AFTER_STEPS
+    assert state.global_step == 6
