@@ -195,6 +195,9 @@ KEYS: Tuple[Key, ...] = (
                    action="store_const", const=True)),
     Key("TRAIN.AMP", "bf16", '"bf16", "fp16" or "none". On a GPU without native bf16 (before Ampere: V100, T4) bf16 '
         "falls back to fp16 with a loss scaler, with a one-line notice.", choices=("bf16", "fp16", "none")),
+    Key("TRAIN.FORCE_BF16", False, "Keep bf16 (TRAIN.AMP, TEST.AMP) where the device only emulates it: a CPU "
+        "without native bf16 (AVX2 only) otherwise runs float32, a GPU before Ampere fp16; each with a one-line "
+        "notice."),
     Key("TRAIN.COMPILE", False, "torch.compile the model; when distributed the DDP-wrapped model, so DDP's gradient "
         "buckets overlap the backward pass. Evaluation compiles the unwrapped model separately."),
     Key("TRAIN.COMPILE_BACKEND", "inductor", 'The torch.compile backend: "inductor" (generated kernels), "aot_eager" '

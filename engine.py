@@ -17,7 +17,7 @@ from yacs.config import CfgNode
 
 from stopping import StopPolicy, StopReason
 from utils.distributed import all_reduce_sum, rank_and_world_size
-from utils.precision import autocast, peak_memory_mb
+from utils.precision import amp_name, autocast, peak_memory_mb
 from utils.progress import EpochProgress
 from utils.train_state import TrainState
 
@@ -413,7 +413,7 @@ def measure_throughput(model: nn.Module, config: CfgNode, device: torch.device,
         "model": config.MODEL.NAME,
         "img_size": size,
         "batch_size": batch,
-        "amp": config.TRAIN.AMP,
+        "amp": amp_name(amp_dtype),  # the precision measured (bf16 may resolve to another on this device)
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "infer_imgs_per_sec": batch * iters / infer_seconds,
         "train_imgs_per_sec": batch * iters / train_seconds,

@@ -12,7 +12,7 @@ import os
 import shlex
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -33,15 +33,12 @@ from utils.checkpoint import BEST, EMA_BEST
 from utils.distributed import DistInfo
 from utils.file_io import atomic_write_text, remove_stale_temp_files
 from utils.metrics import RunRecorder
-from utils.precision import resolve_amp, set_tf32
+from utils.precision import amp_name, resolve_amp, set_tf32
 from utils.progress import EpochProgress
 from utils.reliability import EXIT_OK, PreemptionSignal, check_free_space, estimate_checkpoint_bytes
 from utils.train_state import TrainState
 
 logger = logging.getLogger(__name__)
-
-_AMP_NAMES = {None: "none", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
 
 def prepare_model(config: CfgNode, dist_info: DistInfo) -> nn.Module:
     """The configured model, initialised identically on every rank, on this rank's device.
@@ -103,7 +100,8 @@ def run_throughput(config: CfgNode, dist_info: DistInfo) -> int:
         torch.backends.cudnn.benchmark = True
     set_tf32(config.TRAIN.TF32, dist_info.device)
     model = prepare_model(config, dist_info)
-    result = measure_throughput(model, config, dist_info.device, resolve_amp(config.TRAIN.AMP, dist_info.device))
+    amp_dtype = resolve_amp(config.TRAIN.AMP, dist_info.device, force_bf16=config.TRAIN.FORCE_BF16)
+    result = measure_throughput(model, config, dist_info.device, amp_dtype)
     if dist_info.is_main:
         rows = [(key, f"{value:.1f}" if isinstance(value, float) else str(value)) for key, value in result.items()]
         width = max(len(key) for key, _ in rows)
@@ -111,6 +109,20 @@ def run_throughput(config: CfgNode, dist_info: DistInfo) -> int:
         sys.stdout.write(f"{table}\n{json.dumps(result)}\n")
         sys.stdout.flush()
     return EXIT_OK
+
+
+def _precisions(config: CfgNode, device: torch.device) -> Tuple[Optional[torch.dtype], Optional[torch.dtype]]:
+    """(training, validation and --eval) autocast dtypes, as :func:`utils.precision.resolve_amp` resolves them.
+
+    ``--eval`` needs only its own precision: an fp16 run's config evaluates on a CPU with TEST.AMP
+    none. ``TEST.AMP none`` gives a float32 number comparable across precisions.
+    """
+    force = config.TRAIN.FORCE_BF16
+    train = None if config.EVAL_MODE and config.TEST.AMP != "train" else resolve_amp(config.TRAIN.AMP, device,
+                                                                                      force_bf16=force)
+    if config.TEST.AMP == "train":
+        return train, train
+    return train, resolve_amp(config.TEST.AMP, device, "TEST.AMP", force)
 
 
 def _wrap_for_training(model: nn.Module, config: CfgNode, dist_info: DistInfo) -> nn.Module:
@@ -145,10 +157,7 @@ class Trainer:
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True
         set_tf32(config.TRAIN.TF32, device)
-        # --eval needs only its own precision: an fp16 run's config evaluates on a CPU with TEST.AMP none.
-        amp_dtype = None if config.EVAL_MODE and config.TEST.AMP != "train" else resolve_amp(config.TRAIN.AMP, device)
-        # Validation and --eval: TEST.AMP none gives a float32 number comparable across precisions.
-        self.eval_dtype = amp_dtype if config.TEST.AMP == "train" else resolve_amp(config.TEST.AMP, device, "TEST.AMP")
+        amp_dtype, self.eval_dtype = _precisions(config, device)
         model = prepare_model(config, dist_info)
         self.loaders = build_loader(config, device)
         if self.loaders.num_classes != config.MODEL.NUM_CLASSES:
@@ -196,7 +205,7 @@ class Trainer:
         if self.resumed_from:
             warn_if_trained_at_another_size(self.checkpoints.loaded_config, config, source)
         ema_only = not self.resumed_from and config.MODEL.PRETRAINED_WEIGHTS == "ema"  # --pretrained --use-ema
-        result: Dict[str, Any] = {"amp": _AMP_NAMES[self.eval_dtype], "weights": "ema" if ema_only else "model"}
+        result: Dict[str, Any] = {"amp": amp_name(self.eval_dtype), "weights": "ema" if ema_only else "model"}
         stats = self._validate(self.eval_model)
         result.update({"val_acc1": stats["acc1"], "val_acc5": stats["acc5"], "val_loss": stats["loss"],
                        "val_count": int(stats["count"])})
