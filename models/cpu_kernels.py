@@ -1,6 +1,9 @@
-"""The oneDNN kernels CPU inference uses by default: fc1+GELU in one call, fc2 accumulating onto the residual.
+"""The CPU kernels the fast path uses by default: fc1+GELU in one oneDNN call, fc2 accumulating onto the
+residual (both in inference), and the CEL stem's large strided convolutions as space-to-depth
+convolutions (training and inference).
 
-``Mlp.forward_residual`` in ``models/crossformer.py`` calls both in eval mode. ``linear_gelu``
+``Mlp.forward_residual`` in ``models/crossformer.py`` calls the first two in eval mode,
+``PatchEmbed.forward`` calls :func:`strided_conv`. ``linear_gelu``
 uses the oneDNN call only on CPU without autograd (float32 or bf16 autocast) and otherwise runs
 the plain linear + GELU; ``linear_residual`` is ``addmm_`` onto the residual on any device. Each
 falls back to the plain PyTorch expression where its fast form does not apply, so callers never
@@ -13,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import register_notrace_function
 
 
 def onednn_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -72,3 +76,33 @@ def linear_residual(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor) 
     out = (residual + linear.bias).contiguous()  # a new (..., out_features) tensor
     out.view(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]), linear.weight.t())
     return out
+
+
+@register_notrace_function  # shape checks: torch.fx keeps the call as one node
+def strided_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(x)``; on a CPU, a stride-s convolution whose kernel is a multiple of s runs as a
+    stride-1 convolution of kernel k/s over the s x s space-to-depth (``pixel_unshuffle``) input.
+
+    The same products, summed in another order (float32 results within a few 1e-6). The CEL stem's
+    convolutions (3 input channels, kernels 8-32, stride 4) are a poor fit for oneDNN's direct
+    convolution: as 48-channel convolutions of kernel 2-8 a forward and backward take 1.4-3.6x less
+    time on an AVX2 CPU (``python -m benchmarks.cpu_precision`` times the demo they dominate).
+
+    Args:
+        x: ``(B, C, H, W)``.
+        conv: A convolution with equal strides, square kernel and padding, no dilation or groups.
+    """
+    stride, kernel, padding = conv.stride[0], conv.kernel_size[0], conv.padding[0]
+    height, width = x.shape[-2:]
+    if (x.device.type != "cpu" or stride == 1 or kernel % stride or conv.groups != 1 or conv.dilation != (1, 1)
+            or conv.stride != (stride, stride) or conv.kernel_size != (kernel, kernel)
+            or conv.padding != (padding, padding) or (height + 2 * padding) % stride
+            or (width + 2 * padding) % stride):
+        return conv(x)
+    out_channels, in_channels = conv.weight.shape[:2]
+    blocks = kernel // stride
+    # (O, C, k, k) -> (O, C * s * s, k/s, k/s) in pixel_unshuffle's channel order (c, row in block, column in block)
+    weight = conv.weight.reshape(out_channels, in_channels, blocks, stride, blocks, stride)
+    weight = weight.permute(0, 1, 3, 5, 2, 4).reshape(out_channels, in_channels * stride * stride, blocks, blocks)
+    unshuffled = F.pixel_unshuffle(F.pad(x, (padding,) * 4), stride)  # (B, C*s*s, (H+2p)/s, (W+2p)/s)
+    return F.conv2d(unshuffled, weight, conv.bias)

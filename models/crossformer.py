@@ -39,7 +39,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .cpu_kernels import linear_gelu, linear_residual
+from .cpu_kernels import linear_gelu, linear_residual, strided_conv
 from .reference import explicit_attention, official_attention
 
 _logger = logging.getLogger(__name__)
@@ -436,7 +436,12 @@ class PatchEmbed(nn.Module):
         kernel_sizes: e.g. ``(4, 8, 16, 32)``; the first one is the stride.
         in_chans: input channels.
         embed_dim: output channels (split by :func:`cross_scale_split`).
+
+    Attributes:
+        reference: plain convolutions (the official formulation); else :func:`models.cpu_kernels.strided_conv`.
     """
+
+    reference = False
 
     def __init__(self, kernel_sizes: Sequence[int], in_chans: int, embed_dim: int) -> None:
         super().__init__()
@@ -449,7 +454,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> ``(B, H/4, W/4, C)``."""
-        x = torch.cat([proj(x) for proj in self.projs], dim=1)
+        x = torch.cat([proj(x) if self.reference else strided_conv(x, proj) for proj in self.projs], dim=1)
         return self.norm(x.permute(0, 2, 3, 1))
 
 
@@ -599,15 +604,16 @@ class CrossFormer(nn.Module):
         softmax(QK^T*scale + bias) V, output projection of every token before cropping, timm's
         plain MLP, and the position bias recomputed on every forward. Fast (default): SDPA with
         one additive bias in the query dtype, the C-wide tokens grouped once with q, k, v as
-        strided views, position bias cached in eval mode, and in eval the MLP through the
-        kernels of :mod:`models.cpu_kernels` where they apply.
+        strided views, position bias cached in eval mode, the stem's convolutions as space-to-depth
+        convolutions on a CPU, and in eval the MLP through the kernels of :mod:`models.cpu_kernels`
+        where they apply.
 
         Args:
             enable: True for the reference formulation, False for the fast path.
         """
         self._reference_attention = enable
         for module in self.modules():
-            if isinstance(module, (Attention, Mlp)):
+            if isinstance(module, (Attention, Mlp, PatchEmbed)):
                 module.reference = enable
 
     @property

@@ -294,6 +294,24 @@ def test_linear_residual() -> None:
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("kernel, stride, size", [(4, 4, 32), (8, 4, 32), (16, 4, 64), (32, 4, 32), (32, 4, 96),
+                                                 (4, 2, 8), (2, 2, 8)])
+def test_strided_conv_as_space_to_depth_equals_the_convolution(kernel: int, stride: int, size: int) -> None:
+    """The stem's convolutions as stride-1 convolutions of the space-to-depth input: same values and
+    gradients (float64 exact to rounding), any multiple-of-32 size, non-square too."""
+    from models.cpu_kernels import strided_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 5, kernel, stride=stride, padding=(kernel - stride) // 2).double()
+    x = torch.randn(2, 3, size, size + stride * 2, dtype=torch.float64, requires_grad=True)
+    got = strided_conv(x, conv)
+    grads = torch.autograd.grad(got.square().sum(), [x, conv.weight, conv.bias])
+    want = conv(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w in zip(grads, torch.autograd.grad(want.square().sum(), [x, conv.weight, conv.bias])):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
 def test_sdpa_backends_are_pinned_on_cuda_for_training_and_inference(monkeypatch) -> None:
     """CUDA pins SDPA to memory-efficient/math in training and inference; the same wiring runs
     here on CPU (math), forward and backward, in float64 against the reference formulation."""
