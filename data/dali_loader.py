@@ -31,7 +31,7 @@ from yacs.config import CfgNode
 
 from .common import SALT_BATCH_AUGMENT, EpochBatchSampler, mix_seed, seeded_rng
 from .encoded import encoded_problem
-from .folder import ImageSplit
+from .split import ImageSplit
 from .loader import BatchLoader, UnreadableImage, failure_reason, read_or_replace
 
 logger = logging.getLogger(__name__)

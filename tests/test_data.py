@@ -21,7 +21,8 @@ from config import _C
 from data import build_loader, build_mixup
 from data.common import EpochBatchSampler
 from data.folder import scan_image_folder
-from data.loader import UnreadableImage, read_or_replace
+from data.loader import read_or_replace
+from data.split import UnreadableImage
 from data.toy import CLASSES, DEFAULT_TOY_SPEC, ToySpec, ensure_toy_dataset, generate_toy_dataset
 from tests.helpers import REPO_ROOT, run
 
@@ -318,7 +319,7 @@ def test_pytorch_loader_is_timms_prefetcher_pipeline(image_root: Path) -> None:
     from torchvision.datasets import ImageFolder
 
     from data.common import SALT_AUGMENT, SALT_BATCH_AUGMENT, mix_seed, seeded_rng
-    from data.loader import load_rgb
+    from data.split import load_rgb
 
     cfg = make_config(image_root, "pytorch", DATA__NUM_WORKERS=2, AUG__REPROB=0.5)
     loaders = build_loader(cfg, CPU)
