@@ -3,11 +3,11 @@
 CPU-only training runs two pipelines, decode+crop and augmentation, with torchvision's uint8
 resize between them (``CropResizer``: DALI's CPU resize cost more than the decode).
 
-Every rank feeds its own shard through ``fn.external_source`` from the same ``EpochBatchSampler``
-as the PyTorch loader, so sample order is a function of ``(SEED, epoch)``, positioning is exact
-and validation shards partition the set; the files are read ahead on a thread pool. Augmentation
-randomness comes from the pipeline's seed (``SEED``, rank): bitwise-identical augmentation after a
-mid-epoch resume is not guaranteed.
+Every rank feeds its own part of the epoch through ``fn.external_source`` (``SampleSource``) from
+the same ``EpochBatchSampler`` as the PyTorch loader, so sample order is a function of
+``(SEED, epoch)``, positioning is exact and the ranks' validation parts partition the set; the
+files are read ahead on a thread pool. Augmentation randomness comes from the pipeline's seed
+(``SEED``, rank): bitwise-identical augmentation after a mid-epoch resume is not guaranteed.
 """
 from __future__ import annotations
 
@@ -234,7 +234,7 @@ Batch = List[Tuple[int, int]]  # a sampler batch: (dataset index, epoch) pairs
 Read = Tuple[Optional[Tuple[np.ndarray, int, int]], List[str]]  # read_or_replace's result
 
 
-class ShardSource:
+class SampleSource:
     """``external_source`` callback: this rank's next batch of encoded files and labels.
 
     Files that cannot be read, or whose first bytes are no known image format, are replaced by
@@ -451,7 +451,7 @@ def _center_crop_position(margin):
 
 
 class DaliLoader(BatchLoader):
-    """Iterates a DALI pipeline fed by ``ShardSource``; delivers float batches on ``device``.
+    """Iterates a DALI pipeline fed by ``SampleSource``; delivers float batches on ``device``.
 
     Args:
         config: The run's config.
@@ -467,7 +467,7 @@ class DaliLoader(BatchLoader):
                  num_workers: int) -> None:
         super().__init__(sampler, device)
         self.num_workers = num_workers
-        self.source = ShardSource(split, sampler, READ_THREADS_PER_WORKER * num_workers)
+        self.source = SampleSource(split, sampler, READ_THREADS_PER_WORKER * num_workers)
         self._running = False
         self.erase = (RandomErasing(config.AUG.REPROB, mode=config.AUG.REMODE, max_count=config.AUG.RECOUNT,
                                     device=str(self.device)) if sampler.train and config.AUG.REPROB > 0 else None)
