@@ -29,8 +29,8 @@ from yacs.config import CfgNode
 from .common import SALT_BATCH_AUGMENT, EpochBatchSampler, mix_seed, seeded_rng
 from .dali_augment import rand_augment
 from .encoded import encoded_problem
-from .split import ImageSplit
-from .loader import BatchLoader, UnreadableImage, failure_reason, read_or_replace
+from .loader import BatchLoader, failure_reason, read_or_replace
+from .split import ImageSplit, UnreadableImage
 
 logger = logging.getLogger(__name__)
 

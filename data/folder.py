@@ -20,11 +20,14 @@ from .split import SPLITS, ImageSplit, load_rgb
 
 logger = logging.getLogger(__name__)
 
+
 class FolderSplit(ImageSplit):
     """A scanned split of an image folder: sample ``i`` is the file ``samples[i][0]``.
 
-    ``classes`` are the class directory names, sorted (label = position, as in torchvision's
-    ImageFolder); ``samples`` are ``(path, label)`` pairs, sorted by class then file name.
+    Args:
+        root: The split directory (``DATA_PATH/train`` or ``DATA_PATH/val``).
+        classes: Class directory names, sorted (label = position, as in torchvision's ImageFolder).
+        samples: ``(path, label)`` pairs, sorted by class then file name.
     """
 
     def read_encoded(self, position: int) -> np.ndarray:
