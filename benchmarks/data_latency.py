@@ -1,6 +1,6 @@
 """DALI CPU train-loader images/s with and without an artificial per-file read latency (a network filesystem).
 
-The latency is a ``time.sleep`` before each file read of the DALI loader (``ShardSource._read``),
+The latency is a ``time.sleep`` before each file read of the DALI loader (``SampleSource._read``),
 enabled only here. Contenders, alternated inside every trial so that a slower spell of the machine
 hits all of them: files read ahead on the loader's reader threads (the loader as configured) and,
 for comparison, read on the thread that runs the pipeline (``READ_THREADS_PER_WORKER`` 0), each
@@ -39,13 +39,13 @@ def read_latency(seconds: float) -> Iterator[None]:
     if seconds <= 0:
         yield
         return
-    read = dali_loader.ShardSource._read
+    read = dali_loader.SampleSource._read
 
-    def slow_read(source: dali_loader.ShardSource, position: int):
+    def slow_read(source: dali_loader.SampleSource, position: int):
         time.sleep(seconds)
         return read(source, position)
 
-    with mock.patch.object(dali_loader.ShardSource, "_read", slow_read):
+    with mock.patch.object(dali_loader.SampleSource, "_read", slow_read):
         yield
 
 

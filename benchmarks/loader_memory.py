@@ -1,6 +1,6 @@
 """Peak shared memory (/dev/shm) per rank of the ``pytorch`` loader in a 2-process run.
 
-Two rank processes (rank 0 and 1 of 2, no process group needed: each builds its own shard) run
+Two rank processes (rank 0 and 1 of 2, no process group needed: each builds its own rank part) run
 ``--epochs`` training passes and a validation pass after each, sleeping ``--step-s`` per batch in
 place of the training step; the first step of each pass takes ``--fill-s``, long enough for the
 workers to fill every prefetch slot (the worst case, as behind a slow step or a checkpoint save),

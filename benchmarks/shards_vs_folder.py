@@ -2,7 +2,7 @@
 
 A network file system pays a round trip per file open. The latency model: a ``time.sleep`` of
 ``--latency-ms`` before every file open, that is before every image read from a folder
-(``ImageSplit.read_encoded`` / ``load_rgb``) and before every shard opened by a reader
+(``FolderSplit.read_encoded`` / ``load_rgb``) and before every shard opened by a reader
 (``ShardSplit.open_shard``; each reader process keeps its shards open). Contenders: each loader
 (``dali``, ``pytorch``) x each format (folder, shards) x (no latency, latency), alternated inside
 every trial so that a slower spell of the machine hits all of them; the ratio latency / no
@@ -26,7 +26,7 @@ import torch
 
 from benchmarks.data_throughput import loader_config, make_images, measure
 from data import make_shards
-from data.folder import ImageSplit
+from data.folder import FolderSplit
 from data.shards import ShardSplit
 
 FORMATS = ("folder", "shards")
@@ -50,7 +50,7 @@ def open_latency(seconds: float) -> Iterator[None]:
         return wrapper
 
     with contextlib.ExitStack() as stack:
-        for cls, name in ((ImageSplit, "read_encoded"), (ImageSplit, "load_rgb"), (ShardSplit, "open_shard")):
+        for cls, name in ((FolderSplit, "read_encoded"), (FolderSplit, "load_rgb"), (ShardSplit, "open_shard")):
             stack.enter_context(mock.patch.object(cls, name, slowed(getattr(cls, name))))
         yield
 

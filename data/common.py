@@ -1,4 +1,4 @@
-"""Pieces shared by every loader: seeding, sample order and sharding."""
+"""Pieces shared by every loader: seeding, sample order and each rank's part of an epoch."""
 from __future__ import annotations
 
 import random
@@ -62,7 +62,7 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=generator)
 
 
-def train_shard(num_samples: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
+def train_rank_part(num_samples: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
     """Indices this rank trains on in ``epoch``.
 
     The global permutation is cut to a multiple of ``world_size`` (the few samples cut off are
@@ -81,8 +81,8 @@ def train_shard(num_samples: int, seed: int, epoch: int, rank: int, world_size: 
     return order[rank:usable:world_size]
 
 
-def val_shard(num_samples: int, rank: int, world_size: int) -> List[int]:
-    """Indices this rank evaluates: every ``world_size``-th sample, so the shards partition the set.
+def val_rank_part(num_samples: int, rank: int, world_size: int) -> List[int]:
+    """Indices this rank evaluates: every ``world_size``-th sample, so the ranks' parts partition the set.
 
     Args:
         num_samples: Size of the validation set.
@@ -97,7 +97,7 @@ class EpochBatchSampler:
     """Batches of ``(dataset index, epoch)`` pairs for one rank, positionable by ``set_epoch``.
 
     Train mode shuffles per ``(seed, epoch)`` and drops the last incomplete batch; val mode
-    walks this rank's fixed shard in order and keeps the last, smaller batch.
+    walks this rank's fixed part in order and keeps the last, smaller batch.
 
     Args:
         num_samples: Size of the dataset.
@@ -141,12 +141,12 @@ class EpochBatchSampler:
     def indices(self) -> List[int]:
         """This rank's sample indices for the current epoch, in order (incl. a dropped tail)."""
         if self.train:
-            return train_shard(self.num_samples, self.seed, self.epoch, self.rank, self.world_size).tolist()
-        return val_shard(self.num_samples, self.rank, self.world_size)
+            return train_rank_part(self.num_samples, self.seed, self.epoch, self.rank, self.world_size).tolist()
+        return val_rank_part(self.num_samples, self.rank, self.world_size)
 
     @property
     def samples_per_rank(self) -> int:
-        """Samples this rank gets per epoch: an equal share in training, its shard in validation."""
+        """Samples this rank gets per epoch: an equal share in training, its part in validation."""
         if self.train:
             return self.num_samples // self.world_size
         return len(range(self.rank, self.num_samples, self.world_size))

@@ -1,4 +1,4 @@
-"""The ``imagenet`` folder layout (``root/{train,val}/<class>/<image>``): scanning and validation."""
+"""The ``folder`` format (``root/{train,val}/<class>/<image>``): scanning, validation and the file-list cache."""
 from __future__ import annotations
 
 import hashlib
@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -17,16 +16,13 @@ from yacs.config import CfgNode
 
 from utils.file_io import atomic_write_text
 
-from .loader import load_rgb
+from .split import SPLITS, ImageSplit, load_rgb
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
 
-
-@dataclass
-class ImageSplit:
-    """One scanned split of an image folder.
+class FolderSplit(ImageSplit):
+    """A scanned split of an image folder: sample ``i`` is the file ``samples[i][0]``.
 
     Args:
         root: The split directory (``DATA_PATH/train`` or ``DATA_PATH/val``).
@@ -34,19 +30,10 @@ class ImageSplit:
         samples: ``(path, label)`` pairs, sorted by class then file name.
     """
 
-    root: Path
-    classes: List[str]
-    samples: List[Tuple[str, int]]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
     def read_encoded(self, position: int) -> np.ndarray:
-        """The encoded bytes (1-D uint8) of the sample at ``position`` of ``samples``."""
         return np.fromfile(self.samples[position][0], dtype=np.uint8)
 
-    def load_rgb(self, position: int) -> Image.Image:
-        """The sample at ``position`` of ``samples``, decoded to RGB by PIL."""
+    def load_rgb(self, position: int) -> Image.Image:  # from the path: PIL's errors name the file
         return load_rgb(self.samples[position][0])
 
 
@@ -124,7 +111,7 @@ class FileListCache:
         digest = hashlib.sha1(str(split_dir.resolve()).encode()).hexdigest()[:16]
         return self.cache_dir / f"{split_dir.name}-{digest}.json"
 
-    def load(self, split_dir: Path) -> Optional[ImageSplit]:
+    def load(self, split_dir: Path) -> Optional[FolderSplit]:
         """The cached split, or None when there is none, it is unreadable or a directory changed."""
         path = self.path(split_dir)
         try:
@@ -144,9 +131,9 @@ class FileListCache:
                    for prefix in (os.path.join(str(split_dir), classes[label], ""),) for name in names]
         logger.info("%s: %d classes, %d images from the file list cache %s (directories unchanged)", split_dir,
                     len(classes), len(samples), path)
-        return ImageSplit(root=split_dir, classes=classes, samples=samples)
+        return FolderSplit(root=split_dir, classes=classes, samples=samples)
 
-    def store(self, split: ImageSplit, files: List[List[str]], stamps: Dict[str, int]) -> None:
+    def store(self, split: FolderSplit, files: List[List[str]], stamps: Dict[str, int]) -> None:
         """Keep ``split``'s listing; a failure to write is a warning (the cache is an optimisation)."""
         if not self.write:
             return
@@ -161,7 +148,7 @@ class FileListCache:
                            e.strerror or e, split.root)
 
 
-def scan_split(split_dir: Path, cache: Optional[FileListCache] = None) -> ImageSplit:
+def scan_split(split_dir: Path, cache: Optional[FileListCache] = None) -> FolderSplit:
     """List the classes and images of one split, rejecting a split or class with no images.
 
     Logs its progress every 10 s and its time; with a ``cache``, an unchanged split is not listed.
@@ -197,7 +184,7 @@ def scan_split(split_dir: Path, cache: Optional[FileListCache] = None) -> ImageS
             last_report = time.monotonic()
             logger.info("scanning %s: %d of %d classes, %d images so far", split_dir, label + 1, len(classes),
                         len(samples))
-    split = ImageSplit(root=split_dir, classes=classes, samples=samples)
+    split = FolderSplit(root=split_dir, classes=classes, samples=samples)
     logger.info("scanned %s: %d classes, %d images in %.1f s", split_dir, len(classes), len(samples),
                 time.monotonic() - start)
     if cache is not None:
@@ -206,7 +193,7 @@ def scan_split(split_dir: Path, cache: Optional[FileListCache] = None) -> ImageS
 
 
 def scan_image_folder(root: Path, num_classes: int,
-                      cache: Optional[FileListCache] = None) -> Tuple[ImageSplit, ImageSplit]:
+                      cache: Optional[FileListCache] = None) -> Tuple[FolderSplit, FolderSplit]:
     """Scan and check ``root/train`` and ``root/val`` before training starts.
 
     Args:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import abc
 import logging
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar
 
 import torch
-from PIL import Image
 
 from .common import EpochBatchSampler
+from .split import UnreadableImage
 
 logger = logging.getLogger(__name__)
 
@@ -22,24 +22,6 @@ logger = logging.getLogger(__name__)
 MAX_REPLACEMENTS = 32
 
 Content = TypeVar("Content")
-
-
-class UnreadableImage(Exception):
-    """A file that is no readable image; the message says why."""
-
-
-def load_rgb(source: Union[str, BinaryIO]) -> Image.Image:
-    """Open and fully decode an image as RGB (raises on unreadable or truncated files).
-
-    Args:
-        source: Image file, or an open binary file (e.g. ``io.BytesIO`` of its bytes).
-    """
-    if isinstance(source, str):
-        with open(source, "rb") as f:
-            return load_rgb(f)
-    image = Image.open(source)
-    image.load()
-    return image.convert("RGB")
 
 
 def failure_reason(error: Exception) -> str:
@@ -144,7 +126,7 @@ class Loaders:
 
     Args:
         train: Shuffled, augmented, drops the last incomplete batch.
-        val: This rank's shard of the validation set, every image once across ranks.
+        val: This rank's part of the validation set, every image once across ranks.
         num_classes: Number of classes of the dataset.
     """
 

@@ -52,9 +52,10 @@ from PIL import Image
 from utils.file_io import atomic_publish, atomic_write_text, remove_stale_temp_files
 
 from .encoded import encoded_problem
-from .folder import SPLITS, ImageSplit, scan_split
+from .folder import FolderSplit, scan_split
 from .loader import failure_reason
 from .shards import INDEX_NAME, ShardIndex, ShardInfo, shard_name
+from .split import SPLITS
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ def image_problem(data: bytes) -> Optional[str]:
     """Why the training loaders would not read an image file, or None when both would.
 
     Checks the structure DALI's decoders need (:func:`data.encoded.encoded_problem`), then decodes
-    the whole image with PIL to RGB, as the PyTorch loader does (``data.loader.load_rgb``).
+    the whole image with PIL to RGB, as the PyTorch loader does (``data.split.load_rgb``).
 
     Args:
         data: The file's bytes.
@@ -147,7 +148,7 @@ class SplitPlan:
                 "num_shards": len(self.shards), "train_order_seed": TRAIN_ORDER_SEED, "digest": self.digest}
 
 
-def plan_split(split: ImageSplit, name: str, samples_per_shard: int) -> SplitPlan:
+def plan_split(split: FolderSplit, name: str, samples_per_shard: int) -> SplitPlan:
     """Order a scanned split's files and cut them into shards.
 
     Args:

@@ -8,13 +8,12 @@ the tar, and one DALI index file (``shard-NNNNNN.idx``) per shard serves DALI's 
 reader.
 
 Readers take a sample's bytes straight from its byte range (``os.pread`` on a shard kept open),
-so a network file system pays one open per shard instead of one per image, and a sample can be
-read by its number, like a file of a folder: the loaders' sampling, resume and bad-file handling
-are the folder's. :class:`ShardBatchSampler` orders an epoch the sharded way.
+so a network file system pays one open per shard instead of one per image, and a sample is read
+by its position, as in every ``ImageSplit`` (``data/split.py``): the loaders' sampling, resume and
+bad-file handling are the folder's. :class:`ShardBatchSampler` orders an epoch the sharded way.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -26,11 +25,9 @@ from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from .common import SALT_SHARD_ORDER, EpochBatchSampler, mix_seed
-from .folder import SPLITS, ImageSplit
-from .loader import UnreadableImage, load_rgb
+from .split import SPLITS, ImageSplit, UnreadableImage
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +118,7 @@ class ShardIndex:
 
 
 class ShardSplit(ImageSplit):
-    """A sharded split, read like a folder: sample ``i`` is the ``i``-th image of the index.
+    """A sharded split: sample ``i`` is the ``i``-th image of the index.
 
     Every shard is checked when the split is opened: a missing or truncated file is one error
     naming it. A sample's bytes come from one ``os.pread`` on its shard, kept open (the
@@ -186,12 +183,6 @@ class ShardSplit(ImageSplit):
         if len(data) != size:
             raise UnreadableImage(f"{len(data)} of {size} bytes at offset {offset}: the shard is truncated")
         return np.frombuffer(data, dtype=np.uint8)
-
-    def load_rgb(self, position: int) -> Image.Image:
-        try:
-            return load_rgb(io.BytesIO(self.read_encoded(position).tobytes()))
-        except UnidentifiedImageError:  # its message names the in-memory file object, a new one each time
-            raise UnreadableImage("not an image PIL can identify") from None
 
     def __getstate__(self) -> Dict[str, Any]:  # open files and the lock stay in their process
         state = dict(self.__dict__)

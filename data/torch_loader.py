@@ -22,7 +22,7 @@ from torchvision.datasets import ImageFolder
 from yacs.config import CfgNode
 
 from .common import SALT_AUGMENT, SALT_BATCH_AUGMENT, EpochBatchSampler, mix_seed, seeded_rng
-from .folder import ImageSplit
+from .split import ImageSplit
 from .loader import BatchLoader, read_or_replace
 
 # (image (3, H, W) uint8 or None when dropped, label, erasing seed, unreadable-file reports)

@@ -1,4 +1,4 @@
-"""Data pipelines: datasets, loaders, layout checks, order, sharding, parity, corrupt files."""
+"""Data pipelines: datasets, loaders, layout checks, order, rank parts, parity, corrupt files."""
 from __future__ import annotations
 
 import io
@@ -21,7 +21,8 @@ from config import _C
 from data import build_loader, build_mixup
 from data.common import EpochBatchSampler
 from data.folder import scan_image_folder
-from data.loader import UnreadableImage, read_or_replace
+from data.loader import read_or_replace
+from data.split import UnreadableImage
 from data.toy import CLASSES, DEFAULT_TOY_SPEC, ToySpec, ensure_toy_dataset, generate_toy_dataset
 from tests.helpers import REPO_ROOT, run
 
@@ -62,7 +63,7 @@ def denormalise(images: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- synthetic
 
 
-def test_synthetic_shapes_resume_and_sharding() -> None:
+def test_synthetic_shapes_resume_and_rank_parts() -> None:
     cfg = _C.clone()
     cfg.DATA.DATASET = "synthetic"
     cfg.DATA.SYNTHETIC_TRAIN_SIZE, cfg.DATA.SYNTHETIC_VAL_SIZE = 100, 23
@@ -92,7 +93,7 @@ def test_synthetic_val_is_a_function_of_seed_and_index(world_size: int) -> None:
     """The same checkpoint evaluates on the same synthetic val set under any number of processes."""
     cfg = _C.clone()
     cfg.DATA.DATASET = "synthetic"
-    cfg.DATA.SYNTHETIC_TRAIN_SIZE, cfg.DATA.SYNTHETIC_VAL_SIZE = 64, 151  # several chunks, uneven shards
+    cfg.DATA.SYNTHETIC_TRAIN_SIZE, cfg.DATA.SYNTHETIC_VAL_SIZE = 64, 151  # several chunks, uneven rank parts
     cfg.DATA.BATCH_SIZE, cfg.DATA.IMG_SIZE, cfg.MODEL.NUM_CLASSES = 16, 8, 7
 
     def gathered(world: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -318,7 +319,7 @@ def test_pytorch_loader_is_timms_prefetcher_pipeline(image_root: Path) -> None:
     from torchvision.datasets import ImageFolder
 
     from data.common import SALT_AUGMENT, SALT_BATCH_AUGMENT, mix_seed, seeded_rng
-    from data.loader import load_rgb
+    from data.split import load_rgb
 
     cfg = make_config(image_root, "pytorch", DATA__NUM_WORKERS=2, AUG__REPROB=0.5)
     loaders = build_loader(cfg, CPU)
@@ -373,7 +374,7 @@ def test_pytorch_workers_hand_over_uint8_and_val_workers_exit(image_root: Path) 
     loaders.train.close()
 
 
-def test_sharding_covers_every_sample_once() -> None:
+def test_rank_parts_cover_every_sample_once() -> None:
     for num_samples, world_size in ((103, 4), (50, 3), (7, 8)):
         val = [i for rank in range(world_size)
                for batch in EpochBatchSampler(num_samples, 5, 0, rank, world_size, train=False)
@@ -381,13 +382,13 @@ def test_sharding_covers_every_sample_once() -> None:
         assert sorted(val) == list(range(num_samples))
     train = [[i for batch in EpochBatchSampler(103, 5, 0, rank, 4, train=True) for i, _ in batch]
              for rank in range(4)]
-    assert all(len(shard) == 25 for shard in train)  # 103 // 4 = 25 each, 5 full batches
-    flat = [i for shard in train for i in shard]
+    assert all(len(part) == 25 for part in train)  # 103 // 4 = 25 each, 5 full batches
+    flat = [i for part in train for i in part]
     assert len(set(flat)) == len(flat)
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_val_shards_through_build_loader(image_root: Path, loader: str) -> None:
+def test_val_rank_parts_through_build_loader(image_root: Path, loader: str) -> None:
     labels = [torch.cat([y for _, y in build_loader(make_config(image_root, loader), CPU, rank=r,
                                                     world_size=4).val]) for r in range(4)]
     assert [len(y) for y in labels] == [8, 8, 7, 7]

@@ -1,4 +1,4 @@
-"""Two real processes (gloo) sharding a generated image folder through the ``pytorch`` loader.
+"""Two real processes (gloo) splitting a generated image folder into rank parts through the ``pytorch`` loader.
 
 Every image is a flat colour that encodes its dataset index, so each rank can read back which
 samples it received; the ranks all-gather those indices and rank 0 writes them out for the test.
@@ -65,7 +65,7 @@ def _worker(rank: int, root: str, store: str, result: str) -> None:
         dist.destroy_process_group()
 
 
-def test_two_processes_shard_train_and_val(tmp_path: Path) -> None:
+def test_two_processes_split_train_and_val_into_rank_parts(tmp_path: Path) -> None:
     _write_folder(tmp_path / "data")
     result = tmp_path / "result.json"
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -74,14 +74,14 @@ def test_two_processes_shard_train_and_val(tmp_path: Path) -> None:
     num_train, num_val = CLASSES * TRAIN_PER_CLASS, CLASSES * VAL_PER_CLASS
     orders = []
     for epoch in range(EPOCHS):
-        shards = [ranks[r][f"train{epoch}"] for r in range(WORLD_SIZE)]
-        assert [len(shard) for shard in shards] == [num_train // WORLD_SIZE] * WORLD_SIZE
-        assert not set(shards[0]) & set(shards[1])  # no sample on both ranks
-        assert sorted(shards[0] + shards[1]) == list(range(num_train))  # together: the whole epoch
-        orders.append(shards)
+        parts = [ranks[r][f"train{epoch}"] for r in range(WORLD_SIZE)]
+        assert [len(part) for part in parts] == [num_train // WORLD_SIZE] * WORLD_SIZE
+        assert not set(parts[0]) & set(parts[1])  # no sample on both ranks
+        assert sorted(parts[0] + parts[1]) == list(range(num_train))  # together: the whole epoch
+        orders.append(parts)
     assert orders[0] != orders[1]  # a new order every epoch
     val = [ranks[r]["val"] for r in range(WORLD_SIZE)]
-    assert [len(shard) for shard in val] == [5, 4]
+    assert [len(part) for part in val] == [5, 4]
     assert sorted(val[0] + val[1]) == list(range(num_val))  # every val image exactly once
     labels = {i: y for r in range(WORLD_SIZE) for i, y in zip(ranks[r]["val"], ranks[r]["val_labels"])}
     assert all(labels[i] == i // VAL_PER_CLASS for i in range(num_val))

@@ -25,8 +25,9 @@ from timm.data.auto_augment import RandAugment
 
 from config import _C
 from data import build_loader
-from data.dali_loader import (BINS_PER_LEVEL, FILL_COLOR, INTERPOLATIONS, MAGNITUDE_BINS, CropResizer, _crop_graph,
-                              _magnitude_bins, parse_rand_augment, timm_rand_augment_suite)
+from data.dali_augment import (BINS_PER_LEVEL, FILL_COLOR, MAGNITUDE_BINS, _magnitude_bins, parse_rand_augment,
+                               timm_rand_augment_suite)
+from data.dali_loader import INTERPOLATIONS, CropResizer, _crop_graph
 
 CPU = torch.device("cpu")
 SIZE = 224
