@@ -314,13 +314,13 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device,
              amp_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
     """Exact top-1 / top-5 accuracy (%) and mean cross-entropy over the whole validation set.
 
-    Every rank sums over its own shard; one all-reduce of (loss sum, top-1 hits, top-5 hits,
-    count) gives the exact totals for any number of ranks and uneven shards. Pass the unwrapped
-    model: DDP's forward would add collectives per batch that hang on uneven shards.
+    Every rank sums over its own part of the set; one all-reduce of (loss sum, top-1 hits, top-5 hits,
+    count) gives the exact totals for any number of ranks and uneven rank parts. Pass the unwrapped
+    model: DDP's forward would add collectives per batch that hang on uneven rank parts.
 
     Args:
         model: Unwrapped model (or EMA module).
-        loader: This rank's validation shard.
+        loader: This rank's part of the validation set.
         device: Compute device.
         amp_dtype: Autocast dtype, None for float32.
 

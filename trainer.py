@@ -164,7 +164,7 @@ class Trainer:
             raise ValueError(f"the dataset has {self.loaders.num_classes} classes but MODEL.NUM_CLASSES="
                              f"{config.MODEL.NUM_CLASSES}; set --opts MODEL.NUM_CLASSES {self.loaders.num_classes}")
         self.parts = self._build_components(model, amp_dtype)
-        # Evaluation runs the unwrapped weights: DDP's forward would add collectives that hang on uneven shards.
+        # Evaluation runs the unwrapped weights: DDP's forward would add collectives that hang on uneven rank parts.
         self.eval_model = model
         if config.TRAIN.COMPILE:
             self.eval_model = torch.compile(model, backend=config.TRAIN.COMPILE_BACKEND)
