@@ -52,7 +52,7 @@ def bare_step_rate(cfg: str, batch_size: int, img_size: int, amp: str, warmup: i
     config = get_config(args, world_size=1)
     torch.manual_seed(0)
     model = build_model(config).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as build_optimizer
     x = torch.randn(batch_size, 3, img_size, img_size)
     target = torch.randint(0, config.MODEL.NUM_CLASSES, (batch_size,))
     dtype = AMP[amp]

@@ -36,7 +36,8 @@ def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()
 def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW at ``TRAIN.SCALED_BASE_LR`` with betas / eps / weight decay from the config.
 
-    Fused kernels on CUDA, the foreach implementation elsewhere.
+    torch's fused kernel (one call for all parameters) on CUDA and on a CPU, where it takes a third of
+    the foreach implementation's time on the demo's model (AVX2, one thread); foreach elsewhere.
 
     Args:
         config: Reads ``TRAIN.OPTIMIZER.BETAS`` / ``EPS``, ``TRAIN.WEIGHT_DECAY`` and ``TRAIN.SCALED_BASE_LR``;
@@ -51,15 +52,15 @@ def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
                                           layer_decay=layer_decay)
     else:
         groups = param_groups(model, config.TRAIN.WEIGHT_DECAY, skip)
-    on_cuda = next(model.parameters()).is_cuda
+    fused = next(model.parameters()).device.type in ("cuda", "cpu")
     optimizer = torch.optim.AdamW(
         groups,
         lr=config.TRAIN.SCALED_BASE_LR,
         betas=tuple(config.TRAIN.OPTIMIZER.BETAS),
         eps=config.TRAIN.OPTIMIZER.EPS,
         weight_decay=config.TRAIN.WEIGHT_DECAY,
-        fused=True if on_cuda else None,
-        foreach=None if on_cuda else True,
+        fused=True if fused else None,
+        foreach=None if fused else True,
     )
     if layer_decay < 1:
         scales = sorted({group["lr_scale"] for group in groups})
