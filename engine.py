@@ -88,7 +88,11 @@ class Components:
                 logger.info("the checkpoint also holds EMA weights: evaluate them with --pretrained FILE --use-ema, "
                             "or --opts TRAIN.EMA.ENABLE True to evaluate both")
             return
+        # The kernel (fused / foreach) is this run's choice, not the file's (it may come from another device).
+        kernels = [{key: group.get(key) for key in ("fused", "foreach")} for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(saved["optimizer"])
+        for group, kept in zip(self.optimizer.param_groups, kernels):
+            group.update(kept)
         if restore_schedule:
             self.scheduler.load_state_dict(saved["scheduler"])
         if self.scaler is not None:

@@ -85,6 +85,29 @@ def test_train_state_round_trip_is_exact(tmp_path: Path) -> None:
     assert torch.equal(state.loss_sum, resumed.state.loss_sum)
 
 
+def test_an_optimizer_state_saved_with_another_kernel_resumes_with_this_runs(tmp_path: Path) -> None:
+    """A checkpoint whose AdamW ran the foreach kernel (a CPU run before fused AdamW on CPU, or another
+    device) resumes with this run's fused kernel, which skips a non-finite step on the device."""
+    from engine import step_if_finite
+
+    run = _Run(tmp_path)
+    for group in run.parts.optimizer.param_groups:
+        group.update(fused=None, foreach=True)
+    run.train_steps(2)
+    run.manager.save_last()
+    resumed = _Run(tmp_path / "other", seed=5)
+    resumed.manager.load_state_dict(load_file(str(tmp_path / ckpt.LAST)))
+    assert all(g["fused"] is True and not g["foreach"] for g in resumed.parts.optimizer.param_groups)
+    before = [p.detach().clone() for p in resumed.parts.model.parameters()]
+    for p in resumed.parts.model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    step_if_finite(resumed.parts.optimizer, torch.tensor(False))
+    assert all(torch.equal(a, b) for a, b in zip(before, resumed.parts.model.parameters()))
+    resumed.parts.optimizer.zero_grad()
+    resumed.train_steps(1)
+    assert not all(torch.equal(a, b) for a, b in zip(before, resumed.parts.model.parameters()))
+
+
 def test_crash_while_saving_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "last.pth"
     atomic_save({"global_step": 1}, str(path))
