@@ -80,7 +80,7 @@ def linear_residual(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor) 
 
 @register_notrace_function  # shape checks: torch.fx keeps the call as one node
 def strided_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv(x)``; on a CPU, a stride-s convolution whose kernel is a multiple of s runs as a
+    """``conv(x)``; on a CPU, a stride-s convolution whose kernel is a larger multiple of s runs as a
     stride-1 convolution of kernel k/s over the s x s space-to-depth (``pixel_unshuffle``) input.
 
     The same products, summed in another order (float32 results within a few 1e-6). The CEL stem's
@@ -94,7 +94,7 @@ def strided_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """
     stride, kernel, padding = conv.stride[0], conv.kernel_size[0], conv.padding[0]
     height, width = x.shape[-2:]
-    if (x.device.type != "cpu" or stride == 1 or kernel % stride or conv.groups != 1 or conv.dilation != (1, 1)
+    if (x.device.type != "cpu" or kernel <= stride or kernel % stride or conv.groups != 1 or conv.dilation != (1, 1)
             or conv.stride != (stride, stride) or conv.kernel_size != (kernel, kernel)
             or conv.padding != (padding, padding) or (height + 2 * padding) % stride
             or (width + 2 * padding) % stride):
@@ -104,5 +104,9 @@ def strided_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     # (O, C, k, k) -> (O, C * s * s, k/s, k/s) in pixel_unshuffle's channel order (c, row in block, column in block)
     weight = conv.weight.reshape(out_channels, in_channels, blocks, stride, blocks, stride)
     weight = weight.permute(0, 1, 3, 5, 2, 4).reshape(out_channels, in_channels * stride * stride, blocks, blocks)
-    unshuffled = F.pixel_unshuffle(F.pad(x, (padding,) * 4), stride)  # (B, C*s*s, (H+2p)/s, (W+2p)/s)
+    padded = F.pad(x, (padding,) * 4)
+    batch, rows, cols = x.shape[0], (height + 2 * padding) // stride, (width + 2 * padding) // stride
+    # pixel_unshuffle as one reshape-permute copy (F.pixel_unshuffle's CPU kernel takes ~10x longer)
+    unshuffled = padded.reshape(batch, in_channels, rows, stride, cols, stride).permute(0, 1, 3, 5, 2, 4)
+    unshuffled = unshuffled.reshape(batch, in_channels * stride * stride, rows, cols)  # (B, C*s*s, (H+2p)/s, (W+2p)/s)
     return F.conv2d(unshuffled, weight, conv.bias)
