@@ -188,7 +188,10 @@ def test_fx_trace_equals_eager(name: str) -> None:
     x = torch.randn(2, 3, 64, 96)
     with torch.inference_mode():
         eager = model(x)
-        assert torch.equal(next(iter(fx_model(model)(x).values())), eager)
+        traced = fx_model(model)
+        assert torch.equal(next(iter(traced(x).values())), eager)
+        with pytest.raises(ValueError, match="input size 64x80 is not supported"):  # the check is in the graph
+            traced(torch.randn(1, 3, 64, 80))
     model.train()
     traced = fx_model(model, train=True).train()
     out = next(iter(traced(x).values()))
