@@ -7,7 +7,8 @@ convolutions (training and inference).
 uses the oneDNN call only on CPU without autograd (float32 or bf16 autocast) and otherwise runs
 the plain linear + GELU; ``linear_residual`` is ``addmm_`` onto the residual on any device. Each
 falls back to the plain PyTorch expression where its fast form does not apply, so callers never
-need to check.
+need to check. Both are registered with timm's notrace helpers: torch.fx records each as one call,
+so a traced graph chooses the kernel at run time as eager does.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def onednn_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
     return None
 
 
+@register_notrace_function
 def linear_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     """``GELU(linear(x))`` (exact, erf form), in one oneDNN call where :func:`onednn_dtype` allows.
 
@@ -58,6 +60,7 @@ def linear_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x.to(dtype), linear.weight.to(dtype), bias, "gelu", [], "none")
 
 
+@register_notrace_function
 def linear_residual(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor) -> torch.Tensor:
     """``residual + linear(x)``, with the GEMM accumulating onto ``residual + bias``.
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint as checkpoint
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, register_notrace_function, register_notrace_module, trunc_normal_
 from timm.layers import Mlp as TimmMlp
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -61,6 +61,32 @@ def check_input_size(height: int, width: int) -> None:
             f"that are positive multiples of {SIZE_DIVISOR} (e.g. 224, 256, 384); "
             f"resize or pad the input"
         )
+
+
+@register_notrace_function
+def check_image_size(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself after :func:`check_input_size` on its height and width.
+
+    A pass-through so that torch.fx keeps the check in the graph: registered with timm's
+    notrace helpers, it is one call in a traced graph (its test is Python control flow).
+
+    Args:
+        x: ``(B, C, H, W)`` images.
+    """
+    check_input_size(x.shape[-2], x.shape[-1])
+    return x
+
+
+# The poolings forward_head implements (timm's names).
+GLOBAL_POOLS = ("avg", "")
+
+
+def _checked_global_pool(global_pool: str) -> str:
+    """``global_pool`` if :meth:`CrossFormer.forward_head` implements it, else a ValueError."""
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f"global_pool {global_pool!r} is not supported; use 'avg' (average over the map) "
+                         "or '' (no pooling)")
+    return global_pool
 
 
 def relative_position_index(group_h: int, group_w: int, device: torch.device) -> torch.Tensor:
@@ -133,6 +159,22 @@ def ungroup_tokens(x: torch.Tensor, group: int, interval: int, height: int, widt
     return x.reshape(batch, height, width, channels)
 
 
+def padding_mask(height: int, width: int, grouping: Grouping, device: torch.device) -> torch.Tensor:
+    """Additive key mask of the padded tokens of an ``height x width`` map grouped by ``grouping``.
+
+    Returns:
+        ``(nG, 1, 1, N)`` float32: 0 for real tokens, -inf for padding (all 0 without padding).
+    """
+    group, interval, pad_h, pad_w = grouping
+    # Comparisons rather than writes into the padded rows / columns: torch.export then needs no
+    # assumption on the padding's size.
+    rows = torch.arange(height + pad_h, device=device)[:, None] >= height  # (Hp, 1)
+    cols = torch.arange(width + pad_w, device=device)[None, :] >= width  # (1, Wp)
+    padded = torch.where(rows | cols, float("-inf"), 0.0)  # (Hp, Wp) float32
+    mask = group_tokens(padded[None, :, :, None], group, interval)  # (1, nG, N, 1)
+    return mask[0].transpose(1, 2).unsqueeze(1)  # (nG, 1, 1, N)
+
+
 def sdpa_backends(device: torch.device) -> Optional[List[SDPBackend]]:
     """SDPA backends to allow for an additive bias, or None to let PyTorch choose.
 
@@ -168,11 +210,13 @@ class DynamicPosBias(nn.Module):
         return self.pos3(self.pos2(self.pos1(self.pos_proj(offsets))))
 
 
+@register_notrace_module  # torch.fx: one call (its grouping and caches depend on the map's size)
 class Attention(nn.Module):
     """Multi-head self-attention inside LSDA groups, with a dynamic position bias.
 
-    ``forward`` owns the whole computation: padding, grouping, q/k/v projection, attention,
-    output projection, ungrouping and cropping. ``reference`` selects the official formulation
+    ``forward`` owns the whole computation: the grouping for the map's size (SDA or LDA, see
+    :meth:`grouping`), padding and its mask, q/k/v projection, attention, output projection,
+    ungrouping and cropping. ``reference`` selects the official formulation
     (:mod:`models.reference`); it is set through ``CrossFormer.set_reference_attention``.
 
     Attributes:
@@ -183,6 +227,9 @@ class Attention(nn.Module):
     Args:
         dim: token width.
         num_heads: number of heads.
+        group_size: SDA group side ``G`` (and the threshold under which the whole map is one group).
+        interval: LDA sampling interval ``I``.
+        long_distance: True for LDA, False for SDA.
         qkv_bias: whether the qkv projection has a bias.
         attn_drop: dropout on attention weights.
         proj_drop: dropout after the output projection.
@@ -191,7 +238,8 @@ class Attention(nn.Module):
     explicit_cpu_training = True
 
     def __init__(
-        self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0
+        self, dim: int, num_heads: int, group_size: int, interval: int, long_distance: bool, qkv_bias: bool = True,
+        attn_drop: float = 0.0, proj_drop: float = 0.0,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -199,6 +247,9 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
+        self.group_size = group_size
+        self.interval = interval
+        self.long_distance = long_distance
         self.pos = DynamicPosBias(dim // 4 // 4, num_heads)
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
@@ -207,6 +258,35 @@ class Attention(nn.Module):
         self.reference = False
         # Eval-mode cache of the position bias: key -> (nH, N, N) tensor (not in reference mode).
         self._bias_cache: Dict[tuple, torch.Tensor] = {}
+        # Padding masks, cached per (H, W, device): see cached_padding_mask().
+        self._mask_cache: Dict[tuple, Optional[torch.Tensor]] = {}
+
+    def grouping(self, height: int, width: int) -> Grouping:
+        """How an ``height x width`` map is grouped.
+
+        SDA groups are adjacent ``G x G`` windows. LDA groups are ``G x G`` tokens sampled with
+        interval ``I`` inside regions of ``G*I x G*I`` tokens. SDA is LDA with ``I = 1``. A map
+        no larger than a group (``min(H, W) <= G``) is one SDA group of side ``max(H, W)``.
+
+        Returns:
+            ``(group, interval, pad_h, pad_w)``: group side, sampling interval, and the
+            bottom / right padding that makes the map a multiple of ``group * interval``.
+        """
+        if min(height, width) <= self.group_size:
+            group, interval = max(height, width), 1
+        else:
+            group, interval = self.group_size, (self.interval if self.long_distance else 1)
+        unit = group * interval
+        return Grouping(group, interval, (-height) % unit, (-width) % unit)
+
+    def cached_padding_mask(self, height: int, width: int, grouping: Grouping,
+                            device: torch.device) -> Optional[torch.Tensor]:
+        """:func:`padding_mask` (cached per size), or None without padding."""
+        key = (height, width, device)
+        if key not in self._mask_cache:
+            self._mask_cache[key] = (padding_mask(height, width, grouping, device)
+                                     if grouping.pad_h or grouping.pad_w else None)
+        return self._mask_cache[key]
 
     def clear_cache(self) -> None:
         """Drop the cached eval-mode position bias."""
@@ -226,12 +306,13 @@ class Attention(nn.Module):
             not self.reference and not self.training and not torch.is_grad_enabled()
             and not torch.compiler.is_compiling()
         )
-        # The bias is computed under the caller's autocast, so its dtype is part of the key.
-        autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
-        autocast_dtype = torch.get_autocast_dtype(device.type) if autocast else None
-        key = (group_h, group_w, device, autocast_dtype, self._weights_version())
-        if use_cache and key in self._bias_cache:
-            return self._bias_cache[key]
+        if use_cache:
+            # The bias is computed under the caller's autocast, so its dtype is part of the key.
+            autocast = torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type)
+            autocast_dtype = torch.get_autocast_dtype(device.type) if autocast else None
+            key = (group_h, group_w, device, autocast_dtype, self._weights_version())
+            if key in self._bias_cache:
+                return self._bias_cache[key]
         table = self.pos(relative_offsets(group_h, group_w, device, self.pos.pos_proj.weight.dtype))  # ((2Gh-1)(2Gw-1), nH)
         index = relative_position_index(group_h, group_w, device)  # (N, N)
         bias = table.t()[:, index]  # (nH, N, N), contiguous: SDPA would copy a strided bias every call
@@ -239,25 +320,29 @@ class Attention(nn.Module):
             self._bias_cache = {key: bias}
         return bias
 
-    def forward(self, x: torch.Tensor, grouping: Grouping, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Grouped self-attention with output projection, ``(B, H, W, C)`` -> ``(B, H, W, C)``.
 
         Args:
             x: normalised tokens, ``(B, H, W, C)``.
-            grouping: how the map is grouped and padded (``CrossFormerBlock.grouping``).
-            mask: additive key mask of padded tokens, ``(nG, 1, 1, N)``, or None without padding.
 
         Returns:
             ``(B, H, W, C)``; on the fast path a strided view (ungrouped, cropped) that the
             residual add reads in place.
         """
         batch, height, width, channels = x.shape
+        grouping = self.grouping(height, width)
         group, interval, pad_h, pad_w = grouping
         padded_h, padded_w = height + pad_h, width + pad_w
         bias = self.position_bias(group, group, x.device)  # (nH, N, N)
-        if mask is not None:
-            bias = bias + mask  # (nG, nH, N, N)
-        if pad_h or pad_w:
+        exporting = torch.compiler.is_exporting()
+        if exporting:
+            # One exported program serves every size of its range: no branch on the padding
+            # (which depends on the size), the mask computed in the graph (all 0 without padding).
+            bias = bias + padding_mask(height, width, grouping, x.device)  # (nG, nH, N, N)
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
+        elif pad_h or pad_w:
+            bias = bias + self.cached_padding_mask(height, width, grouping, x.device)  # (nG, nH, N, N)
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
         if self.reference:
             # The official sequence: project every token, group the projections, split heads,
@@ -272,6 +357,10 @@ class Attention(nn.Module):
             # a single group). The crop is a view that the residual add reads.
             out = self.fast_attention(self.qkv(group_tokens(x, group, interval)), bias)  # (B, nG, N, C)
             out = ungroup_tokens(self.proj(out), group, interval, padded_h, padded_w)  # (B, Hp, Wp, C)
+        if exporting:
+            # Crop by gathering: a cropped view's strides would tie the program to whether a size pads.
+            out = out.index_select(1, torch.arange(height, device=out.device))
+            return self.proj_drop(out.index_select(2, torch.arange(width, device=out.device)))
         return self.proj_drop(out[:, :height, :width])
 
     def fast_attention(self, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -357,11 +446,8 @@ class CrossFormerBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.dim = dim
-        self.group_size = group_size
-        self.interval = interval
-        self.long_distance = long_distance
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = Attention(dim, num_heads, group_size, interval, long_distance, attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
@@ -369,50 +455,10 @@ class CrossFormerBlock(nn.Module):
         if use_acl:
             self.ex_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
             self.ex_ln = nn.LayerNorm(dim)
-        # Padding masks, cached per (H, W, device): see padding_mask().
-        self._mask_cache: Dict[tuple, Optional[torch.Tensor]] = {}
-
-    def grouping(self, height: int, width: int) -> Grouping:
-        """How an ``height x width`` map is grouped.
-
-        SDA groups are adjacent ``G x G`` windows. LDA groups are ``G x G`` tokens sampled with
-        interval ``I`` inside regions of ``G*I x G*I`` tokens. SDA is LDA with ``I = 1``. A map
-        no larger than a group (``min(H, W) <= G``) is one SDA group of side ``max(H, W)``.
-
-        Returns:
-            ``(group, interval, pad_h, pad_w)``: group side, sampling interval, and the
-            bottom / right padding that makes the map a multiple of ``group * interval``.
-        """
-        if min(height, width) <= self.group_size:
-            group, interval = max(height, width), 1
-        else:
-            group, interval = self.group_size, (self.interval if self.long_distance else 1)
-        unit = group * interval
-        return Grouping(group, interval, (-height) % unit, (-width) % unit)
-
-    def padding_mask(self, height: int, width: int, device: torch.device) -> Optional[torch.Tensor]:
-        """Additive key mask of padded tokens per group (cached per size), or None without padding.
-
-        Returns:
-            ``(nG, 1, 1, N)`` float32: 0 for real tokens, -inf for padding.
-        """
-        key = (height, width, device)
-        if key not in self._mask_cache:
-            group, interval, pad_h, pad_w = self.grouping(height, width)
-            mask = None
-            if pad_h or pad_w:
-                padded = torch.zeros(1, height + pad_h, width + pad_w, 1, device=device)
-                padded[:, height:] = float("-inf")
-                padded[:, :, width:] = float("-inf")
-                mask = group_tokens(padded, group, interval)  # (1, nG, N, 1)
-                mask = mask[0].transpose(1, 2).unsqueeze(1)  # (nG, 1, 1, N)
-            self._mask_cache[key] = mask
-        return self._mask_cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` -> ``(B, H, W, C)``."""
-        height, width = x.shape[1], x.shape[2]
-        attended = self.attn(self.norm1(x), self.grouping(height, width), self.padding_mask(height, width, x.device))
+        attended = self.attn(self.norm1(x))
         x = x + self.drop_path(attended)
         if self.training:
             x = x + self.drop_path(self.mlp(self.norm2(x)))
@@ -503,37 +549,40 @@ class Stage(nn.Module):
         use_acl: bool,
     ) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(
+        # A Sequential (same keys as a list): its output, the stage's feature map, is what timm's
+        # hook and fx feature extractors take from ``layers.{i}.blocks``.
+        self.blocks = nn.Sequential(*(
             CrossFormerBlock(
                 dim, num_heads, group_size, interval, long_distance=i % 2 == 1, mlp_ratio=mlp_ratio,
                 drop=drop, attn_drop=attn_drop, drop_path=drop_path[i],
                 use_acl=use_acl and (i + 1) % 3 == 0 and i != depth - 1,
             )
             for i in range(depth)
-        )
+        ))
         self.downsample = PatchMerging(dim, merge_kernels) if merge_kernels else None
         self.grad_checkpointing = False
-
-    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, W, C)`` through all blocks."""
-        for block in self.blocks:
-            x = block(x)
-        return x
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(B, H, W, C)`` -> (stage output ``(B, H, W, C)``, next stage input or the same)."""
         if self.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint.checkpoint(self.run_blocks, x, use_reentrant=False)
+            x = checkpoint.checkpoint(self.blocks, x, use_reentrant=False)
         else:
-            x = self.run_blocks(x)
+            x = self.blocks(x)
         return x, (self.downsample(x) if self.downsample is not None else x)
 
 
 class CrossFormer(nn.Module):
     """CrossFormer / CrossFormer++ classifier and backbone.
 
+    timm's model contract: ``forward_features`` returns the normalised last map
+    ``(B, H/32, W/32, C)`` (``output_fmt`` NHWC), ``forward_head`` pools it (``global_pool``) and
+    applies the classifier, ``forward(x) == forward_head(forward_features(x))``; ``num_features``
+    and ``head_hidden_size`` are that map's width ``C``.
+
     Args:
         num_classes: classes of the head; 0 for a feature extractor (``head`` is Identity).
+        global_pool: ``"avg"`` (average over the map) or ``""`` (no pooling: the head, if any,
+            applies to every position of the map).
         embed_dim: stage-1 width (doubles every stage).
         depths: blocks per stage.
         num_heads: heads per stage.
@@ -550,9 +599,9 @@ class CrossFormer(nn.Module):
     """
 
     def __init__(
-        self, num_classes: int = 1000, embed_dim: int = 64, depths: Sequence[int] = (2, 2, 18, 2),
-        num_heads: Sequence[int] = (2, 4, 8, 16), group_size: Sequence[int] = (4, 4, 14, 7),
-        crs_interval: Sequence[int] = (4, 2, 1, 1), use_acl: bool = True,
+        self, num_classes: int = 1000, global_pool: str = "avg", embed_dim: int = 64,
+        depths: Sequence[int] = (2, 2, 18, 2), num_heads: Sequence[int] = (2, 4, 8, 16),
+        group_size: Sequence[int] = (4, 4, 14, 7), crs_interval: Sequence[int] = (4, 2, 1, 1), use_acl: bool = True,
         patch_size: Sequence[int] = (4, 8, 16, 32),
         merge_size: Sequence[Sequence[int]] = ((2, 4), (2, 4), (2, 4)),
         mlp_ratio: Sequence[float] = (4.0, 4.0, 4.0, 4.0), in_chans: int = 3, drop_rate: float = 0.0,
@@ -569,7 +618,10 @@ class CrossFormer(nn.Module):
         if len(merge_size) != num_stages - 1:
             raise ValueError(f"merge_size needs {num_stages - 1} entries (one per stage transition), got {len(merge_size)}")
         self.num_classes = num_classes
-        self.num_features = embed_dim * 2 ** (num_stages - 1)
+        self.global_pool = _checked_global_pool(global_pool)
+        self.in_chans = in_chans
+        self.output_fmt = "NHWC"
+        self.num_features = self.head_hidden_size = embed_dim * 2 ** (num_stages - 1)
         self.stage_dims = [embed_dim * 2 ** i for i in range(num_stages)]
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
@@ -583,8 +635,9 @@ class CrossFormer(nn.Module):
                 drop_rate, attn_drop_rate, rates[start:start + depth],
                 merge_size[i] if i < num_stages - 1 else None, use_acl,
             ))
-        # Stage outputs for timm's features_only / forward_intermediates: stride 4, 8, 16, 32.
-        self.feature_info = [dict(num_chs=dim, reduction=4 * 2 ** i, module=f"layers.{i}")
+        # Stage outputs for timm's features_only / forward_intermediates: stride 4, 8, 16, 32. The
+        # module is the stage's blocks, whose output is the map before the patch merging.
+        self.feature_info = [dict(num_chs=dim, reduction=4 * 2 ** i, module=f"layers.{i}.blocks")
                              for i, dim in enumerate(self.stage_dims)]
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -649,12 +702,20 @@ class CrossFormer(nn.Module):
         """Names of parameters that take no weight decay: norms, biases and other 1-D tensors."""
         return {name for name, param in self.named_parameters() if param.ndim <= 1 or name.endswith(".bias")}
 
-    def reset_classifier(self, num_classes: int) -> None:
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier head (``nn.Linear``, or Identity without classes)."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """Replace the head (freshly initialised) for ``num_classes`` (0 = Identity).
 
         Args:
             num_classes: classes of the new head.
+            global_pool: ``"avg"`` or ``""`` (no pooling); None keeps the current pooling.
         """
+        if global_pool is not None:
+            self.global_pool = _checked_global_pool(global_pool)
         self.num_classes = num_classes
         device = self.norm.weight.device if isinstance(self.norm, nn.LayerNorm) else None
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
@@ -667,7 +728,7 @@ class CrossFormer(nn.Module):
         """Stage outputs (before patch merging) as timm's feature API expects them.
 
         Args:
-            x: ``(B, 3, H, W)``, ``H, W`` multiples of 32.
+            x: ``(B, in_chans, H, W)``, ``H, W`` multiples of 32.
             indices: stages to return: the last ``n`` if an int, all if None, else their indices.
             norm: apply the final norm to the last stage's output.
             stop_early: skip the stages after the last requested one.
@@ -675,52 +736,59 @@ class CrossFormer(nn.Module):
             intermediates_only: return only the intermediates.
 
         Returns:
-            The intermediates, or ``(final, intermediates)`` where ``final`` is the normalised
-            last map ``(B, H/32, W/32, C)`` for :meth:`forward_head`.
+            The intermediates, or ``(final, intermediates)``: ``final`` is what
+            :meth:`forward_features` returns, the normalised last map ``(B, H/32, W/32, C)``, when
+            every stage ran (a run stopped early gives its last stage's map, not normalised).
         """
         if output_fmt not in ("NCHW", "NHWC"):
             raise ValueError(f"output_fmt {output_fmt!r} is not supported; use 'NCHW' or 'NHWC'")
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
-        check_input_size(x.shape[-2], x.shape[-1])
-        x = self.pos_drop(self.patch_embed(x))  # (B, H/4, W/4, C)
+        x = self.pos_drop(self.patch_embed(check_image_size(x)))  # (B, H/4, W/4, C)
         stages = self.layers[:max_index + 1] if stop_early else self.layers
         intermediates = []
         for i, stage in enumerate(stages):
             out, x = stage(x)  # stage output, next stage input
             if i in take_indices:
-                out = self.norm(out) if norm and i == len(self.layers) - 1 else out
-                intermediates.append(out.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else out)
+                out_i = self.norm(out) if norm and i == len(self.layers) - 1 else out
+                intermediates.append(out_i.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else out_i)
         if intermediates_only:
             return intermediates
-        return self.norm(x), intermediates
+        # The final norm is sized for the last stage.
+        return (self.norm(out) if len(stages) == len(self.layers) else out), intermediates
 
     def prune_intermediate_layers(
         self, indices: Union[int, List[int]] = 1, prune_norm: bool = False, prune_head: bool = True,
     ) -> List[int]:
         """Drop the stages, norm and head that the requested intermediates do not need.
 
+        Pruning later stages drops the final norm and the head too (both are sized for the last
+        stage); ``num_features`` becomes the last kept stage's width.
+
         Args:
             indices: as in :meth:`forward_intermediates`.
             prune_norm: replace the final norm by Identity.
-            prune_head: replace the head by Identity.
+            prune_head: replace the head by Identity, without pooling.
 
         Returns:
             The absolute stage indices kept for :meth:`forward_intermediates`.
         """
         take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        prune_end = max_index < len(self.layers) - 1
         self.layers = self.layers[:max_index + 1]
-        self.layers[-1].downsample = None  # its output would feed a pruned stage
-        if prune_norm:
+        if prune_end:
+            self.layers[-1].downsample = None  # its output would feed a pruned stage
+            self.num_features = self.head_hidden_size = self.stage_dims[max_index]
+        if prune_norm or prune_end:
             self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0)
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
         return take_indices
 
     def forward_stages(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Feature maps of all stages for dense prediction.
 
         Args:
-            x: ``(B, 3, H, W)``, ``H, W`` multiples of 32.
+            x: ``(B, in_chans, H, W)``, ``H, W`` multiples of 32.
 
         Returns:
             One ``(B, C_i, H / 2^(i+2), W / 2^(i+2))`` tensor per stage (before patch merging).
@@ -728,26 +796,29 @@ class CrossFormer(nn.Module):
         return self.forward_intermediates(x, intermediates_only=True)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> pooled features ``(B, num_features)``."""
-        check_input_size(x.shape[-2], x.shape[-1])
-        x = self.pos_drop(self.patch_embed(x))  # (B, H/4, W/4, C)
+        """``(B, in_chans, H, W)`` -> the normalised last map ``(B, H/32, W/32, num_features)``, unpooled."""
+        x = self.pos_drop(self.patch_embed(check_image_size(x)))  # (B, H/4, W/4, C)
         for stage in self.layers:
             x = stage(x)[1]
-        return self.forward_head(self.norm(x), pre_logits=True)
+        return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Average pooling and the classifier.
+        """Pooling (``global_pool``) and the classifier.
 
         Args:
-            x: normalised last map ``(B, H, W, C)``.
-            pre_logits: return the pooled features ``(B, C)`` without the head.
+            x: normalised last map ``(B, H, W, C)`` from :meth:`forward_features`.
+            pre_logits: return the pooled features ``(B, head_hidden_size)`` without the head.
+
+        Returns:
+            ``(B, num_classes)`` logits; with ``global_pool=""`` per position, ``(B, H, W, num_classes)``.
         """
-        x = x.mean(dim=(1, 2))  # (B, C)
+        if self.global_pool == "avg":
+            x = x.mean(dim=(1, 2))  # (B, C)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, 3, H, W)`` -> logits ``(B, num_classes)`` (features if ``num_classes == 0``)."""
-        return self.head(self.forward_features(x))
+        """``(B, in_chans, H, W)`` -> logits ``(B, num_classes)`` (pooled features if ``num_classes == 0``)."""
+        return self.forward_head(self.forward_features(x))
 
     def macs(self, img_size: Union[int, Tuple[int, int]] = 224, reference: bool = True) -> int:
         """Multiply-accumulates of one forward pass of one image: :func:`models.flops.count_macs`."""
@@ -771,9 +842,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: CrossFormer) -> Dict
 
     Accepts a checkpoint dict with the weights under ``model`` (the official release and this
     framework) or ``state_dict``, or a bare state dict; strips DDP's ``module.`` prefix; leaves out
-    a classifier head whose shape differs from the model's (another number of classes), so the
-    model keeps its own. Other mismatches are left for ``load_state_dict`` to report. timm's
-    builder and ``models.build.load_pretrained`` both call it.
+    a classifier head that does not fit the model's (another number of classes, or a model
+    without a head), so the model keeps its own, and says so in one log line. Other mismatches
+    are left for ``load_state_dict`` to report. timm's builder (through
+    :func:`_pretrained_filter_fn`) and ``models.build.load_pretrained`` both call it.
 
     Args:
         state_dict: the loaded checkpoint.
@@ -793,12 +865,38 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: CrossFormer) -> Dict
                          "pass a checkpoint of this framework or an official CrossFormer release")
     weights = {key.removeprefix("module."): value for key, value in weights.items()}
     own = model.state_dict()
-    for key in [k for k in weights if k.startswith("head.") and k in own]:
-        if weights[key].shape != own[key].shape:
-            _logger.info("checkpoint %s has shape %s, the model %s: the head keeps its initialisation", key,
-                         tuple(weights[key].shape), tuple(own[key].shape))
+    head = [key for key in weights if key.startswith("head.")]
+    own_head = [key for key in own if key.startswith("head.")]
+    if any(key not in own or weights[key].shape != own[key].shape for key in head):
+        _logger.info("the checkpoint's classifier head (%s) does not fit the model's (%s): the model keeps its own, "
+                     "freshly initialised", ", ".join(f"{key} {tuple(weights[key].shape)}" for key in head),
+                     ", ".join(f"{key} {tuple(own[key].shape)}" for key in own_head) or "none")
+        for key in head:
             del weights[key]
+    elif own_head and not head:
+        _logger.info("the checkpoint has no classifier head: the model keeps its own, freshly initialised")
     return weights
+
+
+def _pretrained_filter_fn(state_dict: Dict[str, Any], model: CrossFormer) -> Dict[str, torch.Tensor]:
+    """:func:`checkpoint_filter_fn` for timm's builder, whose load is strict.
+
+    The pretrained config names the model's own class count, so timm keeps the file's head
+    whenever it fits; a head that does not fit (or a file without one) is replaced here by the
+    model's fresh one, so the strict load succeeds with exactly the head a timm user expects
+    from a fine-tune: new, with one log line saying so. Every other tensor stays strict.
+    """
+    weights = checkpoint_filter_fn(state_dict, model)
+    if not any(key.startswith("head.") for key in weights):
+        weights.update((key, value) for key, value in model.state_dict().items() if key.startswith("head."))
+    return weights
+
+
+# The CEL stem's four convolutions (kernels 4, 8, 16, 32): every one reads the image, so each is a
+# first conv for timm, which adapts each one's weights to another ``in_chans`` (adapt_input_conv:
+# summed over RGB for one channel, cycled and rescaled for more), independently and exactly as
+# for a single-conv stem, since each is linear in the input channels.
+STEM_CONVS = tuple(f"patch_embed.projs.{i}" for i in range(4))
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
@@ -806,8 +904,8 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     return {
         "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
         "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
-        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "classifier": "head", "license": "mit",
-        **kwargs,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "first_conv": STEM_CONVS,
+        "classifier": "head", "license": "mit", **kwargs,
     }
 
 
@@ -832,7 +930,9 @@ def _create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -
     Args:
         variant: registered name.
         pretrained: load weights from a file given as ``pretrained_cfg_overlay=dict(file=PATH)``.
-        **kwargs: constructor arguments and timm's builder arguments.
+        **kwargs: constructor arguments and timm's builder arguments; ``out_indices``,
+            ``feature_cls`` and a ``feature_cfg`` dict refine the default feature extractor (timm's
+            ``getter``: :meth:`CrossFormer.forward_intermediates`, all four stages).
     """
     overlay = kwargs.get("pretrained_cfg_overlay") or {}
     if pretrained:
@@ -843,12 +943,15 @@ def _create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -
                 "one with models.load_pretrained (--pretrained in main.py)"
             )
         # timm drops the head when num_classes differs from the config's: the file's head fits the
-        # model being built unless its shape says otherwise (checkpoint_filter_fn decides that).
+        # model being built unless its shape says otherwise (_pretrained_filter_fn decides that).
         kwargs["pretrained_cfg_overlay"] = {"num_classes": kwargs.get("num_classes", 1000), **overlay}
-    out_indices = kwargs.pop("out_indices", tuple(range(len(kwargs["depths"]))))
+    feature_cfg = dict(feature_cls="getter", out_indices=tuple(range(len(kwargs["depths"]))))
+    feature_cfg.update(kwargs.pop("feature_cfg", None) or {})
+    if "out_indices" in kwargs:  # the builder takes it only with features_only; the model never
+        feature_cfg["out_indices"] = kwargs.pop("out_indices")
     return build_model_with_cfg(
-        CrossFormer, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs,
+        CrossFormer, variant, pretrained, pretrained_filter_fn=_pretrained_filter_fn, feature_cfg=feature_cfg,
+        **kwargs,
     )
 
 

@@ -20,8 +20,10 @@ def create_model(name: str, **overrides: Any) -> CrossFormer:
     Args:
         name: one of :func:`list_models`.
         **overrides: constructor arguments that replace the variant's (``num_classes``,
-            ``drop_path_rate``, ``embed_dim``, ``depths``, ``use_checkpoint`` ...) and timm's
-            builder arguments (``features_only``, ``out_indices``, ``pretrained_cfg_overlay``).
+            ``global_pool``, ``in_chans``, ``drop_path_rate``, ``embed_dim``, ``depths``,
+            ``use_checkpoint`` ...) and timm's builder arguments (``features_only``,
+            ``out_indices``, ``feature_cls``, ``feature_cfg``, ``pretrained``,
+            ``pretrained_cfg_overlay``).
     """
     if name not in default_cfgs:
         close = difflib.get_close_matches(name, list_models(), n=3)

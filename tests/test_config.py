@@ -146,7 +146,7 @@ def test_build_model_keeps_the_variants_value_for_none() -> None:
     assert [info["num_chs"] for info in model.feature_info] == [32, 64, 128, 256]
     assert [len(stage.blocks) for stage in model.layers] == [1, 1, 2, 1]
     # GROUP_SIZE / CRS_INTERVAL are None: crossformerpp_s's own (4, 4, 14, 7) and (4, 2, 1, 1).
-    assert [(stage.blocks[0].group_size, stage.blocks[0].interval) for stage in model.layers] == \
+    assert [(stage.blocks[0].attn.group_size, stage.blocks[0].attn.interval) for stage in model.layers] == \
         [(4, 4), (4, 2), (14, 1), (7, 1)]
 
 

@@ -361,10 +361,10 @@ def test_padding_is_exercised() -> None:
     model = tiny()
     blocks = [block for stage in model.layers for block in stage.blocks]
     # At 224: stage 1 (56x56) LDA regions of 16 pad to 64; at 320 stage 4 (10x10) SDA pads to 14.
-    assert any(block.grouping(56, 56)[2] for block in blocks[:2])
-    assert blocks[-2].grouping(10, 10) == (7, 1, 4, 4)
+    assert any(block.attn.grouping(56, 56)[2] for block in blocks[:2])
+    assert blocks[-2].attn.grouping(10, 10) == (7, 1, 4, 4)
     # A map no larger than the group is one group of side max(H, W).
-    assert blocks[-1].grouping(7, 5) == (7, 1, 0, 2)
+    assert blocks[-1].attn.grouping(7, 5) == (7, 1, 0, 2)
 
 
 def test_eval_cache_follows_weight_changes() -> None:
@@ -421,7 +421,7 @@ def test_features_only(build: str) -> None:
     extractor = create("crossformerpp_s", **args).eval()
     info = extractor.feature_info
     assert info.channels() == [32, 64, 128, 256] and info.reduction() == [4, 8, 16, 32]
-    assert info.module_name() == ["layers.0", "layers.1", "layers.2", "layers.3"]
+    assert info.module_name() == ["layers.0.blocks", "layers.1.blocks", "layers.2.blocks", "layers.3.blocks"]
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         maps = extractor(x)
