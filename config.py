@@ -37,6 +37,13 @@ _C.DATA.LOADER = "dali"
 # How an imagenet DATA_PATH stores its images: "folder" (train/<class>/<image>, val/...) or "shards"
 # (train/ and val/ of tar shards with an index.json, written by python -m data.make_shards).
 _C.DATA.FORMAT = "folder"
+# How DATA_PATH/val's class folders give labels (folder format): "names" (sorted by name, as train's and
+# torchvision's ImageFolder) or "indices" (named 0..N-1 by class index, ImageNet-V2's layout: the label is
+# the folder's integer value, never its place in string order; the class names come from train/).
+_C.DATA.VAL_LAYOUT = "names"
+# ImageNet-ReaL's real.json (the correct classes of each original val image): --eval and the end of
+# training report ReaL top-1 next to the original ("" = off).
+_C.DATA.REAL_LABELS = ""
 # Shards: places of each rank's shuffle buffer; a sample is drawn from the next SHUFFLE_BUFFER
 # samples of the rank's shard stream (the buffer holds sample numbers, not images).
 _C.DATA.SHUFFLE_BUFFER = 4096
@@ -217,6 +224,7 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "DATA.DATASET": ("imagenet", "toy", "synthetic"),
     "DATA.LOADER": ("dali", "pytorch"),
     "DATA.FORMAT": ("folder", "shards"),
+    "DATA.VAL_LAYOUT": ("names", "indices"),
     "DATA.INTERPOLATION": ("bicubic", "bilinear"),
     "TRAIN.AMP": ("bf16", "fp16", "none"),
     "TEST.AMP": ("train", "bf16", "fp16", "none"),
@@ -378,6 +386,14 @@ def validate(cfg: CN) -> None:
     if cfg.DATA.FORMAT == "shards" and cfg.DATA.DATASET != "imagenet":
         raise ConfigError(f"DATA.FORMAT='shards' reads DATA_PATH but DATA.DATASET={cfg.DATA.DATASET!r} reads none; "
                           "add --opts DATA.DATASET imagenet and --data-path SHARDS, or drop DATA.FORMAT")
+    if (cfg.DATA.VAL_LAYOUT != "names" or cfg.DATA.REAL_LABELS) and (cfg.DATA.DATASET, cfg.DATA.FORMAT) != (
+            "imagenet", "folder"):
+        raise ConfigError(f"DATA.VAL_LAYOUT={cfg.DATA.VAL_LAYOUT!r} / DATA.REAL_LABELS={cfg.DATA.REAL_LABELS!r} "
+                          "apply to an image folder (DATA.DATASET imagenet, DATA.FORMAT folder); drop them or "
+                          "evaluate a folder")
+    if cfg.DATA.REAL_LABELS and not os.path.isfile(cfg.DATA.REAL_LABELS):
+        raise ConfigError(f"DATA.REAL_LABELS={cfg.DATA.REAL_LABELS!r} is not a file; pass the path of ImageNet-ReaL's "
+                          "real.json")
     if cfg.MODEL.RESUME and cfg.MODEL.PRETRAINED:
         raise ConfigError("--resume and --pretrained were both given: --resume restores the whole training "
                           "state (weights included), --pretrained only initialises the weights; pass one")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import logging
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar, Union
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar, Union
 
 import torch
 from PIL import Image
@@ -146,8 +146,16 @@ class Loaders:
         train: Shuffled, augmented, drops the last incomplete batch.
         val: This rank's shard of the validation set, every image once across ranks.
         num_classes: Number of classes of the dataset.
+        val_split: The validation split read from files (its ``samples`` in the sampler's index
+            order, its ``classes`` the class names in label order); None for generated data.
     """
 
     train: BatchLoader
     val: BatchLoader
     num_classes: int
+    val_split: Any = None
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        """The class names in label order (a folder's class folders, e.g. ImageNet's wnids), or None."""
+        return list(self.val_split.classes) if self.val_split is not None else None

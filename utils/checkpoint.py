@@ -5,7 +5,8 @@ A checkpoint is one ``torch.save`` dict (loadable with ``weights_only=True``):
 ``format_version``, ``model``, ``ema``, ``optimizer``, ``scheduler``, ``scaler``, the
 :class:`~utils.train_state.TrainState` keys (``epoch`` in progress, its next ``batch``,
 ``global_step``, the best accuracies, the skipped-step counts, ``ranks``: per rank every RNG
-state and the epoch's running sums, ``world_size``), ``config`` (plain data), ``provenance`` (what produced it: :mod:`utils.provenance`) and ``saved_at``.
+state and the epoch's running sums, ``world_size``), ``config`` (plain data), ``class_names`` (the
+dataset's, in label order; None for generated data), ``provenance`` (what produced it: :mod:`utils.provenance`) and ``saved_at``.
 
 Files of a run directory: ``last.pth`` (newest position), ``epoch_NNNN.pth`` (the newest
 ``SAVE_KEEP``), ``best.pth`` / ``ema_best.pth`` (best validation top-1 of the weights / of their
@@ -177,10 +178,12 @@ class CheckpointManager:
         config: The run's config: stored in every file; reads ``SAVE_*``, ``MODEL.RESUME``,
             ``TRAIN.AUTO_RESUME``, ``EVAL_MODE`` and the batch keys.
         dist_info: This process's place in the job.
+        class_names: The dataset's class names in label order (stored in every file, read by
+            ``predict`` and the exports), or None for generated data.
     """
 
     def __init__(self, run_dir: str, components: "Components", state: TrainState, config: CfgNode,
-                 dist_info: DistInfo) -> None:
+                 dist_info: DistInfo, class_names: Optional[Sequence[str]] = None) -> None:
         from config import config_to_dict
 
         self.run_dir = run_dir
@@ -189,6 +192,7 @@ class CheckpointManager:
         self.config = config
         self.config_dict = config_to_dict(config)
         self.dist_info = dist_info
+        self.class_names = list(class_names) if class_names is not None else None
         self.provenance = provenance.collect(dist_info.world_size)
         # Of the checkpoint resumed or evaluated: its stamp and its (epoch, batch, global step).
         self.loaded_provenance: Optional[Dict[str, Any]] = None
@@ -209,6 +213,7 @@ class CheckpointManager:
             "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
             **self.state.state_dict(),
             "config": self.config_dict,
+            "class_names": self.class_names,
             "provenance": self.provenance,
             "saved_at": time.time(),
         }

@@ -8,6 +8,13 @@ weights (about 3.5x the weights' size). The export is one bare state dict (the m
 ``module.`` prefix), the weights or their EMA (``--ema``), as ``.pth`` or ``.safetensors`` (by the
 output's suffix). ``--pretrained``, ``torch.load(weights_only=True)`` and
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))`` all load it.
+The training config and the class names travel with it: in the ``.safetensors`` metadata, and in
+a ``.pth`` state dict's ``_metadata`` (where PyTorch keeps module versions; ``torch.load`` still
+returns the bare state dict). :func:`read_stored_info` reads them back (``predict`` does).
+
+    python -m utils.export output/crossformerpp_b/default/best.pth model.onnx --format onnx --dynamic-batch
+
+writes an ONNX graph for onnxruntime / TensorRT (:mod:`utils.onnx_export`).
 """
 from __future__ import annotations
 
@@ -15,11 +22,45 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, Optional, Sequence
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .file_io import atomic_save, load_file
+
+# The key of a .pth export's state-dict ``_metadata`` that holds the training config and class names
+# (not a module name, so load_state_dict passes it to no module).
+METADATA_KEY = "crossformer_export"
+
+
+def read_stored_info(path: str) -> Tuple[Optional[Dict[str, Any]], Optional[List[str]]]:
+    """The training config and the class names a checkpoint or exported weights file carries.
+
+    Args:
+        path: A training checkpoint, or a ``.pth`` / ``.safetensors`` file from :func:`export_weights`.
+
+    Returns:
+        ``(config as plain dicts or None, class names in label order or None)``.
+    """
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"weights file {path} does not exist; check the path")
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        config, names = (json.loads(metadata[k]) if metadata.get(k) else None for k in ("config", "class_names"))
+        return config or None, names
+    checkpoint = load_file(path, mmap=True)
+    if not isinstance(checkpoint, dict):
+        return None, None
+    if "model" in checkpoint:  # a training checkpoint (or an official release: no names)
+        config = checkpoint.get("config")
+        return (config if isinstance(config, dict) and config else None), checkpoint.get("class_names")
+    stored = (getattr(checkpoint, "_metadata", None) or {}).get(METADATA_KEY) or {}
+    return stored.get("config") or None, stored.get("class_names")
+
 
 def export_weights(checkpoint_path: str, output: str, ema: bool = False) -> Dict[str, torch.Tensor]:
     """Write the weights (or EMA weights) of ``checkpoint_path`` to ``output``; returns them.
@@ -37,14 +78,15 @@ def export_weights(checkpoint_path: str, output: str, ema: bool = False) -> Dict
         what = "EMA weights (it was not trained with TRAIN.EMA.ENABLE True)" if ema else "weights under 'model'"
         raise ValueError(f"{checkpoint_path} holds no {what}; {'drop --ema' if ema else 'pass a training checkpoint'}")
     # Own, contiguous copies: safetensors refuses tensors that share storage or are strided views.
-    weights = {name.removeprefix("module."): tensor.detach().clone().contiguous()
-               for name, tensor in checkpoint[key].items()}
+    weights = OrderedDict((name.removeprefix("module."), tensor.detach().clone().contiguous())
+                          for name, tensor in checkpoint[key].items())
+    info = {"source": os.path.basename(checkpoint_path), "weights": key, "config": checkpoint.get("config") or {},
+            "class_names": checkpoint.get("class_names")}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     if output.endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        metadata = {"source": os.path.basename(checkpoint_path), "weights": key,
-                    "config": json.dumps(checkpoint.get("config") or {})}
+        metadata = {name: value if isinstance(value, str) else json.dumps(value) for name, value in info.items()}
         tmp = f"{output}.tmp-{os.getpid()}"
         try:
             save_file(weights, tmp, metadata=metadata)
@@ -53,6 +95,7 @@ def export_weights(checkpoint_path: str, output: str, ema: bool = False) -> Dict
             if os.path.exists(tmp):
                 os.remove(tmp)
     else:
+        weights._metadata = OrderedDict([(METADATA_KEY, info)])  # type: ignore[attr-defined]
         atomic_save(weights, output)
     return weights
 
