@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections import OrderedDict
@@ -109,10 +110,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser("python -m utils.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a training checkpoint, e.g. output/.../ema_best.pth")
-    parser.add_argument("output", help="the weights file to write: *.pth or *.safetensors")
+    parser.add_argument("output", help="the file to write: *.pth or *.safetensors (weights), *.onnx (onnx)")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the weights")
+    parser.add_argument("--format", choices=("weights", "onnx"), default="weights",
+                        help="weights: a bare state dict (default); onnx: an ONNX graph of the model")
+    onnx = parser.add_argument_group("onnx")
+    onnx.add_argument("--cfg", default="", help="the model's YAML config (default: the one stored in the checkpoint)")
+    onnx.add_argument("--img-size", type=int, help="input height and width (default: the config's DATA.IMG_SIZE)")
+    onnx.add_argument("--batch-size", type=int, default=1, help="the fixed batch size (default 1)")
+    onnx.add_argument("--dynamic-batch", action="store_true", help="a batch dimension that varies at run time")
+    onnx.add_argument("--verify", action="store_true",
+                      help="run the file with onnxruntime and print the largest logit difference to PyTorch")
     args = parser.parse_args(argv)
+    if args.format == "weights" and (args.cfg or args.img_size or args.dynamic_batch or args.verify
+                                     or args.batch_size != 1):
+        parser.error("--cfg, --img-size, --batch-size, --dynamic-batch and --verify apply to --format onnx")
     try:
+        if args.format == "onnx":
+            return _export_onnx(args)
         weights = export_weights(args.checkpoint, args.output, args.ema)
     except (OSError, ValueError) as e:
         sys.stderr.write(f"error: {e}\n")
@@ -123,6 +138,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      f"{os.path.getsize(args.checkpoint) / 2**20:.1f} MiB)\n")
     return 0
 
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    """``--format onnx``: export, and with ``--verify`` compare with PyTorch under onnxruntime."""
+    from .inference import load_trained_model
+    from .onnx_export import export_onnx, max_logit_difference
+
+    # onnxscript's optimizer warns once per LayerNorm it leaves unfolded: noise, not a problem of the graph.
+    logging.getLogger("onnxscript.optimizer").setLevel(logging.ERROR)
+    trained = load_trained_model(args.checkpoint, args.cfg, ema=args.ema)
+    info = export_onnx(trained, args.output, args.img_size, args.batch_size, args.dynamic_batch)
+    sys.stdout.write(f"wrote {args.output}: {trained.config.MODEL.NAME}, {len(trained.class_names)} classes, input "
+                     f"(batch {info['batch']}, 3, {info['img_size']}, {info['img_size']}), opset {info['opset']}, "
+                     f"{info['bytes'] / 2**20:.1f} MiB\n")
+    if args.verify:
+        batches = (1, 3) if args.dynamic_batch else (args.batch_size,)
+        difference = max_logit_difference(args.output, trained.model, info["img_size"], batches)
+        sys.stdout.write(f"onnxruntime vs PyTorch, batch {', '.join(map(str, batches))}: largest logit "
+                         f"difference {difference:.2e}\n")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
