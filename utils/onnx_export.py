@@ -54,6 +54,9 @@ def export_onnx(trained: TrainedModel, output: str, img_size: Optional[int] = No
     example = torch.randn(2 if dynamic_batch else batch_size, 3, size, size)
     dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
     with torch.no_grad():
+        # One real forward first: the padding masks and position-bias caches of this size are then plain
+        # tensors that the exporter folds into the graph, not attributes assigned while it traces.
+        model(example)
         program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"],
                                     output_names=["logits"], dynamic_shapes=dynamic_shapes, verbose=False)
     config = trained.config
