@@ -198,15 +198,18 @@ class Trainer:
             warn_if_trained_at_another_size(self.checkpoints.loaded_config, config, source)
         ema_only = not self.resumed_from and config.MODEL.PRETRAINED_WEIGHTS == "ema"  # --pretrained --use-ema
         result: Dict[str, Any] = {"amp": _AMP_NAMES[self.eval_dtype], "weights": "ema" if ema_only else "model"}
-        name = f"eval-{os.path.splitext(os.path.basename(source))[0]}{'-ema' if ema_only else ''}"
-        stats, analysis = self._validate_and_analyze(self.eval_model, name)
+        # Named by the weights and the data: evaluating best.pth on ImageNet and on ImageNet-V2 keeps both.
+        data_path = config.DATA.DATA_PATH
+        data = os.path.basename(os.path.normpath(data_path)) if data_path else config.DATA.DATASET
+        stem = os.path.splitext(os.path.basename(source))[0]
+        stats, analysis = self._validate_and_analyze(self.eval_model, f"eval-{stem}{'-ema' if ema_only else ''}-{data}")
         result.update({"val_acc1": stats["acc1"], "val_acc5": stats["acc5"], "val_loss": stats["loss"],
                        "val_count": int(stats["count"]), **analysis})
         logger.info("eval of the %s of %s: acc@1 %.3f  acc@5 %.3f  loss %.4f on %d images",
                     "EMA weights" if ema_only else "weights", source, stats["acc1"], stats["acc5"], stats["loss"],
                     stats["count"])
         if self.parts.ema is not None and self.resumed_from:  # the checkpoint's own EMA weights
-            ema_stats, ema_analysis = self._validate_and_analyze(self.parts.ema.module, f"{name}-ema")
+            ema_stats, ema_analysis = self._validate_and_analyze(self.parts.ema.module, f"eval-{stem}-ema-{data}")
             result.update({"ema_val_acc1": ema_stats["acc1"], "ema_val_acc5": ema_stats["acc5"],
                            "ema_val_loss": ema_stats["loss"], **{f"ema_{k}": v for k, v in ema_analysis.items()}})
             logger.info("eval of the EMA weights of %s: acc@1 %.3f  acc@5 %.3f  loss %.4f", source,

@@ -114,7 +114,7 @@ def test_eval_and_training_write_the_analysis_and_png(toy_run: Dict[str, Any]) -
 
     assert (toy_run["run_dir"] / "analysis" / "best" / "confusion.png").is_file()  # the end of training
     directory = Path(toy_run["eval"]["analysis_dir"])
-    assert directory == toy_run["run_dir"] / "analysis" / "eval-best"
+    assert directory == toy_run["run_dir"] / "analysis" / "eval-best-data"  # weights and data (DATA_PATH .../data)
     analysis = json.loads((directory / "analysis.json").read_text())
     matrix = np.array(analysis["confusion_matrix"])
     assert analysis["classes"] == [f"{i:02d}_{name}" for i, name in enumerate(CLASSES)]

@@ -244,14 +244,14 @@ def render_confusion_png(matrix: np.ndarray, class_names: Sequence[str], path: s
             "origin": list(origin), "size": list(size)}
 
 
-def write_analysis(directory: str, predictions: Predictions, class_names: Optional[Sequence[str]],
+def write_analysis(directory: str, predictions: Predictions, class_names: Sequence[str],
                    real_labels: Optional[Sequence[Sequence[int]]] = None) -> Dict[str, Any]:
     """Write ``analysis.json``, ``confusion.png`` and (for images from files) ``predictions.csv``.
 
     Args:
         directory: Created if missing.
         predictions: From :func:`gather_predictions`.
-        class_names: Names in label order; None names each class by its index.
+        class_names: Names in label order (one per class of the model).
         real_labels: The ReaL classes of each row (:func:`data.testsets.real_labels_of`), or None.
 
     Returns:
@@ -259,8 +259,7 @@ def write_analysis(directory: str, predictions: Predictions, class_names: Option
     """
     from data.testsets import real_top1
 
-    num_classes = int(max(predictions.classes.max(initial=0), predictions.targets.max(initial=0))) + 1
-    names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
+    names = list(class_names)
     os.makedirs(directory, exist_ok=True)
     stats = class_statistics(predictions, names)
     summary: Dict[str, Any] = {"top1": stats["top1"], "top5": stats["top5"], "count": stats["count"]}
@@ -296,7 +295,7 @@ def analyze_pass(collected: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Ten
 
     Args:
         collected: This rank's ``collect`` list of the pass.
-        loaders: The run's ``data.Loaders`` (validation loader, split and class names).
+        loaders: The run's ``data.Loaders`` (validation loader, split, class names and count).
         config: Reads ``DATA.REAL_LABELS``.
         directory: Where the files go.
 
@@ -314,7 +313,8 @@ def analyze_pass(collected: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Ten
             raise ValueError("DATA.REAL_LABELS needs the file of every val image, but the validation pass lost "
                              "their order (see the warning above); drop DATA.REAL_LABELS")
         real = real_labels_of(predictions.paths, load_real_labels(config.DATA.REAL_LABELS))
-    summary = write_analysis(directory, predictions, loaders.class_names, real)
+    names = loaders.class_names or [str(label) for label in range(loaders.num_classes)]  # generated data: indices
+    summary = write_analysis(directory, predictions, names, real)
     logger.info("per-class accuracy, confusion matrix and most confused pairs: %s/analysis.json, confusion.png%s",
                 directory, ", predictions.csv" if predictions.paths is not None else "")
     return summary

@@ -6,7 +6,8 @@ A checkpoint is one ``torch.save`` dict (loadable with ``weights_only=True``):
 :class:`~utils.train_state.TrainState` keys (``epoch`` in progress, its next ``batch``,
 ``global_step``, the best accuracies, the skipped-step counts, ``ranks``: per rank every RNG
 state and the epoch's running sums, ``world_size``), ``config`` (plain data), ``class_names`` (the
-dataset's, in label order; None for generated data), ``provenance`` (what produced it: :mod:`utils.provenance`) and ``saved_at``.
+dataset's, in label order; None for generated data), ``provenance`` (what produced it:
+:mod:`utils.provenance`) and ``saved_at``.
 
 Files of a run directory: ``last.pth`` (newest position), ``epoch_NNNN.pth`` (the newest
 ``SAVE_KEEP``), ``best.pth`` / ``ema_best.pth`` (best validation top-1 of the weights / of their
