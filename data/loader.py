@@ -9,12 +9,16 @@ from __future__ import annotations
 import abc
 import logging
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar, Union
+from typing import (TYPE_CHECKING, BinaryIO, Callable, Iterable, Iterator, List, Optional, Sequence, Set, Tuple,
+                    TypeVar, Union)
 
 import torch
 from PIL import Image
 
 from .common import EpochBatchSampler
+
+if TYPE_CHECKING:
+    from .folder import ImageSplit
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +157,7 @@ class Loaders:
     train: BatchLoader
     val: BatchLoader
     num_classes: int
-    val_split: Any = None
+    val_split: Optional["ImageSplit"] = None
 
     @property
     def class_names(self) -> Optional[List[str]]:
