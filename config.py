@@ -110,6 +110,14 @@ KEYS: Tuple[Key, ...] = (
     Key("DATA.FORMAT", "folder", 'How an imagenet DATA_PATH stores its images: "folder" (train/<class>/<image>, '
         'val/...) or "shards" (train/ and val/ of tar shards with an index.json, written by python -m '
         "data.make_shards).", choices=("folder", "shards")),
+    Key("DATA.VAL_LAYOUT", "names", 'How DATA_PATH/val\'s class folders give labels (folder format): "names" (sorted '
+        "by name, as train's and torchvision's ImageFolder) or \"indices\" (named 0..N-1 by class index, "
+        "ImageNet-V2's layout: the label is the folder's integer value, never its place in string order; the class "
+        "names come from train/).", choices=("names", "indices")),
+    Key("DATA.REAL_LABELS", "", "ImageNet-ReaL's real.json (the correct classes of each original val image): --eval "
+        'and the end of training report ReaL top-1 next to the original ("" = off).',
+        rule=((lambda path, cfg: not path or os.path.isfile(path)),
+              "is not a file; pass the path of ImageNet-ReaL's real.json")),
     Key("DATA.SHUFFLE_BUFFER", 4096, "Shards: places of each rank's shuffle buffer; a sample is drawn from the next "
         "SHUFFLE_BUFFER samples of the rank's shard stream (the buffer holds sample numbers, not images).",
         rule=_at_least(1, " (1: no shuffling within a shard stream)")),
@@ -351,6 +359,11 @@ def validate(cfg: CN) -> None:
     if cfg.DATA.FORMAT == "shards" and cfg.DATA.DATASET != "imagenet":
         raise ConfigError(f"DATA.FORMAT='shards' reads DATA_PATH but DATA.DATASET={cfg.DATA.DATASET!r} reads none; "
                           "add --opts DATA.DATASET imagenet and --data-path SHARDS, or drop DATA.FORMAT")
+    if (cfg.DATA.VAL_LAYOUT != "names" or cfg.DATA.REAL_LABELS) and (cfg.DATA.DATASET, cfg.DATA.FORMAT) != (
+            "imagenet", "folder"):
+        raise ConfigError(f"DATA.VAL_LAYOUT={cfg.DATA.VAL_LAYOUT!r} / DATA.REAL_LABELS={cfg.DATA.REAL_LABELS!r} "
+                          "apply to an image folder (DATA.DATASET imagenet, DATA.FORMAT folder); drop them or "
+                          "evaluate a folder")
     if cfg.MODEL.RESUME and cfg.MODEL.PRETRAINED:
         raise ConfigError("--resume and --pretrained were both given: --resume restores the whole training "
                           "state (weights included), --pretrained only initialises the weights; pass one")

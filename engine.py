@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from yacs.config import CfgNode
 
 from stopping import StopPolicy, StopReason
+from utils.analysis import top_k
 from utils.distributed import all_reduce_sum, rank_and_world_size
 from utils.precision import amp_name, autocast, peak_memory_mb
 from utils.progress import EpochProgress
@@ -314,8 +315,8 @@ def summarize_train_epoch(state: TrainState) -> Dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, device: torch.device,
-             amp_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
+def evaluate(model: nn.Module, loader: Any, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
+             collect: Optional[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None) -> Dict[str, float]:
     """Exact top-1 / top-5 accuracy (%) and mean cross-entropy over the whole validation set.
 
     Every rank sums over its own part of the set; one all-reduce of (loss sum, top-1 hits, top-5 hits,
@@ -327,6 +328,9 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device,
         loader: This rank's part of the validation set.
         device: Compute device.
         amp_dtype: Autocast dtype, None for float32.
+        collect: When a list, each batch's ``(targets (B,), top-5 classes (B, 5), their softmax
+            probabilities (B, 5))`` are appended, on ``device``, in this rank's sample order
+            (:mod:`utils.analysis` turns them into per-class statistics).
 
     Returns:
         ``{"acc1", "acc5", "loss", "count"}``.
@@ -342,8 +346,10 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device,
         with autocast(device, amp_dtype):
             logits = model(images)  # (B, num_classes)
         logits = logits.float()
-        topk = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k)
+        topk, probabilities = top_k(logits, 5)  # (B, k) each
         hits = topk.eq(targets[:, None])  # (B, k)
+        if collect is not None:
+            collect.append((targets, topk, probabilities))
         sums += torch.stack([
             F.cross_entropy(logits, targets, reduction="sum").double(),
             hits[:, 0].sum().double(),

@@ -98,16 +98,19 @@ class RunCheckpoints:
         config: The run's config: stored in every file; reads ``SAVE_*``, ``MODEL.RESUME``,
             ``TRAIN.AUTO_RESUME``, ``EVAL_MODE`` and the batch keys.
         dist_info: This process's place in the job.
+        class_names: The dataset's class names in label order (stored in every file, read by
+            ``predict`` and the exports), or None for generated data.
     """
 
     def __init__(self, run_dir: str, components: Components, state: TrainState, config: CfgNode,
-                 dist_info: DistInfo) -> None:
+                 dist_info: DistInfo, class_names: Optional[Sequence[str]] = None) -> None:
         self.run_dir = run_dir
         self.components = components
         self.state = state
         self.config = config
         self.config_dict = config_to_dict(config)
         self.dist_info = dist_info
+        self.class_names = list(class_names) if class_names is not None else None
         self.files = CheckpointFiles(run_dir, dist_info.is_main, config.SAVE_KEEP)
         self.provenance = provenance.collect(dist_info.world_size)
         # Of the checkpoint resumed or evaluated: its stamp and its (epoch, batch, global step).
@@ -124,6 +127,7 @@ class RunCheckpoints:
             **self.components.state_dict(),
             **self.state.state_dict(),
             "config": self.config_dict,
+            "class_names": self.class_names,
             "provenance": self.provenance,
             "saved_at": time.time(),
         }

@@ -29,9 +29,10 @@ from models import build_model, load_pretrained
 from optim import build_optimizer, build_scheduler
 from resume import RunCheckpoints
 from stopping import StopPolicy, StopReason
+from utils.analysis import analyze_pass
 from utils.checkpoint import BEST, EMA_BEST
 from utils.distributed import DistInfo
-from utils.file_io import atomic_write_text, remove_stale_temp_files
+from utils.file_io import atomic_write_text, load_file, remove_stale_temp_files
 from utils.metrics import RunRecorder
 from utils.precision import amp_name, resolve_amp, set_tf32
 from utils.progress import EpochProgress
@@ -169,7 +170,8 @@ class Trainer:
         if config.TRAIN.COMPILE:
             self.eval_model = torch.compile(model, backend=config.TRAIN.COMPILE_BACKEND)
         self.state = TrainState(device)
-        self.checkpoints = RunCheckpoints(run_dir, self.parts, self.state, config, dist_info)
+        self.checkpoints = RunCheckpoints(run_dir, self.parts, self.state, config, dist_info,
+                                          class_names=self.loaders.class_names)
         self.resumed_from = self.checkpoints.resume(len(self.loaders.train))
 
     def _log_batch_and_lr(self) -> None:
@@ -206,16 +208,20 @@ class Trainer:
             warn_if_trained_at_another_size(self.checkpoints.loaded_config, config, source)
         ema_only = not self.resumed_from and config.MODEL.PRETRAINED_WEIGHTS == "ema"  # --pretrained --use-ema
         result: Dict[str, Any] = {"amp": amp_name(self.eval_dtype), "weights": "ema" if ema_only else "model"}
-        stats = self._validate(self.eval_model)
+        # Named by the weights and the data: evaluating best.pth on ImageNet and on ImageNet-V2 keeps both.
+        data_path = config.DATA.DATA_PATH
+        data = os.path.basename(os.path.normpath(data_path)) if data_path else config.DATA.DATASET
+        stem = os.path.splitext(os.path.basename(source))[0]
+        stats, analysis = self._validate_and_analyze(self.eval_model, f"eval-{stem}{'-ema' if ema_only else ''}-{data}")
         result.update({"val_acc1": stats["acc1"], "val_acc5": stats["acc5"], "val_loss": stats["loss"],
-                       "val_count": int(stats["count"])})
+                       "val_count": int(stats["count"]), **analysis})
         logger.info("eval of the %s of %s: acc@1 %.3f  acc@5 %.3f  loss %.4f on %d images",
                     "EMA weights" if ema_only else "weights", source, stats["acc1"], stats["acc5"], stats["loss"],
                     stats["count"])
         if self.parts.ema is not None and self.resumed_from:  # the checkpoint's own EMA weights
-            ema_stats = self._validate(self.parts.ema.module)
+            ema_stats, ema_analysis = self._validate_and_analyze(self.parts.ema.module, f"eval-{stem}-ema-{data}")
             result.update({"ema_val_acc1": ema_stats["acc1"], "ema_val_acc5": ema_stats["acc5"],
-                           "ema_val_loss": ema_stats["loss"]})
+                           "ema_val_loss": ema_stats["loss"], **{f"ema_{k}": v for k, v in ema_analysis.items()}})
             logger.info("eval of the EMA weights of %s: acc@1 %.3f  acc@5 %.3f  loss %.4f", source,
                         ema_stats["acc1"], ema_stats["acc5"], ema_stats["loss"])
         if self.dist_info.is_main:
@@ -225,6 +231,32 @@ class Trainer:
 
     def _validate(self, model: nn.Module) -> Dict[str, float]:
         return evaluate(model, self.loaders.val, self.dist_info.device, self.eval_dtype)
+
+    def _validate_and_analyze(self, model: nn.Module, name: str) -> Tuple[Dict[str, float], Dict[str, Any]]:
+        """Validate, and write the per-class analysis to ``run_dir/analysis/name`` (:mod:`utils.analysis`).
+
+        Returns the statistics and, on rank 0, ``val_real_acc1`` (with ``DATA.REAL_LABELS``) and
+        ``analysis_dir`` for the result line.
+        """
+        collected: list = []
+        stats = evaluate(model, self.loaders.val, self.dist_info.device, self.eval_dtype, collect=collected)
+        summary = analyze_pass(collected, self.loaders, self.config, os.path.join(self.run_dir, "analysis", name))
+        if summary is None:
+            return stats, {}
+        extra: Dict[str, Any] = {"analysis_dir": summary["directory"]}
+        if "real_top1" in summary:
+            extra.update(val_real_acc1=summary["real_top1"], val_real_count=summary["real_count"])
+            logger.info("ReaL top-1 %.3f on %d images with ReaL labels (original top-1 %.3f)", summary["real_top1"],
+                        summary["real_count"], stats["acc1"])
+        return stats, extra
+
+    def analyze_best(self) -> None:
+        """The analysis of ``best.pth``'s weights at the end of training (``run_dir/analysis/best``)."""
+        path = os.path.join(self.run_dir, BEST)
+        if not os.path.isfile(path):
+            return
+        self.parts.model.load_state_dict(load_file(path)["model"])  # training is over: the weights may change
+        self._validate_and_analyze(self.eval_model, "best")
 
     # --- training ---------------------------------------------------------------------------
     def fit(self) -> int:
@@ -290,6 +322,7 @@ class Trainer:
                     time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time)), state.best_acc1,
                     state.best_epoch, f", best EMA acc@1 {state.best_ema_acc1:.3f} (epoch {state.best_ema_epoch})"
                     if self.parts.ema is not None else "")
+        self.analyze_best()
         self.log_outputs()
         return EXIT_OK
 

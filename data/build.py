@@ -51,7 +51,12 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
                                      shard_sizes=tuple(split.shard_sizes), buffer=config.DATA.SHUFFLE_BUFFER)
     else:
         cache = FileListCache(default_cache_dir(), write=rank == 0) if config.DATA.FILE_LIST_CACHE else None
-        train_set, val_set = scan_image_folder(root, config.MODEL.NUM_CLASSES, cache)
+        if config.DATA.VAL_LAYOUT == "indices":  # ImageNet-V2: val's class folders are named by index
+            from .testsets import scan_with_index_val
+
+            train_set, val_set = scan_with_index_val(root, config.MODEL.NUM_CLASSES, cache)
+        else:
+            train_set, val_set = scan_image_folder(root, config.MODEL.NUM_CLASSES, cache)
 
         def sampler(split, train):
             return EpochBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size, train=train)
@@ -67,7 +72,7 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
         def make(split, sampler):
             return DaliLoader(config, split, sampler, device, workers)
     train, val = (make(split, sampler(split, is_train)) for split, is_train in ((train_set, True), (val_set, False)))
-    return Loaders(train=train, val=val, num_classes=len(train_set.classes))
+    return Loaders(train=train, val=val, num_classes=len(train_set.classes), val_split=val_set)
 
 
 def num_workers(config: CfgNode) -> int:

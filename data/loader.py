@@ -9,12 +9,15 @@ from __future__ import annotations
 import abc
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, TypeVar
 
 import torch
 
 from .common import EpochBatchSampler
 from .split import UnreadableImage
+
+if TYPE_CHECKING:
+    from .split import ImageSplit
 
 logger = logging.getLogger(__name__)
 
@@ -128,8 +131,16 @@ class Loaders:
         train: Shuffled, augmented, drops the last incomplete batch.
         val: This rank's part of the validation set, every image once across ranks.
         num_classes: Number of classes of the dataset.
+        val_split: The validation split read from files (its ``samples`` in the sampler's index
+            order, its ``classes`` the class names in label order); None for generated data.
     """
 
     train: BatchLoader
     val: BatchLoader
     num_classes: int
+    val_split: Optional["ImageSplit"] = None
+
+    @property
+    def class_names(self) -> Optional[List[str]]:
+        """The class names in label order (a folder's class folders, e.g. ImageNet's wnids), or None."""
+        return list(self.val_split.classes) if self.val_split is not None else None

@@ -8,18 +8,60 @@ weights (about 3.5x the weights' size). The export is one bare state dict (the m
 ``module.`` prefix), the weights or their EMA (``--ema``), as ``.pth`` or ``.safetensors`` (by the
 output's suffix). ``--pretrained``, ``torch.load(weights_only=True)`` and
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))`` all load it.
+The training config and the class names travel with it: in the ``.safetensors`` metadata, and in
+a ``.pth`` state dict's ``_metadata`` (where PyTorch keeps module versions; ``torch.load`` still
+returns the bare state dict). :func:`read_stored_info` reads them back (``predict`` does).
+
+    python -m utils.export output/crossformerpp_b/default/best.pth model.onnx --format onnx --dynamic-batch
+
+writes an ONNX graph for onnxruntime / TensorRT (:mod:`utils.onnx_export`).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
-from typing import Dict, Optional, Sequence
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .file_io import atomic_save, load_file
+
+# The key of a .pth export's state-dict ``_metadata`` that holds the training config and class names
+# (not a module name, so load_state_dict passes it to no module).
+METADATA_KEY = "crossformer_export"
+
+
+def read_stored_info(path: str) -> Tuple[Optional[Dict[str, Any]], Optional[List[str]]]:
+    """The training config and the class names a checkpoint or exported weights file carries.
+
+    Args:
+        path: A training checkpoint, or a ``.pth`` / ``.safetensors`` file from :func:`export_weights`.
+
+    Returns:
+        ``(config as plain dicts or None, class names in label order or None)``.
+    """
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"weights file {path} does not exist; check the path")
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        config, names = (json.loads(metadata[k]) if metadata.get(k) else None for k in ("config", "class_names"))
+        return config or None, names
+    checkpoint = load_file(path, mmap=True)
+    if not isinstance(checkpoint, dict):
+        return None, None
+    if "model" in checkpoint:  # a training checkpoint (or an official release: no names)
+        config = checkpoint.get("config")
+        return (config if isinstance(config, dict) and config else None), checkpoint.get("class_names")
+    stored = (getattr(checkpoint, "_metadata", None) or {}).get(METADATA_KEY) or {}
+    return stored.get("config") or None, stored.get("class_names")
+
 
 def export_weights(checkpoint_path: str, output: str, ema: bool = False) -> Dict[str, torch.Tensor]:
     """Write the weights (or EMA weights) of ``checkpoint_path`` to ``output``; returns them.
@@ -37,14 +79,15 @@ def export_weights(checkpoint_path: str, output: str, ema: bool = False) -> Dict
         what = "EMA weights (it was not trained with TRAIN.EMA.ENABLE True)" if ema else "weights under 'model'"
         raise ValueError(f"{checkpoint_path} holds no {what}; {'drop --ema' if ema else 'pass a training checkpoint'}")
     # Own, contiguous copies: safetensors refuses tensors that share storage or are strided views.
-    weights = {name.removeprefix("module."): tensor.detach().clone().contiguous()
-               for name, tensor in checkpoint[key].items()}
+    weights = OrderedDict((name.removeprefix("module."), tensor.detach().clone().contiguous())
+                          for name, tensor in checkpoint[key].items())
+    info = {"source": os.path.basename(checkpoint_path), "weights": key, "config": checkpoint.get("config") or {},
+            "class_names": checkpoint.get("class_names")}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     if output.endswith(".safetensors"):
         from safetensors.torch import save_file
 
-        metadata = {"source": os.path.basename(checkpoint_path), "weights": key,
-                    "config": json.dumps(checkpoint.get("config") or {})}
+        metadata = {name: value if isinstance(value, str) else json.dumps(value) for name, value in info.items()}
         tmp = f"{output}.tmp-{os.getpid()}"
         try:
             save_file(weights, tmp, metadata=metadata)
@@ -53,6 +96,7 @@ def export_weights(checkpoint_path: str, output: str, ema: bool = False) -> Dict
             if os.path.exists(tmp):
                 os.remove(tmp)
     else:
+        weights._metadata = OrderedDict([(METADATA_KEY, info)])  # type: ignore[attr-defined]
         atomic_save(weights, output)
     return weights
 
@@ -66,10 +110,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser("python -m utils.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a training checkpoint, e.g. output/.../ema_best.pth")
-    parser.add_argument("output", help="the weights file to write: *.pth or *.safetensors")
+    parser.add_argument("output", help="the file to write: *.pth or *.safetensors (weights), *.onnx (onnx)")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the weights")
+    parser.add_argument("--format", choices=("weights", "onnx"), default="weights",
+                        help="weights: a bare state dict (default); onnx: an ONNX graph of the model")
+    onnx = parser.add_argument_group("onnx")
+    onnx.add_argument("--cfg", default="", help="the model's YAML config (default: the one stored in the checkpoint)")
+    onnx.add_argument("--img-size", type=int, help="input height and width (default: the config's DATA.IMG_SIZE)")
+    onnx.add_argument("--batch-size", type=int, default=1, help="the fixed batch size (default 1)")
+    onnx.add_argument("--dynamic-batch", action="store_true", help="a batch dimension that varies at run time")
+    onnx.add_argument("--verify", action="store_true",
+                      help="run the file with onnxruntime and print the largest logit difference to PyTorch")
     args = parser.parse_args(argv)
+    if args.format == "weights" and (args.cfg or args.img_size or args.dynamic_batch or args.verify
+                                     or args.batch_size != 1):
+        parser.error("--cfg, --img-size, --batch-size, --dynamic-batch and --verify apply to --format onnx")
     try:
+        if args.format == "onnx":
+            return _export_onnx(args)
         weights = export_weights(args.checkpoint, args.output, args.ema)
     except (OSError, ValueError) as e:
         sys.stderr.write(f"error: {e}\n")
@@ -80,6 +138,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      f"{os.path.getsize(args.checkpoint) / 2**20:.1f} MiB)\n")
     return 0
 
+
+def _export_onnx(args: argparse.Namespace) -> int:
+    """``--format onnx``: export, and with ``--verify`` compare with PyTorch under onnxruntime."""
+    from .inference import load_trained_model
+    from .onnx_export import export_onnx, max_logit_difference
+
+    # onnxscript's optimizer warns once per LayerNorm it leaves unfolded: noise, not a problem of the graph.
+    logging.getLogger("onnxscript.optimizer").setLevel(logging.ERROR)
+    trained = load_trained_model(args.checkpoint, args.cfg, ema=args.ema)
+    info = export_onnx(trained, args.output, args.img_size, args.batch_size, args.dynamic_batch)
+    sys.stdout.write(f"wrote {args.output}: {trained.config.MODEL.NAME}, {len(trained.class_names)} classes, input "
+                     f"(batch {info['batch']}, 3, {info['img_size']}, {info['img_size']}), opset {info['opset']}, "
+                     f"{info['bytes'] / 2**20:.1f} MiB\n")
+    if args.verify:
+        batches = (1, 3) if args.dynamic_batch else (args.batch_size,)
+        difference = max_logit_difference(args.output, trained.model, info["img_size"], batches)
+        sys.stdout.write(f"onnxruntime vs PyTorch, batch {', '.join(map(str, batches))}: largest logit "
+                         f"difference {difference:.2e}\n")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
