@@ -82,7 +82,7 @@ def predict(trained: Any, paths: Sequence[str], batch_size: int = 64, device: to
     from tqdm import tqdm
 
     from data.common import EpochBatchSampler
-    from data.folder import ImageSplit
+    from data.folder import FolderSplit
     from data.torch_loader import make_torch_loader
     from utils.analysis import top_k
     from utils.precision import autocast
@@ -91,7 +91,7 @@ def predict(trained: Any, paths: Sequence[str], batch_size: int = 64, device: to
         return
     model = trained.model.to(device).eval()
     # The label of each sample is its place in the input: the batches say which images they hold.
-    split = ImageSplit(root=Path("."), classes=trained.class_names, samples=[(p, i) for i, p in enumerate(paths)])
+    split = FolderSplit(root=Path("."), classes=trained.class_names, samples=[(p, i) for i, p in enumerate(paths)])
     sampler = EpochBatchSampler(len(paths), batch_size, trained.config.SEED, rank=0, world_size=1, train=False)
     loader = make_torch_loader(trained.config, split, sampler, device, workers)
     bar = tqdm(total=len(paths), unit="img", file=sys.stderr,
@@ -193,8 +193,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"--top-k {args.top_k}, --batch-size {args.batch_size} and --workers {args.workers} "
                              "must be >= 1, >= 1 and >= 0")
         device = torch.device(args.device)
-        amp_dtype = resolve_amp(args.amp, device, "--amp")
         trained = load_trained_model(args.pretrained, args.cfg, args.opts, args.use_ema)
+        # bf16 where this device only emulates it: float32 (CPU) or fp16 (GPU), unless TRAIN.FORCE_BF16
+        amp_dtype = resolve_amp(args.amp, device, "--amp", force_bf16=trained.config.TRAIN.FORCE_BF16)
         paths = list_inputs(args.paths)
         top = min(args.top_k, len(trained.class_names))
         fmt = args.format or ("jsonl" if args.output.endswith((".jsonl", ".json")) else "csv")

@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
-from .folder import FileListCache, ImageSplit, scan_split
+from .folder import FileListCache, FolderSplit, scan_split
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 _VAL_FILE_RE = re.compile(r"^ILSVRC2012_val_(\d{8})\.[A-Za-z]+$")
 
 
-def relabel_index_folders(val: ImageSplit, class_names: Sequence[str]) -> ImageSplit:
+def relabel_index_folders(val: FolderSplit, class_names: Sequence[str]) -> FolderSplit:
     """``val`` with each image labelled by its class folder's integer value (ImageNet-V2's layout).
 
     Args:
@@ -54,11 +54,11 @@ def relabel_index_folders(val: ImageSplit, class_names: Sequence[str]) -> ImageS
         raise ValueError(f"{val.root} has two class folders of the same index ({sorted(val.classes)[:10]}); "
                          "keep one folder per class index")
     samples = sorted(((path, values[label]) for path, label in val.samples), key=lambda sample: sample[1])
-    return ImageSplit(root=val.root, classes=list(class_names), samples=samples)
+    return FolderSplit(root=val.root, classes=list(class_names), samples=samples)
 
 
 def scan_with_index_val(root: Path, num_classes: int,
-                        cache: Optional[FileListCache] = None) -> Tuple[ImageSplit, ImageSplit]:
+                        cache: Optional[FileListCache] = None) -> Tuple[FolderSplit, FolderSplit]:
     """``root/train`` (class folders by name) and ``root/val`` (class folders by index), checked.
 
     Args:
