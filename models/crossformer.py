@@ -393,21 +393,30 @@ class CrossFormerBlock(nn.Module):
     def padding_mask(self, height: int, width: int, device: torch.device) -> Optional[torch.Tensor]:
         """Additive key mask of padded tokens per group (cached per size), or None without padding.
 
+        Under ``torch.compile`` the mask is built inside the graph and the cache is left alone:
+        filling it while tracing changes the dict the graph's guards test, so the next call
+        would compile the whole model a second time.
+
         Returns:
             ``(nG, 1, 1, N)`` float32: 0 for real tokens, -inf for padding.
         """
+        if torch.compiler.is_compiling():
+            return self._make_padding_mask(height, width, device)
         key = (height, width, device)
         if key not in self._mask_cache:
-            group, interval, pad_h, pad_w = self.grouping(height, width)
-            mask = None
-            if pad_h or pad_w:
-                padded = torch.zeros(1, height + pad_h, width + pad_w, 1, device=device)
-                padded[:, height:] = float("-inf")
-                padded[:, :, width:] = float("-inf")
-                mask = group_tokens(padded, group, interval)  # (1, nG, N, 1)
-                mask = mask[0].transpose(1, 2).unsqueeze(1)  # (nG, 1, 1, N)
-            self._mask_cache[key] = mask
+            self._mask_cache[key] = self._make_padding_mask(height, width, device)
         return self._mask_cache[key]
+
+    def _make_padding_mask(self, height: int, width: int, device: torch.device) -> Optional[torch.Tensor]:
+        """:meth:`padding_mask`, computed: ``(nG, 1, 1, N)`` float32, or None without padding."""
+        group, interval, pad_h, pad_w = self.grouping(height, width)
+        if not (pad_h or pad_w):
+            return None
+        padded = torch.zeros(1, height + pad_h, width + pad_w, 1, device=device)
+        padded[:, height:] = float("-inf")
+        padded[:, :, width:] = float("-inf")
+        mask = group_tokens(padded, group, interval)  # (1, nG, N, 1)
+        return mask[0].transpose(1, 2).unsqueeze(1)  # (nG, 1, 1, N)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, H, W, C)`` -> ``(B, H, W, C)``."""

@@ -339,6 +339,25 @@ def test_torch_compile_captures_one_graph() -> None:
         torch.testing.assert_close(grad_compiled, grad_eager, rtol=1e-5, atol=1e-6)
 
 
+def test_torch_compile_does_not_recompile_on_the_second_call() -> None:
+    """The first compiled call must leave nothing that fails the graph's guards on the second: a
+    per-size cache filled while tracing (the padding masks) made every compiled run compile the
+    whole model twice, at step 1 and step 2."""
+    torch.manual_seed(0)
+    model = tiny(depths=[2, 1, 1, 1])
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(1, 3, 96, 96)  # stage 1 and 2 LDA groups need padding at 96
+    compiled(x).sum().backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x).sum().backward()
+    model.eval()
+    with torch.no_grad():
+        compiled(x)  # eval without autograd is a graph of its own
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_padding_is_exercised() -> None:
     model = tiny()
     blocks = [block for stage in model.layers for block in stage.blocks]
