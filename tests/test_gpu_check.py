@@ -14,7 +14,7 @@ import torch
 from benchmarks.gpu_check.__main__ import CHECKS
 from benchmarks.gpu_check.model_checks import amp_bound, expected_kernels, kernels_seen
 from benchmarks.gpu_check.report import FAIL, PASS, SKIP, Report, Result, SpeedRow, check, skipped
-from benchmarks.gpu_check.training import max_relative_difference
+from benchmarks.gpu_check.training import is_sync_error, max_relative_difference, sync_error_text
 from tests.helpers import REPO_ROOT, subprocess_env
 
 # The rows that only CUDA can run; on CPU they are reported as skipped, by name.
@@ -55,7 +55,7 @@ def test_quick_cpu_mode_passes_and_writes_the_report(tmp_path: Path) -> None:
     assert any(name.startswith("speed/") and name.endswith("/infer") and "paper" in row["detail"]
                for name, row in speed.items())
     assert "e2e/main.py dali" in speed and "data wait" in speed["e2e/main.py dali"]["detail"]
-    assert {t["group"] for t in report["timings"]} == set(CHECKS)
+    assert {t["group"] for t in report["timings"]} == set(CHECKS) | {"data"}
     markdown = (out / "gpu_check.md").read_text()
     assert "**PASSED**" in markdown
     assert "| check | result | measured | bound | detail |" in markdown
@@ -118,3 +118,16 @@ def test_tolerance_and_loss_curve_decisions() -> None:
     assert max_relative_difference([1.0, 2.0], [1.0, 2.02]) == pytest.approx(0.01 / 1.01, rel=1e-3)
     assert max_relative_difference([1.0], [1.0, 2.0]) == math.inf  # a run that stopped early never matches
     assert max_relative_difference([], []) == math.inf
+
+
+def test_sync_error_names_the_line_that_synchronised() -> None:
+    def step() -> None:
+        raise RuntimeError("called a synchronizing CUDA operation")
+
+    try:
+        step()
+    except RuntimeError as error:
+        assert is_sync_error(error)
+        assert sync_error_text(error).endswith("at test_gpu_check.py:" + str(step.__code__.co_firstlineno + 1)
+                                               + " (step)")
+    assert not is_sync_error(RuntimeError("CUDA out of memory"))

@@ -358,6 +358,28 @@ def test_torch_compile_does_not_recompile_on_the_second_call() -> None:
     torch._dynamo.reset()
 
 
+def test_torch_compile_traces_the_pinned_sdpa_backends(monkeypatch) -> None:
+    """On CUDA every attention call runs inside ``sdpa_kernel(sdpa_backends(device))``; under
+    torch.compile that context manager is traced into the graph (no graph break, no recompile).
+    CPU stands in with the math backend pinned the same way, forward and backward."""
+    from torch.nn.attention import SDPBackend
+
+    monkeypatch.setattr(models.crossformer, "sdpa_backends", lambda device: [SDPBackend.MATH])
+    monkeypatch.setattr(Attention, "explicit_cpu_training", False)
+    torch.manual_seed(0)
+    model = tiny(depths=[2, 1, 1, 1])
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(1, 3, 96, 96)
+    compiled(x).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x).sum().backward()
+    for grad, again in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(again, grad, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
 def test_padding_is_exercised() -> None:
     model = tiny()
     blocks = [block for stage in model.layers for block in stage.blocks]

@@ -38,6 +38,7 @@ from tests.test_parity import OP_TOLERANCE, parity_config, parity_dataset, rand_
 
 from .plan import Context
 from .report import Result, check, skipped
+from .training import is_sync_error, sync_error_text
 
 logger = logging.getLogger(__name__)
 
@@ -146,9 +147,9 @@ def run_guarded_steps(ctx: Context, steps: int = 3) -> str:
     try:
         train_one_epoch(parts, loader, state, cfg, after_step=after_step)
     except RuntimeError as error:
-        if "synchroniz" not in str(error):
+        if not is_sync_error(error):
             raise
-        return " ".join(str(error).split())[:200]
+        return sync_error_text(error)
     finally:
         if ctx.cuda:
             torch.cuda.set_sync_debug_mode("default")

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import os
+import traceback
 from pathlib import Path
 from typing import Dict, Iterator, List
 
@@ -35,7 +36,7 @@ from optim import build_optimizer, build_scheduler
 from trainer import build_criterion, prepare_model
 from utils.checkpoint import LAST, CheckpointManager
 from utils.distributed import DistInfo
-from utils.precision import resolve_amp
+from utils.precision import resolve_amp, set_tf32
 from utils.train_state import TrainState
 
 from .plan import Context
@@ -127,6 +128,7 @@ def run_training(ctx: Context, amp: str, compiled: bool, run_dir: Path, save_at:
     plan, device = ctx.plan, ctx.device
     config = train_config(ctx, amp, compiled, run_dir, resume)
     dist_info = DistInfo(rank=0, world_size=1, local_rank=0, device=device)
+    set_tf32(config.TRAIN.TF32, device)  # as Trainer.__init__ does
     amp_dtype = amp_dtype_for(amp, device)
     model = prepare_model(config, dist_info)
     loaders = build_loader(config, device)
@@ -166,9 +168,9 @@ def run_training(ctx: Context, amp: str, compiled: bool, run_dir: Path, save_at:
         reason = train_one_epoch(parts, loaders.train, state, config, after_step=after_step)
         sync_error = ""
     except RuntimeError as error:
-        if "synchroniz" not in str(error):
+        if not is_sync_error(error):
             raise
-        reason, sync_error = None, " ".join(str(error).split())[:200]
+        reason, sync_error = None, sync_error_text(error)
     finally:
         if sync_guard:
             torch.cuda.set_sync_debug_mode("default")
@@ -177,6 +179,18 @@ def run_training(ctx: Context, amp: str, compiled: bool, run_dir: Path, save_at:
             "scale": scaler.get_scale() if scaler is not None else None,
             "recompiles": dynamo_graphs() - compiles_at_warmup[0] if compiles_at_warmup else None,
             "sync_error": sync_error, "checkpoint": str(run_dir / LAST)}
+
+
+def sync_error_text(error: BaseException) -> str:
+    """A sync-debug error in one line, with the Python line that made the synchronising call."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} ({frames[-1].name})" if frames else ""
+    return " ".join(str(error).split())[:160] + where
+
+
+def is_sync_error(error: BaseException) -> bool:
+    """Whether ``error`` is CUDA's sync debug mode refusing a synchronising call."""
+    return "synchroniz" in str(error)
 
 
 def max_relative_difference(values: List[float], references: List[float]) -> float:
