@@ -43,7 +43,7 @@ def test_quick_cpu_mode_passes_and_writes_the_report(tmp_path: Path) -> None:
     assert {r["name"].rsplit("/", 1)[1] for r in results if r["name"].startswith("models/")} == {
         "outputs", "grads", "eval_outputs"}
     assert {"fp32", "bf16", "fp16"} == {r["name"].split("/")[3] for r in results if r["name"].startswith("models/")}
-    for name in ("dali/val_vs_pytorch", "dali/randaugment_ops", "dali/train_pipeline", "e2e/main_py_dali",
+    for name in ("dali/gpu_operators", "dali/val_vs_pytorch", "dali/randaugment_ops", "dali/train_pipeline", "e2e/main_py_dali",
                  "training/fp16/grad_scaler_scale", "training/bf16/resume_continues",
                  "training/fp16/compiled/recompiles_after_warmup"):
         assert any(r["name"] == name for r in results), name
@@ -131,3 +131,16 @@ def test_sync_error_names_the_line_that_synchronised() -> None:
         assert sync_error_text(error).endswith("at test_gpu_check.py:" + str(step.__code__.co_firstlineno + 1)
                                                + " (step)")
     assert not is_sync_error(RuntimeError("CUDA out of memory"))
+
+
+def test_dali_gpu_graphs_have_gpu_implementations() -> None:
+    """The loader's GPU graphs (mixed decode, RandAugment with warp_perspective, normalisation) use only
+    operators that the installed DALI implements on their device; the decision itself flags a miss."""
+    from benchmarks.gpu_check.dali_checks import check_gpu_operators, gpu_graph_operators, missing_implementations
+    from config import _C
+
+    train = gpu_graph_operators(True, _C.clone())
+    assert ("decoders__ImageRandomCrop", "mixed") in train and ("experimental__WarpPerspective", "gpu") in train
+    assert ("decoders__Image", "mixed") in gpu_graph_operators(False, _C.clone())
+    assert check_gpu_operators().status == PASS
+    assert missing_implementations([("PeekImageShape", "gpu"), ("Resize", "gpu")]) == [("PeekImageShape", "gpu")]

@@ -50,6 +50,8 @@ CHECKS: Dict[str, List[Tuple[str, str]]] = {
         ("training/fp16/grad_scaler_scale", "GradScaler's scale after the run (finite, > 0)"),
     ],
     "dali": [
+        ("dali/gpu_operators", "every operator of the GPU train / val graphs has an implementation on its device "
+         "in the installed DALI"),
         ("dali/val_vs_pytorch", "mixed val pipeline vs the PyTorch loader on the same files (< 0.5/255)"),
         ("dali/randaugment_ops", "tests/test_parity.py's per-op RandAugment parity, pipeline on the GPU"),
         ("dali/train_pipeline", "mixed train pipeline (crop, RandAugment with warp_perspective, flip, "

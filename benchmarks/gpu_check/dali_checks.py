@@ -1,5 +1,8 @@
 """The DALI loader on the device: ``mixed`` decoding and GPU augmentation on generated JPEGs.
 
+- ``dali/gpu_operators``: every operator of the GPU training and validation graphs is implemented
+  on the device the graph puts it on, in the installed DALI (the graph is defined without a GPU,
+  so this row runs on CPU too).
 - ``dali/val_vs_pytorch``: the val pipeline's images against the PyTorch loader's (timm's eval
   transform) for the same files, tests/test_parity.py's set (odd and even sizes, grayscale, CMYK,
   PNG, palette, EXIF) at ``val_size``; the CPU bound of 0.5/255 (mean absolute difference).
@@ -20,16 +23,21 @@ import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import List
+from typing import List, Tuple
 
 import numpy as np
+import nvidia.dali
 import pytest
 import torch
+from nvidia.dali import backend as dali_backend
+from nvidia.dali import fn, pipeline_def, types
 from yacs.config import CfgNode
 
 import models
+from config import _C
 from benchmarks.data_throughput import loader_config, make_images
 from data import build_loader
+from data.dali_loader import _train_graph, _val_graph
 from data.toy import CLASSES
 from engine import Components, train_one_epoch
 from optim import build_optimizer
@@ -43,6 +51,42 @@ from .training import is_sync_error, sync_error_text
 logger = logging.getLogger(__name__)
 
 VAL_BOUND = 0.5  # mean absolute difference on 0..255, as tests/test_parity.py holds the CPU pipeline
+
+Operator = Tuple[str, str]  # (DALI schema name, device: "cpu", "gpu" or "mixed")
+
+
+def gpu_graph_operators(train: bool, config: CfgNode) -> List[Operator]:
+    """The operators of the loader's GPU training or validation graph (``data.dali_loader``), found by
+    defining the pipeline for device 0 and building its graph only: no GPU is needed."""
+    @pipeline_def(enable_conditionals=train, batch_size=2, num_threads=1, device_id=0)
+    def pipeline():
+        encoded, labels = fn.external_source(source=lambda: None, num_outputs=2, batch=True,
+                                             dtype=[types.UINT8, types.INT64])
+        images = _train_graph(encoded, config) if train else _val_graph(encoded, config, "mixed")
+        return images, labels.gpu()
+
+    pipe = pipeline()
+    pipe._build_graph()  # DALI's graph definition step (what build() does before touching a device)
+    return sorted({(op._op._schema.Name(), op._op.device) for op in pipe._ops})
+
+
+def missing_implementations(operators: List[Operator]) -> List[Operator]:
+    """The operators that the installed DALI does not implement on the device the graph puts them on."""
+    registered = {"cpu": set(dali_backend.RegisteredCPUOps()), "gpu": set(dali_backend.RegisteredGPUOps()),
+                  "mixed": set(dali_backend.RegisteredMixedOps())}
+    return [(name, device) for name, device in operators if name not in registered[device]]
+
+
+def check_gpu_operators() -> Result:
+    """Every operator of the GPU graphs has an implementation on its device in this DALI (runs on CPU too)."""
+    cfg = _C.clone()  # the recipe: RandAugment rand-m9-mstd0.5-inc1 with warp_perspective
+    operators = gpu_graph_operators(True, cfg) + gpu_graph_operators(False, cfg)
+    missing = missing_implementations(operators)
+    on_device = sorted({name for name, device in operators if device != "cpu"})
+    return check("dali/gpu_operators", not missing, f"{len(missing)} missing" + (
+        ": " + ", ".join(f"{n} ({d})" for n, d in missing) if missing else ""),
+        "every operator implemented on its device in this DALI",
+        f"DALI {nvidia.dali.__version__}; on the GPU: {', '.join(on_device)}")
 
 
 def generated_jpegs(ctx: Context) -> Path:
@@ -165,7 +209,7 @@ class _NoSchedule:
 
 def check_dali(ctx: Context) -> List[Result]:
     """The rows of the ``dali`` group."""
-    results = [check_val_parity(ctx), check_rand_augment_ops(ctx), check_train_pipeline(ctx)]
+    results = [check_gpu_operators(), check_val_parity(ctx), check_rand_augment_ops(ctx), check_train_pipeline(ctx)]
     error = run_guarded_steps(ctx)
     if ctx.cuda:
         results.append(check("dali/no_host_round_trip", not error, error or "none", "no sync after the first step",
