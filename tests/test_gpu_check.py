@@ -43,7 +43,8 @@ def test_quick_cpu_mode_passes_and_writes_the_report(tmp_path: Path) -> None:
     assert {r["name"].rsplit("/", 1)[1] for r in results if r["name"].startswith("models/")} == {
         "outputs", "grads", "eval_outputs"}
     assert {"fp32", "bf16", "fp16"} == {r["name"].split("/")[3] for r in results if r["name"].startswith("models/")}
-    for name in ("dali/gpu_operators", "dali/val_vs_pytorch", "dali/randaugment_ops", "dali/train_pipeline", "e2e/main_py_dali",
+    for name in ("dali/gpu_operators", "dali/val_vs_pytorch", "dali/randaugment_ops", "dali/train_pipeline",
+                 "e2e/main_py_dali",
                  "training/fp16/grad_scaler_scale", "training/bf16/resume_continues",
                  "training/fp16/compiled/recompiles_after_warmup"):
         assert any(r["name"] == name for r in results), name
