@@ -16,7 +16,7 @@ the implementations take turns inside every trial, and the speedup is the median
 per-trial ratios, so that a drifting machine speed (±20 % within minutes on a shared VM) hits
 both alike. A trial times one step with ``torch.utils.benchmark.Timer`` (which runs two
 untimed steps first and synchronises the accelerator).
-Training = forward, backward and AdamW step (torch's fused kernel, as training uses).
+Training = forward, backward and AdamW step (torch's fused kernel, as training uses; fp16 with a loss scaler).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ import models
 _logger = logging.getLogger("benchmark_model")
 
 ROOT = Path(__file__).resolve().parents[1]
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def median_rate(step: Callable[[], None], items: int, warmup: int, trials: int) -> float:
@@ -126,7 +126,7 @@ def _child_peak(request: str) -> None:
 
 
 def build_setting(name: str, batch_size: int, img_size: int, precision: str, impl: str, compile_model: bool,
-                  device: torch.device) -> Dict[str, Callable[[], None]]:
+                  device: torch.device, arch: Optional[Dict[str, object]] = None) -> Dict[str, Callable[[], None]]:
     """Inference and training step closures of one implementation (weights from seed 0).
 
     Args:
@@ -137,9 +137,10 @@ def build_setting(name: str, batch_size: int, img_size: int, precision: str, imp
         impl: "fast" or "reference".
         compile_model: wrap the model in torch.compile.
         device: where to run.
+        arch: constructor overrides (e.g. a shrunk model for a quick run).
     """
     torch.manual_seed(0)
-    model = models.create_model(name).to(device)
+    model = models.create_model(name, **(arch or {})).to(device)
     model.set_reference_attention(impl == "reference")
     runner = torch.compile(model) if compile_model else model
     generator = torch.Generator().manual_seed(1)  # same input for every implementation
@@ -154,12 +155,19 @@ def build_setting(name: str, batch_size: int, img_size: int, precision: str, imp
         with torch.inference_mode(), autocast():
             runner(x)
 
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None  # fp16 trains with one
+
     def train() -> None:
         model.train()
         with autocast():
             loss = torch.nn.functional.cross_entropy(runner(x), target)
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     return {"infer": infer, "train": train}

@@ -13,6 +13,7 @@ import os
 import random
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import List
 
@@ -28,7 +29,7 @@ from data.toy import CLASSES, draw_toy_image
 logger = logging.getLogger("data_throughput")
 
 
-def make_images(root: Path, count: int, width: int = 500, height: int = 375) -> None:
+def make_images(root: Path, count: int, width: int = 500, height: int = 375, workers: int = 1) -> None:
     """Write ``count`` photo-like JPEGs (toy shapes plus sensor-like noise, ~ImageNet file sizes)
     to ``root/{train,val}/<class>/``.
 
@@ -37,22 +38,34 @@ def make_images(root: Path, count: int, width: int = 500, height: int = 375) -> 
         count: Training images (val gets one per class).
         width: Image width.
         height: Image height.
+        workers: Processes writing the classes in parallel (1: this process).
     """
-    for split, per_class in (("train", max(1, count // len(CLASSES))), ("val", 1)):
-        for label, name in enumerate(CLASSES):
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for n in range(per_class):
-                rng = random.Random(f"bench/{split}/{label}/{n}")
-                image = np.asarray(draw_toy_image(label, rng, width), dtype=np.float32)[:height]
-                noise = np.random.default_rng(n).normal(0, 12, image.shape)
-                Image.fromarray((image + noise).clip(0, 255).astype(np.uint8)).save(folder / f"{n}.JPEG",
-                                                                                     quality=90)
+    jobs = [(root, split, label, per_class, width, height)
+            for split, per_class in (("train", max(1, count // len(CLASSES))), ("val", 1))
+            for label in range(len(CLASSES))]
+    if workers <= 1:
+        for job in jobs:
+            _make_class_images(*job)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(_make_class_images, *zip(*jobs)))
 
 
-def measure(cfg, batches: int) -> float:
-    """Images/s over ``batches`` train batches after one warm-up batch (loader start-up excluded)."""
-    train = build_loader(cfg, torch.device("cpu")).train
+def _make_class_images(root: Path, split: str, label: int, per_class: int, width: int, height: int) -> None:
+    """One class's images of :func:`make_images` (the content is a function of split, label and index)."""
+    folder = root / split / CLASSES[label]
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(per_class):
+        rng = random.Random(f"bench/{split}/{label}/{n}")
+        image = np.asarray(draw_toy_image(label, rng, width), dtype=np.float32)[:height]
+        noise = np.random.default_rng(n).normal(0, 12, image.shape)
+        Image.fromarray((image + noise).clip(0, 255).astype(np.uint8)).save(folder / f"{n}.JPEG", quality=90)
+
+
+def measure(cfg, batches: int, device: torch.device = torch.device("cpu")) -> float:
+    """Images/s over ``batches`` train batches after one warm-up batch (loader start-up excluded), delivered on
+    ``device`` (a CUDA device: DALI's mixed pipeline; the time includes the last batch's arrival there)."""
+    train = build_loader(cfg, device).train
     seen, start = 0, None
     while seen < batches * cfg.DATA.BATCH_SIZE:
         for images, _ in train:
@@ -62,6 +75,8 @@ def measure(cfg, batches: int) -> float:
             seen += images.shape[0]
             if seen >= batches * cfg.DATA.BATCH_SIZE:
                 break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return seen / (time.perf_counter() - start)
 
 

@@ -190,6 +190,41 @@ def sdpa_backends(device: torch.device) -> Optional[List[SDPBackend]]:
     return None
 
 
+def sdpa_mask_alignment(device: torch.device) -> int:
+    """Row alignment, in elements, of the additive bias handed to SDPA on ``device``: 8 on CUDA, where
+    PyTorch copies a bias whose strides are not multiples of 8 into a row-padded buffer before the
+    memory-efficient kernel, on every call (``preprocess_mask``, aten/src/ATen/native/transformers/
+    attention.cpp); 1 (taken as given) elsewhere."""
+    return 8 if device.type == "cuda" else 1
+
+
+def sdpa_mask(bias: torch.Tensor, dtype: torch.dtype, batch: int, alignment: int) -> torch.Tensor:
+    """The 4-D additive mask SDPA takes, in ``dtype``.
+
+    A bias shared by every group becomes ``(1, nH, N, N)`` (broadcast over images and groups); a
+    per-group bias ``(nG, nH, N, N)`` is repeated for every image, ``(B*nG, nH, N, N)``. When ``N``
+    is not a multiple of ``alignment``, the mask is written once (cast and repeat in one copy) into
+    storage whose rows are padded to a multiple of ``alignment`` elements and is a view of their
+    first ``N`` columns, so that SDPA takes it without copying it again.
+
+    Args:
+        bias: ``(nH, N, N)`` or ``(nG, nH, N, N)``.
+        dtype: The query dtype.
+        batch: Images ``B``.
+        alignment: Row alignment in elements (:func:`sdpa_mask_alignment`).
+    """
+    repeats = 1 if bias.dim() == 3 else batch
+    bias = bias if bias.dim() == 4 else bias.unsqueeze(0)  # (1 or nG, nH, N, N)
+    groups, heads, rows, cols = bias.shape
+    if cols % alignment == 0:
+        bias = bias.to(dtype)
+        return bias if repeats == 1 else bias.expand(repeats, *bias.shape).reshape(repeats * groups, heads, rows, cols)
+    padded = -(-cols // alignment) * alignment
+    mask = bias.new_empty(repeats, groups, heads, rows, padded, dtype=dtype)[..., :cols]
+    mask.copy_(bias.expand(repeats, *bias.shape))  # differentiable: the gradient reaches ``bias``
+    return mask.view(repeats * groups, heads, rows, cols)  # (1 or B*nG, nH, N, N), row stride ``padded``
+
+
 class DynamicPosBias(nn.Module):
     """DPB: an MLP from a relative offset ``(dh, dw)`` to one bias per head.
 
@@ -281,7 +316,14 @@ class Attention(nn.Module):
 
     def cached_padding_mask(self, height: int, width: int, grouping: Grouping,
                             device: torch.device) -> Optional[torch.Tensor]:
-        """:func:`padding_mask` (cached per size), or None without padding."""
+        """:func:`padding_mask` (cached per size), or None without padding.
+
+        Under ``torch.compile`` the mask is built inside the graph and the cache is left alone:
+        filling it while tracing changes the dict the graph's guards test, so the next call
+        would compile the whole model a second time.
+        """
+        if torch.compiler.is_compiling():
+            return padding_mask(height, width, grouping, device) if grouping.pad_h or grouping.pad_w else None
         key = (height, width, device)
         if key not in self._mask_cache:
             self._mask_cache[key] = (padding_mask(height, width, grouping, device)
@@ -377,20 +419,15 @@ class Attention(nn.Module):
         heads, head_dim = self.num_heads, self.head_dim
         # Strided views, no copy: (3, B, nG, nH, N, d).
         q, k, v = qkv.view(batch, num_groups, tokens, 3, heads, head_dim).permute(3, 0, 1, 4, 2, 5).unbind(0)
-        bias = bias.to(q.dtype)
         # On CPU, SDPA's backward with a bias that needs gradients is no faster than the
         # explicit form in float32 and about 2x slower in bf16 (benchmarks/, torch 2.14), so
         # CPU training uses the explicit form; CUDA always takes SDPA (memory-efficient kernel).
         if self.explicit_cpu_training and q.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad:
-            return explicit_attention(q, k, v, bias, self.scale, self.attn_drop, self.training)
+            return explicit_attention(q, k, v, bias.to(q.dtype), self.scale, self.attn_drop, self.training)
         # SDPA's fused kernels take 4-D inputs (5-D falls back to the materialising math path):
         # fold groups into the batch. q, k, v stay strided views of qkv.
         shape = (batch * num_groups, heads, tokens, head_dim)
-        if bias.dim() == 3:
-            mask = bias.unsqueeze(0)  # (1, nH, N, N), broadcast over batch and groups
-        else:
-            # Per-group bias (padding): repeat it for every image, (B*nG, nH, N, N).
-            mask = bias.expand(batch, *bias.shape).reshape(batch * num_groups, heads, tokens, tokens)
+        mask = sdpa_mask(bias, q.dtype, batch, sdpa_mask_alignment(q.device))  # (1 or B*nG, nH, N, N)
         backends = sdpa_backends(q.device)
         with sdpa_kernel(backends) if backends else contextlib.nullcontext():
             out = F.scaled_dot_product_attention(

@@ -336,6 +336,39 @@ def test_sdpa_backends_are_pinned_on_cuda_for_training_and_inference(monkeypatch
         run_path(model, x, False)
 
 
+@pytest.mark.parametrize("per_group", [False, True])
+def test_sdpa_mask_is_written_once_with_aligned_rows(per_group: bool) -> None:
+    """On CUDA the SDPA mask is cast (and repeated per image) in one copy into rows padded to 8
+    elements, which PyTorch's memory-efficient path takes as is; the values and the gradient
+    that reaches the bias are those of the plain mask. Elsewhere the mask is the plain one."""
+    from models.crossformer import sdpa_mask, sdpa_mask_alignment
+
+    assert sdpa_mask_alignment(torch.device("cuda", 1)) == 8 and sdpa_mask_alignment(torch.device("cpu")) == 1
+    torch.manual_seed(0)
+    batch, groups, heads, tokens = 3, 4, 2, 49
+    bias = torch.randn(*((groups,) if per_group else ()), heads, tokens, tokens, dtype=torch.float64,
+                       requires_grad=True)
+    plain = bias.to(torch.float32)
+    plain = plain.expand(batch, *plain.shape).reshape(-1, heads, tokens, tokens) if per_group else plain[None]
+    weight = torch.randn(plain.shape, dtype=torch.float32)
+    (grad_plain,) = torch.autograd.grad((plain * weight).sum(), bias)
+    assert sdpa_mask(bias, torch.float32, batch, 1).stride() == plain.stride()  # alignment 1: as before
+    mask = sdpa_mask(bias, torch.float32, batch, 8)
+    assert mask.shape == plain.shape and mask.dtype == torch.float32
+    assert mask.stride(-1) == 1 and all(stride % 8 == 0 for stride in mask.stride()[:-1]), mask.stride()
+    torch.testing.assert_close(mask, plain, rtol=0, atol=0)
+    (grad,) = torch.autograd.grad((mask * weight).sum(), bias)
+    torch.testing.assert_close(grad, grad_plain, rtol=1e-5, atol=1e-6)  # the repeats summed in float32 vs 64
+
+
+def test_model_with_aligned_sdpa_masks_matches_the_reference(monkeypatch) -> None:
+    """The CUDA mask layout (rows padded to 8) through SDPA on CPU, forward and backward, at 320: the
+    shared 14x14 and 7x7 biases and the per-group ones of padded stages (N = 196, 49, 16)."""
+    monkeypatch.setattr(models.crossformer, "sdpa_mask_alignment", lambda device: 8)
+    monkeypatch.setattr(Attention, "explicit_cpu_training", False)
+    assert_paths_agree_float64((320, 320))
+
+
 def test_torch_compile_captures_one_graph() -> None:
     """TRAIN.COMPILE: the model compiles without graph breaks (fullgraph) in eval and training,
     and matches eager. ``aot_eager`` checks capture and autograd tracing without inductor's
@@ -355,6 +388,47 @@ def test_torch_compile_captures_one_graph() -> None:
         results.append([p.grad.clone() for p in model.parameters()])
     for grad_compiled, grad_eager in zip(results[1], results[0]):
         torch.testing.assert_close(grad_compiled, grad_eager, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_does_not_recompile_on_the_second_call() -> None:
+    """The first compiled call must leave nothing that fails the graph's guards on the second: a
+    per-size cache filled while tracing (the padding masks) made every compiled run compile the
+    whole model twice, at step 1 and step 2."""
+    torch.manual_seed(0)
+    model = tiny(depths=[2, 1, 1, 1])
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(1, 3, 96, 96)  # stage 1 and 2 LDA groups need padding at 96
+    compiled(x).sum().backward()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x).sum().backward()
+    model.eval()
+    with torch.no_grad():
+        compiled(x)  # eval without autograd is a graph of its own
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_torch_compile_traces_the_pinned_sdpa_backends(monkeypatch) -> None:
+    """On CUDA every attention call runs inside ``sdpa_kernel(sdpa_backends(device))``; under
+    torch.compile that context manager is traced into the graph (no graph break, no recompile).
+    CPU stands in with the math backend pinned the same way, forward and backward."""
+    from torch.nn.attention import SDPBackend
+
+    monkeypatch.setattr(models.crossformer, "sdpa_backends", lambda device: [SDPBackend.MATH])
+    monkeypatch.setattr(Attention, "explicit_cpu_training", False)
+    torch.manual_seed(0)
+    model = tiny(depths=[2, 1, 1, 1])
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    x = torch.randn(1, 3, 96, 96)
+    compiled(x).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x).sum().backward()
+    for grad, again in zip(grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(again, grad, rtol=0, atol=0)
+    torch._dynamo.reset()
 
 
 def test_padding_is_exercised() -> None:

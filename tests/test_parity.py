@@ -11,7 +11,7 @@ import io
 import math
 import random
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -79,16 +79,21 @@ class _RecordingImage:
         self.call = ("rotate", degrees, kwargs)
 
 
-def run_dali(graph, images: List[np.ndarray]) -> List[List[np.ndarray]]:
-    """Run ``graph`` (DataNode -> tuple of DataNodes) once on ``images`` in a CPU-only DALI pipeline."""
-    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, seed=7, enable_conditionals=True)
+def run_dali(graph, images: List[np.ndarray], device: str = "cpu") -> List[List[np.ndarray]]:
+    """Run ``graph`` (DataNode -> tuple of DataNodes) once on ``images`` in a DALI pipeline: CPU-only, or
+    with ``device="gpu"`` on GPU 0 (the images are moved to the GPU first; outputs come back to the host)."""
+    gpu = device == "gpu"
+
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=0 if gpu else None, seed=7,
+                  enable_conditionals=True)
     def pipeline():
         data = fn.external_source(source=lambda: images, batch=True, layout="HWC", dtype=types.UINT8)
-        return tuple(graph(data))
+        return tuple(graph(data.gpu() if gpu else data))
 
     pipe = pipeline()
     pipe.build()
-    return [[np.array(out.at(i)) for i in range(len(images))] for out in pipe.run()]
+    outputs = [out.as_cpu() if gpu else out for out in pipe.run()]
+    return [[np.array(out.at(i)) for i in range(len(images))] for out in outputs]
 
 
 def dali_param(aug, level: int, negate: bool):
@@ -170,8 +175,9 @@ OP_TOLERANCE = {
 }
 
 
-def test_rand_augment_ops_match_timm_on_pixels(monkeypatch) -> None:
-    """Every op at levels 5 and 9, both signs, on a 224 textured image: DALI vs timm's own op."""
+def rand_augment_op_differences(monkeypatch, device: str = "cpu") -> Dict[Tuple[str, int, bool], float]:
+    """Every op at levels 5 and 9, both signs, on a 224 textured image: mean absolute difference (0..255)
+    between the DALI op (in a pipeline on ``device``) and timm's own PIL op, by (op, level, negated)."""
     image = textured(SIZE, SIZE, seed=1)
     suite = timm_rand_augment_suite(SIZE)
     cases = [(aug, level, negate) for aug in suite for level in (5, 9) for negate in (False, True)]
@@ -185,16 +191,23 @@ def test_rand_augment_ops_match_timm_on_pixels(monkeypatch) -> None:
                                interp_type=types.INTERP_CUBIC))
         return outputs
 
-    dali = run_dali(graph, [image])
+    dali = run_dali(graph, [image], device)
     ops = {op.name: op for op in timm_rand_augment_ops()}
     by_name = {dali_name: ops[timm_name] for timm_name, dali_name in TIMM_TO_DALI.items()}
-    report = {}
+    differences = {}
     for (aug, level, negate), (out,) in zip(cases, dali):
         op = by_name[aug.name]
         args = timm_level_args(op, level, negate, monkeypatch)
         reference = np.asarray(op.aug_fn(Image.fromarray(image), *args, **op.kwargs))
-        report[(aug.name, level, negate)] = difference = mad(out, reference)
-        assert difference <= OP_TOLERANCE[aug.name], f"{aug.name} level {level} negated={negate}: {difference:.3f}/255"
+        differences[(aug.name, level, negate)] = mad(out, reference)
+    return differences
+
+
+def test_rand_augment_ops_match_timm_on_pixels(monkeypatch) -> None:
+    """Every op at levels 5 and 9, both signs, on a 224 textured image: DALI vs timm's own op."""
+    report = rand_augment_op_differences(monkeypatch)
+    for (name, level, negate), difference in report.items():
+        assert difference <= OP_TOLERANCE[name], f"{name} level {level} negated={negate}: {difference:.3f}/255"
     print({key: round(value, 3) for key, value in report.items()})
 
 
