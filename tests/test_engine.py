@@ -67,9 +67,11 @@ def test_accumulation_equals_the_large_batch_gradient() -> None:
 
 
 def test_a_last_short_group_still_steps_with_its_own_mean() -> None:
+    """In float64, so that the two summation orders' rounding (SGD at LR 1 for two steps) stays far
+    below the tolerance and only the grouping is tested."""
     torch.manual_seed(2)
-    images, labels = torch.randn(12, 3, 32, 32), torch.randint(0, 10, (12,))
-    reference = _tiny_model()
+    images, labels = torch.randn(12, 3, 32, 32, dtype=torch.float64), torch.randint(0, 10, (12,))
+    reference = _tiny_model().double()
     grouped = copy.deepcopy(reference)
     _one_step(reference, [(images[:8], labels[:8])], accumulation=1)
     _one_step(reference, [(images[8:], labels[8:])], accumulation=1)
@@ -134,8 +136,9 @@ def test_eval_precision_follows_test_amp(tiny_yaml: Path, tmp_path: Path) -> Non
     checkpoint = str(tmp_path / "out" / "crossformerpp_s" / "default" / "last.pth")
 
     def evaluate_with(test_amp: str) -> subprocess.CompletedProcess:
+        # TRAIN.FORCE_BF16: bf16 also where this CPU only emulates it (utils.precision.resolve_amp)
         return run_main("--cfg", str(tiny_yaml), "--eval", "--resume", checkpoint, "--output", out,
-                        "--opts", "TRAIN.AMP", "bf16", "TEST.AMP", test_amp, cwd=tmp_path)
+                        "--opts", "TRAIN.AMP", "bf16", "TRAIN.FORCE_BF16", "True", "TEST.AMP", test_amp, cwd=tmp_path)
 
     reports = {}
     for test_amp in ("train", "none"):

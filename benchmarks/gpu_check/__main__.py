@@ -45,7 +45,7 @@ CHECKS: Dict[str, List[Tuple[str, str]]] = {
          "(torch.cuda.set_sync_debug_mode 'error'; CUDA only)"),
         ("training/{fp16,bf16}/compiled_vs_eager", "torch.compile(DDP(model)) losses close to eager's"),
         ("training/{fp16,bf16}/compiled/recompiles_after_warmup", "dynamo compiles nothing after warm-up"),
-        ("training/{fp16,bf16}/resume_continues", "CheckpointManager save at step 15 and resume: the loss "
+        ("training/{fp16,bf16}/resume_continues", "RunCheckpoints save at step 15 and resume: the loss "
          "curve continues"),
         ("training/fp16/grad_scaler_scale", "GradScaler's scale after the run (finite, > 0)"),
     ],

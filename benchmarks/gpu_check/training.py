@@ -6,7 +6,7 @@ the configured model on synthetic data, once eager with ``DDP(model)`` and once 
 The components are built with the trainer's own builders (``prepare_model``, ``build_criterion``,
 ``build_optimizer``, ``build_scheduler``, ``build_mixup``); drop path is off so that eager and
 compiled runs draw no random numbers inside the model (inductor's RNG differs from eager's).
-The eager run saves ``last.pth`` through ``CheckpointManager`` at ``resume_at``; a fresh set of
+The eager run saves ``last.pth`` through ``resume.RunCheckpoints`` at ``resume_at``; a fresh set of
 components resumes it (``MODEL.RESUME``) and trains to the end, which must continue the loss
 curve. After ``warmup_steps`` the compiled run may not compile again (dynamo's graph counter),
 and on CUDA the steps between warm-up and the last (logging) step run under
@@ -34,7 +34,8 @@ from data import build_loader, build_mixup
 from engine import Components, StopReason, steps_per_epoch, train_one_epoch
 from optim import build_optimizer, build_scheduler
 from trainer import build_criterion, prepare_model
-from utils.checkpoint import LAST, CheckpointManager
+from resume import RunCheckpoints
+from utils.checkpoint import LAST
 from utils.distributed import DistInfo
 from utils.precision import resolve_amp, set_tf32
 from utils.train_state import TrainState
@@ -145,7 +146,7 @@ def run_training(ctx: Context, amp: str, compiled: bool, run_dir: Path, save_at:
     parts = Components(train_model=train_model, criterion=criterion, optimizer=optimizer, scheduler=scheduler,
                        scaler=scaler, ema=ema, mixup_fn=mixup, amp_dtype=amp_dtype)
     state = TrainState(device)
-    manager = CheckpointManager(str(run_dir), parts, state, config, dist_info)
+    manager = RunCheckpoints(str(run_dir), parts, state, config, dist_info)
     manager.resume(len(loaders.train))
     start_step = state.global_step
     loaders.train.set_epoch(state.epoch, start_batch=state.batch)
