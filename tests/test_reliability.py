@@ -273,14 +273,19 @@ def test_launch_sh_forwards_the_signal_and_requeues(tmp_path: Path) -> None:
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    # A stand-in for torchrun: one "worker" that saves (a marker) and exits 75 on SIGUSR1.
+    # A stand-in for the launcher: on SIGTERM it passes SIGUSR1 to its one "worker", which saves (a
+    # marker) and exits 75, and it waits for that worker.
     torchrun = bin_dir / "fake_torchrun"
     torchrun.write_text(f"""#!/usr/bin/env bash
 bash -c 'trap "echo saved > {tmp_path}/saved; exit 75" USR1; touch {tmp_path}/ready; while true; do sleep 0.05; done' &
-wait $! || exit 1
+worker=$!
+trap 'kill -USR1 $worker' TERM
+while kill -0 $worker 2>/dev/null; do wait $worker || true; done
+wait $worker
 """)
     scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f"#!/usr/bin/env bash\necho \"$@\" > {tmp_path}/scontrol\n")
+    scontrol.write_text(f"#!/usr/bin/env bash\n[[ $1 == show ]] && echo 'JobId=123 Requeue=0' && exit 0\n"
+                        f"echo \"$@\" > {tmp_path}/scontrol\n")
     for script in (torchrun, scontrol):
         script.chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TORCHRUN=str(torchrun), NPROC_PER_NODE="1",
@@ -300,6 +305,7 @@ wait $! || exit 1
     assert proc.returncode == 75, output
     assert (tmp_path / "saved").read_text().strip() == "saved"
     assert (tmp_path / "scontrol").read_text().split() == ["requeue", "123"]
+    assert "SLURM job 123 cannot be requeued (Requeue=0)" in output and "#SBATCH --requeue" in output
 
 
 def test_launch_sh_keeps_relative_paths_relative_to_where_it_runs(tmp_path: Path) -> None:
@@ -526,3 +532,4 @@ def _metrics(run_dir: Path) -> List[dict]:
     import json
 
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+

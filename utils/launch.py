@@ -11,11 +11,20 @@ work: rendezvous, worker processes, restarts. Only its ends differ:
   with the worker's code.
 * Any other failure (a Python traceback, a worker killed by a signal) gets one line naming the
   rank, the process and the exit code or signal; the worker's own output above it has the details.
-* A signal to the launcher (Ctrl-C from the terminal, SIGTERM) still makes torchrun stop the
-  workers, which finish their step and save; the launcher then exits 128 + the signal's number
-  without torchrun's ``SignalException`` traceback. The time torchrun gives the workers before it
-  kills them (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, torchrun's default 30 s) defaults here to
-  :data:`SHUTDOWN_TIMEOUT_S`, enough for a step and a checkpoint write.
+* A stop signal to the launcher (SIGTERM or SIGUSR1: SLURM's warning and ``scancel`` reach every
+  process of a job step, this one included) makes torchrun pass that signal to the workers, which
+  agree on a step, save ``last.pth`` and exit 75, and wait for every one of them to exit; torchrun
+  restarts none of them (``--max-restarts`` is for failures). The launcher then exits 75. Only the
+  first stop signal counts: later ones (SLURM's SIGTERM after its SIGUSR1, ``launch.sh`` passing
+  on a signal the launcher received itself) are ignored, so the launcher never leaves before its
+  workers. Plain torchrun handles SIGTERM once (a second one during its shutdown ends it) and dies
+  of SIGUSR1 at once, orphaning workers that are still writing ``last.pth``.
+* Ctrl-C (SIGINT) stays torchrun's: the workers finish their step and save; the launcher then
+  exits 130 without torchrun's ``SignalException`` traceback.
+
+The time torchrun gives the workers before it kills them (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``,
+torchrun's default 30 s) defaults here to :data:`SHUTDOWN_TIMEOUT_S`, enough for a step and a
+checkpoint write.
 """
 from __future__ import annotations
 
@@ -24,11 +33,13 @@ import os
 import signal
 import socket
 import sys
+from types import FrameType
 from typing import Optional, Sequence
 
 from utils.reliability import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED
 
 SHUTDOWN_TIMEOUT_S = 300
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # The exits main.py makes on purpose, each after its own one-line explanation on stderr.
 PURPOSEFUL_EXITS = (EXIT_ERROR, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_INTERRUPTED)
 
@@ -69,6 +80,35 @@ def _repeats_left_out(record: logging.LogRecord) -> bool:
                 or (message.startswith("Sending process") and "SIGINT" in map(str, record.args or ())))
 
 
+class _FirstStopSignal:
+    """The launcher's SIGTERM / SIGUSR1 handler: the first one raises torchrun's ``SignalException``
+    (its agent then passes that signal to the workers and waits for them, restarting none), later
+    ones are ignored (an exception raised again inside that wait would end the launcher early)."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+
+    def __call__(self, signum: int, frame: Optional[FrameType]) -> None:
+        from torch.distributed.elastic.multiprocessing import SignalException
+
+        if self.received is None:
+            self.received = signum
+            raise SignalException(f"launcher {os.getpid()} got {signal.Signals(signum).name}",
+                                  sigval=signal.Signals(signum))
+
+
+def _own_stop_signals() -> None:
+    """Keep torchrun's agent from installing its own SIGTERM handler (it reinstalls its handlers
+    each time it starts workers, from ``TORCHELASTIC_SIGNALS_TO_HANDLE``) and install ours for both
+    stop signals."""
+    handled = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT").split(",")
+    names = {signal.Signals(s).name for s in STOP_SIGNALS}
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = ",".join(n.strip() for n in handled if n.strip() not in names)
+    handler = _FirstStopSignal()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run torchrun with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     from torch.distributed.elastic.multiprocessing import SignalException
@@ -78,6 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.ERROR)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_repeats_left_out)
+    _own_stop_signals()
     try:
         torchrun_main(list(sys.argv[1:] if argv is None else argv))
     except ChildFailedError as e:
@@ -87,7 +128,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(line, file=sys.stderr)
         return exit_code(failure.exitcode)
     except SignalException as e:
-        return 128 + int(e.sigval)
+        # A stop signal: torchrun passed it on and waited for every worker (each saved and exited 75).
+        return EXIT_PREEMPTED if e.sigval in STOP_SIGNALS else 128 + int(e.sigval)
+    finally:
+        for signum in STOP_SIGNALS:  # the workers are gone: nothing is left to stop
+            signal.signal(signum, signal.SIG_IGN)
     return 0
 
 
