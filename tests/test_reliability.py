@@ -533,3 +533,23 @@ def _metrics(run_dir: Path) -> List[dict]:
 
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
+
+def test_the_stop_vote_side_group_gets_the_runs_collective_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With NCCL the stop vote runs on a gloo side group: it must time out after DIST.TIMEOUT_S, not
+    after torch's 30-minute default for a new group."""
+    import datetime
+
+    import utils.distributed as distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for name in ("_timeout", "_host_group", "_host_group_ready"):  # restored afterwards
+        monkeypatch.setattr(distributed, name, getattr(distributed, name))
+    distributed.init_distributed(timeout_s=7)  # alone: records the timeout, joins no group
+    created = {}
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    distributed._host_group_ready = False
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda *args: "nccl")
+    monkeypatch.setattr(distributed.dist, "new_group", lambda **kwargs: created.update(kwargs) or "side group")
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda tensor, op, group: created.update(group=group))
+    assert distributed.all_reduce_max_on_host([1, 0]) == [1, 0]
+    assert created == {"backend": "gloo", "timeout": datetime.timedelta(seconds=7), "group": "side group"}
