@@ -50,7 +50,7 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
             return ShardBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size, train=train,
                                      shard_sizes=tuple(split.shard_sizes), buffer=config.DATA.SHUFFLE_BUFFER)
     else:
-        cache = FileListCache(default_cache_dir(), write=rank == 0) if config.DATA.FILE_LIST_CACHE else None
+        cache = FileListCache(default_cache_dir()) if config.DATA.FILE_LIST_CACHE else None
         train_set, val_set = scan_image_folder(root, config.MODEL.NUM_CLASSES, cache)
 
         def sampler(split, train):

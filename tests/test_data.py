@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import List, Tuple
 
@@ -177,7 +178,7 @@ def test_file_list_cache_skips_the_listing_until_a_directory_changes(image_root:
     root = _copy(image_root, tmp_path)
     cache = folder.FileListCache(tmp_path / "cache")
     scanned = folder.scan_image_folder(root, 10, cache)
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.json")) == sorted(
         cache.path(root / split).name for split in ("train", "val"))
     real_scandir, listed = os.scandir, []
 
@@ -202,6 +203,62 @@ def test_file_list_cache_skips_the_listing_until_a_directory_changes(image_root:
     cache.path(root / "val").write_text("{not json")
     assert folder.scan_image_folder(root, 10, cache)[1].samples == val.samples
     assert json.loads(cache.path(root / "val").read_text())["classes"] == val.classes
+
+
+def _start_on_a_node(root: str, cache_dir: str, start, results) -> None:
+    """One process of a simulated node: wait for every process, then scan with the node's cache.
+    Puts (cache_dir, splits listed by this process, the lists) on ``results``."""
+    from data import folder
+
+    listed = []
+    real_list_split = folder._list_split
+
+    def list_split(split_dir):  # slow enough that the other processes arrive while it runs
+        listed.append(split_dir.name)
+        time.sleep(0.5)
+        return real_list_split(split_dir)
+
+    folder._list_split = list_split
+    start.wait()
+    train, val = folder.scan_image_folder(Path(root), 10, folder.FileListCache(Path(cache_dir)))
+    results.put((cache_dir, listed, [train.classes, train.samples, val.samples]))
+
+
+def _start_nodes(root: Path, cache_dirs: List[Path], processes_per_node: int) -> List[tuple]:
+    """Start ``processes_per_node`` processes per cache directory at once; their results."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # no re-import: the scan is what is measured
+    start = context.Barrier(len(cache_dirs) * processes_per_node)
+    results = context.Queue()
+    procs = [context.Process(target=_start_on_a_node, args=(str(root), str(cache_dir), start, results))
+             for cache_dir in cache_dirs for _ in range(processes_per_node)]
+    for proc in procs:
+        proc.start()
+    found = [results.get(timeout=300) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    return found
+
+
+def test_one_process_per_node_scans_the_others_wait_and_read_its_list(image_root: Path, tmp_path: Path) -> None:
+    """Two nodes with a cache directory each, two processes per node, started at the same moment:
+    one scan per node and split, every process gets the same lists; the next start scans nothing;
+    on one shared cache directory four processes scan once."""
+    root = _copy(image_root, tmp_path)
+    reference = scan_image_folder(root, 10)
+    expected = [reference[0].classes, reference[0].samples, reference[1].samples]
+    nodes = [tmp_path / "node0_cache", tmp_path / "node1_cache"]
+    for attempt in ("first start", "restart"):
+        found = _start_nodes(root, nodes, processes_per_node=2)
+        for node in nodes:
+            scans = [split for cache_dir, listed, _ in found if cache_dir == str(node) for split in listed]
+            assert sorted(scans) == ([] if attempt == "restart" else ["train", "val"]), (attempt, node, scans)
+        assert all(json.loads(json.dumps(lists)) == json.loads(json.dumps(expected)) for _, _, lists in found)
+    shared = _start_nodes(root, [tmp_path / "shared_cache"], processes_per_node=4)
+    assert sorted(split for _, listed, _ in shared for split in listed) == ["train", "val"]
+    assert all(json.loads(json.dumps(lists)) == json.loads(json.dumps(expected)) for _, _, lists in shared)
 
 
 def test_num_workers_default_is_the_cores_per_local_process_capped_and_logged(
