@@ -365,6 +365,31 @@ def test_pytorch_resume_is_bitwise_exact(image_root: Path) -> None:
     assert torch.equal(state, torch.get_rng_state()) and python_state == random.getstate()
 
 
+def test_dali_random_erasing_is_pure_in_seed_epoch_batch_rank_and_sample(image_root: Path) -> None:
+    """The DALI loader's erasing (on the pipeline's device; CPU here) is ``erase_per_sample`` under the
+    seeds of (SEED, epoch, batch, rank, sample): what the global generators hold does not matter."""
+    from timm.data.random_erasing import RandomErasing
+
+    from data.common import SALT_BATCH_AUGMENT, erase_per_sample, mix_seed
+
+    def first_batches(reprob: float, global_seed: int) -> List[torch.Tensor]:
+        cfg = make_config(image_root, "dali", AUG__REPROB=reprob, AUG__AUTO_AUGMENT="", AUG__COLOR_JITTER=0.0)
+        loader = build_loader(cfg, CPU, rank=1, world_size=2).train
+        loader.set_epoch(3, start_batch=1)
+        torch.manual_seed(global_seed)  # the global streams differ between the passes
+        random.seed(global_seed)
+        return [images for (images, _), _ in zip(loader, range(2))]
+
+    erased = first_batches(1.0, global_seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(erased, first_batches(1.0, global_seed=2)))
+    cfg = make_config(image_root, "dali")
+    for batch, (images, expected) in enumerate(zip(first_batches(0.0, global_seed=3), erased), start=1):
+        assert not torch.equal(images, expected)  # every image was erased (REPROB 1)
+        erase_per_sample(RandomErasing(1.0, mode=cfg.AUG.REMODE, max_count=cfg.AUG.RECOUNT, device="cpu"), images,
+                         [mix_seed(cfg.SEED, SALT_BATCH_AUGMENT, 3, batch, 1, i) for i in range(len(images))])
+        assert torch.equal(images, expected)
+
+
 def test_pytorch_loader_is_timms_prefetcher_pipeline(image_root: Path) -> None:
     """Each batch is timm's own pipeline: ``create_transform(use_prefetcher=True)`` per sample (under the
     sample's seed), ``fast_collate``, ``PrefetchLoader``'s normalisation, then timm's ``RandomErasing``
