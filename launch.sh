@@ -68,6 +68,11 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
     fi
 fi
 
+if ! [[ "${NNODES}" =~ ^[1-9][0-9]*$ && "${NODE_RANK}" =~ ^[0-9]+$ ]] || (( NODE_RANK >= NNODES )); then
+    echo "launch.sh: NODE_RANK=${NODE_RANK} must be a whole number below NNODES=${NNODES} (node ranks are 0..NNODES-1, \
+one per node); set NODE_RANK on each node, 0 on the node whose address is MASTER_ADDR" >&2
+    exit 2
+fi
 if [[ "${NNODES}" -gt 1 ]]; then
     if [[ -z "${MASTER_ADDR:-}" ]]; then
         echo "launch.sh: NNODES=${NNODES} needs MASTER_ADDR (the address of the node with NODE_RANK=0)" >&2

@@ -553,3 +553,18 @@ def test_the_stop_vote_side_group_gets_the_runs_collective_timeout(monkeypatch: 
     monkeypatch.setattr(distributed.dist, "all_reduce", lambda tensor, op, group: created.update(group=group))
     assert distributed.all_reduce_max_on_host([1, 0]) == [1, 0]
     assert created == {"backend": "gloo", "timeout": datetime.timedelta(seconds=7), "group": "side group"}
+
+
+def test_launch_sh_refuses_a_node_rank_outside_nnodes(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    for nnodes, node_rank in (("2", "2"), ("2", "-1"), ("two", "0")):
+        env = dict(os.environ, NNODES=nnodes, NODE_RANK=node_rank, MASTER_ADDR="127.0.0.1", TORCHRUN="true")
+        env.pop("SLURM_JOB_ID", None)
+        result = subprocess.run(["bash", str(REPO_ROOT / "launch.sh"), "--cfg", "x.yaml"], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and result.stderr.splitlines() == [
+            f"launch.sh: NODE_RANK={node_rank} must be a whole number below NNODES={nnodes} (node ranks are "
+            "0..NNODES-1, one per node); set NODE_RANK on each node, 0 on the node whose address is MASTER_ADDR"], \
+            result.stderr

@@ -21,14 +21,12 @@ seconds here and a signal can land inside it.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import random
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -36,7 +34,8 @@ from typing import Dict, List
 import pytest
 import torch
 
-from tests.helpers import assert_same_training_state, free_port, launch_sh_command, run_dir, subprocess_env, write_tiny_yaml
+from tests.helpers import (JOB_MARKER, assert_same_training_state, free_port, job_processes, launch_sh_command, run_dir,
+                           signal_job, subprocess_env, write_fake_scontrol, write_tiny_yaml)
 
 pytestmark = pytest.mark.slow
 
@@ -46,68 +45,23 @@ OPTS = ["--opts", "DATA.SYNTHETIC_TRAIN_SIZE", "128", "SAVE_STEPS", "3", "PRINT_
 LIMIT_S = 400
 JOB_ID = "4242"
 
-MARKER = "CROSSFORMER_TEST_SLURM_STEP"  # in the environment of every process of a job: its "cgroup"
-
-# scontrol as launch.sh uses it: `show hostnames`, `show job`, and `requeue JOBID`, which records
-# the processes of the job still alive other than itself and its caller (launch.sh). The root
-# fixture puts job_processes' source, the marker and the record's path before it.
-_SCONTROL = r'''
-if sys.argv[1:3] == ["show", "hostnames"]:
-    print("127.0.0.1")
-elif sys.argv[1:3] == ["show", "job"]:
-    print("JobId=" + sys.argv[3] + " Requeue=1")
-elif sys.argv[1] == "requeue":
-    alive = [pid for pid in job_processes(os.environ[MARKER]) if pid not in (os.getpid(), os.getppid())]
-    with open(RECORD, "a") as f:
-        f.write(json.dumps({"job": sys.argv[2], "alive": alive}) + "\n")
-'''
-
-
-def job_processes(step: str) -> List[int]:
-    """The live processes whose environment has ``MARKER=step`` (zombies have none)."""
-    needle = f"{MARKER}={step}".encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    found.append(int(entry))
-        except OSError:  # gone, or not ours
-            continue
-    return found
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("slurm")
     write_tiny_yaml(root)
-    (root / "bin").mkdir()
-    scontrol = root / "bin" / "scontrol"
-    scontrol.write_text(f"#!{sys.executable}\nimport json, os, sys\nfrom typing import List\nMARKER = {MARKER!r}\n"
-                        f"RECORD = {str(root / 'requeued.jsonl')!r}\n\n{inspect.getsource(job_processes)}{_SCONTROL}")
-    scontrol.chmod(0o755)
+    write_fake_scontrol(root / "bin", root / "requeued.jsonl")
     return root
 
 
 def _slurm_env(root: Path, step: str) -> Dict[str, str]:
     env = subprocess_env()
     env.update(PATH=f"{root / 'bin'}:{env['PATH']}", SLURM_JOB_ID=JOB_ID, SLURM_NODEID="0", SLURM_JOB_NUM_NODES="1",
-               SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(free_port()), **{MARKER: step})
+               SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(free_port()), **{JOB_MARKER: step})
     return env
 
 
 def _command(root: Path, out: Path) -> List[str]:
     return launch_sh_command("--cfg", str(root / "tiny.yaml"), "--output", str(out), *OPTS)
-
-
-def _signal_all(step: str, signum: int) -> None:
-    for pid in job_processes(step):
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
 
 
 def _stop(root: Path, out: Path, how: str, rng: random.Random) -> Dict[str, object]:
@@ -130,15 +84,15 @@ def _stop(root: Path, out: Path, how: str, rng: random.Random) -> Dict[str, obje
                 break
             time.sleep(0.01)
         if how.startswith("usr1 to every process"):
-            _signal_all(step, signal.SIGUSR1)
+            signal_job(step, signal.SIGUSR1)
         elif how.startswith("term to every process"):
-            _signal_all(step, signal.SIGTERM)
+            signal_job(step, signal.SIGTERM)
         else:  # kill -USR1 -- -PGID: launch.sh and the launcher (each worker has its own session)
             os.killpg(proc.pid, signal.SIGUSR1)
         output, _ = proc.communicate(timeout=LIMIT_S)
         leftover = job_processes(step)
     finally:
-        _signal_all(step, signal.SIGKILL)
+        signal_job(step, signal.SIGKILL)
         if proc.poll() is None:
             proc.wait()
     return {"code": proc.returncode, "output": output, "leftover": leftover}

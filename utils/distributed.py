@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -104,6 +105,35 @@ def _restart_scoped_agent_store(world_size: int, timeout: datetime.timedelta) ->
     return dist.PrefixStore(f"crossformer/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+def unanswered_ranks() -> Optional[List[int]]:
+    """After a failed collective: the ranks that do not check in through the job's store in time.
+
+    Every rank that survives a failed collective calls this: it writes its own key to the store the
+    process group was built on and waits for the others' keys. A rank that died (its process or its
+    node) or hangs never writes one. None when it cannot be told: alone, or the store itself is
+    gone (it lives in torchrun's agent on node rank 0, so that node is the lost one).
+
+    The wait is :data:`LOST_RANK_WAIT_S`, at most a quarter of ``DIST.TIMEOUT_S``.
+    """
+    if not is_distributed():
+        return None
+    wait_s = min(LOST_RANK_WAIT_S, _timeout.total_seconds() / 4)
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        keys = [f"crossformer/after_failure/{other}" for other in range(world_size)]
+        store.set(keys[rank], "1")
+        deadline = time.monotonic() + wait_s
+        missing = [other for other in range(world_size) if other != rank]
+        while True:
+            missing = [other for other in missing if not store.check([keys[other]])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except Exception:  # noqa: BLE001 - the store is unreachable: nothing more can be told
+        return None
+
+
 def cleanup() -> None:
     """Leave the process group (if any)."""
     global _host_group, _host_group_ready
@@ -145,6 +175,7 @@ _host_group: Any = None
 _host_group_ready = False
 # The run's collective timeout (DIST.TIMEOUT_S), for the groups created after init_distributed.
 _timeout = datetime.timedelta(seconds=600)
+LOST_RANK_WAIT_S = 10.0  # unanswered_ranks: how long the survivors of a failed collective wait for each other
 
 
 def all_reduce_max_on_host(values: Sequence[int]) -> List[int]:

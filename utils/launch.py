@@ -36,7 +36,7 @@ import sys
 from types import FrameType
 from typing import Optional, Sequence
 
-from utils.reliability import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED
+from utils.reliability import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, first_line
 
 SHUTDOWN_TIMEOUT_S = 300
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -111,6 +111,7 @@ def _own_stop_signals() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run torchrun with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    from torch.distributed import DistNetworkError
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
@@ -130,6 +131,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SignalException as e:
         # A stop signal: torchrun passed it on and waited for every worker (each saved and exited 75).
         return EXIT_PREEMPTED if e.sigval in STOP_SIGNALS else 128 + int(e.sigval)
+    except DistNetworkError as e:  # the rendezvous store on MASTER_ADDR:MASTER_PORT cannot be reached
+        print(f"launch: cannot reach the rendezvous ({first_line(e)}); check that MASTER_ADDR and MASTER_PORT are node "
+              "rank 0's address and a free port reachable from this node, that node rank 0 is running, and the "
+              "network interface (docs/training.md: several nodes)", file=sys.stderr)
+        return EXIT_ERROR
     finally:
         for signum in STOP_SIGNALS:  # the workers are gone: nothing is left to stop
             signal.signal(signum, signal.SIG_IGN)
