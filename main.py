@@ -15,6 +15,7 @@ import sys
 from typing import Any, List, Optional, Sequence
 
 import torch
+from yacs.config import CfgNode
 
 from config import ConfigError, config_to_dict, get_config, parse_option
 from resume import flatten
@@ -52,7 +53,7 @@ def run(args: Any) -> int:
         raise
 
 
-def check_same_config(config: Any) -> None:
+def check_same_config(config: CfgNode) -> None:
     """Every process runs the same config (a collective: nodes started with other files or flags).
 
     Args:
