@@ -568,3 +568,52 @@ def test_launch_sh_refuses_a_node_rank_outside_nnodes(tmp_path: Path) -> None:
             f"launch.sh: NODE_RANK={node_rank} must be a whole number below NNODES={nnodes} (node ranks are "
             "0..NNODES-1, one per node); set NODE_RANK on each node, 0 on the node whose address is MASTER_ADDR"], \
             result.stderr
+
+
+_SLOW_SAVER = """
+import os, signal, sys, time
+got = []
+for signum in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(signum, lambda s, f: got.append(s))
+open(os.path.join(sys.argv[1], "ready" + os.environ["LOCAL_RANK"]), "w").close()
+while not got:
+    time.sleep(0.02)
+time.sleep(2)  # "saving"
+open(os.path.join(sys.argv[1], "saved" + os.environ["LOCAL_RANK"]), "w").close()
+sys.exit(75)
+"""
+
+
+@pytest.mark.parametrize("signals", [("SIGTERM", "SIGTERM", "SIGTERM"), ("SIGUSR1", "SIGTERM", "SIGUSR1")])
+def test_the_launcher_waits_for_its_workers_whatever_signals_follow(tmp_path: Path, signals: Tuple[str, ...]) -> None:
+    """utils.launch takes the first stop signal as a stop (passed to the workers) and ignores the
+    ones after it (SLURM's, launch.sh's), so it exits 75 only once every worker has saved."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import subprocess_env
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(_SLOW_SAVER)
+    log = tmp_path / "launcher.log"
+    with open(log, "w") as stderr:  # a file: waiting for the launcher must not wait for its workers
+        proc = subprocess.Popen([sys.executable, "-m", "utils.launch", "--standalone", "--nproc_per_node=2",
+                                 str(worker), str(tmp_path)], cwd=tmp_path, env=subprocess_env(),
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((tmp_path / "ready0").exists() and (tmp_path / "ready1").exists()):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+        for name in signals:  # only the launcher: it must pass the stop on
+            proc.send_signal(getattr(signal, name))
+            time.sleep(0.1)
+        proc.wait(timeout=120)
+        saved = [(tmp_path / f"saved{rank}").exists() for rank in range(2)]  # when the launcher exited
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75 and "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    assert saved == [True, True]

@@ -17,8 +17,9 @@ work: rendezvous, worker processes, restarts. Only its ends differ:
   restarts none of them (``--max-restarts`` is for failures). The launcher then exits 75. Only the
   first stop signal counts: later ones (SLURM's SIGTERM after its SIGUSR1, ``launch.sh`` passing
   on a signal the launcher received itself) are ignored, so the launcher never leaves before its
-  workers. Plain torchrun handles SIGTERM once (a second one during its shutdown ends it) and dies
-  of SIGUSR1 at once, orphaning workers that are still writing ``last.pth``.
+  workers. Plain torchrun raises at every SIGTERM (one arriving while it waits for the workers cuts
+  the wait short, a third ends the launcher) and dies of SIGUSR1 at once, orphaning workers that are
+  still writing ``last.pth``; here torchrun is told to leave both signals alone (``--signals-to-handle``).
 * Ctrl-C (SIGINT) stays torchrun's: the workers finish their step and save; the launcher then
   exits 130 without torchrun's ``SignalException`` traceback.
 
@@ -34,7 +35,7 @@ import signal
 import socket
 import sys
 from types import FrameType
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
 from utils.reliability import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, first_line
 
@@ -97,16 +98,33 @@ class _FirstStopSignal:
                                   sigval=signal.Signals(signum))
 
 
-def _own_stop_signals() -> None:
-    """Keep torchrun's agent from installing its own SIGTERM handler (it reinstalls its handlers
-    each time it starts workers, from ``TORCHELASTIC_SIGNALS_TO_HANDLE``) and install ours for both
-    stop signals."""
-    handled = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT").split(",")
-    names = {signal.Signals(s).name for s in STOP_SIGNALS}
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = ",".join(n.strip() for n in handled if n.strip() not in names)
+def _own_stop_signals(argv: Sequence[str]) -> List[str]:
+    """Install our handler for both stop signals; ``argv`` with torchrun told to leave them alone.
+
+    torchrun installs its own handlers for the signals of ``--signals-to-handle`` (default SIGTERM,
+    SIGINT, SIGHUP, SIGQUIT) each time it starts workers; they raise at every signal, so a second
+    SIGTERM during its shutdown would end the launcher before its workers. The stop signals are
+    taken out of that list (given or default); the rest stay torchrun's.
+    """
+    argv, names = list(argv), {signal.Signals(s).name for s in STOP_SIGNALS}
+
+    def without_stops(value: str) -> str:
+        return ",".join(n.strip() for n in value.split(",") if n.strip() and n.strip() not in names)
+
+    for i, arg in enumerate(argv):
+        flag, has_value, value = arg.partition("=")
+        if flag in ("--signals-to-handle", "--signals_to_handle"):
+            if has_value:
+                argv[i] = f"{flag}={without_stops(value)}"
+            elif i + 1 < len(argv):
+                argv[i + 1] = without_stops(argv[i + 1])
+            break
+    else:
+        argv.insert(0, f"--signals-to-handle={without_stops('SIGTERM,SIGINT,SIGHUP,SIGQUIT')}")
     handler = _FirstStopSignal()
     for signum in STOP_SIGNALS:
         signal.signal(signum, handler)
+    return argv
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -119,9 +137,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.ERROR)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_repeats_left_out)
-    _own_stop_signals()
+    argv = _own_stop_signals(sys.argv[1:] if argv is None else argv)
     try:
-        torchrun_main(list(sys.argv[1:] if argv is None else argv))
+        torchrun_main(argv)
     except ChildFailedError as e:
         _, failure = e.get_first_failure()
         line = failure_line(failure.local_rank, failure.pid, failure.exitcode)
