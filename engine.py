@@ -321,7 +321,10 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, amp_dtype: Opt
 
     Every rank sums over its own part of the set; one all-reduce of (loss sum, top-1 hits, top-5 hits,
     count) gives the exact totals for any number of ranks and uneven rank parts. Pass the unwrapped
-    model: DDP's forward would add collectives per batch that hang on uneven rank parts.
+    model: DDP's forward would add collectives per batch that hang on uneven rank parts. The sums
+    stay on the device (the host reads them once, at the end); for a compiled model a smaller last
+    batch is padded to the first batch's size and the padding's outputs are left out, so it runs one
+    graph (an eager model runs the batch as it is: no wasted work).
 
     Args:
         model: Unwrapped model (or EMA module).
@@ -338,30 +341,60 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, amp_dtype: Opt
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, samples
+    count, batch_size = 0, 0  # samples: counted on the host, added to the sums once
+    compiled = hasattr(model, "_orig_mod")  # torch.compile's wrapper (what timm's unwrap_model looks for)
     start = last_report = time.perf_counter()
     for index, (images, targets) in enumerate(loader):
         if time.perf_counter() - last_report > VAL_PROGRESS_EVERY_S:  # a long validation shows it is moving
             last_report = time.perf_counter()
             logger.info("validation [%d/%d] %.0f s", index, len(loader), last_report - start)
+        size = targets.shape[0]
+        batch_size = batch_size or size
         with autocast(device, amp_dtype):
-            logits = model(images)  # (B, num_classes)
+            if compiled:  # one graph: pad a smaller last batch, leave the padding's outputs out
+                logits = model(pad_batch(images, batch_size))[:size]  # (B, num_classes)
+            else:
+                logits = model(images)  # (B, num_classes)
         logits = logits.float()
         topk, probabilities = top_k(logits, 5)  # (B, k) each
         hits = topk.eq(targets[:, None])  # (B, k)
         if collect is not None:
             collect.append((targets, topk, probabilities))
-        sums += torch.stack([
+        sums[:3] += torch.stack([
             F.cross_entropy(logits, targets, reduction="sum").double(),
             hits[:, 0].sum().double(),
             hits.any(dim=1).sum().double(),
-            torch.tensor(float(targets.shape[0]), dtype=torch.float64, device=device),
         ])
+        count += size
+    sums[3] = count
     all_reduce_sum(sums)
     loss_sum, top1, top5, count = sums.tolist()  # host sync: once per evaluation
     model.train(was_training)
     if count == 0:
         raise ValueError("the validation set is empty; check DATA.DATA_PATH (or the synthetic sizes)")
     return {"acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count, "loss": loss_sum / count, "count": count}
+
+
+def pad_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``images`` (n, C, H, W) with zero images appended up to ``batch_size``, in its memory format.
+
+    The last validation batch is usually smaller; padded, it runs through the graph that a compiled
+    model already has for the full batch instead of compiling a second one.
+
+    Args:
+        images: A batch of at most ``batch_size`` images.
+        batch_size: The batch size to pad to.
+    """
+    size = images.shape[0]
+    if size >= batch_size:
+        return images
+    channels_last = images.dim() == 4 and not images.is_contiguous() and images.is_contiguous(
+        memory_format=torch.channels_last)
+    padded = torch.empty((batch_size, *images.shape[1:]), dtype=images.dtype, device=images.device,
+                         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    padded[:size] = images
+    padded[size:] = 0
+    return padded
 
 
 def _seconds(fn: Callable[[], None], warmup: int, iters: int) -> float:

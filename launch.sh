@@ -13,10 +13,12 @@
 # master address come from the allocation. PYTHON (default: python, else python3) runs torchrun;
 # TORCHRUN replaces that command.
 #
-# Preemption (docs/reliability.md): SIGUSR1 or SIGTERM to this script is forwarded as SIGUSR1 to
-# the training processes, which agree to stop at the next step, write last.pth and exit 75; this
-# script then exits 75 and, under SLURM, requeues the job (`scontrol requeue`, node rank 0 only;
-# the job needs `#SBATCH --requeue`). The requeued job runs the same command and auto-resumes.
+# Preemption (docs/reliability.md): SIGUSR1 or SIGTERM, to this script alone or to every process
+# of the job step at once (what SLURM does), makes the training processes agree on a step, write
+# last.pth and exit 75. This script passes the stop on to the launcher (utils/launch.py), which
+# waits for every training process; only then does it exit 75 and, under SLURM, requeue the job
+# (`scontrol requeue`, node rank 0 only; the job needs `#SBATCH --requeue`). The requeued job runs
+# the same command and auto-resumes.
 #   #SBATCH --requeue
 #   #SBATCH --signal=USR1@120          # with srun: every launch.sh task gets USR1 120 s before the end
 #   srun --ntasks-per-node=1 ./launch.sh --cfg ...
@@ -53,6 +55,12 @@ fi
 NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_PORT="${MASTER_PORT:-29500}"
+# A job that cannot be requeued would end at its first preemption (last.pth is still written).
+if [[ -n "${SLURM_JOB_ID:-}" && "${NODE_RANK}" == 0 ]] && command -v scontrol >/dev/null 2>&1 \
+        && scontrol show job "${SLURM_JOB_ID}" 2>/dev/null | grep -q 'Requeue=0'; then
+    echo "launch.sh: SLURM job ${SLURM_JOB_ID} cannot be requeued (Requeue=0): a preemption will save last.pth and \
+end the job; submit it with #SBATCH --requeue" >&2
+fi
 if [[ -z "${NPROC_PER_NODE:-}" ]]; then
     NPROC_PER_NODE="$(count_gpus)"
     if [[ "${NPROC_PER_NODE}" -lt 1 ]]; then
@@ -60,6 +68,11 @@ if [[ -z "${NPROC_PER_NODE:-}" ]]; then
     fi
 fi
 
+if ! [[ "${NNODES}" =~ ^[1-9][0-9]*$ && "${NODE_RANK}" =~ ^[0-9]+$ ]] || (( NODE_RANK >= NNODES )); then
+    echo "launch.sh: NODE_RANK=${NODE_RANK} must be a whole number below NNODES=${NNODES} (node ranks are 0..NNODES-1, \
+one per node); set NODE_RANK on each node, 0 on the node whose address is MASTER_ADDR" >&2
+    exit 2
+fi
 if [[ "${NNODES}" -gt 1 ]]; then
     if [[ -z "${MASTER_ADDR:-}" ]]; then
         echo "launch.sh: NNODES=${NNODES} needs MASTER_ADDR (the address of the node with NODE_RANK=0)" >&2
@@ -84,56 +97,41 @@ else
     LAUNCHER=(env "PYTHONPATH=${REPO}${PYTHONPATH:+:${PYTHONPATH}}" "${PYTHON}" -m utils.launch)
 fi
 "${LAUNCHER[@]}" --nproc_per_node="${NPROC_PER_NODE}" --max-restarts="${MAX_RESTARTS:-0}" "${RDZV[@]}" "${MAIN}" "$@" &
-TORCHRUN_PID=$!
+LAUNCHER_PID=$!
 
-# torchrun itself is not told: it would take SIGUSR1 as fatal, and on SIGTERM it gives the
-# workers only a short grace period. Its direct children are the training processes.
-PREEMPTED=0
-WORKERS=""
+# A stop signal is passed on to the launcher once, as SIGTERM (which plain torchrun handles too;
+# it dies of SIGUSR1). The launcher passes it on to the training processes and exits only after
+# every one of them has saved and exited; under SLURM they usually received the signal themselves.
+STOP_SENT=0
 forward_stop() {
-    PREEMPTED=1
-    WORKERS="$(ps -o pid= --ppid "${TORCHRUN_PID}" 2>/dev/null || true)"
-    echo "launch.sh: stop requested; forwarding SIGUSR1 to the training processes ${WORKERS//$'\n'/ }" >&2
-    for pid in ${WORKERS}; do
-        kill -USR1 "${pid}" 2>/dev/null || true
-    done
+    if [[ "${STOP_SENT}" == 0 ]]; then
+        STOP_SENT=1
+        echo "launch.sh: stop requested; waiting for the training processes to save last.pth and exit" >&2
+        kill -TERM "${LAUNCHER_PID}" 2>/dev/null || true
+    fi
 }
 trap forward_stop USR1 TERM
-# Ctrl-C reaches torchrun and the workers from the terminal: this script only waits for them to
+# Ctrl-C reaches the launcher and the workers from the terminal: this script only waits for them to
 # save and exit (without the trap, bash would exit at once and leave them writing to the terminal).
 trap ':' INT
 
-STATUS=""
-while [[ -z "${STATUS}" ]]; do
-    if [[ "${PREEMPTED}" == 0 ]]; then
-        wait "${TORCHRUN_PID}" && STATUS=0 || STATUS=$?
-        if kill -0 "${TORCHRUN_PID}" 2>/dev/null; then
-            STATUS=""  # wait was interrupted by a trapped signal
-        fi
-    elif kill -0 "${TORCHRUN_PID}" 2>/dev/null; then
-        # Once the signalled workers have saved and exited, stop torchrun so that --max-restarts
-        # does not start them again.
-        alive=0
-        for pid in ${WORKERS}; do
-            if kill -0 "${pid}" 2>/dev/null; then alive=1; fi
-        done
-        if [[ "${alive}" == 0 ]]; then
-            kill -TERM "${TORCHRUN_PID}" 2>/dev/null || true
-        fi
-        sleep 1
-    else
-        wait "${TORCHRUN_PID}" && STATUS=0 || STATUS=$?
-    fi
+# `wait` returns early when a trapped signal arrives: wait again until the launcher has exited.
+while kill -0 "${LAUNCHER_PID}" 2>/dev/null; do
+    wait "${LAUNCHER_PID}" || true
 done
+STATUS=0
+wait "${LAUNCHER_PID}" || STATUS=$?
 trap - USR1 TERM INT
 
-if [[ "${PREEMPTED}" == 1 ]]; then
+if [[ "${STATUS}" == "${EXIT_PREEMPTED}" ]]; then
     if [[ -n "${SLURM_JOB_ID:-}" && "${NODE_RANK}" == 0 ]] && command -v scontrol >/dev/null 2>&1; then
-        echo "launch.sh: preempted; requeueing SLURM job ${SLURM_JOB_ID}" >&2
-        scontrol requeue "${SLURM_JOB_ID}" || echo "launch.sh: scontrol requeue failed (is the job --requeue?)" >&2
+        echo "launch.sh: preempted; every training process has exited; requeueing SLURM job ${SLURM_JOB_ID}" >&2
+        scontrol requeue "${SLURM_JOB_ID}" || echo "launch.sh: scontrol requeue ${SLURM_JOB_ID} failed; the job \
+ends here: submit it with #SBATCH --requeue, or run the same command again to resume" >&2
     else
         echo "launch.sh: preempted; run the same command again to resume" >&2
     fi
-    exit "${EXIT_PREEMPTED}"
+elif [[ "${STOP_SENT}" == 1 ]]; then
+    echo "launch.sh: after the stop signal the launcher exited with ${STATUS}, not ${EXIT_PREEMPTED}; not requeued" >&2
 fi
 exit "${STATUS}"

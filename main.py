@@ -15,10 +15,12 @@ import sys
 from typing import Any, List, Optional, Sequence
 
 import torch
+from yacs.config import CfgNode
 
-from config import ConfigError, get_config, parse_option
+from config import ConfigError, config_to_dict, get_config, parse_option
+from resume import flatten
 from trainer import Trainer, run_throughput
-from utils.distributed import cleanup, init_distributed
+from utils.distributed import all_gather_object, cleanup, init_distributed, unanswered_ranks
 from utils.logger import setup_logging
 from utils.reliability import EXIT_ERROR, EXIT_INTERRUPTED, RunStopped, check_output_writable, first_line
 
@@ -32,6 +34,7 @@ def run(args: Any) -> int:
     # The config comes first (it holds the collective timeout): a bad one fails before any rendezvous.
     config = get_config(args, int(os.environ.get("WORLD_SIZE", "1")))
     dist_info = init_distributed(config.DIST.TIMEOUT_S)
+    check_same_config(config)
     run_dir = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
     created = _missing_directories(run_dir)
     if not (config.THROUGHPUT_MODE or config.EVAL_MODE):
@@ -48,6 +51,25 @@ def run(args: Any) -> int:
         if dist_info.is_main:
             _remove_if_only_a_log(created)
         raise
+
+
+def check_same_config(config: CfgNode) -> None:
+    """Every process runs the same config (a collective: nodes started with other files or flags).
+
+    Args:
+        config: This process's config.
+
+    Raises:
+        ConfigError: on every rank, naming the first key that differs, its values and their ranks.
+    """
+    configs = [flatten(c) for c in all_gather_object(config_to_dict(config))]
+    for rank, other in enumerate(configs[1:], start=1):
+        differing = sorted(key for key in configs[0].keys() | other.keys() if configs[0].get(key) != other.get(key))
+        if differing:
+            key, more = differing[0], f" and {len(differing) - 1} more key(s)" if len(differing) > 1 else ""
+            raise ConfigError(f"the processes run different configs: {key} is {configs[0].get(key)!r} on rank 0 and "
+                              f"{other.get(key)!r} on rank {rank}{more}; start every node with the same command, config "
+                              "files and --opts")
 
 
 def _missing_directories(path: str) -> List[str]:
@@ -81,6 +103,14 @@ def _remove_if_only_a_log(created: List[str]) -> None:
                 break
 
 
+def _collective_failure(error: Exception, message: str) -> bool:
+    """Whether ``error`` is a collective that failed because another rank died or hangs: torch's
+    ``DistError``, a timeout, or gloo's transport error for a peer's closed connection."""
+    lowered = message.lower()
+    return isinstance(error, torch.distributed.DistError) or any(
+        text in lowered for text in ("timed out", "connection reset by peer", "connection closed by peer"))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point; a failure is one line on stderr unless ``--debug`` is given.
 
@@ -110,9 +140,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if isinstance(e, ConfigError) and os.environ.get("LOCAL_RANK", "0") != "0":
             return EXIT_ERROR  # the same config fails the same way on every rank: one line per node
         message = first_line(e)
-        if isinstance(e, torch.distributed.DistError) or "timed out" in message.lower():
-            message = (f"a collective failed, another rank died or hangs ({message}); waits are bounded by "
-                       "DIST.TIMEOUT_S: run the job again (or use torchrun --max-restarts) to auto-resume")
+        if _collective_failure(e, message):
+            lost = unanswered_ranks()
+            who = (f"rank{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))} did not answer afterwards: "
+                   "lost (its process or node died) or hung" if lost else "another rank died or hangs")
+            message = (f"a collective failed, {who} ({message}); waits are bounded by DIST.TIMEOUT_S: run the job "
+                       "again (or use torchrun --max-restarts) to auto-resume")
         sys.stderr.write(f"error (rank {rank}): {message} [{type(e).__name__}; rerun with --debug for the "
                          "traceback]\n")
         return EXIT_ERROR

@@ -4,10 +4,13 @@ from __future__ import annotations
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, List, Tuple
+from typing import TYPE_CHECKING, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from timm.data.random_erasing import RandomErasing
 
 # Salts that keep the random streams of different purposes apart.
 SALT_ORDER = 1
@@ -47,6 +50,39 @@ def seeded_rng(seed: int) -> Iterator[None]:
         random.setstate(py_state)
         np.random.set_state(np_state)
         torch.set_rng_state(torch_state)
+
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    """The default generator of ``device`` (CPU or CUDA), which timm's ``RandomErasing`` draws from."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+def erase_per_sample(erase: "RandomErasing", images: torch.Tensor, seeds: Sequence[int]) -> None:
+    """timm's ``RandomErasing`` on each normalised image in place, under that image's own seed.
+
+    The batch form of ``RandomErasing`` (timm's ``PrefetchLoader``) runs the same per-image
+    ``_erase`` from the global streams: Python's generator for the rectangles and the default
+    generator of the batch's device (CPU or CUDA) for the noise. Reseeding both per image makes the
+    result a function of the image's seed alone, on any device, whatever the global streams, the
+    batch, worker count or resume point; both are restored afterwards (host-side state: no sync).
+
+    Args:
+        erase: timm's ``RandomErasing``, built for ``images.device``.
+        images: (B, 3, H, W) normalised batch.
+        seeds: One seed per image (63-bit).
+    """
+    generator = _default_generator(images.device)
+    python_state, device_state = random.getstate(), generator.get_state()
+    try:
+        for image, seed in zip(images, seeds):  # image: (3, H, W) view into the batch
+            random.seed(seed)
+            generator.manual_seed(seed)
+            erase(image)
+    finally:
+        random.setstate(python_state)
+        generator.set_state(device_state)
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:

@@ -26,7 +26,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.random_erasing import RandomErasing
 from yacs.config import CfgNode
 
-from .common import SALT_BATCH_AUGMENT, EpochBatchSampler, mix_seed, seeded_rng
+from .common import SALT_BATCH_AUGMENT, EpochBatchSampler, erase_per_sample, mix_seed
 from .dali_augment import rand_augment
 from .encoded import encoded_problem
 from .loader import BatchLoader, failure_reason, read_or_replace
@@ -375,10 +375,10 @@ class DaliLoader(BatchLoader):
             images = self._to_torch(images_tl)  # (B, 3, H, W) float32
             labels = self._to_torch(labels_tl).view(-1)  # (B,) int64
             self._log_bad()
-            if self.erase is not None:
+            if self.erase is not None:  # on the pipeline's device, pure in (seed, epoch, batch, rank, sample)
                 sampler = self.sampler
-                with seeded_rng(mix_seed(sampler.seed, SALT_BATCH_AUGMENT, sampler.epoch, batch, sampler.rank)):
-                    images = self.erase(images)
+                erase_per_sample(self.erase, images, [mix_seed(sampler.seed, SALT_BATCH_AUGMENT, sampler.epoch, batch,
+                                                               sampler.rank, sample) for sample in range(len(images))])
             batch += 1
             yield images, labels
         self._log_bad()

@@ -1,13 +1,15 @@
 """The ``folder`` format (``root/{train,val}/<class>/<image>``): scanning, validation and the file-list cache."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 from PIL import Image
@@ -95,16 +97,20 @@ class FileListCache:
     of a listing of every file; on a network file system that is seconds instead of minutes,
     at every start and every requeue of a preempted job.
 
+    Every process of a job uses the cache: :func:`scan_split` holds the split's lock file
+    (:meth:`exclusive`) while it reads the list or scans and writes it, so of the processes sharing
+    a cache directory the first scans and the others wait for it and read its list: one scan per
+    node where each node has its own cache directory, one in all on a shared one whose file system
+    has ``flock``. The list is written atomically (temp file, rename), so it is never read half-written.
+
     Args:
-        cache_dir: Where the lists are kept (one JSON file per split directory).
-        write: Whether this process writes lists it had to scan (rank 0; the others only read).
+        cache_dir: Where the lists are kept (one JSON file and one lock file per split directory).
     """
 
     VERSION = 1
 
-    def __init__(self, cache_dir: Path, write: bool = True) -> None:
+    def __init__(self, cache_dir: Path) -> None:
         self.cache_dir = Path(cache_dir)
-        self.write = write
 
     def path(self, split_dir: Path) -> Path:
         """The cache file of ``split_dir`` (named by a hash of its absolute path)."""
@@ -133,10 +139,37 @@ class FileListCache:
                     len(classes), len(samples), path)
         return FolderSplit(root=split_dir, classes=classes, samples=samples)
 
+    @contextlib.contextmanager
+    def exclusive(self, split_dir: Path) -> Iterator[None]:
+        """Hold ``split_dir``'s lock file (``flock``; released when the process ends, so never stale).
+
+        Where no lock can be taken (an unwritable cache directory, a file system without locks) the
+        block runs unlocked: every process then scans by itself, as without a cache.
+
+        Args:
+            split_dir: The split directory whose list is read or written inside the block.
+        """
+        lock_path = self.path(split_dir).with_suffix(".lock")
+        fd = None
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("waiting for another process to scan %s (lock %s)", split_dir, lock_path)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:
+            logger.warning("cannot lock the file list cache %s (%s); scanning %s without waiting for other processes",
+                           lock_path, e.strerror or e, split_dir)
+        try:
+            yield
+        finally:
+            if fd is not None:
+                os.close(fd)  # releases the lock
+
     def store(self, split: FolderSplit, files: List[List[str]], stamps: Dict[str, int]) -> None:
         """Keep ``split``'s listing; a failure to write is a warning (the cache is an optimisation)."""
-        if not self.write:
-            return
         data = {"version": self.VERSION, "split": str(split.root.resolve()), "classes": split.classes,
                 "stamps": stamps, "files": files}
         path = self.path(split.root)
@@ -151,15 +184,26 @@ class FileListCache:
 def scan_split(split_dir: Path, cache: Optional[FileListCache] = None) -> FolderSplit:
     """List the classes and images of one split, rejecting a split or class with no images.
 
-    Logs its progress every 10 s and its time; with a ``cache``, an unchanged split is not listed.
+    Logs its progress every 10 s and its time; with a ``cache``, an unchanged split is not listed,
+    and of the processes sharing the cache directory one lists it while the others wait and read.
     """
     if not split_dir.is_dir():
         raise ValueError(f"split directory {split_dir} is missing; the dataset must be laid out as "
                          f"{split_dir.parent}/{{train,val}}/<class>/<image>.JPEG (move the images there or "
                          "fix DATA.DATA_PATH)")
-    cached = cache.load(split_dir) if cache is not None else None
-    if cached is not None:
-        return cached
+    if cache is None:
+        return _list_split(split_dir)[0]
+    with cache.exclusive(split_dir):
+        cached = cache.load(split_dir)
+        if cached is not None:
+            return cached
+        split, files_per_class, stamps = _list_split(split_dir)
+        cache.store(split, files_per_class, stamps)
+    return split
+
+
+def _list_split(split_dir: Path) -> Tuple[FolderSplit, List[List[str]], Dict[str, int]]:
+    """The split, its files per class (relative to the class directory) and its directories' times."""
     start = last_report = time.monotonic()
     stamps = _directory_stamps(split_dir, [""])  # before listing: a change meanwhile invalidates
     classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
@@ -187,9 +231,7 @@ def scan_split(split_dir: Path, cache: Optional[FileListCache] = None) -> Folder
     split = FolderSplit(root=split_dir, classes=classes, samples=samples)
     logger.info("scanned %s: %d classes, %d images in %.1f s", split_dir, len(classes), len(samples),
                 time.monotonic() - start)
-    if cache is not None:
-        cache.store(split, files_per_class, stamps)
-    return split
+    return split, files_per_class, stamps
 
 
 def scan_image_folder(root: Path, num_classes: int,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import atexit
 import gc
-import random
 import signal
 import weakref
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -21,7 +20,7 @@ from torch.utils.data import DataLoader, default_collate
 from torchvision.datasets import ImageFolder
 from yacs.config import CfgNode
 
-from .common import SALT_AUGMENT, SALT_BATCH_AUGMENT, EpochBatchSampler, mix_seed, seeded_rng
+from .common import SALT_AUGMENT, SALT_BATCH_AUGMENT, EpochBatchSampler, erase_per_sample, mix_seed, seeded_rng
 from .split import ImageSplit
 from .loader import BatchLoader, read_or_replace
 
@@ -108,38 +107,6 @@ def collate(batch: Sequence[Sample]) -> Tuple[torch.Tensor, torch.Tensor, torch.
         return torch.empty(0, dtype=torch.uint8), empty, empty, bad
     images, labels, seeds = default_collate(kept)
     return images, labels, seeds, bad
-
-
-def _default_generator(device: torch.device) -> torch.Generator:
-    """The default generator of ``device`` (CPU or CUDA), which timm's ``RandomErasing`` draws from."""
-    if device.type == "cuda":
-        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-    return torch.default_generator
-
-
-def erase_per_sample(erase: RandomErasing, images: torch.Tensor, seeds: Sequence[int]) -> None:
-    """timm's ``RandomErasing`` on each normalised image in place, under that image's own seed.
-
-    The batch form of ``RandomErasing`` (timm's ``PrefetchLoader``) runs the same per-image
-    ``_erase`` from the global streams; reseeding them per image makes the result a function of
-    the image's seed alone, whatever the batch, worker count or resume point. Python's generator
-    and the device's default generator are restored afterwards.
-
-    Args:
-        erase: timm's ``RandomErasing``, built for ``images.device``.
-        images: (B, 3, H, W) normalised batch.
-        seeds: One seed per image (63-bit).
-    """
-    generator = _default_generator(images.device)
-    python_state, device_state = random.getstate(), generator.get_state()
-    try:
-        for image, seed in zip(images, seeds):  # image: (3, H, W) view into the batch
-            random.seed(seed)
-            generator.manual_seed(seed)
-            erase(image)
-    finally:
-        random.setstate(python_state)
-        generator.set_state(device_state)
 
 
 class TorchLoader(BatchLoader):

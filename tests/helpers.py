@@ -183,3 +183,70 @@ def assert_same_training_state(a: Path, b: Path) -> None:
     for index, state in x["optimizer"]["state"].items():
         for name, tensor in state.items():
             assert torch.equal(tensor, y["optimizer"]["state"][index][name]), f"optimizer.{index}.{name}"
+
+
+JOB_MARKER = "CROSSFORMER_TEST_SLURM_STEP"  # in the environment of every process of a test's job: its "cgroup"
+
+# scontrol as launch.sh uses it: `show hostnames`, `show job`, and `requeue JOBID`, which records
+# the processes of the job still alive other than itself and its caller (launch.sh).
+# write_fake_scontrol puts job_processes' source, the marker and the record's path before it.
+_SCONTROL = r'''
+if sys.argv[1:3] == ["show", "hostnames"]:
+    print("127.0.0.1")
+elif sys.argv[1:3] == ["show", "job"]:
+    print("JobId=" + sys.argv[3] + " Requeue=1")
+elif sys.argv[1] == "requeue":
+    alive = [pid for pid in job_processes(os.environ[JOB_MARKER]) if pid not in (os.getpid(), os.getppid())]
+    with open(RECORD, "a") as f:
+        f.write(json.dumps({"job": sys.argv[2], "alive": alive}) + "\n")
+'''
+
+
+def job_processes(step: str) -> List[int]:
+    """The live processes whose environment has ``JOB_MARKER=step`` (zombies have none)."""
+    needle = f"{JOB_MARKER}={step}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:  # gone, or not ours
+            continue
+    return found
+
+
+def write_fake_scontrol(bin_dir: Path, record: Path) -> Path:
+    """A stand-in ``scontrol`` in ``bin_dir`` (put it first on the PATH): ``show hostnames`` is
+    127.0.0.1, ``show job`` says ``Requeue=1``, and each ``requeue JOBID`` appends one JSON line to
+    ``record``: the job id and the pids of this job's processes (same ``JOB_MARKER`` value) still alive.
+
+    Args:
+        bin_dir: Created if missing.
+        record: The JSON-lines file ``requeue`` appends to.
+    """
+    import inspect
+
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!{sys.executable}\nimport json, os, sys\nfrom typing import List\n"
+                        f"JOB_MARKER = {JOB_MARKER!r}\nRECORD = {str(record)!r}\n\n"
+                        f"{inspect.getsource(job_processes)}{_SCONTROL}")
+    scontrol.chmod(0o755)
+    return scontrol
+
+
+def signal_job(step: str, signum: int) -> None:
+    """Send ``signum`` to every live process of a test's job (``JOB_MARKER=step``), as slurmstepd does.
+
+    Args:
+        step: The job's marker value.
+        signum: The signal.
+    """
+    for pid in job_processes(step):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass

@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import List, Tuple
 
@@ -177,7 +178,7 @@ def test_file_list_cache_skips_the_listing_until_a_directory_changes(image_root:
     root = _copy(image_root, tmp_path)
     cache = folder.FileListCache(tmp_path / "cache")
     scanned = folder.scan_image_folder(root, 10, cache)
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.json")) == sorted(
         cache.path(root / split).name for split in ("train", "val"))
     real_scandir, listed = os.scandir, []
 
@@ -202,6 +203,62 @@ def test_file_list_cache_skips_the_listing_until_a_directory_changes(image_root:
     cache.path(root / "val").write_text("{not json")
     assert folder.scan_image_folder(root, 10, cache)[1].samples == val.samples
     assert json.loads(cache.path(root / "val").read_text())["classes"] == val.classes
+
+
+def _start_on_a_node(root: str, cache_dir: str, start, results) -> None:
+    """One process of a simulated node: wait for every process, then scan with the node's cache.
+    Puts (cache_dir, splits listed by this process, the lists) on ``results``."""
+    from data import folder
+
+    listed = []
+    real_list_split = folder._list_split
+
+    def list_split(split_dir):  # slow enough that the other processes arrive while it runs
+        listed.append(split_dir.name)
+        time.sleep(0.5)
+        return real_list_split(split_dir)
+
+    folder._list_split = list_split
+    start.wait()
+    train, val = folder.scan_image_folder(Path(root), 10, folder.FileListCache(Path(cache_dir)))
+    results.put((cache_dir, listed, [train.classes, train.samples, val.samples]))
+
+
+def _start_nodes(root: Path, cache_dirs: List[Path], processes_per_node: int) -> List[tuple]:
+    """Start ``processes_per_node`` processes per cache directory at once; their results."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")  # no re-import: the scan is what is measured
+    start = context.Barrier(len(cache_dirs) * processes_per_node)
+    results = context.Queue()
+    procs = [context.Process(target=_start_on_a_node, args=(str(root), str(cache_dir), start, results))
+             for cache_dir in cache_dirs for _ in range(processes_per_node)]
+    for proc in procs:
+        proc.start()
+    found = [results.get(timeout=300) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    return found
+
+
+def test_one_process_per_node_scans_the_others_wait_and_read_its_list(image_root: Path, tmp_path: Path) -> None:
+    """Two nodes with a cache directory each, two processes per node, started at the same moment:
+    one scan per node and split, every process gets the same lists; the next start scans nothing;
+    on one shared cache directory four processes scan once."""
+    root = _copy(image_root, tmp_path)
+    reference = scan_image_folder(root, 10)
+    expected = [reference[0].classes, reference[0].samples, reference[1].samples]
+    nodes = [tmp_path / "node0_cache", tmp_path / "node1_cache"]
+    for attempt in ("first start", "restart"):
+        found = _start_nodes(root, nodes, processes_per_node=2)
+        for node in nodes:
+            scans = [split for cache_dir, listed, _ in found if cache_dir == str(node) for split in listed]
+            assert sorted(scans) == ([] if attempt == "restart" else ["train", "val"]), (attempt, node, scans)
+        assert all(json.loads(json.dumps(lists)) == json.loads(json.dumps(expected)) for _, _, lists in found)
+    shared = _start_nodes(root, [tmp_path / "shared_cache"], processes_per_node=4)
+    assert sorted(split for _, listed, _ in shared for split in listed) == ["train", "val"]
+    assert all(json.loads(json.dumps(lists)) == json.loads(json.dumps(expected)) for _, _, lists in shared)
 
 
 def test_num_workers_default_is_the_cores_per_local_process_capped_and_logged(
@@ -306,6 +363,31 @@ def test_pytorch_resume_is_bitwise_exact(image_root: Path) -> None:
     state, python_state = torch.get_rng_state(), random.getstate()
     list(direct)  # per-sample seeding (transforms in the workers, erasing here) restores the caller's generators
     assert torch.equal(state, torch.get_rng_state()) and python_state == random.getstate()
+
+
+def test_dali_random_erasing_is_pure_in_seed_epoch_batch_rank_and_sample(image_root: Path) -> None:
+    """The DALI loader's erasing (on the pipeline's device; CPU here) is ``erase_per_sample`` under the
+    seeds of (SEED, epoch, batch, rank, sample): what the global generators hold does not matter."""
+    from timm.data.random_erasing import RandomErasing
+
+    from data.common import SALT_BATCH_AUGMENT, erase_per_sample, mix_seed
+
+    def first_batches(reprob: float, global_seed: int) -> List[torch.Tensor]:
+        cfg = make_config(image_root, "dali", AUG__REPROB=reprob, AUG__AUTO_AUGMENT="", AUG__COLOR_JITTER=0.0)
+        loader = build_loader(cfg, CPU, rank=1, world_size=2).train
+        loader.set_epoch(3, start_batch=1)
+        torch.manual_seed(global_seed)  # the global streams differ between the passes
+        random.seed(global_seed)
+        return [images for (images, _), _ in zip(loader, range(2))]
+
+    erased = first_batches(1.0, global_seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(erased, first_batches(1.0, global_seed=2)))
+    cfg = make_config(image_root, "dali")
+    for batch, (images, expected) in enumerate(zip(first_batches(0.0, global_seed=3), erased), start=1):
+        assert not torch.equal(images, expected)  # every image was erased (REPROB 1)
+        erase_per_sample(RandomErasing(1.0, mode=cfg.AUG.REMODE, max_count=cfg.AUG.RECOUNT, device="cpu"), images,
+                         [mix_seed(cfg.SEED, SALT_BATCH_AUGMENT, 3, batch, 1, i) for i in range(len(images))])
+        assert torch.equal(images, expected)
 
 
 def test_pytorch_loader_is_timms_prefetcher_pipeline(image_root: Path) -> None:

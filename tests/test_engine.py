@@ -99,6 +99,24 @@ def test_evaluate_counts_every_sample_once_with_uneven_batches() -> None:
     assert stats["loss"] == pytest.approx(F.cross_entropy(logits, labels).item())
 
 
+def test_a_compiled_model_validates_with_one_graph_and_the_eager_numbers() -> None:
+    """21 validation images in batches of 8: the last batch (5) is padded, so the compiled model
+    keeps the one graph it compiled for 8 (dynamo's counters), and the numbers equal the eager model's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(7)
+    model = _tiny_model()
+    batches = [(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,))) for n in (8, 8, 5)]
+    eager = evaluate(model, _ListLoader(batches), torch.device("cpu"))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = evaluate(torch.compile(model, backend="eager"), _ListLoader(batches), torch.device("cpu"))
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert compiled == eager and eager["count"] == 21
+    torch._dynamo.reset()
+
+
 def test_throughput_prints_a_table_and_json_last(tiny_yaml: Path, tmp_path: Path) -> None:
     result = run_main("--cfg", str(tiny_yaml), "--throughput", "--batch-size", "4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -273,14 +273,19 @@ def test_launch_sh_forwards_the_signal_and_requeues(tmp_path: Path) -> None:
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    # A stand-in for torchrun: one "worker" that saves (a marker) and exits 75 on SIGUSR1.
+    # A stand-in for the launcher: on SIGTERM it passes SIGUSR1 to its one "worker", which saves (a
+    # marker) and exits 75, and it waits for that worker.
     torchrun = bin_dir / "fake_torchrun"
     torchrun.write_text(f"""#!/usr/bin/env bash
 bash -c 'trap "echo saved > {tmp_path}/saved; exit 75" USR1; touch {tmp_path}/ready; while true; do sleep 0.05; done' &
-wait $! || exit 1
+worker=$!
+trap 'kill -USR1 $worker' TERM
+while kill -0 $worker 2>/dev/null; do wait $worker || true; done
+wait $worker
 """)
     scontrol = bin_dir / "scontrol"
-    scontrol.write_text(f"#!/usr/bin/env bash\necho \"$@\" > {tmp_path}/scontrol\n")
+    scontrol.write_text(f"#!/usr/bin/env bash\n[[ $1 == show ]] && echo 'JobId=123 Requeue=0' && exit 0\n"
+                        f"echo \"$@\" > {tmp_path}/scontrol\n")
     for script in (torchrun, scontrol):
         script.chmod(0o755)
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TORCHRUN=str(torchrun), NPROC_PER_NODE="1",
@@ -300,6 +305,7 @@ wait $! || exit 1
     assert proc.returncode == 75, output
     assert (tmp_path / "saved").read_text().strip() == "saved"
     assert (tmp_path / "scontrol").read_text().split() == ["requeue", "123"]
+    assert "SLURM job 123 cannot be requeued (Requeue=0)" in output and "#SBATCH --requeue" in output
 
 
 def test_launch_sh_keeps_relative_paths_relative_to_where_it_runs(tmp_path: Path) -> None:
@@ -526,3 +532,88 @@ def _metrics(run_dir: Path) -> List[dict]:
     import json
 
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_stop_vote_side_group_gets_the_runs_collective_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With NCCL the stop vote runs on a gloo side group: it must time out after DIST.TIMEOUT_S, not
+    after torch's 30-minute default for a new group."""
+    import datetime
+
+    import utils.distributed as distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for name in ("_timeout", "_host_group", "_host_group_ready"):  # restored afterwards
+        monkeypatch.setattr(distributed, name, getattr(distributed, name))
+    distributed.init_distributed(timeout_s=7)  # alone: records the timeout, joins no group
+    created = {}
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    distributed._host_group_ready = False
+    monkeypatch.setattr(distributed.dist, "get_backend", lambda *args: "nccl")
+    monkeypatch.setattr(distributed.dist, "new_group", lambda **kwargs: created.update(kwargs) or "side group")
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda tensor, op, group: created.update(group=group))
+    assert distributed.all_reduce_max_on_host([1, 0]) == [1, 0]
+    assert created == {"backend": "gloo", "timeout": datetime.timedelta(seconds=7), "group": "side group"}
+
+
+def test_launch_sh_refuses_a_node_rank_outside_nnodes(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    for nnodes, node_rank in (("2", "2"), ("2", "-1"), ("two", "0")):
+        env = dict(os.environ, NNODES=nnodes, NODE_RANK=node_rank, MASTER_ADDR="127.0.0.1", TORCHRUN="true")
+        env.pop("SLURM_JOB_ID", None)
+        result = subprocess.run(["bash", str(REPO_ROOT / "launch.sh"), "--cfg", "x.yaml"], env=env, cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and result.stderr.splitlines() == [
+            f"launch.sh: NODE_RANK={node_rank} must be a whole number below NNODES={nnodes} (node ranks are "
+            "0..NNODES-1, one per node); set NODE_RANK on each node, 0 on the node whose address is MASTER_ADDR"], \
+            result.stderr
+
+
+_SLOW_SAVER = """
+import os, signal, sys, time
+got = []
+for signum in (signal.SIGTERM, signal.SIGUSR1):
+    signal.signal(signum, lambda s, f: got.append(s))
+open(os.path.join(sys.argv[1], "ready" + os.environ["LOCAL_RANK"]), "w").close()
+while not got:
+    time.sleep(0.02)
+time.sleep(2)  # "saving"
+open(os.path.join(sys.argv[1], "saved" + os.environ["LOCAL_RANK"]), "w").close()
+sys.exit(75)
+"""
+
+
+@pytest.mark.parametrize("signals", [("SIGTERM", "SIGTERM", "SIGTERM"), ("SIGUSR1", "SIGTERM", "SIGUSR1")])
+def test_the_launcher_waits_for_its_workers_whatever_signals_follow(tmp_path: Path, signals: Tuple[str, ...]) -> None:
+    """utils.launch takes the first stop signal as a stop (passed to the workers) and ignores the
+    ones after it (SLURM's, launch.sh's), so it exits 75 only once every worker has saved."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import subprocess_env
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(_SLOW_SAVER)
+    log = tmp_path / "launcher.log"
+    with open(log, "w") as stderr:  # a file: waiting for the launcher must not wait for its workers
+        proc = subprocess.Popen([sys.executable, "-m", "utils.launch", "--standalone", "--nproc_per_node=2",
+                                 str(worker), str(tmp_path)], cwd=tmp_path, env=subprocess_env(),
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((tmp_path / "ready0").exists() and (tmp_path / "ready1").exists()):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+        for name in signals:  # only the launcher: it must pass the stop on
+            proc.send_signal(getattr(signal, name))
+            time.sleep(0.1)
+        proc.wait(timeout=120)
+        saved = [(tmp_path / f"saved{rank}").exists() for rank in range(2)]  # when the launcher exited
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75 and "Traceback" not in log.read_text(), log.read_text()[-3000:]
+    assert saved == [True, True]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -50,9 +51,11 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
     Args:
         timeout_s: Collective timeout (``DIST.TIMEOUT_S``): a collective that a dead or hung rank
             never joins raises on the others after this long instead of blocking forever. gloo
-            applies it to every collective; for NCCL the watchdog enforces it, with asynchronous
-            error handling on so the waiting process is torn down.
+            applies it to every collective, the side group of :func:`all_reduce_max_on_host`
+            included; for NCCL the watchdog enforces it and tears the waiting process down (torch's
+            ``TORCH_NCCL_ASYNC_ERROR_HANDLING``, left as the environment sets it).
     """
+    global _timeout
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -64,12 +67,11 @@ def init_distributed(timeout_s: float = 600.0) -> DistInfo:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    _timeout = datetime.timedelta(seconds=timeout_s)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        # Without it a timed-out NCCL collective can leave the process blocked (read at init).
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        timeout = datetime.timedelta(seconds=timeout_s)
+        timeout = _timeout
         store = _restart_scoped_agent_store(world_size, timeout)
         if store is not None:
             kwargs.update(store=store, rank=rank, world_size=world_size)
@@ -101,6 +103,35 @@ def _restart_scoped_agent_store(world_size: int, timeout: datetime.timedelta) ->
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=False, timeout=timeout)
     return dist.PrefixStore(f"crossformer/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+def unanswered_ranks() -> Optional[List[int]]:
+    """After a failed collective: the ranks that do not check in through the job's store in time.
+
+    Every rank that survives a failed collective calls this: it writes its own key to the store the
+    process group was built on and waits for the others' keys. A rank that died (its process or its
+    node) or hangs never writes one. None when it cannot be told: alone, or the store itself is
+    gone (it lives in torchrun's agent on node rank 0, so that node is the lost one).
+
+    The wait is :data:`LOST_RANK_WAIT_S`, at most a quarter of ``DIST.TIMEOUT_S``.
+    """
+    if not is_distributed():
+        return None
+    wait_s = min(LOST_RANK_WAIT_S, _timeout.total_seconds() / 4)
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        keys = [f"crossformer/after_failure/{other}" for other in range(world_size)]
+        store.set(keys[rank], "1")
+        deadline = time.monotonic() + wait_s
+        missing = [other for other in range(world_size) if other != rank]
+        while True:
+            missing = [other for other in missing if not store.check([keys[other]])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except Exception:  # noqa: BLE001 - the store is unreachable: nothing more can be told
+        return None
 
 
 def cleanup() -> None:
@@ -142,13 +173,17 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 _host_group: Any = None
 _host_group_ready = False
+# The run's collective timeout (DIST.TIMEOUT_S), for the groups created after init_distributed.
+_timeout = datetime.timedelta(seconds=600)
+LOST_RANK_WAIT_S = 10.0  # unanswered_ranks: how long the survivors of a failed collective wait for each other
 
 
 def all_reduce_max_on_host(values: Sequence[int]) -> List[int]:
     """The element-wise MAX over ranks of a few integers, on the host (``values`` when alone).
 
     The all-reduce runs on a CPU (gloo) group: with NCCL that is a side group, created on the first
-    call (a collective: the same call on every rank), so the call never waits for the GPU. Its cost
+    call (a collective: the same call on every rank) with the run's timeout (``DIST.TIMEOUT_S``, not
+    torch's 30-minute default for a new gloo group), so the call never waits for the GPU. Its cost
     is one small host-to-host all-reduce (tens of microseconds on one node, about a network round
     trip across nodes).
 
@@ -159,7 +194,7 @@ def all_reduce_max_on_host(values: Sequence[int]) -> List[int]:
     if not is_distributed():
         return list(values)
     if not _host_group_ready:
-        _host_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        _host_group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=_timeout)
         _host_group_ready = True
     tensor = torch.tensor(list(values), dtype=torch.int64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_host_group)  # host only: a CPU tensor

@@ -11,11 +11,21 @@ work: rendezvous, worker processes, restarts. Only its ends differ:
   with the worker's code.
 * Any other failure (a Python traceback, a worker killed by a signal) gets one line naming the
   rank, the process and the exit code or signal; the worker's own output above it has the details.
-* A signal to the launcher (Ctrl-C from the terminal, SIGTERM) still makes torchrun stop the
-  workers, which finish their step and save; the launcher then exits 128 + the signal's number
-  without torchrun's ``SignalException`` traceback. The time torchrun gives the workers before it
-  kills them (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``, torchrun's default 30 s) defaults here to
-  :data:`SHUTDOWN_TIMEOUT_S`, enough for a step and a checkpoint write.
+* A stop signal to the launcher (SIGTERM or SIGUSR1: SLURM's warning and ``scancel`` reach every
+  process of a job step, this one included) makes torchrun pass that signal to the workers, which
+  agree on a step, save ``last.pth`` and exit 75, and wait for every one of them to exit; torchrun
+  restarts none of them (``--max-restarts`` is for failures). The launcher then exits 75. Only the
+  first stop signal counts: later ones (SLURM's SIGTERM after its SIGUSR1, ``launch.sh`` passing
+  on a signal the launcher received itself) are ignored, so the launcher never leaves before its
+  workers. Plain torchrun raises at every SIGTERM (one arriving while it waits for the workers cuts
+  the wait short, a third ends the launcher) and dies of SIGUSR1 at once, orphaning workers that are
+  still writing ``last.pth``; here torchrun is told to leave both signals alone (``--signals-to-handle``).
+* Ctrl-C (SIGINT) stays torchrun's: the workers finish their step and save; the launcher then
+  exits 130 without torchrun's ``SignalException`` traceback.
+
+The time torchrun gives the workers before it kills them (``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``,
+torchrun's default 30 s) defaults here to :data:`SHUTDOWN_TIMEOUT_S`, enough for a step and a
+checkpoint write.
 """
 from __future__ import annotations
 
@@ -24,11 +34,13 @@ import os
 import signal
 import socket
 import sys
-from typing import Optional, Sequence
+from types import FrameType
+from typing import List, Optional, Sequence
 
-from utils.reliability import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED
+from utils.reliability import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, first_line
 
 SHUTDOWN_TIMEOUT_S = 300
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # The exits main.py makes on purpose, each after its own one-line explanation on stderr.
 PURPOSEFUL_EXITS = (EXIT_ERROR, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_INTERRUPTED)
 
@@ -69,8 +81,55 @@ def _repeats_left_out(record: logging.LogRecord) -> bool:
                 or (message.startswith("Sending process") and "SIGINT" in map(str, record.args or ())))
 
 
+class _FirstStopSignal:
+    """The launcher's SIGTERM / SIGUSR1 handler: the first one raises torchrun's ``SignalException``
+    (its agent then passes that signal to the workers and waits for them, restarting none), later
+    ones are ignored (an exception raised again inside that wait would end the launcher early)."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+
+    def __call__(self, signum: int, frame: Optional[FrameType]) -> None:
+        from torch.distributed.elastic.multiprocessing import SignalException
+
+        if self.received is None:
+            self.received = signum
+            raise SignalException(f"launcher {os.getpid()} got {signal.Signals(signum).name}",
+                                  sigval=signal.Signals(signum))
+
+
+def _own_stop_signals(argv: Sequence[str]) -> List[str]:
+    """Install our handler for both stop signals; ``argv`` with torchrun told to leave them alone.
+
+    torchrun installs its own handlers for the signals of ``--signals-to-handle`` (default SIGTERM,
+    SIGINT, SIGHUP, SIGQUIT) each time it starts workers; they raise at every signal, so a second
+    SIGTERM during its shutdown would end the launcher before its workers. The stop signals are
+    taken out of that list (given or default); the rest stay torchrun's.
+    """
+    argv, names = list(argv), {signal.Signals(s).name for s in STOP_SIGNALS}
+
+    def without_stops(value: str) -> str:
+        return ",".join(n.strip() for n in value.split(",") if n.strip() and n.strip() not in names)
+
+    for i, arg in enumerate(argv):
+        flag, has_value, value = arg.partition("=")
+        if flag in ("--signals-to-handle", "--signals_to_handle"):
+            if has_value:
+                argv[i] = f"{flag}={without_stops(value)}"
+            elif i + 1 < len(argv):
+                argv[i + 1] = without_stops(argv[i + 1])
+            break
+    else:
+        argv.insert(0, f"--signals-to-handle={without_stops('SIGTERM,SIGINT,SIGHUP,SIGQUIT')}")
+    handler = _FirstStopSignal()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+    return argv
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run torchrun with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    from torch.distributed import DistNetworkError
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun_main
@@ -78,8 +137,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.ERROR)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_repeats_left_out)
+    argv = _own_stop_signals(sys.argv[1:] if argv is None else argv)
     try:
-        torchrun_main(list(sys.argv[1:] if argv is None else argv))
+        torchrun_main(argv)
     except ChildFailedError as e:
         _, failure = e.get_first_failure()
         line = failure_line(failure.local_rank, failure.pid, failure.exitcode)
@@ -87,7 +147,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(line, file=sys.stderr)
         return exit_code(failure.exitcode)
     except SignalException as e:
-        return 128 + int(e.sigval)
+        # A stop signal: torchrun passed it on and waited for every worker (each saved and exited 75).
+        return EXIT_PREEMPTED if e.sigval in STOP_SIGNALS else 128 + int(e.sigval)
+    except DistNetworkError as e:  # the rendezvous store on MASTER_ADDR:MASTER_PORT cannot be reached
+        print(f"launch: cannot reach the rendezvous ({first_line(e)}); check that MASTER_ADDR and MASTER_PORT are node "
+              "rank 0's address and a free port reachable from this node, that node rank 0 is running, and the "
+              "network interface (docs/training.md: several nodes)", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        for signum in STOP_SIGNALS:  # the workers are gone: nothing is left to stop
+            signal.signal(signum, signal.SIG_IGN)
     return 0
 
 
