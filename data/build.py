@@ -50,18 +50,13 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
             return ShardBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size, train=train,
                                      shard_sizes=tuple(split.shard_sizes), buffer=config.DATA.SHUFFLE_BUFFER)
     else:
-<<<<<<< HEAD
-        cache = FileListCache(default_cache_dir(), write=rank == 0) if config.DATA.FILE_LIST_CACHE else None
+        cache = FileListCache(default_cache_dir()) if config.DATA.FILE_LIST_CACHE else None
         if config.DATA.VAL_LAYOUT == "indices":  # ImageNet-V2: val's class folders are named by index
             from .testsets import scan_with_index_val
 
             train_set, val_set = scan_with_index_val(root, config.MODEL.NUM_CLASSES, cache)
         else:
             train_set, val_set = scan_image_folder(root, config.MODEL.NUM_CLASSES, cache)
-=======
-        cache = FileListCache(default_cache_dir()) if config.DATA.FILE_LIST_CACHE else None
-        train_set, val_set = scan_image_folder(root, config.MODEL.NUM_CLASSES, cache)
->>>>>>> issue-26
 
         def sampler(split, train):
             return EpochBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size, train=train)
