@@ -18,7 +18,7 @@ from benchmarks.gpu_check.training import is_sync_error, max_relative_difference
 from tests.helpers import REPO_ROOT, subprocess_env
 
 # The rows that only CUDA can run; on CPU they are reported as skipped, by name.
-CUDA_ONLY = ("/no_host_sync", "dali/no_host_round_trip")
+CUDA_ONLY = ("/no_host_sync", "dali/no_host_round_trip", "dali/validation_syncs")
 
 
 @pytest.mark.slow
@@ -44,7 +44,7 @@ def test_quick_cpu_mode_passes_and_writes_the_report(tmp_path: Path) -> None:
         "outputs", "grads", "eval_outputs"}
     assert {"fp32", "bf16", "fp16"} == {r["name"].split("/")[3] for r in results if r["name"].startswith("models/")}
     for name in ("dali/gpu_operators", "dali/val_vs_pytorch", "dali/randaugment_ops", "dali/train_pipeline",
-                 "e2e/main_py_dali",
+                 "dali/erasing_reproducible", "e2e/main_py_dali",
                  "training/fp16/grad_scaler_scale", "training/bf16/resume_continues",
                  "training/fp16/compiled/recompiles_after_warmup"):
         assert any(r["name"] == name for r in results), name

@@ -57,6 +57,11 @@ CHECKS: Dict[str, List[Tuple[str, str]]] = {
         ("dali/train_pipeline", "mixed train pipeline (crop, RandAugment with warp_perspective, flip, "
          "normalise, erasing): shape, dtype, device, statistics"),
         ("dali/no_host_round_trip", "the training loop on the DALI loader under sync debug 'error' (CUDA only)"),
+        ("dali/erasing_reproducible", "the train loader's batches (random erasing on every image) are the same "
+         "after the global torch, CUDA, numpy and random generators are reseeded: pure in (seed, epoch, batch, "
+         "rank, sample)"),
+        ("dali/validation_syncs", "engine.evaluate over device batches (a smaller last one) under "
+         "set_sync_debug_mode 'warn': the host synchronisations it makes (<= 1, the final read; CUDA only)"),
     ],
     "speed": [
         ("speed/<model>/{bf16,fp16}/{infer,train}", "img/s ours vs official, crossformerpp_s batch 128, "

@@ -12,6 +12,12 @@
 - ``dali/train_pipeline``: the training loader (mixed decode + random resized crop, RandAugment
   with ``warp_perspective``, flip, normalisation, then random erasing on the device): batches of
   the right shape, dtype and device, finite, normalised.
+- ``dali/erasing_reproducible``: the training loader with random erasing on every image gives the
+  same first batch after every global generator (torch, CUDA, numpy, random) is reseeded: the
+  erasing is pure in (seed, epoch, batch, rank, sample) on the device it runs on.
+- ``dali/validation_syncs``: ``engine.evaluate`` over batches already on the device (the last one
+  smaller) under ``torch.cuda.set_sync_debug_mode("warn")``: the synchronisations it makes, at most
+  the one final read of the sums (CUDA only).
 - ``dali/no_host_round_trip``: the project's training loop (``engine.train_one_epoch``) takes
   its batches from that loader and steps, and after one warm-up step the loader's hand-over and
   the step run under ``torch.cuda.set_sync_debug_mode("error")``: a copy through the host or a
@@ -21,6 +27,8 @@ from __future__ import annotations
 
 import logging
 import os
+import random
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import List, Tuple
@@ -39,7 +47,7 @@ from benchmarks.data_throughput import loader_config, make_images
 from data import build_loader
 from data.dali_loader import _train_graph, _val_graph
 from data.toy import CLASSES
-from engine import Components, train_one_epoch
+from engine import Components, evaluate, train_one_epoch
 from optim import build_optimizer
 from utils.train_state import TrainState
 from tests.test_parity import OP_TOLERANCE, parity_config, parity_dataset, rand_augment_op_differences, to_pixels
@@ -207,9 +215,51 @@ class _NoSchedule:
         pass
 
 
+def check_erasing_reproducible(ctx: Context) -> Result:
+    """The first training batch, with erasing on every image, twice: the global generators reseeded between."""
+    cfg = train_loader_config(ctx, "dali", randaug=False)
+    cfg.AUG.REPROB = 1.0
+    firsts = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        if ctx.cuda:
+            torch.cuda.manual_seed_all(seed)
+        loader = build_loader(cfg, ctx.device).train
+        loader.set_epoch(0)
+        firsts.append(next(iter(loader))[0].cpu())
+    difference = float((firsts[0] - firsts[1]).abs().max())
+    return check("dali/erasing_reproducible", difference == 0.0, difference, "== 0 (bitwise)",
+                 f"erasing probability 1 on the {ctx.device.type} batch, global generators seeded 1 then 2")
+
+
+def check_validation_syncs(ctx: Context) -> Result:
+    """``engine.evaluate`` on device batches under CUDA's sync debug mode: how many synchronisations."""
+    if not ctx.cuda:
+        return skipped("dali/validation_syncs", "needs CUDA: torch.cuda.set_sync_debug_mode")
+    size = ctx.plan.loader_img_size
+    model = models.create_model(ctx.plan.train_model, num_classes=len(CLASSES), **ctx.plan.arch).to(ctx.device)
+    batches = [(torch.randn(n, 3, size, size, device=ctx.device), torch.randint(0, len(CLASSES), (n,),
+                                                                                 device=ctx.device))
+               for n in (8, 8, 5)]
+    evaluate(model, batches, ctx.device, torch.bfloat16)  # warm-up: kernels and caches
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            evaluate(model, batches, ctx.device, torch.bfloat16)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    return check("dali/validation_syncs", len(syncs) <= 1, len(syncs), "<= 1 (the final read of the sums)",
+                 "; ".join(syncs[:3]) or "3 batches of 8, 8, 5 on the device, bf16")
+
+
 def check_dali(ctx: Context) -> List[Result]:
     """The rows of the ``dali`` group."""
-    results = [check_gpu_operators(), check_val_parity(ctx), check_rand_augment_ops(ctx), check_train_pipeline(ctx)]
+    results = [check_gpu_operators(), check_val_parity(ctx), check_rand_augment_ops(ctx), check_train_pipeline(ctx),
+               check_erasing_reproducible(ctx), check_validation_syncs(ctx)]
     error = run_guarded_steps(ctx)
     if ctx.cuda:
         results.append(check("dali/no_host_round_trip", not error, error or "none", "no sync after the first step",
