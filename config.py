@@ -156,6 +156,29 @@ KEYS: Tuple[Key, ...] = (
                    action="store_const", const="ema")),
     Key("MODEL.RESUME", "", "A checkpoint to resume the whole training state from (overrides auto-resume).",
         resume=_N, flag=_flag("--resume", "checkpoint to resume the full training state from", type=str)),
+    # Knowledge distillation (distill.py): the student's one head learns from the labels and a teacher.
+    Key("MODEL.DISTILL.TYPE", "none", '"none"; "soft": KL divergence to the teacher\'s softened outputs at '
+        'temperature TAU; "hard": cross-entropy to the teacher\'s argmax (DeiT\'s). The loss is (1 - ALPHA) * '
+        "TRAIN.LOSS + ALPHA * the distillation term.", choices=("none", "soft", "hard"), resume=_I),
+    Key("MODEL.DISTILL.TEACHER", "", 'The teacher as a timm model name (e.g. "regnety_160", or one of our variants) '
+        'built with MODEL.NUM_CLASSES classes; "" builds it from the config stored in TEACHER_WEIGHTS (one of our '
+        "checkpoints or exported weights).", resume=_I),
+    Key("MODEL.DISTILL.TEACHER_WEIGHTS", "", "The teacher's weights: a timm / bare state dict, or one of our "
+        "checkpoints or exported weights. The checkpoint records the file's SHA-256: a resume with another teacher "
+        "is refused, a moved file is not.",
+        rule=((lambda path, cfg: cfg.MODEL.DISTILL.TYPE == "none" or os.path.isfile(path)),
+              "is not a file, and MODEL.DISTILL.TYPE={cfg.MODEL.DISTILL.TYPE!r} needs the teacher's weights; pass "
+              "the path of the teacher's weights file")),
+    Key("MODEL.DISTILL.TEACHER_EMA", False, "Take the EMA weights of the teacher's file (ours: \"ema\"; timm's: "
+        '"state_dict_ema").', resume=_I),
+    Key("MODEL.DISTILL.TEACHER_IMG_SIZE", None, "The teacher's input size: the student's batch is resized to it on "
+        "the device (bicubic). None: the timm model's pretrained input size, or the IMG_SIZE stored with our "
+        "checkpoint.", example=224, resume=_I,
+        rule=((lambda value, cfg: value is None or value >= 1), "must be null (the teacher's own size) or >= 1")),
+    Key("MODEL.DISTILL.ALPHA", 0.5, "Weight of the distillation term (DeiT: 0.5).",
+        rule=((lambda value, cfg: 0 <= value <= 1), "must be in [0, 1]")),
+    Key("MODEL.DISTILL.TAU", 1.0, "Temperature of soft distillation (DeiT: 1.0).",
+        rule=((lambda value, cfg: value > 0), "must be > 0")),
     # Architecture overrides for custom (e.g. tiny) models; None (YAML null) keeps the variant's value.
     Key("MODEL.CROSSFORMER.EMBED_DIM", None, "Stage-1 width.", example=64, resume=_I,
         rule=((lambda value, cfg: value is None or value >= 1), "must be null (the variant's value) or >= 1")),

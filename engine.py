@@ -39,6 +39,8 @@ class Components:
         ema: timm ``ModelEmaV3`` updated after every optimizer step, or None.
         mixup_fn: timm ``Mixup`` applied to each batch on the device, or None.
         amp_dtype: Autocast dtype of training, None for float32.
+        distiller: The teacher and distillation term (:mod:`distill`), or None; it sees the batch the
+            student sees (after mixup) and turns the criterion's loss into the distilled loss.
     """
 
     train_model: nn.Module
@@ -49,6 +51,7 @@ class Components:
     ema: Optional[ModelEmaV3] = None
     mixup_fn: Optional[Callable] = None
     amp_dtype: Optional[torch.dtype] = None
+    distiller: Optional[nn.Module] = None
 
     @property
     def model(self) -> nn.Module:
@@ -62,8 +65,10 @@ class Components:
         return inner if isinstance(inner, DistributedDataParallel) else None
 
     def state_dict(self) -> Dict[str, Any]:
-        """The states of the model, EMA, optimizer, scheduler and scaler (None where a part is absent)."""
+        """The states of the model, EMA, optimizer, scheduler and scaler (None where a part is absent), and
+        the teacher's identity (compared on resume)."""
         return {
+            "teacher": self.distiller.identity if self.distiller is not None else None,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
@@ -188,6 +193,8 @@ def _micro_batch(parts: Components, images: torch.Tensor, targets: torch.Tensor,
         with autocast(images.device, parts.amp_dtype):
             outputs = parts.train_model(images)  # (B, num_classes)
             loss = parts.criterion(outputs, targets)
+            if parts.distiller is not None:
+                loss = parts.distiller(images, outputs, loss)
         if nan_loss:  # TRAIN.DEBUG_NONFINITE_STEPS
             loss = loss * float("nan")
         scaled = loss / group_size

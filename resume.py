@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from yacs.config import CfgNode
 
 from config import OnResume, config_to_dict, keys_on_resume
+from distill import teacher_differences
 from engine import Components, current_lr, steps_per_epoch
 from utils import provenance
 from utils.checkpoint import (BEST, EMA_BEST, FORMAT_VERSION, LAST, NONFINITE_PREFIX, CheckpointFiles, IncompatibleCheckpoint,
@@ -286,6 +287,16 @@ class RunCheckpoints:
                 f"the old values); drop the change to continue this run, or start a new one from its weights with "
                 f"--pretrained {path} --tag NAME")
 
+    def _check_teacher(self, saved: Optional[Dict[str, Any]], path: str) -> None:
+        """Refuse to continue a distillation with another teacher (other weights, model, size or normalisation)."""
+        distiller = self.components.distiller
+        found = teacher_differences(saved, distiller.identity if distiller is not None else None)
+        if found:
+            raise IncompatibleCheckpoint(
+                f"the checkpoint was distilled from another teacher ({'; '.join(found)}); resume with the "
+                f"checkpoint's teacher (MODEL.DISTILL.*), or start a new run from its weights with --pretrained {path} "
+                "--tag NAME")
+
     def _try_load(self, path: str, explicit: bool) -> Tuple[Optional[str], Tuple[int, int, int]]:
         """Load ``path`` into the run; (None or the reason it failed, the saved batch keys).
 
@@ -298,6 +309,8 @@ class RunCheckpoints:
             changed = [] if self.config.EVAL_MODE else config_changes(checkpoint.get("config") or {},
                                                                       self.config_dict)
             self._check_changes(changed, path, explicit)
+            if not self.config.EVAL_MODE:
+                self._check_teacher(checkpoint.get("teacher"), path)
             self.loaded_changes = changed
             saved_keys = _batch_keys(checkpoint, self.config)
             self.loaded_provenance = checkpoint.get("provenance")

@@ -23,6 +23,7 @@ from yacs.config import CfgNode
 
 from config import dump_config
 from data import build_loader, build_mixup
+from distill import build_distiller
 from engine import (Components, current_lr, evaluate, measure_throughput, steps_per_epoch,
                     summarize_train_epoch, train_one_epoch)
 from models import build_model, load_pretrained
@@ -193,9 +194,11 @@ class Trainer:
         scaler = torch.amp.GradScaler(self.dist_info.device.type) if amp_dtype == torch.float16 else None
         # Created after DDP has broadcast rank 0's weights, so every rank's EMA starts equal.
         ema = ModelEmaV3(model, decay=config.TRAIN.EMA.DECAY) if config.TRAIN.EMA.ENABLE else None
+        distiller = None if config.EVAL_MODE else build_distiller(config, self.dist_info.device,
+                                                                   self.loaders.class_names)
         return Components(train_model=train_model, criterion=build_criterion(config, mixup_fn is not None),
                           optimizer=optimizer, scheduler=build_scheduler(config, optimizer, epoch_steps),
-                          scaler=scaler, ema=ema, mixup_fn=mixup_fn, amp_dtype=amp_dtype)
+                          scaler=scaler, ema=ema, mixup_fn=mixup_fn, amp_dtype=amp_dtype, distiller=distiller)
 
     # --- --eval -----------------------------------------------------------------------------
     def evaluate(self) -> int:
@@ -344,9 +347,21 @@ class Trainer:
                     row["train_loss"], stats["acc1"], state.best_acc1, state.best_epoch, stats["acc5"], stats["loss"],
                     f"  EMA acc@1 {ema_acc1:.3f} (best {state.best_ema_acc1:.3f})" if ema_acc1 is not None else "")
         row.update({"global_step": state.global_step, "best_acc1": state.best_acc1})
+        if parts.distiller is not None:
+            row.update(self._teacher_cost())
         state.start_epoch(epoch + 1)  # a checkpoint describes the start of the next epoch
         self.checkpoints.save_epoch_end(epoch, improved)
         recorder.epoch(row, state.global_step)
+
+    def _teacher_cost(self) -> Dict[str, float]:
+        """Log the teacher's forward time per optimizer step of the epoch and its share of the training time
+        (this process's, since it started or the last epoch ended)."""
+        seconds, calls = self.parts.distiller.pop_seconds()
+        steps = max(calls / self.config.TRAIN.ACCUMULATION_STEPS, 1e-9)
+        share = 100.0 * min(seconds / max(self.state.train_time, 1e-9), 1.0)
+        logger.info("teacher forward: %.1f ms per optimizer step (%d micro-batches), %.0f%% of this epoch's training "
+                    "time on this rank", 1000.0 * seconds / steps, calls, share)
+        return {"teacher_ms_per_step": 1000.0 * seconds / steps, "teacher_time_percent": share}
 
     def log_outputs(self) -> None:
         """Say where the run's results are and the one command that evaluates its best checkpoint."""
