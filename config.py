@@ -121,6 +121,13 @@ KEYS: Tuple[Key, ...] = (
     Key("DATA.SHUFFLE_BUFFER", 4096, "Shards: places of each rank's shuffle buffer; a sample is drawn from the next "
         "SHUFFLE_BUFFER samples of the rank's shard stream (the buffer holds sample numbers, not images).",
         rule=_at_least(1, " (1: no shuffling within a shard stream)")),
+    Key("DATA.REPEATED_AUG", 1, "Repeated augmentation (DeiT's RASampler): each sampled training image k times per "
+        "epoch, each copy with its own augmentation; the images per process and epoch do not change, so an epoch "
+        "sees about 1/k of the set, k times each (1 = off). Folder: the copies go to k consecutive ranks (different "
+        "ranks when the world size is >= k). Shards: the copies stay on one rank, within its own shard stream, "
+        "spread apart by its shuffle buffer (DATA.SHUFFLE_BUFFER), so no rank reads another's shards. No effect on "
+        "synthetic data.", resume=_I,
+        rule=_at_least(1, " (1: off; k: each sampled image k times per epoch)")),
     Key("DATA.IMG_SIZE", 224, "Training and evaluation image size.", resume=_I,
         rule=((lambda value, cfg: value >= IMG_SIZE_MULTIPLE and value % IMG_SIZE_MULTIPLE == 0),
               f"must be a multiple of {IMG_SIZE_MULTIPLE} (the four stages downsample by {IMG_SIZE_MULTIPLE} in "

@@ -48,6 +48,7 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
 
         def sampler(split, train):
             return ShardBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size, train=train,
+                                     repeats=config.DATA.REPEATED_AUG if train else 1,
                                      shard_sizes=tuple(split.shard_sizes), buffer=config.DATA.SHUFFLE_BUFFER)
     else:
         cache = FileListCache(default_cache_dir()) if config.DATA.FILE_LIST_CACHE else None
@@ -59,7 +60,8 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
             train_set, val_set = scan_image_folder(root, config.MODEL.NUM_CLASSES, cache)
 
         def sampler(split, train):
-            return EpochBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size, train=train)
+            return EpochBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size, train=train,
+                                     repeats=config.DATA.REPEATED_AUG if train else 1)
     workers = num_workers(config)
     if config.DATA.LOADER == "pytorch":
         from .torch_loader import make_torch_loader

@@ -98,12 +98,18 @@ def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(num_samples, generator=generator)
 
 
-def train_rank_part(num_samples: int, seed: int, epoch: int, rank: int, world_size: int) -> torch.Tensor:
-    """Indices this rank trains on in ``epoch``.
+def train_rank_part(num_samples: int, seed: int, epoch: int, rank: int, world_size: int,
+                    repeats: int = 1) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Indices this rank trains on in ``epoch``, with the copy number of each (repeated augmentation).
 
-    The global permutation is cut to a multiple of ``world_size`` (the few samples cut off are
-    random, and change every epoch) and dealt round-robin, so all ranks get the same count and
-    no sample appears twice.
+    The global permutation has each index repeated ``repeats`` times in a row (DeiT's
+    ``RASampler``), is cut to ``world_size * (num_samples // world_size)`` places and dealt
+    round-robin. So every rank gets ``num_samples // world_size`` samples whatever ``repeats`` is,
+    an epoch holds about ``num_samples / repeats`` distinct images ``repeats`` times each, and the
+    copies of an index sit on ``repeats`` consecutive ranks (different ranks when
+    ``world_size >= repeats``; with fewer ranks some copies share a rank, next to each other). With
+    ``repeats`` 1 every sample appears at most once, and the few cut off are random and change every
+    epoch.
 
     Args:
         num_samples: Size of the dataset.
@@ -111,10 +117,33 @@ def train_rank_part(num_samples: int, seed: int, epoch: int, rank: int, world_si
         epoch: Epoch index.
         rank: This process's rank.
         world_size: Number of processes.
+        repeats: Copies of each sampled index (``DATA.REPEATED_AUG``; 1 = off).
+
+    Returns:
+        ``(indices, copies)``: two (num_samples // world_size,) int64 tensors; ``copies[i]`` in
+        ``0..repeats-1`` numbers the copy ``indices[i]`` is.
     """
     order = epoch_permutation(num_samples, seed, epoch)
     usable = (num_samples // world_size) * world_size
-    return order[rank:usable:world_size]
+    # Place p of the repeated stream holds copy p % repeats of order[p // repeats]; the first
+    # ``usable`` places always exist because num_samples * repeats >= usable.
+    places = torch.arange(rank, usable, world_size)
+    return order[places // repeats], places % repeats
+
+
+def augmentation_round(epoch: int, copy: int, repeats: int) -> int:
+    """The augmentation round of copy ``copy`` of a sample in ``epoch``: ``epoch * repeats + copy``.
+
+    A sample's augmentation seeds are drawn from ``(SEED, round, index)``, so the copies of one index
+    in one epoch get different augmentations, every ``(epoch, copy)`` has its own round, and without
+    repeats (``repeats`` 1) the round is the epoch itself.
+
+    Args:
+        epoch: Epoch index.
+        copy: Copy number, ``0..repeats-1``.
+        repeats: Copies of each sampled index (``DATA.REPEATED_AUG``).
+    """
+    return epoch * repeats + copy
 
 
 def val_rank_part(num_samples: int, rank: int, world_size: int) -> List[int]:
@@ -130,10 +159,14 @@ def val_rank_part(num_samples: int, rank: int, world_size: int) -> List[int]:
 
 @dataclass(eq=False)
 class EpochBatchSampler:
-    """Batches of ``(dataset index, epoch)`` pairs for one rank, positionable by ``set_epoch``.
+    """Batches of ``(dataset index, augmentation round)`` pairs for one rank, positionable by ``set_epoch``.
 
     Train mode shuffles per ``(seed, epoch)`` and drops the last incomplete batch; val mode
-    walks this rank's fixed part in order and keeps the last, smaller batch.
+    walks this rank's fixed part in order and keeps the last, smaller batch. A sample's
+    augmentation round (``augmentation_round``) is the epoch unless repeated augmentation gives
+    one index several copies in an epoch (``train_rank_part``); the loaders seed a sample's
+    augmentation from ``(seed, round, index)``. Every batch is a pure function of the seed, the
+    epoch, the rank and the world size, so ``set_epoch(epoch, start_batch)`` resumes exactly.
 
     Args:
         num_samples: Size of the dataset.
@@ -142,6 +175,8 @@ class EpochBatchSampler:
         rank: This process's rank.
         world_size: Number of processes.
         train: Shuffle and drop the last batch (True) or evaluate every sample once (False).
+        repeats: Training copies of each sampled index per epoch (``DATA.REPEATED_AUG``; 1 = off);
+            the samples per rank do not change with it.
     """
 
     num_samples: int
@@ -150,12 +185,16 @@ class EpochBatchSampler:
     rank: int
     world_size: int
     train: bool
+    repeats: int = 1
     epoch: int = field(default=0, init=False)
     start_batch: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"DATA.BATCH_SIZE={self.batch_size} must be >= 1; set a positive batch size")
+        if self.repeats < 1:
+            raise ValueError(f"DATA.REPEATED_AUG={self.repeats} must be >= 1 (1: off; k: each sampled image k "
+                             "times per epoch); set it to 1 or more")
         if self.train and len(self) == 0:
             raise ValueError(
                 f"{self.num_samples} training samples give no full batch of {self.batch_size} on each of "
@@ -174,11 +213,18 @@ class EpochBatchSampler:
         self.epoch = epoch
         self.start_batch = start_batch
 
+    def keys(self) -> List[Tuple[int, int]]:
+        """This rank's ``(index, augmentation round)`` pairs for the current epoch, in order (incl. a dropped tail)."""
+        if self.train:
+            indices, copies = train_rank_part(self.num_samples, self.seed, self.epoch, self.rank, self.world_size,
+                                              self.repeats)
+            return [(index, augmentation_round(self.epoch, copy, self.repeats))
+                    for index, copy in zip(indices.tolist(), copies.tolist())]
+        return [(index, self.epoch) for index in val_rank_part(self.num_samples, self.rank, self.world_size)]
+
     def indices(self) -> List[int]:
         """This rank's sample indices for the current epoch, in order (incl. a dropped tail)."""
-        if self.train:
-            return train_rank_part(self.num_samples, self.seed, self.epoch, self.rank, self.world_size).tolist()
-        return val_rank_part(self.num_samples, self.rank, self.world_size)
+        return [index for index, _ in self.keys()]
 
     @property
     def samples_per_rank(self) -> int:
@@ -193,7 +239,6 @@ class EpochBatchSampler:
         return -(-self.samples_per_rank // self.batch_size)
 
     def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
-        indices = self.indices()
+        keys = self.keys()
         for batch in range(self.start_batch, len(self)):
-            chunk = indices[batch * self.batch_size:(batch + 1) * self.batch_size]
-            yield [(index, self.epoch) for index in chunk]
+            yield keys[batch * self.batch_size:(batch + 1) * self.batch_size]

@@ -51,7 +51,7 @@ STD_255 = [255 * s for s in IMAGENET_DEFAULT_STD]
 READ_THREADS_PER_WORKER = 4  # reader threads per DATA.NUM_WORKERS; 0 workers read on the calling thread
 READ_AHEAD_BATCHES = 2
 
-Batch = List[Tuple[int, int]]  # a sampler batch: (dataset index, epoch) pairs
+Batch = List[Tuple[int, int]]  # a sampler batch: (dataset index, augmentation round) pairs
 Read = Tuple[Optional[Tuple[np.ndarray, int, int]], List[str]]  # read_or_replace's result
 
 
@@ -67,7 +67,8 @@ class SampleSource:
 
     Args:
         split: The scanned split.
-        sampler: Batch sampler giving this rank's ``(index, epoch)`` batches.
+        sampler: Batch sampler giving this rank's ``(index, augmentation round)`` batches (DALI's
+            augmentation is drawn by position, not from the round: see ``DaliLoader``).
         read_threads: Threads reading files ahead of the pipeline; 0 reads each batch when DALI asks.
     """
 
@@ -263,6 +264,11 @@ def _center_crop_position(margin):
 
 class DaliLoader(BatchLoader):
     """Iterates a DALI pipeline fed by ``SampleSource``; delivers float batches on ``device``.
+
+    DALI's random operators draw from the pipeline's stream (seeded by ``SEED`` and the rank) in the
+    order the samples pass, and random erasing from ``(SEED, epoch, batch, rank, place in the batch)``:
+    a sample's augmentation follows its place, not its index, so the copies of an image under
+    repeated augmentation (``DATA.REPEATED_AUG``), which sit at different places, differ.
 
     Args:
         config: The run's config.

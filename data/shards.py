@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import torch
 
-from .common import SALT_SHARD_ORDER, EpochBatchSampler, mix_seed
+from .common import SALT_SHARD_ORDER, EpochBatchSampler, augmentation_round, mix_seed
 from .split import SPLITS, ImageSplit, UnreadableImage
 
 logger = logging.getLogger(__name__)
@@ -258,6 +258,14 @@ class ShardBatchSampler(EpochBatchSampler):
     the same number of batches. Validation: rank ``r`` takes the ``r``-th of ``W`` consecutive
     blocks (sizes differing by at most one) in index order, so every image is evaluated once.
 
+    Repeated augmentation (``repeats`` k > 1) stays within each rank's own stream, so that no rank
+    reads another rank's shards: rank ``r`` takes the ``r``-th of ``W`` consecutive parts of
+    ``ceil((N // W) / k)`` samples at the start of the stream, enters each sample into its shuffle
+    buffer k times in a row (cut to ``N // W`` places: the samples per rank do not change), and the
+    buffer spreads the copies apart. The copies of a sample thus land on the same rank (unlike the
+    folder sampler's, which land on different ranks), typically up to ``buffer`` places apart, each
+    with its own augmentation round; with ``buffer`` 1 they are neighbours, mostly in one batch.
+
     The order is a pure function of the seed, the epoch, the rank and the world size, so a
     mid-epoch resume (``set_epoch(epoch, start_batch)``) continues with the very next batch.
 
@@ -275,19 +283,24 @@ class ShardBatchSampler(EpochBatchSampler):
         start = self.rank * base + min(self.rank, extra)
         return start, start + base + (self.rank < extra)
 
-    def indices(self) -> List[int]:
+    def keys(self) -> List[Tuple[int, int]]:
         if not self.train:
             start, stop = self._block(self.num_samples)
-            return list(range(start, stop))
+            return [(index, self.epoch) for index in range(start, stop)]
         starts = np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(np.int64)
         generator = torch.Generator()
         generator.manual_seed(mix_seed(self.seed, SALT_SHARD_ORDER, self.epoch))
         order = torch.randperm(len(self.shard_sizes), generator=generator).tolist()
         stream = np.concatenate([np.arange(starts[s], starts[s] + self.shard_sizes[s]) for s in order])
         per_rank = self.num_samples // self.world_size
-        mine = stream[self.rank * per_rank:(self.rank + 1) * per_rank]
+        distinct = -(-per_rank // self.repeats)  # this rank's distinct samples: each read `repeats` times
+        mine = stream[self.rank * distinct:(self.rank + 1) * distinct]
         mixer = np.random.default_rng(mix_seed(self.seed, SALT_SHARD_ORDER, self.epoch, self.rank))
-        return buffer_shuffle(mine, self.buffer, mixer).tolist()
+        # Place p of the repeated part is copy p % repeats of mine[p // repeats]: the copies enter the
+        # buffer one after the other and leave it apart, as far as the buffer mixes.
+        places = buffer_shuffle(np.arange(per_rank), self.buffer, mixer)
+        return [(int(mine[place // self.repeats]), augmentation_round(self.epoch, int(place % self.repeats),
+                                                                      self.repeats)) for place in places]
 
     @property
     def samples_per_rank(self) -> int:

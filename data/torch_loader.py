@@ -51,14 +51,16 @@ def init_worker(worker_id: int) -> None:
 
 
 class SeededImageFolder(ImageFolder):
-    """torchvision ImageFolder over a pre-scanned split, indexed by ``(index, epoch)``.
+    """torchvision ImageFolder over a pre-scanned split, indexed by ``(index, augmentation round)``.
 
-    The transform runs under generators seeded by ``(seed, epoch, index)``, so a sample's
-    augmentation does not depend on worker count, order or resume point. A file that fails to
+    The transform runs under generators seeded by ``(seed, round, index)``, so a sample's
+    augmentation does not depend on worker count, order or resume point; the round is the epoch,
+    or with repeated augmentation the epoch and the copy (``data.common.augmentation_round``), so
+    the copies of an image in one epoch are augmented differently. A file that fails to
     decode is replaced by the next readable image (training) or dropped (validation); the bad
     paths travel with the sample so the main process can count and log them.
 
-    Each sample also carries the seed of its random erasing, ``(seed, epoch, index)`` hashed, which
+    Each sample also carries the seed of its random erasing, ``(seed, round, index)`` hashed, which
     the loader applies on the device after normalising.
 
     Args:
@@ -82,14 +84,14 @@ class SeededImageFolder(ImageFolder):
         return list(self._split.samples)
 
     def __getitem__(self, key: Tuple[int, int]) -> Sample:  # type: ignore[override]
-        index, epoch = key
+        index, aug_round = key
         found, bad = read_or_replace(self.samples, index, self.train, self._split.load_rgb)
         if found is None:
             return None, -1, 0, tuple(bad)
         image, label, _ = found
-        with seeded_rng(mix_seed(self.seed, SALT_AUGMENT, epoch, index)):
+        with seeded_rng(mix_seed(self.seed, SALT_AUGMENT, aug_round, index)):
             tensor = self.transform(image)  # (3, H, W) uint8
-        return tensor, label, mix_seed(self.seed, SALT_BATCH_AUGMENT, epoch, index), tuple(bad)
+        return tensor, label, mix_seed(self.seed, SALT_BATCH_AUGMENT, aug_round, index), tuple(bad)
 
 
 def collate(batch: Sequence[Sample]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[str]]:
@@ -119,7 +121,7 @@ class TorchLoader(BatchLoader):
 
     Args:
         dataset: The seeded dataset.
-        sampler: Batch sampler giving this rank's ``(index, epoch)`` batches.
+        sampler: Batch sampler giving this rank's ``(index, augmentation round)`` batches.
         num_workers: DataLoader worker processes (0 = load in the main process).
         pin_memory: Pin host batches (only used when ``device`` is CUDA).
         device: Where batches are delivered.
