@@ -15,7 +15,6 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3, random_seed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -25,6 +24,7 @@ from config import dump_config
 from data import build_loader, build_mixup
 from engine import (Components, current_lr, evaluate, measure_throughput, steps_per_epoch,
                     summarize_train_epoch, train_one_epoch)
+from loss import build_criterion
 from models import build_model, load_pretrained
 from optim import build_optimizer, build_scheduler
 from resume import RunCheckpoints
@@ -74,20 +74,6 @@ def warn_if_trained_at_another_size(saved: Optional[Dict[str, Any]], config: Cfg
     if config.EVAL_MODE and trained and trained != config.DATA.IMG_SIZE:
         logger.warning("evaluating %s at %d px, but it was trained at %d px; --opts DATA.IMG_SIZE %d evaluates it at "
                        "its own size", path, config.DATA.IMG_SIZE, trained, trained)
-
-
-def build_criterion(config: CfgNode, mixup: bool) -> nn.Module:
-    """Soft-target CE with mixup / cutmix (which apply the label smoothing), else smoothed CE.
-
-    Args:
-        config: Reads ``MODEL.LABEL_SMOOTHING``.
-        mixup: Whether batches come with soft targets.
-    """
-    if mixup:
-        return SoftTargetCrossEntropy()
-    if config.MODEL.LABEL_SMOOTHING > 0:
-        return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
-    return nn.CrossEntropyLoss()
 
 
 def run_throughput(config: CfgNode, dist_info: DistInfo) -> int:
