@@ -1,0 +1,243 @@
+"""Multi-label data (DATA.FORMAT multilabel): the layout, both loaders' multi-hot targets, mixup, AP / mAP,
+validation and a tiny run whose mAP rises above chance."""
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from config import _C
+from data import build_loader, build_mixup
+from data.multilabel import open_multilabel_splits
+from utils.multilabel import average_precision, mean_average_precision
+
+CPU = torch.device("cpu")
+LOADERS = ["pytorch", "dali"]
+# Each class is one coloured shape; an image shows a random subset of them.
+SHAPES = {"blue-triangle": (40, 60, 230), "green-circle": (30, 200, 60), "red-square": (220, 30, 30)}
+CLASSES = sorted(SHAPES)
+
+
+def draw_shapes(names: Sequence[str], size: int, rng: random.Random) -> Image.Image:
+    """A grey ``size`` x ``size`` image with one shape per class in ``names``, each in its own quadrant."""
+    image = Image.new("RGB", (size, size), (128, 128, 128))
+    draw = ImageDraw.Draw(image)
+    quadrants = rng.sample([(0, 0), (1, 0), (0, 1), (1, 1)], len(names))
+    half = size // 2
+    for name, (qx, qy) in zip(names, quadrants):
+        extent = rng.randint(half * 5 // 8, half - 2)
+        x0, y0 = qx * half + rng.randint(0, half - extent), qy * half + rng.randint(0, half - extent)
+        box = (x0, y0, x0 + extent, y0 + extent)
+        colour = SHAPES[name]
+        if name == "red-square":
+            draw.rectangle(box, fill=colour)
+        elif name == "green-circle":
+            draw.ellipse(box, fill=colour)
+        else:
+            draw.polygon([(x0, y0 + extent), (x0 + extent, y0 + extent), (x0 + extent // 2, y0)], fill=colour)
+    return image
+
+
+def make_shapes_dataset(root: Path, train: int, val: int, size: int = 48, seed: int = 0) -> Dict[str, Dict[str, List[str]]]:
+    """The multi-label layout of coloured shapes under ``root``; returns ``{split: {file: classes}}``."""
+    rng = random.Random(seed)
+    labels: Dict[str, Dict[str, List[str]]] = {}
+    for split, count in (("train", train), ("val", val)):
+        (root / split).mkdir(parents=True)
+        labels[split] = {}
+        rows = ["file,labels"]
+        for i in range(count):
+            names = sorted(name for name in CLASSES if rng.random() < 0.5)
+            file = f"{i:04d}.{'png' if i % 5 == 4 else 'jpg'}"
+            draw_shapes(names, size, rng).save(root / split / file, quality=95)
+            labels[split][file] = names
+            rows.append(f"{file},{' '.join(names)}")
+        (root / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    return labels
+
+
+def multi_hot(names: Sequence[str]) -> List[float]:
+    return [1.0 if name in names else 0.0 for name in CLASSES]
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes_dataset(root, train=24, val=10)
+    return root
+
+
+def make_config(root: Path, loader: str, **overrides):
+    """``root`` as DATA.FORMAT multilabel with 32x32 images, batch 4, one worker, no augmentation noise."""
+    cfg = _C.clone()
+    cfg.DATA.DATASET, cfg.DATA.FORMAT, cfg.DATA.DATA_PATH = "imagenet", "multilabel", str(root)
+    cfg.DATA.LOADER, cfg.DATA.IMG_SIZE, cfg.DATA.BATCH_SIZE, cfg.DATA.NUM_WORKERS = loader, 32, 4, 1
+    cfg.MODEL.NUM_CLASSES = len(CLASSES)
+    cfg.TRAIN.LOSS = "bce"
+    cfg.AUG.REPROB, cfg.AUG.AUTO_AUGMENT = 0.0, ""
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        cfg[section][name] = value
+    return cfg
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def test_layout_is_read_into_sorted_classes_and_multi_hot_rows(shapes_root: Path) -> None:
+    train, val = open_multilabel_splits(shapes_root, len(CLASSES))
+    assert train.classes == val.classes == CLASSES and train.multi_label
+    labels = {split: dict(line.split(",") for line in (shapes_root / f"{split}.csv").read_text().splitlines()[1:])
+              for split in ("train", "val")}
+    for split, opened in (("train", train), ("val", val)):
+        names = sorted(labels[split])
+        assert [Path(path).name for path, _ in opened.samples] == names
+        assert {label for _, label in opened.samples} == {-1}
+        expected = np.array([multi_hot(labels[split][name].split()) for name in names], dtype=np.float32)
+        assert opened.targets.dtype == np.float32 and np.array_equal(opened.targets, expected)
+
+
+def _copy_layout(source: Path, destination: Path) -> Path:
+    shutil.copytree(source, destination)
+    return destination
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda root: (root / "val.csv").unlink(), r"label file .*val\.csv is missing"),
+    (lambda root: (root / "train.csv").write_text("a.jpg,red-square\n"), r"not the header file,labels"),
+    (lambda root: (root / "val.csv").write_text("file,labels\n0000.jpg,purple-star\n"),
+     r"val\.csv has classes that no image of train\.csv has: \['purple-star'\]"),
+    (lambda root: (root / "val.csv").write_text("file,labels\nnone.jpg,red-square\n"),
+     r"1 image\(s\) listed in .*val\.csv are not in .*: \['none\.jpg'\]"),
+    (lambda root: (root / "val.csv").write_text("file,labels\n0000.jpg,red-square\n0000.jpg,\n"),
+     r"line 3: 0000\.jpg is listed twice"),
+    (lambda root: (root / "val.csv").write_text("file,labels\n0000.jpg,a,b\n"), r"line 2: .* is not file,labels"),
+    (lambda root: shutil.rmtree(root / "val"), r"split directory .*val is missing"),
+])
+def test_layout_errors(shapes_root: Path, tmp_path: Path, change, needle: str) -> None:
+    root = _copy_layout(shapes_root, tmp_path / "copy")
+    change(root)
+    with pytest.raises(ValueError, match=needle):
+        open_multilabel_splits(root, len(CLASSES))
+
+
+def test_num_classes_must_match(shapes_root: Path) -> None:
+    with pytest.raises(ValueError, match=r"MODEL\.NUM_CLASSES=5 but .*train\.csv has 3 classes; set "
+                                         r"MODEL\.NUM_CLASSES 3"):
+        open_multilabel_splits(shapes_root, 5)
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_loaders_deliver_multi_hot_targets(shapes_root: Path, loader: str) -> None:
+    loaders = build_loader(make_config(shapes_root, loader), CPU)
+    assert loaders.multi_label and loaders.num_classes == len(CLASSES)
+    train_split, val_split = open_multilabel_splits(shapes_root, len(CLASSES))
+    loaders.train.set_epoch(0)
+    batches = list(loaders.train)
+    assert len(batches) == 24 // 4
+    order = [index for batch in loaders.train.sampler for index, _ in batch]
+    for images, targets in batches:
+        assert images.shape == (4, 3, 32, 32) and targets.shape == (4, len(CLASSES))
+        assert targets.dtype == torch.float32 and targets.device == CPU
+    # Each training batch carries the rows of the samples the sampler chose, in its order.
+    delivered = torch.cat([targets for _, targets in batches])
+    assert torch.equal(delivered, torch.from_numpy(train_split.targets[order]))
+    val_targets = torch.cat([targets for _, targets in loaders.val])
+    assert torch.equal(val_targets, torch.from_numpy(val_split.targets))
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_val_images_equal_the_folder_formats_for_the_same_files(shapes_root: Path, tmp_path: Path,
+                                                                loader: str) -> None:
+    folder = tmp_path / "folder"
+    for split in ("train", "val"):
+        shutil.copytree(shapes_root / split, folder / split / "all")  # one class folder: the same file order
+    images = {}
+    for name, cfg in (("multilabel", make_config(shapes_root, loader)),
+                      ("folder", make_config(folder, loader, DATA__FORMAT="folder", MODEL__NUM_CLASSES=1,
+                                             TRAIN__LOSS="ce"))):
+        images[name] = torch.cat([x for x, _ in build_loader(cfg, CPU).val])
+    assert images["multilabel"].shape == (10, 3, 32, 32)
+    assert torch.equal(images["multilabel"], images["folder"])
+
+
+def test_single_label_batches_are_unchanged_by_the_multi_label_path(tmp_path: Path) -> None:
+    """A folder split is not multi-label, and its loaders still deliver (B,) int64 labels (DALI's view(-1))."""
+    folder = tmp_path / "folder"
+    make_shapes_dataset(tmp_path / "ml", train=8, val=4, size=32)
+    for split in ("train", "val"):
+        shutil.copytree(tmp_path / "ml" / split, folder / split / "all")
+    for loader in LOADERS:
+        loaders = build_loader(make_config(folder, loader, DATA__FORMAT="folder", MODEL__NUM_CLASSES=1,
+                                           TRAIN__LOSS="ce"), CPU)
+        assert not loaders.multi_label
+        _, labels = next(iter(loaders.val))
+        assert labels.shape == (4,) and labels.dtype == torch.int64
+
+
+# ----------------------------------------------------------------------------- mixup
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_mixup_mixes_multi_hot_targets(shapes_root: Path, smoothing: float) -> None:
+    mixup = build_mixup(make_config(shapes_root, "pytorch", AUG__MIXUP=0.8, AUG__CUTMIX=0.0,
+                                    MODEL__LABEL_SMOOTHING=smoothing))
+    targets = torch.tensor([[1, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]], dtype=torch.float32)
+    images = torch.arange(4, dtype=torch.float32).view(4, 1, 1, 1).expand(4, 3, 2, 2).contiguous()
+    np.random.seed(0)
+    mixed_images, mixed = mixup(images.clone(), targets)
+    lam = 1 - float(mixed_images[0, 0, 0, 0]) / 3  # image 0 (all 0) mixed with image 3 (all 3): (1 - lam) * 3
+    smoothed = targets * (1 - smoothing) + 0.5 * smoothing
+    assert torch.allclose(mixed, lam * smoothed + (1 - lam) * smoothed.flip(0), atol=1e-6)
+    assert 0 < lam < 1
+
+
+# ----------------------------------------------------------------------------- AP / mAP
+
+
+def brute_force_ap(scores: Sequence[float], positives: Sequence[bool]) -> float:
+    """Mean over the positives of the precision at their score: of the samples scored at least as high,
+    the share that is positive (tied samples all count, whatever their order)."""
+    precisions = []
+    for score, positive in zip(scores, positives):
+        if positive:
+            above = [p for s, p in zip(scores, positives) if s >= score]
+            precisions.append(sum(above) / len(above))
+    return sum(precisions) / len(precisions)
+
+
+def test_average_precision_against_brute_force_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        n, c = int(rng.integers(1, 30)), int(rng.integers(1, 5))
+        scores = rng.integers(0, 6, size=(n, c)).astype(np.float32)  # few distinct values: many ties
+        if trial % 2:
+            scores = rng.standard_normal((n, c)).astype(np.float32)
+        targets = (rng.random((n, c)) < 0.4).astype(np.float32)
+        ap = average_precision(torch.from_numpy(scores), torch.from_numpy(targets))
+        assert ap.dtype == torch.float64
+        for k in range(c):
+            if targets[:, k].any():
+                assert ap[k].item() == pytest.approx(brute_force_ap(scores[:, k].tolist(), targets[:, k] > 0),
+                                                     abs=1e-12)
+            else:
+                assert torch.isnan(ap[k])
+
+
+def test_map_is_the_mean_over_classes_with_positives() -> None:
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.8, 0.7, 0.5], [0.1, 0.2, 0.5], [0.3, 0.9, 0.5]])
+    targets = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 1, 0]], dtype=torch.float32)
+    # Class 0: positives ranked 1st and 4th -> (1 + 2/4) / 2; class 1: 1st and 2nd -> 1; class 2: no positive.
+    assert mean_average_precision(scores, targets) == pytest.approx(((1 + 2 / 4) / 2 + 1) / 2, abs=1e-12)
+    # All tied: the precision of every positive is the prevalence.
+    assert mean_average_precision(torch.zeros(4, 1), torch.tensor([[1.0], [0.0], [0.0], [1.0]])) == 0.5
+    assert np.isnan(mean_average_precision(scores, torch.zeros(4, 3)))
