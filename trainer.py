@@ -126,6 +126,20 @@ def _wrap_for_training(model: nn.Module, config: CfgNode, dist_info: DistInfo) -
     return torch.compile(wrapped, backend=config.TRAIN.COMPILE_BACKEND)
 
 
+def _val_columns(stats: Dict[str, float], prefix: str) -> Dict[str, float]:
+    """A validation pass's numbers as result / metrics.jsonl columns: ``{prefix}acc1``, ``{prefix}acc5`` and
+    ``{prefix}loss``, or for multi-label data ``{prefix}map`` and ``{prefix}loss``."""
+    names = ("map", "loss") if "map" in stats else ("acc1", "acc5", "loss")
+    return {f"{prefix}{name}": stats[name] for name in names}
+
+
+def _describe(stats: Dict[str, float]) -> str:
+    """A validation pass's numbers for a log line."""
+    if "map" in stats:
+        return f"mAP {stats['map']:.3f}  loss {stats['loss']:.4f}"
+    return f"acc@1 {stats['acc1']:.3f}  acc@5 {stats['acc5']:.3f}  loss {stats['loss']:.4f}"
+
+
 class Trainer:
     """Owns a run's components; :meth:`fit` trains, :meth:`evaluate` runs ``--eval``.
 
@@ -199,31 +213,31 @@ class Trainer:
         data = os.path.basename(os.path.normpath(data_path)) if data_path else config.DATA.DATASET
         stem = os.path.splitext(os.path.basename(source))[0]
         stats, analysis = self._validate_and_analyze(self.eval_model, f"eval-{stem}{'-ema' if ema_only else ''}-{data}")
-        result.update({"val_acc1": stats["acc1"], "val_acc5": stats["acc5"], "val_loss": stats["loss"],
-                       "val_count": int(stats["count"]), **analysis})
-        logger.info("eval of the %s of %s: acc@1 %.3f  acc@5 %.3f  loss %.4f on %d images",
-                    "EMA weights" if ema_only else "weights", source, stats["acc1"], stats["acc5"], stats["loss"],
-                    stats["count"])
+        result.update({**_val_columns(stats, "val_"), "val_count": int(stats["count"]), **analysis})
+        logger.info("eval of the %s of %s: %s on %d images", "EMA weights" if ema_only else "weights", source,
+                    _describe(stats), stats["count"])
         if self.parts.ema is not None and self.resumed_from:  # the checkpoint's own EMA weights
             ema_stats, ema_analysis = self._validate_and_analyze(self.parts.ema.module, f"eval-{stem}-ema-{data}")
-            result.update({"ema_val_acc1": ema_stats["acc1"], "ema_val_acc5": ema_stats["acc5"],
-                           "ema_val_loss": ema_stats["loss"], **{f"ema_{k}": v for k, v in ema_analysis.items()}})
-            logger.info("eval of the EMA weights of %s: acc@1 %.3f  acc@5 %.3f  loss %.4f", source,
-                        ema_stats["acc1"], ema_stats["acc5"], ema_stats["loss"])
+            result.update({**_val_columns(ema_stats, "ema_val_"), **{f"ema_{k}": v for k, v in ema_analysis.items()}})
+            logger.info("eval of the EMA weights of %s: %s", source, _describe(ema_stats))
         if self.dist_info.is_main:
             sys.stdout.write(json.dumps(result) + "\n")
             sys.stdout.flush()
         return EXIT_OK
 
     def _validate(self, model: nn.Module) -> Dict[str, float]:
-        return evaluate(model, self.loaders.val, self.dist_info.device, self.eval_dtype)
+        return evaluate(model, self.loaders.val, self.dist_info.device, self.eval_dtype,
+                        multi_label=self.loaders.multi_label)
 
     def _validate_and_analyze(self, model: nn.Module, name: str) -> Tuple[Dict[str, float], Dict[str, Any]]:
         """Validate, and write the per-class analysis to ``run_dir/analysis/name`` (:mod:`utils.analysis`).
 
         Returns the statistics and, on rank 0, ``val_real_acc1`` (with ``DATA.REAL_LABELS``) and
-        ``analysis_dir`` for the result line.
+        ``analysis_dir`` for the result line. Multi-label data has no per-class confusion: only the statistics.
         """
+        if self.loaders.multi_label:
+            logger.info("multi-label data: no per-class confusion analysis (it needs one label per image)")
+            return self._validate(model), {}
         collected: list = []
         stats = evaluate(model, self.loaders.val, self.dist_info.device, self.eval_dtype, collect=collected)
         summary = analyze_pass(collected, self.loaders, self.config, os.path.join(self.run_dir, "analysis", name))
@@ -239,7 +253,7 @@ class Trainer:
     def analyze_best(self) -> None:
         """The analysis of ``best.pth``'s weights at the end of training (``run_dir/analysis/best``)."""
         path = os.path.join(self.run_dir, BEST)
-        if not os.path.isfile(path):
+        if not os.path.isfile(path) or self.loaders.multi_label:  # no per-class confusion without single labels
             return
         self.parts.model.load_state_dict(load_file(path)["model"])  # training is over: the weights may change
         self._validate_and_analyze(self.eval_model, "best")
@@ -304,9 +318,10 @@ class Trainer:
             if reason is not StopReason.COMPLETED:
                 return stops.conclude(reason, checkpoints)
             self._end_epoch(recorder)
-        logger.info("done in %s: best acc@1 %.3f (epoch %d)%s",
-                    time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time)), state.best_acc1,
-                    state.best_epoch, f", best EMA acc@1 {state.best_ema_acc1:.3f} (epoch {state.best_ema_epoch})"
+        metric = "mAP" if self.loaders.multi_label else "acc@1"
+        logger.info("done in %s: best %s %.3f (epoch %d)%s",
+                    time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time)), metric, state.best_acc1,
+                    state.best_epoch, f", best EMA {metric} {state.best_ema_acc1:.3f} (epoch {state.best_ema_epoch})"
                     if self.parts.ema is not None else "")
         self.analyze_best()
         self.log_outputs()
@@ -317,19 +332,22 @@ class Trainer:
         state, parts, epoch = self.state, self.parts, self.state.epoch
         row: Dict[str, Any] = {"epoch": epoch, **summarize_train_epoch(state),
                                "lr": current_lr(parts.optimizer)}
+        # The tracked metric: top-1, or mAP for multi-label data (best.pth is the best of that metric).
+        metric, name = ("map", "mAP") if self.loaders.multi_label else ("acc1", "acc@1")
         stats = self._validate(self.eval_model)
-        row.update({"val_acc1": stats["acc1"], "val_acc5": stats["acc5"], "val_loss": stats["loss"]})
-        ema_acc1 = None
+        row.update(_val_columns(stats, "val_"))
+        ema_score = None
         if parts.ema is not None:
             ema_stats = self._validate(parts.ema.module)
-            ema_acc1 = ema_stats["acc1"]
-            row.update({"ema_val_acc1": ema_acc1, "ema_val_acc5": ema_stats["acc5"],
-                        "ema_val_loss": ema_stats["loss"]})
-        improved = self.checkpoints.track_best(epoch, stats["acc1"], ema_acc1)
-        logger.info("epoch %d: train loss %.4f  val acc@1 %.3f (best %.3f @ %d)  acc@5 %.3f  loss %.4f%s", epoch,
-                    row["train_loss"], stats["acc1"], state.best_acc1, state.best_epoch, stats["acc5"], stats["loss"],
-                    f"  EMA acc@1 {ema_acc1:.3f} (best {state.best_ema_acc1:.3f})" if ema_acc1 is not None else "")
-        row.update({"global_step": state.global_step, "best_acc1": state.best_acc1})
+            ema_score = ema_stats[metric]
+            row.update(_val_columns(ema_stats, "ema_val_"))
+        improved = self.checkpoints.track_best(epoch, stats[metric], ema_score)
+        rest = (f"  acc@5 {stats['acc5']:.3f}  loss {stats['loss']:.4f}" if metric == "acc1"
+                else f"  loss {stats['loss']:.4f}")
+        logger.info("epoch %d: train loss %.4f  val %s %.3f (best %.3f @ %d)%s%s", epoch, row["train_loss"], name,
+                    stats[metric], state.best_acc1, state.best_epoch, rest,
+                    f"  EMA {name} {ema_score:.3f} (best {state.best_ema_acc1:.3f})" if ema_score is not None else "")
+        row.update({"global_step": state.global_step, f"best_{metric}": state.best_acc1})
         state.start_epoch(epoch + 1)  # a checkpoint describes the start of the next epoch
         self.checkpoints.save_epoch_end(epoch, improved)
         recorder.epoch(row, state.global_step)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import shutil
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, Iterator, List, Sequence
 
 import numpy as np
 import pytest
@@ -44,7 +44,8 @@ def draw_shapes(names: Sequence[str], size: int, rng: random.Random) -> Image.Im
     return image
 
 
-def make_shapes_dataset(root: Path, train: int, val: int, size: int = 48, seed: int = 0) -> Dict[str, Dict[str, List[str]]]:
+def make_shapes_dataset(root: Path, train: int, val: int, size: int = 48,
+                        seed: int = 0) -> Dict[str, Dict[str, List[str]]]:
     """The multi-label layout of coloured shapes under ``root``; returns ``{split: {file: classes}}``."""
     rng = random.Random(seed)
     labels: Dict[str, Dict[str, List[str]]] = {}
@@ -241,3 +242,93 @@ def test_map_is_the_mean_over_classes_with_positives() -> None:
     # All tied: the precision of every positive is the prevalence.
     assert mean_average_precision(torch.zeros(4, 1), torch.tensor([[1.0], [0.0], [0.0], [1.0]])) == 0.5
     assert np.isnan(mean_average_precision(scores, torch.zeros(4, 3)))
+
+
+# ----------------------------------------------------------------------------- runs
+
+RUN_YAML = """\
+DATA:
+  DATASET: imagenet
+  FORMAT: multilabel
+  LOADER: pytorch
+  BATCH_SIZE: 8
+  IMG_SIZE: 32
+  NUM_WORKERS: 0
+MODEL:
+  NAME: crossformerpp_s
+  NUM_CLASSES: 3
+  DROP_PATH_RATE: 0.0
+  LABEL_SMOOTHING: 0.0
+  CROSSFORMER:
+    EMBED_DIM: 32
+    DEPTHS: [1, 1, 1, 1]
+    NUM_HEADS: [1, 2, 4, 8]
+TRAIN:
+  EPOCHS: 3
+  WARMUP_EPOCHS: 1
+  LOSS: bce
+  BASE_LR: 2.0e-3
+  LR_REFERENCE_BATCH: 0
+  AMP: none
+AUG:
+  AUTO_AUGMENT: ""
+  COLOR_JITTER: 0.0
+  REPROB: 0.0
+  MIXUP: 0.0
+  CUTMIX: 0.0
+  SCALE: [0.8, 1.0]
+PRINT_FREQ: 4
+"""
+
+
+@pytest.fixture(scope="module")
+def run_root(tmp_path_factory) -> Path:
+    """A larger shapes set for the runs: 48 train and 24 val images of 32 px."""
+    root = tmp_path_factory.mktemp("shapes_run")
+    make_shapes_dataset(root, train=48, val=24, size=32, seed=1)
+    return root
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Runs in this process use one thread, as the subprocess runs of the other tests do (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run_yaml(tmp_path: Path) -> Path:
+    path = tmp_path / "multilabel.yaml"
+    path.write_text(RUN_YAML)
+    return path
+
+
+def test_a_tiny_run_reports_map_above_chance_and_tracks_the_best_map(run_root: Path, tmp_path: Path, capsys,
+                                                                     restore_logging: None, one_thread: None) -> None:
+    import main
+    from tests.helpers import last_json, read_metrics
+
+    yaml_path, out = _run_yaml(tmp_path), tmp_path / "out"
+    assert main.main(["--cfg", str(yaml_path), "--data-path", str(run_root), "--output", str(out)]) == 0
+    run = out / "crossformerpp_s" / "default"
+    rows = read_metrics(run)
+    assert [row["epoch"] for row in rows] == list(range(3))
+    assert all("val_map" in row and "val_loss" in row and "val_acc1" not in row for row in rows)
+    best = max(rows, key=lambda row: row["val_map"])
+    assert rows[-1]["best_map"] == best["val_map"]
+    # Chance: random scores give each class an AP of about its share of positives (about half here).
+    val_targets = open_multilabel_splits(run_root, 3)[1].targets
+    chance = 100 * val_targets.mean()
+    assert best["val_map"] > chance + 20, [row["val_map"] for row in rows]
+    assert rows[-1]["val_loss"] < rows[0]["val_loss"]
+    assert not (run / "analysis").exists()
+    log = (run / "log.txt").read_text()
+    assert f"val mAP {rows[0]['val_map']:.3f}" in log and "best mAP" in log
+    # --eval of best.pth reports the best epoch's mAP again.
+    capsys.readouterr()
+    assert main.main(["--cfg", str(yaml_path), "--data-path", str(run_root), "--output", str(out), "--eval",
+                      "--resume", str(run / "best.pth")]) == 0
+    result = last_json(capsys.readouterr().out)
+    assert result["val_map"] == pytest.approx(best["val_map"], abs=1e-9) and result["val_count"] == 24
+    assert "val_acc1" not in result and "analysis_dir" not in result
