@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import shutil
 from pathlib import Path
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -244,6 +244,44 @@ def test_map_is_the_mean_over_classes_with_positives() -> None:
     assert np.isnan(mean_average_precision(scores, torch.zeros(4, 3)))
 
 
+def _scores_and_targets() -> Tuple[torch.Tensor, torch.Tensor]:
+    """7 samples x 4 classes: coarse scores (ties) and multi-hot targets, one class without positives."""
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 4, (7, 4), generator=generator).float()
+    targets = (torch.rand(7, 4, generator=generator) < 0.5).float()
+    targets[:, 3] = 0
+    return scores, targets
+
+
+def test_validation_map_is_exact_over_uneven_rank_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank parts of 5, 2 and 0 images, whose gathered rows give every rank the whole set's mAP exactly.
+
+    ``all_gather_object`` is simulated: each rank's part is recorded, then a last pass receives all of them.
+    """
+    import engine
+
+    scores, targets = _scores_and_targets()
+    alone = engine.evaluate(torch.nn.Identity(), [(scores[:4], targets[:4]), (scores[4:], targets[4:])], CPU,
+                            multi_label=True)
+    assert alone["map"] == pytest.approx(100 * mean_average_precision(scores, targets), abs=1e-12)
+    expected_loss = torch.nn.functional.binary_cross_entropy_with_logits(scores.double(), targets.double()).item()
+    assert alone["count"] == 7 and alone["loss"] == pytest.approx(expected_loss, abs=1e-6)
+    parts: List = []
+    monkeypatch.setattr(engine, "all_gather_object", lambda obj: parts.append(obj) or [obj])
+    rank_batches = [[(scores[i:min(i + 2, stop)], targets[i:min(i + 2, stop)]) for i in range(start, stop, 2)]
+                    for start, stop in ((0, 5), (5, 7), (7, 7))]
+    for batches in rank_batches[:2]:
+        engine.evaluate(torch.nn.Identity(), batches, CPU, multi_label=True)
+    with pytest.raises(ValueError, match="the validation set is empty"):  # alone, an empty part is an error
+        engine.evaluate(torch.nn.Identity(), rank_batches[2], CPU, multi_label=True)
+    assert parts[2] is None  # an empty part takes part in the collective with nothing
+    monkeypatch.setattr(engine, "all_gather_object", lambda obj: list(parts))
+    for batches in rank_batches:
+        stats = engine.evaluate(torch.nn.Identity(), batches, CPU, multi_label=True)
+        assert stats["map"] == alone["map"] and stats["count"] == 7  # the same on every rank, exactly
+        assert stats["loss"] == pytest.approx(alone["loss"], rel=1e-6)
+
+
 # ----------------------------------------------------------------------------- runs
 
 RUN_YAML = """\
@@ -332,3 +370,28 @@ def test_a_tiny_run_reports_map_above_chance_and_tracks_the_best_map(run_root: P
     result = last_json(capsys.readouterr().out)
     assert result["val_map"] == pytest.approx(best["val_map"], abs=1e-9) and result["val_count"] == 24
     assert "val_acc1" not in result and "analysis_dir" not in result
+
+
+@pytest.mark.parametrize("opts, edit, needle", [
+    (["TRAIN.LOSS", "ce"], None, r"TRAIN\.LOSS='ce' does not fit DATA\.FORMAT multilabel"),
+    (["MODEL.NUM_CLASSES", "4"], None, r"MODEL\.NUM_CLASSES=4 but .*train\.csv has 3 classes"),
+    (["TRAIN.BCE_TARGET_THRESH", "0.0"], None, r"TRAIN\.BCE_TARGET_THRESH=0\.0 .*on hard 0/1 targets a threshold "
+                                               r"changes nothing"),
+    ([], "file,labels\n0000.jpg,red-square purple-star\n", r"val\.csv has classes that no image of train\.csv has"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(run_root: Path, tmp_path: Path, capsys, restore_logging: None,
+                                                  opts, edit, needle: str) -> None:
+    import re
+
+    import main
+
+    root = run_root
+    if edit is not None:
+        root = _copy_layout(run_root, tmp_path / "data")
+        (root / "val.csv").write_text(edit)
+    out = tmp_path / "out"
+    args = ["--cfg", str(_run_yaml(tmp_path)), "--data-path", str(root), "--output", str(out)]
+    assert main.main(args + (["--opts", *opts] if opts else [])) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(needle, err), err
+    assert not out.exists()
