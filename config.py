@@ -203,8 +203,9 @@ KEYS: Tuple[Key, ...] = (
               "does not fit DATA.FORMAT multilabel (independent classes, several per image); use --opts TRAIN.LOSS "
               "bce")),
     Key("TRAIN.BCE_TARGET_THRESH", None, "With TRAIN.LOSS bce: a (mixed or smoothed) target above this value "
-        "becomes 1, every other 0 (DeiT III's 0.0, timm's --bce-target-thresh); None (YAML null) keeps the soft "
-        "targets.", example=0.0, resume=_I,
+        "becomes 1, every other 0 (DeiT III's 0.0 without label smoothing, timm's --bce-target-thresh); at least the "
+        "smallest smoothed target (MODEL.LABEL_SMOOTHING / MODEL.NUM_CLASSES, or LABEL_SMOOTHING / 2 for multi-label "
+        "data). None (YAML null) keeps the soft targets.", example=0.0, resume=_I,
         rule=((lambda thresh, cfg: thresh is None or (
             0 <= thresh < 1 and cfg.TRAIN.LOSS == "bce"
             and (cfg.AUG.MIXUP > 0 or cfg.AUG.CUTMIX > 0 or cfg.MODEL.LABEL_SMOOTHING > 0))),
@@ -383,6 +384,13 @@ def validate(cfg: CN) -> None:
         raise ConfigError(f"DATA.VAL_LAYOUT={cfg.DATA.VAL_LAYOUT!r} / DATA.REAL_LABELS={cfg.DATA.REAL_LABELS!r} "
                           "apply to an image folder (DATA.DATASET imagenet, DATA.FORMAT folder); drop them or "
                           "evaluate a folder")
+    thresh, smoothing = cfg.TRAIN.BCE_TARGET_THRESH, cfg.MODEL.LABEL_SMOOTHING
+    # A smoothed target is never below this floor (timm's off value; multi-label labels move towards 0.5).
+    floor = smoothing * 0.5 if cfg.DATA.FORMAT == "multilabel" else smoothing / cfg.MODEL.NUM_CLASSES
+    if thresh is not None and smoothing > 0 and floor > thresh:
+        raise ConfigError(f"TRAIN.BCE_TARGET_THRESH={thresh!r} is below {floor:g}, the smallest target that "
+                          f"MODEL.LABEL_SMOOTHING={smoothing!r} leaves: every target would become 1; raise the "
+                          "threshold, or set MODEL.LABEL_SMOOTHING 0 (DeiT III's threshold 0.0 has no smoothing)")
     if cfg.MODEL.RESUME and cfg.MODEL.PRETRAINED:
         raise ConfigError("--resume and --pretrained were both given: --resume restores the whole training "
                           "state (weights included), --pretrained only initialises the weights; pass one")

@@ -87,7 +87,7 @@ def test_bce_on_mixed_targets_and_the_threshold(batch) -> None:
     thresholded = build_criterion(make_config("bce", 0.1, thresh=0.2), mixup=True)
     assert torch.allclose(thresholded(logits, soft), bce(logits, (soft > 0.2).double()), atol=1e-12)
     # DeiT III's 0.0: every class with any share of the mix is a positive.
-    deit = build_criterion(make_config("bce", 0.1, thresh=0.0), mixup=True)
+    deit = build_criterion(make_config("bce", 0.0, thresh=0.0), mixup=True)
     mixup = Mixup(mixup_alpha=1.0, cutmix_alpha=0.0, label_smoothing=0.0, num_classes=C)
     labels = torch.tensor([0, 1, 2, 3, 4, 0])
     _, targets = mixup(torch.zeros(B, 3, 4, 4), labels)
@@ -110,6 +110,11 @@ def test_bce_threshold_on_smoothed_labels_without_mixup(batch) -> None:
     # Hard 0/1 targets: no mixup, no cutmix, no smoothing.
     (["TRAIN.LOSS", "bce", "TRAIN.BCE_TARGET_THRESH", "0.0", "AUG.MIXUP", "0.0", "AUG.CUTMIX", "0.0",
       "MODEL.LABEL_SMOOTHING", "0.0"], r"on hard 0/1 targets a threshold changes nothing; set it to null"),
+    # Smoothing's floor (0.1 / 1000 classes; 0.1 / 2 for multi-label) above the threshold: every target is 1.
+    (["TRAIN.LOSS", "bce", "TRAIN.BCE_TARGET_THRESH", "0.0"], r"TRAIN\.BCE_TARGET_THRESH=0\.0 is below 0\.0001, the "
+     r"smallest target that MODEL\.LABEL_SMOOTHING=0\.1 leaves: every target would become 1"),
+    (["DATA.FORMAT", "multilabel", "TRAIN.LOSS", "bce", "TRAIN.BCE_TARGET_THRESH", "0.02"],
+     r"TRAIN\.BCE_TARGET_THRESH=0\.02 is below 0\.05"),
     (["DATA.FORMAT", "multilabel"], r"TRAIN\.LOSS='ce' does not fit DATA\.FORMAT multilabel .*use --opts "
      r"TRAIN\.LOSS bce"),
     (["DATA.FORMAT", "multilabel", "TRAIN.LOSS", "bce", "DATA.DATASET", "synthetic"],
@@ -121,6 +126,8 @@ def test_loss_config_errors(opts, needle: str) -> None:
 
 
 def test_valid_loss_configs_load() -> None:
-    assert load_config(opts=["TRAIN.LOSS", "bce", "TRAIN.BCE_TARGET_THRESH", "0.0"]).TRAIN.BCE_TARGET_THRESH == 0.0
+    deit = load_config(opts=["TRAIN.LOSS", "bce", "TRAIN.BCE_TARGET_THRESH", "0.0", "MODEL.LABEL_SMOOTHING", "0.0"])
+    assert deit.TRAIN.BCE_TARGET_THRESH == 0.0
+    assert load_config(opts=["TRAIN.LOSS", "bce", "TRAIN.BCE_TARGET_THRESH", "0.2"]).TRAIN.BCE_TARGET_THRESH == 0.2
     assert load_config(opts=["TRAIN.LOSS", "soft-ce"]).TRAIN.LOSS == "soft-ce"
     assert load_config().TRAIN.LOSS == "ce" and load_config().TRAIN.BCE_TARGET_THRESH is None
