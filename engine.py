@@ -19,7 +19,7 @@ from yacs.config import CfgNode
 from stopping import StopPolicy, StopReason
 from utils.analysis import top_k
 from utils.distributed import all_gather_object, all_reduce_sum, rank_and_world_size
-from utils.multilabel import mean_average_precision
+from utils.multilabel import average_precision, mean_average_precision
 from utils.precision import amp_name, autocast, peak_memory_mb
 from utils.progress import EpochProgress
 from utils.train_state import TrainState
@@ -343,7 +343,7 @@ def _validation_logits(model: nn.Module, loader: Any, device: torch.device,
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Any, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
              collect: Optional[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None,
-             multi_label: bool = False) -> Dict[str, float]:
+             multi_label: bool = False) -> Dict[str, Any]:
     """Exact top-1 / top-5 accuracy (%) and mean cross-entropy over the whole validation set.
 
     Every rank sums over its own part of the set; one all-reduce of (loss sum, top-1 hits, top-5 hits,
@@ -363,7 +363,7 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, amp_dtype: Opt
         multi_label: The loader yields ``(B, C)`` multi-hot targets: :func:`evaluate_multilabel` instead.
 
     Returns:
-        ``{"acc1", "acc5", "loss", "count"}``; for ``multi_label`` ``{"map", "loss", "count"}``.
+        ``{"acc1", "acc5", "loss", "count"}``; for ``multi_label`` :func:`evaluate_multilabel`'s.
     """
     if multi_label:
         return evaluate_multilabel(model, loader, device, amp_dtype)
@@ -393,14 +393,16 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, amp_dtype: Opt
 
 @torch.no_grad()
 def evaluate_multilabel(model: nn.Module, loader: Any, device: torch.device,
-                        amp_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
-    """Exact mAP (%) and mean binary cross-entropy over the whole validation set of multi-hot targets.
+                        amp_dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
+    """Exact mAP (%), each class's AP and the mean binary cross-entropy over the whole validation set of
+    multi-hot targets.
 
     AP ranks every image of the set, so the scores and targets of every rank are gathered (one
     ``all_gather_object`` of ``(n, C)`` float32 logits and targets per rank, about 8 x N x C bytes in
     all: a few MB for the tens of thousands of images and tens of classes of such datasets) and
-    every rank computes the same mAP (:func:`utils.multilabel.mean_average_precision`, float64) from
-    them. The loss is the mean over images of the BCE averaged over classes, unsmoothed.
+    every rank computes the same APs (:func:`utils.multilabel.average_precision`, float64) from them
+    and their mean over the classes with a positive, mAP. The loss is the mean over images of the BCE
+    averaged over classes, unsmoothed.
 
     Args:
         model: Unwrapped model (or EMA module).
@@ -409,7 +411,8 @@ def evaluate_multilabel(model: nn.Module, loader: Any, device: torch.device,
         amp_dtype: Autocast dtype, None for float32.
 
     Returns:
-        ``{"map", "loss", "count"}``; ``map`` is NaN when no val image has any class.
+        ``{"map", "loss", "count", "class_ap"}``: ``class_ap`` lists each class's AP (%), NaN for a class
+        without positives; ``map`` is NaN when no val image has any class.
     """
     was_training = model.training
     model.eval()
@@ -427,8 +430,9 @@ def evaluate_multilabel(model: nn.Module, loader: Any, device: torch.device,
     all_scores = torch.from_numpy(np.concatenate([part[0] for part in parts]))  # (N, C)
     all_targets = torch.from_numpy(np.concatenate([part[1] for part in parts]))  # (N, C)
     count = all_scores.shape[0]
-    return {"map": 100.0 * mean_average_precision(all_scores, all_targets),
-            "loss": sum(part[2] for part in parts) / count, "count": count}
+    class_ap = 100.0 * average_precision(all_scores, all_targets)  # (C,) float64
+    return {"map": mean_average_precision(class_ap),
+            "loss": sum(part[2] for part in parts) / count, "count": count, "class_ap": class_ap.tolist()}
 
 
 def pad_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ from models import build_model, load_pretrained
 from optim import build_optimizer, build_scheduler
 from resume import RunCheckpoints
 from stopping import StopPolicy, StopReason
-from utils.analysis import analyze_pass
+from utils.analysis import analyze_pass, write_class_ap
 from utils.checkpoint import BEST, EMA_BEST
 from utils.distributed import DistInfo
 from utils.file_io import atomic_write_text, load_file, remove_stale_temp_files
@@ -233,11 +233,18 @@ class Trainer:
         """Validate, and write the per-class analysis to ``run_dir/analysis/name`` (:mod:`utils.analysis`).
 
         Returns the statistics and, on rank 0, ``val_real_acc1`` (with ``DATA.REAL_LABELS``) and
-        ``analysis_dir`` for the result line. Multi-label data has no per-class confusion: only the statistics.
+        ``analysis_dir`` for the result line. Multi-label data has no confusion matrix: its analysis is each
+        class's average precision.
         """
         if self.loaders.multi_label:
-            logger.info("multi-label data: no per-class confusion analysis (it needs one label per image)")
-            return self._validate(model), {}
+            stats = self._validate(model)
+            if not self.dist_info.is_main:
+                return stats, {}
+            directory = os.path.join(self.run_dir, "analysis", name)
+            write_class_ap(directory, stats, self.loaders.class_names or [])
+            logger.info("multi-label data: per-class average precision in %s/analysis.json (no confusion matrix)",
+                        directory)
+            return stats, {"analysis_dir": directory}
         collected: list = []
         stats = evaluate(model, self.loaders.val, self.dist_info.device, self.eval_dtype, collect=collected)
         summary = analyze_pass(collected, self.loaders, self.config, os.path.join(self.run_dir, "analysis", name))
@@ -253,7 +260,7 @@ class Trainer:
     def analyze_best(self) -> None:
         """The analysis of ``best.pth``'s weights at the end of training (``run_dir/analysis/best``)."""
         path = os.path.join(self.run_dir, BEST)
-        if not os.path.isfile(path) or self.loaders.multi_label:  # no per-class confusion without single labels
+        if not os.path.isfile(path):
             return
         self.parts.model.load_state_dict(load_file(path)["model"])  # training is over: the weights may change
         self._validate_and_analyze(self.eval_model, "best")

@@ -2,6 +2,7 @@
 validation and a tiny run whose mAP rises above chance."""
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -238,10 +239,12 @@ def test_map_is_the_mean_over_classes_with_positives() -> None:
     scores = torch.tensor([[0.9, 0.1, 0.5], [0.8, 0.7, 0.5], [0.1, 0.2, 0.5], [0.3, 0.9, 0.5]])
     targets = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 1, 0]], dtype=torch.float32)
     # Class 0: positives ranked 1st and 4th -> (1 + 2/4) / 2; class 1: 1st and 2nd -> 1; class 2: no positive.
-    assert mean_average_precision(scores, targets) == pytest.approx(((1 + 2 / 4) / 2 + 1) / 2, abs=1e-12)
+    assert mean_average_precision(average_precision(scores, targets)) == pytest.approx(((1 + 2 / 4) / 2 + 1) / 2,
+                                                                                      abs=1e-12)
     # All tied: the precision of every positive is the prevalence.
-    assert mean_average_precision(torch.zeros(4, 1), torch.tensor([[1.0], [0.0], [0.0], [1.0]])) == 0.5
-    assert np.isnan(mean_average_precision(scores, torch.zeros(4, 3)))
+    tied = average_precision(torch.zeros(4, 1), torch.tensor([[1.0], [0.0], [0.0], [1.0]]))
+    assert mean_average_precision(tied) == 0.5
+    assert np.isnan(mean_average_precision(average_precision(scores, torch.zeros(4, 3))))
 
 
 def _scores_and_targets() -> Tuple[torch.Tensor, torch.Tensor]:
@@ -263,7 +266,8 @@ def test_validation_map_is_exact_over_uneven_rank_parts(monkeypatch: pytest.Monk
     scores, targets = _scores_and_targets()
     alone = engine.evaluate(torch.nn.Identity(), [(scores[:4], targets[:4]), (scores[4:], targets[4:])], CPU,
                             multi_label=True)
-    assert alone["map"] == pytest.approx(100 * mean_average_precision(scores, targets), abs=1e-12)
+    assert alone["map"] == pytest.approx(100 * mean_average_precision(average_precision(scores, targets)), abs=1e-12)
+    assert alone["class_ap"][3] != alone["class_ap"][3]  # NaN: the class has no positive
     expected_loss = torch.nn.functional.binary_cross_entropy_with_logits(scores.double(), targets.double()).item()
     assert alone["count"] == 7 and alone["loss"] == pytest.approx(expected_loss, abs=1e-6)
     parts: List = []
@@ -360,7 +364,12 @@ def test_a_tiny_run_reports_map_above_chance_and_tracks_the_best_map(run_root: P
     chance = 100 * val_targets.mean()
     assert best["val_map"] > chance + 20, [row["val_map"] for row in rows]
     assert rows[-1]["val_loss"] < rows[0]["val_loss"]
-    assert not (run / "analysis").exists()
+    # The analysis of best.pth: each class's AP, lowest first.
+    analysis = json.loads((run / "analysis" / "best" / "analysis.json").read_text())
+    assert analysis["map"] == pytest.approx(best["val_map"], abs=1e-9) and analysis["count"] == 24
+    aps = [row["ap"] for row in analysis["per_class_ap"]]
+    assert sorted(row["class"] for row in analysis["per_class_ap"]) == CLASSES and aps == sorted(aps)
+    assert sum(aps) / 3 == pytest.approx(best["val_map"], abs=1e-9)
     log = (run / "log.txt").read_text()
     assert f"val mAP {rows[0]['val_map']:.3f}" in log and "best mAP" in log
     # --eval of best.pth reports the best epoch's mAP again.
@@ -369,7 +378,7 @@ def test_a_tiny_run_reports_map_above_chance_and_tracks_the_best_map(run_root: P
                       "--resume", str(run / "best.pth")]) == 0
     result = last_json(capsys.readouterr().out)
     assert result["val_map"] == pytest.approx(best["val_map"], abs=1e-9) and result["val_count"] == 24
-    assert "val_acc1" not in result and "analysis_dir" not in result
+    assert "val_acc1" not in result and Path(result["analysis_dir"], "analysis.json").is_file()
 
 
 @pytest.mark.parametrize("opts, edit, needle", [

@@ -39,13 +39,11 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return torch.where(num_positives > 0, ap, torch.full_like(ap, float("nan")))
 
 
-def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """mAP: the mean of :func:`average_precision` over the classes with at least one positive (NaN if none).
+def mean_average_precision(class_ap: torch.Tensor) -> float:
+    """mAP: the mean of :func:`average_precision`'s values over the classes with a positive (NaN if none).
 
     Args:
-        scores: ``(N, C)`` scores.
-        targets: ``(N, C)`` multi-hot targets.
+        class_ap: ``(C,)`` per-class APs, NaN for a class without positives.
     """
-    ap = average_precision(scores, targets)
-    present = ~torch.isnan(ap)
-    return ap[present].mean().item() if bool(present.any()) else float("nan")
+    present = ~torch.isnan(class_ap)
+    return class_ap[present].mean().item() if bool(present.any()) else float("nan")
