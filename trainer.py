@@ -126,14 +126,14 @@ def _wrap_for_training(model: nn.Module, config: CfgNode, dist_info: DistInfo) -
     return torch.compile(wrapped, backend=config.TRAIN.COMPILE_BACKEND)
 
 
-def _val_columns(stats: Dict[str, float], prefix: str) -> Dict[str, float]:
+def _val_columns(stats: Dict[str, Any], prefix: str) -> Dict[str, float]:
     """A validation pass's numbers as result / metrics.jsonl columns: ``{prefix}acc1``, ``{prefix}acc5`` and
     ``{prefix}loss``, or for multi-label data ``{prefix}map`` and ``{prefix}loss``."""
     names = ("map", "loss") if "map" in stats else ("acc1", "acc5", "loss")
     return {f"{prefix}{name}": stats[name] for name in names}
 
 
-def _describe(stats: Dict[str, float]) -> str:
+def _describe(stats: Dict[str, Any]) -> str:
     """A validation pass's numbers for a log line."""
     if "map" in stats:
         return f"mAP {stats['map']:.3f}  loss {stats['loss']:.4f}"
@@ -225,11 +225,11 @@ class Trainer:
             sys.stdout.flush()
         return EXIT_OK
 
-    def _validate(self, model: nn.Module) -> Dict[str, float]:
+    def _validate(self, model: nn.Module) -> Dict[str, Any]:
         return evaluate(model, self.loaders.val, self.dist_info.device, self.eval_dtype,
                         multi_label=self.loaders.multi_label)
 
-    def _validate_and_analyze(self, model: nn.Module, name: str) -> Tuple[Dict[str, float], Dict[str, Any]]:
+    def _validate_and_analyze(self, model: nn.Module, name: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         """Validate, and write the per-class analysis to ``run_dir/analysis/name`` (:mod:`utils.analysis`).
 
         Returns the statistics and, on rank 0, ``val_real_acc1`` (with ``DATA.REAL_LABELS``) and
