@@ -379,6 +379,15 @@ def test_a_tiny_run_reports_map_above_chance_and_tracks_the_best_map(run_root: P
     result = last_json(capsys.readouterr().out)
     assert result["val_map"] == pytest.approx(best["val_map"], abs=1e-9) and result["val_count"] == 24
     assert "val_acc1" not in result and Path(result["analysis_dir"], "analysis.json").is_file()
+    # predict: each class's own sigmoid probability, with the class names the checkpoint stores.
+    import predict
+
+    predictions = tmp_path / "predictions.jsonl"
+    assert predict.main(["--pretrained", str(run / "best.pth"), "--output", str(predictions), "--top-k", "3",
+                         str(run_root / "val")]) == 0
+    rows = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(rows) == 24 and all(sorted(entry["name"] for entry in row["top"]) == CLASSES for row in rows)
+    assert any(abs(sum(entry["prob"] for entry in row["top"]) - 1) > 0.1 for row in rows)  # not a softmax
 
 
 @pytest.mark.parametrize("opts, edit, needle", [
@@ -418,3 +427,26 @@ def test_a_dali_run_with_mixup_cutmix_and_deit_threshold(run_root: Path, tmp_pat
                       "AUG.MIXUP", "0.8", "AUG.CUTMIX", "1.0", "TRAIN.BCE_TARGET_THRESH", "0.0"]) == 0
     (row,) = read_metrics(out / "crossformerpp_s" / "default")
     assert 0 < row["val_map"] <= 100 and row["train_loss"] > 0 and row["best_map"] == row["val_map"]
+
+
+def test_predict_gives_a_bce_models_sigmoid_probabilities(shapes_root: Path) -> None:
+    from types import SimpleNamespace
+
+    from predict import predict
+
+    logits = torch.tensor([2.0, -1.0, 0.5])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return logits.expand(images.shape[0], 3)
+
+    config = make_config(shapes_root, "pytorch", DATA__NUM_WORKERS=0)
+    paths = [str(path) for path in sorted((shapes_root / "val").iterdir())[:2]]
+    for loss, expected in (("bce", logits.sigmoid()), ("ce", logits.softmax(dim=0))):
+        config.TRAIN.LOSS = loss
+        trained = SimpleNamespace(model=Fixed(), config=config, class_names=CLASSES)
+        rows = list(predict(trained, paths, top=2))
+        assert [row["path"] for row in rows] == paths
+        for row in rows:
+            assert [entry["class"] for entry in row["top"]] == [0, 2]
+            assert [entry["prob"] for entry in row["top"]] == pytest.approx(expected[[0, 2]].tolist(), abs=1e-6)
