@@ -157,6 +157,17 @@ def test_loaders_deliver_multi_hot_targets(shapes_root: Path, loader: str) -> No
     assert torch.equal(val_targets, torch.from_numpy(val_split.targets))
 
 
+def test_a_mid_epoch_resume_gives_the_rest_of_the_epoch_bitwise(shapes_root: Path) -> None:
+    cfg = make_config(shapes_root, "pytorch", DATA__NUM_WORKERS=0)
+    full, resumed = build_loader(cfg, CPU).train, build_loader(cfg, CPU).train
+    full.set_epoch(1)
+    resumed.set_epoch(1, start_batch=4)
+    expected, rest = list(full)[4:], list(resumed)
+    assert len(rest) == len(expected) == 2
+    for (images, targets), (images_again, targets_again) in zip(expected, rest):
+        assert torch.equal(images, images_again) and torch.equal(targets, targets_again)
+
+
 @pytest.mark.parametrize("loader", LOADERS)
 def test_val_images_equal_the_folder_formats_for_the_same_files(shapes_root: Path, tmp_path: Path,
                                                                 loader: str) -> None:
