@@ -108,8 +108,10 @@ KEYS: Tuple[Key, ...] = (
     Key("DATA.LOADER", "dali", "The loader: DALI or PyTorch's DataLoader with timm's transforms.",
         choices=("dali", "pytorch")),
     Key("DATA.FORMAT", "folder", 'How an imagenet DATA_PATH stores its images: "folder" (train/<class>/<image>, '
-        'val/...) or "shards" (train/ and val/ of tar shards with an index.json, written by python -m '
-        "data.make_shards).", choices=("folder", "shards")),
+        'val/...), "shards" (train/ and val/ of tar shards with an index.json, written by python -m '
+        'data.make_shards) or "multilabel" (flat train/ and val/ image folders with train.csv and val.csv beside '
+        'them: rows "file,labels", the labels class names separated by spaces; needs TRAIN.LOSS bce and reports '
+        "mAP).", choices=("folder", "shards", "multilabel")),
     Key("DATA.VAL_LAYOUT", "names", 'How DATA_PATH/val\'s class folders give labels (folder format): "names" (sorted '
         "by name, as train's and torchvision's ImageFolder) or \"indices\" (named 0..N-1 by class index, "
         "ImageNet-V2's layout: the label is the folder's integer value, never its place in string order; the class "
@@ -152,7 +154,8 @@ KEYS: Tuple[Key, ...] = (
     Key("MODEL.NUM_CLASSES", 1000, "Classes of the head.", rule=_at_least(1), resume=_I),
     Key("MODEL.DROP_RATE", 0.0, "Dropout before the head.", rule=_FRACTION),
     Key("MODEL.DROP_PATH_RATE", 0.3, "Stochastic depth rate of the last block (linear in depth).", rule=_FRACTION),
-    Key("MODEL.LABEL_SMOOTHING", 0.1, "Label smoothing of the loss.", rule=_FRACTION),
+    Key("MODEL.LABEL_SMOOTHING", 0.1, "Label smoothing of the loss (with mixup / cutmix applied to the mixed "
+        "targets; for multi-label targets each label moves towards 0.5, timm's convention).", rule=_FRACTION),
     Key("MODEL.PRETRAINED", "", 'Weights-only initialisation from one of our checkpoints or an official one (a dict '
         'with "model"); the head is re-initialised when its number of classes differs.', resume=_N,
         flag=_flag("--pretrained", "checkpoint to initialise the weights from", type=str)),
@@ -222,6 +225,23 @@ KEYS: Tuple[Key, ...] = (
         "the warmup line is laid over its start (timm's CosineLRScheduler with t_initial = all steps). True: the "
         "cosine starts at the end of the warmup and spans the remaining steps (a higher mean LR, about 7 % for 20 "
         "of 300 epochs).", resume=_S),
+    Key("TRAIN.LOSS", "ce", 'The training loss: "ce" (cross-entropy: soft-target CE on mixup / cutmix targets, '
+        'else label-smoothed CE), "soft-ce" (soft-target CE always, on one-hot targets with label smoothing when '
+        'nothing mixes) or "bce" (timm\'s BinaryCrossEntropy per class, DeiT III; the only loss of multi-label '
+        "data).", choices=("ce", "soft-ce", "bce"), resume=_I,
+        rule=((lambda loss, cfg: loss == "bce" or cfg.DATA.FORMAT != "multilabel"),
+              "does not fit DATA.FORMAT multilabel (independent classes, several per image); use --opts TRAIN.LOSS "
+              "bce")),
+    Key("TRAIN.BCE_TARGET_THRESH", None, "With TRAIN.LOSS bce: a (mixed or smoothed) target above this value "
+        "becomes 1, every other 0 (DeiT III's 0.0 without label smoothing, timm's --bce-target-thresh); at least the "
+        "smallest smoothed target (MODEL.LABEL_SMOOTHING / MODEL.NUM_CLASSES, or LABEL_SMOOTHING / 2 for multi-label "
+        "data). None (YAML null) keeps the soft targets.", example=0.0, resume=_I,
+        rule=((lambda thresh, cfg: thresh is None or (
+            0 <= thresh < 1 and cfg.TRAIN.LOSS == "bce"
+            and (cfg.AUG.MIXUP > 0 or cfg.AUG.CUTMIX > 0 or cfg.MODEL.LABEL_SMOOTHING > 0))),
+              "must be null unless TRAIN.LOSS is bce and the targets are soft (AUG.MIXUP or AUG.CUTMIX > 0, or "
+              "MODEL.LABEL_SMOOTHING > 0), and then in [0, 1): on hard 0/1 targets a threshold changes nothing; "
+              "set it to null")),
     Key("TRAIN.CLIP_GRAD", 5.0, "Max global gradient norm; 0 disables clipping (the norm is still logged).",
         rule=_at_least(0, " (0 = no clipping)")),
     Key("TRAIN.AUTO_RESUME", True, "Resume from the newest complete checkpoint of the run directory when there is "
@@ -386,14 +406,21 @@ def validate(cfg: CN) -> None:
         raise ConfigError(f"DATA.DATA_PATH={cfg.DATA.DATA_PATH!r} was given but DATA.DATASET={cfg.DATA.DATASET!r} "
                           "reads no folder; add --opts DATA.DATASET imagenet to train on the folder, or drop "
                           "--data-path")
-    if cfg.DATA.FORMAT == "shards" and cfg.DATA.DATASET != "imagenet":
-        raise ConfigError(f"DATA.FORMAT='shards' reads DATA_PATH but DATA.DATASET={cfg.DATA.DATASET!r} reads none; "
-                          "add --opts DATA.DATASET imagenet and --data-path SHARDS, or drop DATA.FORMAT")
+    if cfg.DATA.FORMAT != "folder" and cfg.DATA.DATASET != "imagenet":
+        raise ConfigError(f"DATA.FORMAT={cfg.DATA.FORMAT!r} reads DATA_PATH but DATA.DATASET={cfg.DATA.DATASET!r} "
+                          "reads none; add --opts DATA.DATASET imagenet and --data-path PATH, or drop DATA.FORMAT")
     if (cfg.DATA.VAL_LAYOUT != "names" or cfg.DATA.REAL_LABELS) and (cfg.DATA.DATASET, cfg.DATA.FORMAT) != (
             "imagenet", "folder"):
         raise ConfigError(f"DATA.VAL_LAYOUT={cfg.DATA.VAL_LAYOUT!r} / DATA.REAL_LABELS={cfg.DATA.REAL_LABELS!r} "
                           "apply to an image folder (DATA.DATASET imagenet, DATA.FORMAT folder); drop them or "
                           "evaluate a folder")
+    thresh, smoothing = cfg.TRAIN.BCE_TARGET_THRESH, cfg.MODEL.LABEL_SMOOTHING
+    # A smoothed target is never below this floor (timm's off value; multi-label labels move towards 0.5).
+    floor = smoothing * 0.5 if cfg.DATA.FORMAT == "multilabel" else smoothing / cfg.MODEL.NUM_CLASSES
+    if thresh is not None and smoothing > 0 and floor > thresh:
+        raise ConfigError(f"TRAIN.BCE_TARGET_THRESH={thresh!r} is below {floor:g}, the smallest target that "
+                          f"MODEL.LABEL_SMOOTHING={smoothing!r} leaves: every target would become 1; raise the "
+                          "threshold, or set MODEL.LABEL_SMOOTHING 0 (DeiT III's threshold 0.0 has no smoothing)")
     if cfg.MODEL.RESUME and cfg.MODEL.PRETRAINED:
         raise ConfigError("--resume and --pretrained were both given: --resume restores the whole training "
                           "state (weights included), --pretrained only initialises the weights; pass one")

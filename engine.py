@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.utils import ModelEmaV3, unwrap_model
@@ -17,7 +18,8 @@ from yacs.config import CfgNode
 
 from stopping import StopPolicy, StopReason
 from utils.analysis import top_k
-from utils.distributed import all_reduce_sum, rank_and_world_size
+from utils.distributed import all_gather_object, all_reduce_sum, rank_and_world_size
+from utils.multilabel import average_precision, mean_average_precision
 from utils.precision import amp_name, autocast, peak_memory_mb
 from utils.progress import EpochProgress
 from utils.train_state import TrainState
@@ -321,34 +323,14 @@ def summarize_train_epoch(state: TrainState) -> Dict[str, float]:
     return {"train_loss": loss_sum / max(count, 1), "train_imgs_per_sec": samples / max(state.train_time, 1e-9)}
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
-             collect: Optional[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None) -> Dict[str, float]:
-    """Exact top-1 / top-5 accuracy (%) and mean cross-entropy over the whole validation set.
+def _validation_logits(model: nn.Module, loader: Any, device: torch.device,
+                       amp_dtype: Optional[torch.dtype]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(logits (B, num_classes) float32, targets)`` of each validation batch, on ``device``.
 
-    Every rank sums over its own part of the set; one all-reduce of (loss sum, top-1 hits, top-5 hits,
-    count) gives the exact totals for any number of ranks and uneven rank parts. Pass the unwrapped
-    model: DDP's forward would add collectives per batch that hang on uneven rank parts. The sums
-    stay on the device (the host reads them once, at the end); for a compiled model a smaller last
-    batch is padded to the first batch's size and the padding's outputs are left out, so it runs one
-    graph (an eager model runs the batch as it is: no wasted work).
-
-    Args:
-        model: Unwrapped model (or EMA module).
-        loader: This rank's part of the validation set.
-        device: Compute device.
-        amp_dtype: Autocast dtype, None for float32.
-        collect: When a list, each batch's ``(targets (B,), top-5 classes (B, 5), their softmax
-            probabilities (B, 5))`` are appended, on ``device``, in this rank's sample order
-            (:mod:`utils.analysis` turns them into per-class statistics).
-
-    Returns:
-        ``{"acc1", "acc5", "loss", "count"}``.
+    For a compiled model a smaller last batch is padded to the first batch's size and the
+    padding's outputs are left out, so it runs one graph (an eager model runs the batch as it is).
     """
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, samples
-    count, batch_size = 0, 0  # samples: counted on the host, added to the sums once
+    batch_size = 0
     compiled = hasattr(model, "_orig_mod")  # torch.compile's wrapper (what timm's unwrap_model looks for)
     start = last_report = time.perf_counter()
     for index, (images, targets) in enumerate(loader):
@@ -362,7 +344,41 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, amp_dtype: Opt
                 logits = model(pad_batch(images, batch_size))[:size]  # (B, num_classes)
             else:
                 logits = model(images)  # (B, num_classes)
-        logits = logits.float()
+        yield logits.float(), targets
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, device: torch.device, amp_dtype: Optional[torch.dtype] = None,
+             collect: Optional[List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = None,
+             multi_label: bool = False) -> Dict[str, Any]:
+    """Exact top-1 / top-5 accuracy (%) and mean cross-entropy over the whole validation set.
+
+    Every rank sums over its own part of the set; one all-reduce of (loss sum, top-1 hits, top-5 hits,
+    count) gives the exact totals for any number of ranks and uneven rank parts. Pass the unwrapped
+    model: DDP's forward would add collectives per batch that hang on uneven rank parts. The sums
+    stay on the device (the host reads them once, at the end); a compiled model runs one graph
+    (:func:`_validation_logits`).
+
+    Args:
+        model: Unwrapped model (or EMA module).
+        loader: This rank's part of the validation set.
+        device: Compute device.
+        amp_dtype: Autocast dtype, None for float32.
+        collect: When a list, each batch's ``(targets (B,), top-5 classes (B, 5), their softmax
+            probabilities (B, 5))`` are appended, on ``device``, in this rank's sample order
+            (:mod:`utils.analysis` turns them into per-class statistics). Single-label data only.
+        multi_label: The loader yields ``(B, C)`` multi-hot targets: :func:`evaluate_multilabel` instead.
+
+    Returns:
+        ``{"acc1", "acc5", "loss", "count"}``; for ``multi_label`` :func:`evaluate_multilabel`'s.
+    """
+    if multi_label:
+        return evaluate_multilabel(model, loader, device, amp_dtype)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1 hits, top-5 hits, samples
+    count = 0  # samples: counted on the host, added to the sums once
+    for logits, targets in _validation_logits(model, loader, device, amp_dtype):
         topk, probabilities = top_k(logits, 5)  # (B, k) each
         hits = topk.eq(targets[:, None])  # (B, k)
         if collect is not None:
@@ -372,7 +388,7 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, amp_dtype: Opt
             hits[:, 0].sum().double(),
             hits.any(dim=1).sum().double(),
         ])
-        count += size
+        count += targets.shape[0]
     sums[3] = count
     all_reduce_sum(sums)
     loss_sum, top1, top5, count = sums.tolist()  # host sync: once per evaluation
@@ -380,6 +396,50 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, amp_dtype: Opt
     if count == 0:
         raise ValueError("the validation set is empty; check DATA.DATA_PATH (or the synthetic sizes)")
     return {"acc1": 100.0 * top1 / count, "acc5": 100.0 * top5 / count, "loss": loss_sum / count, "count": count}
+
+
+@torch.no_grad()
+def evaluate_multilabel(model: nn.Module, loader: Any, device: torch.device,
+                        amp_dtype: Optional[torch.dtype] = None) -> Dict[str, Any]:
+    """Exact mAP (%), each class's AP and the mean binary cross-entropy over the whole validation set of
+    multi-hot targets.
+
+    AP ranks every image of the set, so the scores and targets of every rank are gathered (one
+    ``all_gather_object`` of ``(n, C)`` float32 logits and targets per rank, about 8 x N x C bytes in
+    all: a few MB for the tens of thousands of images and tens of classes of such datasets) and
+    every rank computes the same APs (:func:`utils.multilabel.average_precision`, float64) from them
+    and their mean over the classes with a positive, mAP. The loss is the mean over images of the BCE
+    averaged over classes, unsmoothed.
+
+    Args:
+        model: Unwrapped model (or EMA module).
+        loader: This rank's part of the validation set; yields ``(images, (B, C) float32 targets)``.
+        device: Compute device.
+        amp_dtype: Autocast dtype, None for float32.
+
+    Returns:
+        ``{"map", "loss", "count", "class_ap"}``: ``class_ap`` lists each class's AP (%), NaN for a class
+        without positives; ``map`` is NaN when no val image has any class.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    scores, targets = [], []
+    for logits, batch_targets in _validation_logits(model, loader, device, amp_dtype):
+        loss_sum += F.binary_cross_entropy_with_logits(logits, batch_targets, reduction="none").mean(dim=1).sum()
+        scores.append(logits)
+        targets.append(batch_targets)
+    mine = (torch.cat(scores).cpu().numpy(), torch.cat(targets).cpu().numpy(), loss_sum.item()) if scores else None
+    parts = [part for part in all_gather_object(mine) if part is not None]  # host sync: once per evaluation
+    model.train(was_training)
+    if not parts:
+        raise ValueError("the validation set is empty; check DATA.DATA_PATH and val.csv")
+    all_scores = torch.from_numpy(np.concatenate([part[0] for part in parts]))  # (N, C)
+    all_targets = torch.from_numpy(np.concatenate([part[1] for part in parts]))  # (N, C)
+    count = all_scores.shape[0]
+    class_ap = 100.0 * average_precision(all_scores, all_targets)  # (C,) float64
+    return {"map": mean_average_precision(class_ap),
+            "loss": sum(part[2] for part in parts) / count, "count": count, "class_ap": class_ap.tolist()}
 
 
 def pad_batch(images: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -14,7 +14,9 @@ Images go through the validation loader of ``--eval`` (``DATA.LOADER pytorch``):
 transform of the config (resize, center crop, normalisation) and the same probabilities, so the
 predictions equal ``--eval``'s image by image. The class names are the ones the checkpoint stores
 (the class folders it was trained on; ImageNet's wnids). Without ``--cfg`` the config stored in
-the checkpoint describes the model.
+the checkpoint describes the model. A model trained with ``TRAIN.LOSS bce`` (multi-label data
+among others) scores each class on its own: its ``prob`` is that class's sigmoid, and several
+classes of one image may be likely at once.
 """
 from __future__ import annotations
 
@@ -90,6 +92,8 @@ def predict(trained: Any, paths: Sequence[str], batch_size: int = 64, device: to
     if not paths:
         return
     model = trained.model.to(device).eval()
+    # BCE scores each class on its own (a stored config from before TRAIN.LOSS was trained with CE).
+    independent = trained.config.TRAIN.get("LOSS", "ce") == "bce"
     # The label of each sample is its place in the input: the batches say which images they hold.
     split = FolderSplit(root=Path("."), classes=trained.class_names, samples=[(p, i) for i, p in enumerate(paths)])
     sampler = EpochBatchSampler(len(paths), batch_size, trained.config.SEED, rank=0, world_size=1, train=False)
@@ -111,7 +115,11 @@ def predict(trained: Any, paths: Sequence[str], batch_size: int = 64, device: to
         for images, indices in loader:
             with autocast(device, amp_dtype):
                 logits = model(images)  # (B, num_classes)
-            classes, probabilities = (t.cpu() for t in top_k(logits, top))
+            if independent:
+                top_logits, classes = logits.float().topk(top, dim=1)  # (B, top) each
+                classes, probabilities = classes.cpu(), top_logits.sigmoid().cpu()
+            else:
+                classes, probabilities = (t.cpu() for t in top_k(logits, top))
             for index, row_classes, row_probabilities in zip(indices.tolist(), classes.tolist(),
                                                              probabilities.tolist()):
                 yield from errors_before(index)

@@ -175,12 +175,15 @@ class RunCheckpoints:
         return os.path.join(self.run_dir, name)
 
     def track_best(self, epoch: int, acc1: float, ema_acc1: Optional[float]) -> List[str]:
-        """Record an epoch's validation top-1; the best-files it improved (``best.pth``, ``ema_best.pth``).
+        """Record an epoch's validation metric; the best-files it improved (``best.pth``, ``ema_best.pth``).
+
+        The metric is top-1, or mAP for multi-label data (``DATA.FORMAT multilabel``); either is kept
+        in the state's ``best_acc1`` / ``best_ema_acc1``.
 
         Args:
             epoch: The epoch just validated.
-            acc1: Top-1 of the weights.
-            ema_acc1: Top-1 of the EMA weights, None without EMA.
+            acc1: Top-1 (or mAP) of the weights.
+            ema_acc1: Top-1 (or mAP) of the EMA weights, None without EMA.
         """
         improved: List[str] = []
         if acc1 > self.state.best_acc1:

@@ -15,7 +15,6 @@ import time
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3, random_seed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -26,11 +25,12 @@ from data import build_loader, build_mixup
 from distill import build_distiller
 from engine import (Components, current_lr, evaluate, measure_throughput, steps_per_epoch,
                     summarize_train_epoch, train_one_epoch)
+from loss import build_criterion
 from models import build_model, load_pretrained
 from optim import build_optimizer, build_scheduler
 from resume import RunCheckpoints
 from stopping import StopPolicy, StopReason
-from utils.analysis import analyze_pass
+from utils.analysis import analyze_pass, write_class_ap
 from utils.checkpoint import BEST, EMA_BEST
 from utils.distributed import DistInfo
 from utils.file_io import atomic_write_text, load_file, remove_stale_temp_files
@@ -75,20 +75,6 @@ def warn_if_trained_at_another_size(saved: Optional[Dict[str, Any]], config: Cfg
     if config.EVAL_MODE and trained and trained != config.DATA.IMG_SIZE:
         logger.warning("evaluating %s at %d px, but it was trained at %d px; --opts DATA.IMG_SIZE %d evaluates it at "
                        "its own size", path, config.DATA.IMG_SIZE, trained, trained)
-
-
-def build_criterion(config: CfgNode, mixup: bool) -> nn.Module:
-    """Soft-target CE with mixup / cutmix (which apply the label smoothing), else smoothed CE.
-
-    Args:
-        config: Reads ``MODEL.LABEL_SMOOTHING``.
-        mixup: Whether batches come with soft targets.
-    """
-    if mixup:
-        return SoftTargetCrossEntropy()
-    if config.MODEL.LABEL_SMOOTHING > 0:
-        return LabelSmoothingCrossEntropy(smoothing=config.MODEL.LABEL_SMOOTHING)
-    return nn.CrossEntropyLoss()
 
 
 def run_throughput(config: CfgNode, dist_info: DistInfo) -> int:
@@ -139,6 +125,20 @@ def _wrap_for_training(model: nn.Module, config: CfgNode, dist_info: DistInfo) -
     logger.info("torch.compile (backend %s) of the %s", config.TRAIN.COMPILE_BACKEND,
                 "DDP-wrapped model" if dist_info.distributed else "model")
     return torch.compile(wrapped, backend=config.TRAIN.COMPILE_BACKEND)
+
+
+def _val_columns(stats: Dict[str, Any], prefix: str) -> Dict[str, float]:
+    """A validation pass's numbers as result / metrics.jsonl columns: ``{prefix}acc1``, ``{prefix}acc5`` and
+    ``{prefix}loss``, or for multi-label data ``{prefix}map`` and ``{prefix}loss``."""
+    names = ("map", "loss") if "map" in stats else ("acc1", "acc5", "loss")
+    return {f"{prefix}{name}": stats[name] for name in names}
+
+
+def _describe(stats: Dict[str, Any]) -> str:
+    """A validation pass's numbers for a log line."""
+    if "map" in stats:
+        return f"mAP {stats['map']:.3f}  loss {stats['loss']:.4f}"
+    return f"acc@1 {stats['acc1']:.3f}  acc@5 {stats['acc5']:.3f}  loss {stats['loss']:.4f}"
 
 
 class Trainer:
@@ -216,31 +216,38 @@ class Trainer:
         data = os.path.basename(os.path.normpath(data_path)) if data_path else config.DATA.DATASET
         stem = os.path.splitext(os.path.basename(source))[0]
         stats, analysis = self._validate_and_analyze(self.eval_model, f"eval-{stem}{'-ema' if ema_only else ''}-{data}")
-        result.update({"val_acc1": stats["acc1"], "val_acc5": stats["acc5"], "val_loss": stats["loss"],
-                       "val_count": int(stats["count"]), **analysis})
-        logger.info("eval of the %s of %s: acc@1 %.3f  acc@5 %.3f  loss %.4f on %d images",
-                    "EMA weights" if ema_only else "weights", source, stats["acc1"], stats["acc5"], stats["loss"],
-                    stats["count"])
+        result.update({**_val_columns(stats, "val_"), "val_count": int(stats["count"]), **analysis})
+        logger.info("eval of the %s of %s: %s on %d images", "EMA weights" if ema_only else "weights", source,
+                    _describe(stats), stats["count"])
         if self.parts.ema is not None and self.resumed_from:  # the checkpoint's own EMA weights
             ema_stats, ema_analysis = self._validate_and_analyze(self.parts.ema.module, f"eval-{stem}-ema-{data}")
-            result.update({"ema_val_acc1": ema_stats["acc1"], "ema_val_acc5": ema_stats["acc5"],
-                           "ema_val_loss": ema_stats["loss"], **{f"ema_{k}": v for k, v in ema_analysis.items()}})
-            logger.info("eval of the EMA weights of %s: acc@1 %.3f  acc@5 %.3f  loss %.4f", source,
-                        ema_stats["acc1"], ema_stats["acc5"], ema_stats["loss"])
+            result.update({**_val_columns(ema_stats, "ema_val_"), **{f"ema_{k}": v for k, v in ema_analysis.items()}})
+            logger.info("eval of the EMA weights of %s: %s", source, _describe(ema_stats))
         if self.dist_info.is_main:
             sys.stdout.write(json.dumps(result) + "\n")
             sys.stdout.flush()
         return EXIT_OK
 
-    def _validate(self, model: nn.Module) -> Dict[str, float]:
-        return evaluate(model, self.loaders.val, self.dist_info.device, self.eval_dtype)
+    def _validate(self, model: nn.Module) -> Dict[str, Any]:
+        return evaluate(model, self.loaders.val, self.dist_info.device, self.eval_dtype,
+                        multi_label=self.loaders.multi_label)
 
-    def _validate_and_analyze(self, model: nn.Module, name: str) -> Tuple[Dict[str, float], Dict[str, Any]]:
+    def _validate_and_analyze(self, model: nn.Module, name: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
         """Validate, and write the per-class analysis to ``run_dir/analysis/name`` (:mod:`utils.analysis`).
 
         Returns the statistics and, on rank 0, ``val_real_acc1`` (with ``DATA.REAL_LABELS``) and
-        ``analysis_dir`` for the result line.
+        ``analysis_dir`` for the result line. Multi-label data has no confusion matrix: its analysis is each
+        class's average precision.
         """
+        if self.loaders.multi_label:
+            stats = self._validate(model)
+            if not self.dist_info.is_main:
+                return stats, {}
+            directory = os.path.join(self.run_dir, "analysis", name)
+            write_class_ap(directory, stats, self.loaders.class_names or [])
+            logger.info("multi-label data: per-class average precision in %s/analysis.json (no confusion matrix)",
+                        directory)
+            return stats, {"analysis_dir": directory}
         collected: list = []
         stats = evaluate(model, self.loaders.val, self.dist_info.device, self.eval_dtype, collect=collected)
         summary = analyze_pass(collected, self.loaders, self.config, os.path.join(self.run_dir, "analysis", name))
@@ -321,9 +328,10 @@ class Trainer:
             if reason is not StopReason.COMPLETED:
                 return stops.conclude(reason, checkpoints)
             self._end_epoch(recorder)
-        logger.info("done in %s: best acc@1 %.3f (epoch %d)%s",
-                    time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time)), state.best_acc1,
-                    state.best_epoch, f", best EMA acc@1 {state.best_ema_acc1:.3f} (epoch {state.best_ema_epoch})"
+        metric = "mAP" if self.loaders.multi_label else "acc@1"
+        logger.info("done in %s: best %s %.3f (epoch %d)%s",
+                    time.strftime("%H:%M:%S", time.gmtime(time.time() - start_time)), metric, state.best_acc1,
+                    state.best_epoch, f", best EMA {metric} {state.best_ema_acc1:.3f} (epoch {state.best_ema_epoch})"
                     if self.parts.ema is not None else "")
         self.analyze_best()
         self.log_outputs()
@@ -334,19 +342,22 @@ class Trainer:
         state, parts, epoch = self.state, self.parts, self.state.epoch
         row: Dict[str, Any] = {"epoch": epoch, **summarize_train_epoch(state),
                                "lr": current_lr(parts.optimizer)}
+        # The tracked metric: top-1, or mAP for multi-label data (best.pth is the best of that metric).
+        metric, name = ("map", "mAP") if self.loaders.multi_label else ("acc1", "acc@1")
         stats = self._validate(self.eval_model)
-        row.update({"val_acc1": stats["acc1"], "val_acc5": stats["acc5"], "val_loss": stats["loss"]})
-        ema_acc1 = None
+        row.update(_val_columns(stats, "val_"))
+        ema_score = None
         if parts.ema is not None:
             ema_stats = self._validate(parts.ema.module)
-            ema_acc1 = ema_stats["acc1"]
-            row.update({"ema_val_acc1": ema_acc1, "ema_val_acc5": ema_stats["acc5"],
-                        "ema_val_loss": ema_stats["loss"]})
-        improved = self.checkpoints.track_best(epoch, stats["acc1"], ema_acc1)
-        logger.info("epoch %d: train loss %.4f  val acc@1 %.3f (best %.3f @ %d)  acc@5 %.3f  loss %.4f%s", epoch,
-                    row["train_loss"], stats["acc1"], state.best_acc1, state.best_epoch, stats["acc5"], stats["loss"],
-                    f"  EMA acc@1 {ema_acc1:.3f} (best {state.best_ema_acc1:.3f})" if ema_acc1 is not None else "")
-        row.update({"global_step": state.global_step, "best_acc1": state.best_acc1})
+            ema_score = ema_stats[metric]
+            row.update(_val_columns(ema_stats, "ema_val_"))
+        improved = self.checkpoints.track_best(epoch, stats[metric], ema_score)
+        rest = (f"  acc@5 {stats['acc5']:.3f}  loss {stats['loss']:.4f}" if metric == "acc1"
+                else f"  loss {stats['loss']:.4f}")
+        logger.info("epoch %d: train loss %.4f  val %s %.3f (best %.3f @ %d)%s%s", epoch, row["train_loss"], name,
+                    stats[metric], state.best_acc1, state.best_epoch, rest,
+                    f"  EMA {name} {ema_score:.3f} (best {state.best_ema_acc1:.3f})" if ema_score is not None else "")
+        row.update({"global_step": state.global_step, f"best_{metric}": state.best_acc1})
         if parts.distiller is not None:
             row.update(self._teacher_cost())
         state.start_epoch(epoch + 1)  # a checkpoint describes the start of the next epoch

@@ -31,7 +31,8 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
         world_size: Override of the number of processes (default: torch.distributed, else 1).
 
     Returns:
-        ``Loaders(train, val, num_classes)``; both yield ``(images, labels)`` on ``device``.
+        ``Loaders(train, val, num_classes)``; both yield ``(images, labels)`` on ``device``: ``(B,)`` int64
+        labels, or ``(B, C)`` float32 multi-hot targets for ``DATA.FORMAT multilabel``.
     """
     rank, world_size = _rank_and_world_size(rank, world_size)
     device = torch.device(device)
@@ -50,6 +51,13 @@ def build_loader(config: CfgNode, device: torch.device, rank: Optional[int] = No
             return ShardBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size, train=train,
                                      repeats=config.DATA.REPEATED_AUG if train else 1,
                                      shard_sizes=tuple(split.shard_sizes), buffer=config.DATA.SHUFFLE_BUFFER)
+    elif config.DATA.FORMAT == "multilabel":
+        from .multilabel import open_multilabel_splits
+
+        train_set, val_set = open_multilabel_splits(root, config.MODEL.NUM_CLASSES)
+
+        def sampler(split, train):
+            return EpochBatchSampler(len(split), config.DATA.BATCH_SIZE, config.SEED, rank, world_size, train=train)
     else:
         cache = FileListCache(default_cache_dir()) if config.DATA.FILE_LIST_CACHE else None
         if config.DATA.VAL_LAYOUT == "indices":  # ImageNet-V2: val's class folders are named by index
@@ -127,11 +135,14 @@ def build_mixup(config: CfgNode) -> Optional[Mixup]:
 
     Args:
         config: Reads ``AUG.MIXUP``, ``AUG.CUTMIX``, ``AUG.MIXUP_PROB``, ``AUG.MIXUP_SWITCH_PROB``,
-            ``AUG.MIXUP_MODE``, ``MODEL.LABEL_SMOOTHING`` and ``MODEL.NUM_CLASSES``.
+            ``AUG.MIXUP_MODE``, ``MODEL.LABEL_SMOOTHING``, ``MODEL.NUM_CLASSES`` and ``DATA.FORMAT``.
     """
     aug = config.AUG
     if aug.MIXUP <= 0 and aug.CUTMIX <= 0:
         return None
+    # Multi-hot targets (DATA.FORMAT multilabel) mix as lam * t + (1 - lam) * t.flip(0), each label
+    # smoothed towards 0.5 first (timm's multi_label): one-hot smoothing would spread mass over classes.
     return Mixup(mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX, prob=aug.MIXUP_PROB,
                  switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
-                 label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES)
+                 label_smoothing=config.MODEL.LABEL_SMOOTHING, num_classes=config.MODEL.NUM_CLASSES,
+                 multi_label=config.DATA.FORMAT == "multilabel")

@@ -56,7 +56,8 @@ Read = Tuple[Optional[Tuple[np.ndarray, int, int]], List[str]]  # read_or_replac
 
 
 class SampleSource:
-    """``external_source`` callback: this rank's next batch of encoded files and labels.
+    """``external_source`` callback: this rank's next batch of encoded files and labels (each a (1,) int64
+    label, or a (C,) float32 multi-hot target for a multi-label split).
 
     Files that cannot be read, or whose first bytes are no known image format, are replaced by
     the next good file (training) or dropped (validation) through ``read_or_replace``. Files that
@@ -163,7 +164,8 @@ class SampleSource:
                 if found is not None:
                     data, label, position = found
                     encoded.append(data)
-                    labels.append(np.array([label], dtype=np.int64))
+                    labels.append(self.split.multi_hot(position) if self.split.multi_label  # (C,) float32
+                                  else np.array([label], dtype=np.int64))
                     positions.append(position)
         self.pending.append((batch, positions))
         return encoded, labels
@@ -303,12 +305,13 @@ class DaliLoader(BatchLoader):
                       exec_dynamic=True, device_id=(self.device.index or 0) if gpu else None)
         # CPU training: DALI decode+crop -> torchvision resize (CropResizer) -> DALI augmentation.
         split = sampler.train and not gpu
+        label_type = types.FLOAT if self.source.split.multi_label else types.INT64
         if split:
 
             @pipeline_def
             def crops_pipeline():
                 encoded, labels = fn.external_source(source=self.source, num_outputs=2, batch=True,
-                                                     dtype=[types.UINT8, types.INT64])
+                                                     dtype=[types.UINT8, label_type])
                 return _crop_graph(encoded, config, "cpu"), labels
 
             crops = crops_pipeline(seed=(seed + 1) % 2**31, **kwargs)
@@ -319,11 +322,11 @@ class DaliLoader(BatchLoader):
         def pipeline():
             if split:
                 images, labels = fn.external_source(source=self._resizer, num_outputs=2, batch=True,
-                                                    dtype=[types.UINT8, types.INT64], layout=["HWC", ""])
+                                                    dtype=[types.UINT8, label_type], layout=["HWC", ""])
                 images = _augment_graph(images, config)
             else:
                 encoded, labels = fn.external_source(source=self.source, num_outputs=2, batch=True,
-                                                     dtype=[types.UINT8, types.INT64])
+                                                     dtype=[types.UINT8, label_type])
                 images = (_train_graph(encoded, config) if sampler.train
                           else _val_graph(encoded, config, "mixed" if gpu else "cpu"))
             return images, (labels.gpu() if gpu else labels)
@@ -379,7 +382,9 @@ class DaliLoader(BatchLoader):
                 continue
             self.source.consumed()
             images = self._to_torch(images_tl)  # (B, 3, H, W) float32
-            labels = self._to_torch(labels_tl).view(-1)  # (B,) int64
+            labels = self._to_torch(labels_tl)  # (B, 1) int64 labels or (B, C) float32 multi-hot targets
+            if not self.source.split.multi_label:
+                labels = labels.view(-1)  # (B,)
             self._log_bad()
             if self.erase is not None:  # on the pipeline's device, pure in (seed, epoch, batch, rank, sample)
                 sampler = self.sampler

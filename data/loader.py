@@ -120,7 +120,8 @@ class BatchLoader(abc.ABC):
 
     @abc.abstractmethod
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        """``(images (B, 3, H, W) float32, labels (B,) int64)`` on ``device``, from ``sampler.start_batch`` on."""
+        """``(images (B, 3, H, W) float32, labels (B,) int64 or multi-hot targets (B, C) float32)`` on
+        ``device``, from ``sampler.start_batch`` on."""
 
 
 @dataclass
@@ -139,6 +140,11 @@ class Loaders:
     val: BatchLoader
     num_classes: int
     val_split: Optional["ImageSplit"] = None
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether batches carry ``(B, C)`` multi-hot targets (``DATA.FORMAT multilabel``)."""
+        return self.val_split is not None and self.val_split.multi_label
 
     @property
     def class_names(self) -> Optional[List[str]]:

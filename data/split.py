@@ -10,6 +10,9 @@ loaders and every sampler work on that interface alone:
   reports of unreadable images (a file's path, ``shard-000012.tar:KEY``).
 * ``classes``: the class names, identical in ``train`` and ``val``; a label is a position in this
   list and ``len(classes)`` must equal ``MODEL.NUM_CLASSES``.
+* ``multi_label`` / ``multi_hot(position)``: a multi-label split (``data/multilabel.py``) gives each
+  sample a ``(C,)`` float32 multi-hot target, which the loaders deliver as ``(B, C)`` instead of
+  ``(B,)`` labels; its ``samples`` carry the label -1.
 * ``read_encoded(position)``: the sample's encoded bytes (the ``dali`` loader decodes them).
 * ``load_rgb(position)``: the sample decoded to an RGB PIL image (the ``pytorch`` loader; by
   default the bytes of ``read_encoded`` decoded by PIL).
@@ -69,6 +72,15 @@ class ImageSplit(abc.ABC):
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    @property
+    def multi_label(self) -> bool:
+        """Whether samples have multi-hot targets (:meth:`multi_hot`) instead of one label each."""
+        return False
+
+    def multi_hot(self, position: int) -> np.ndarray:
+        """The ``(C,)`` float32 multi-hot target of the sample at ``position`` (multi-label splits only)."""
+        raise TypeError(f"{type(self).__name__} has one label per sample, no multi-hot targets")
 
     @abc.abstractmethod
     def read_encoded(self, position: int) -> np.ndarray:

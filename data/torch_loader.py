@@ -9,7 +9,7 @@ import atexit
 import gc
 import signal
 import weakref
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image
@@ -24,8 +24,9 @@ from .common import SALT_AUGMENT, SALT_BATCH_AUGMENT, EpochBatchSampler, erase_p
 from .split import ImageSplit
 from .loader import BatchLoader, read_or_replace
 
-# (image (3, H, W) uint8 or None when dropped, label, erasing seed, unreadable-file reports)
-Sample = Tuple[Optional[torch.Tensor], int, int, Tuple[str, ...]]
+# (image (3, H, W) uint8 or None when dropped, label or (C,) float32 multi-hot target, erasing seed,
+# unreadable-file reports)
+Sample = Tuple[Optional[torch.Tensor], Union[int, torch.Tensor], int, Tuple[str, ...]]
 
 
 def init_worker(worker_id: int) -> None:
@@ -88,7 +89,9 @@ class SeededImageFolder(ImageFolder):
         found, bad = read_or_replace(self.samples, index, self.train, self._split.load_rgb)
         if found is None:
             return None, -1, 0, tuple(bad)
-        image, label, _ = found
+        image, label, position = found
+        if self._split.multi_label:  # the target of the file read, which may have replaced a bad one
+            label = torch.from_numpy(self._split.multi_hot(position))  # (C,) float32
         with seeded_rng(mix_seed(self.seed, SALT_AUGMENT, aug_round, index)):
             tensor = self.transform(image)  # (3, H, W) uint8
         return tensor, label, mix_seed(self.seed, SALT_BATCH_AUGMENT, aug_round, index), tuple(bad)
@@ -100,7 +103,8 @@ def collate(batch: Sequence[Sample]) -> Tuple[torch.Tensor, torch.Tensor, torch.
     ``default_collate`` stacks straight into shared memory inside a worker (no extra copy).
 
     Returns:
-        ``(images (B, 3, H, W) uint8, labels (B,) int64, erasing seeds (B,) int64, reports)``.
+        ``(images (B, 3, H, W) uint8, labels (B,) int64 or multi-hot targets (B, C) float32, erasing seeds
+        (B,) int64, reports)``.
     """
     kept = [(image, label, seed) for image, label, seed, _ in batch if image is not None]
     bad = [path for *_, paths in batch for path in paths]

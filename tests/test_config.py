@@ -111,6 +111,8 @@ def test_wrong_type_names_key_and_rule(tmp_path: Path) -> None:
     ("AUG.RATIO", "[1.0]", r"AUG\.RATIO=\[1\.0\] must be \[lo, hi\]"),
     ("DATA.IMG_SIZE", "48", r"DATA\.IMG_SIZE=48 must be a multiple of 32"),
     ("DATA.REPEATED_AUG", "0", r"DATA\.REPEATED_AUG=0 must be >= 1 \(1: off; k: each sampled image k times"),
+    ("TRAIN.LOSS", "mse", r"TRAIN\.LOSS='mse' is not supported; use one of ce, soft-ce, bce"),
+    ("TRAIN.BCE_TARGET_THRESH", "0.5", r"TRAIN\.BCE_TARGET_THRESH=0\.5 must be null unless TRAIN\.LOSS is bce"),
 ])
 def test_value_rules_name_value_rule_and_fix(key: str, value: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):

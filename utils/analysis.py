@@ -12,6 +12,9 @@ collect every validation image's top-5 classes and probabilities through
   classes; with more, the ``TOP_N_PNG`` classes involved in the most errors);
 - ``predictions.csv``: one row per image with its path, label and top-5 (images read from files).
 
+Multi-label data (one set of classes per image) has no confusion matrix: its ``analysis.json``
+holds mAP and each class's average precision (:func:`write_class_ap`).
+
 Only PIL (a dependency of torchvision) draws the PNG: no plotting library is needed.
 """
 from __future__ import annotations
@@ -285,6 +288,27 @@ def _write_predictions_csv(path: str, predictions: Predictions, names: Sequence[
                                                          predictions.probabilities):
             top = [value for c, p in zip(classes, probabilities) for value in (int(c), names[c], f"{p:.6g}")]
             writer.writerow([path_, int(target), names[target], *top])
+
+
+def write_class_ap(directory: str, stats: Dict[str, Any], class_names: Sequence[str]) -> Dict[str, Any]:
+    """Write a multi-label pass's ``analysis.json``: mAP, count and each class's AP (%), lowest first.
+
+    Args:
+        directory: Created if missing.
+        stats: :func:`engine.evaluate_multilabel`'s result.
+        class_names: Names in label order.
+
+    Returns:
+        The summary: ``map``, ``count``, ``directory``.
+    """
+    os.makedirs(directory, exist_ok=True)
+    rows = [{"class": name, "ap": None if np.isnan(ap) else ap} for name, ap in zip(class_names, stats["class_ap"])]
+    rows.sort(key=lambda row: (row["ap"] is None, row["ap"] if row["ap"] is not None else 0.0))
+    summary: Dict[str, Any] = {"map": stats["map"], "count": stats["count"]}
+    atomic_write_text(json.dumps({**summary, "classes": list(class_names), "per_class_ap": rows}) + "\n",
+                      os.path.join(directory, "analysis.json"))
+    summary["directory"] = directory
+    return summary
 
 
 def analyze_pass(collected: Sequence[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]], loaders: Any, config: Any,

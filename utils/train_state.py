@@ -67,7 +67,7 @@ class TrainState:
         self.epoch = 0  # epoch in progress (or the next to start)
         self.batch = 0  # next batch of ``epoch`` to train on
         self.global_step = 0  # optimizer steps taken
-        self.best_acc1 = float("-inf")
+        self.best_acc1 = float("-inf")  # the best validation top-1, or mAP for multi-label data
         self.best_epoch = -1
         self.best_ema_acc1 = float("-inf")
         self.best_ema_epoch = -1

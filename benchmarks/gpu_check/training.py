@@ -32,8 +32,9 @@ from yacs.config import CfgNode
 from config import get_config, parse_option
 from data import build_loader, build_mixup
 from engine import Components, StopReason, steps_per_epoch, train_one_epoch
+from loss import build_criterion
 from optim import build_optimizer, build_scheduler
-from trainer import build_criterion, prepare_model
+from trainer import prepare_model
 from resume import RunCheckpoints
 from utils.checkpoint import LAST
 from utils.distributed import DistInfo
