@@ -14,9 +14,8 @@ from typing import Dict, List
 
 import pytest
 
-import main
 from data.toy import ToySpec, ensure_toy_dataset
-from tests.helpers import assert_same_training_state, read_metrics, run, run_dir, torchrun_command
+from tests.helpers import assert_same_training_state, main_command, read_metrics, run, run_dir, torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +40,10 @@ def pretrained(toy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny crossformerpp_s trained on the toy images in one process (teacher / pretrained weights)."""
     out = tmp_path_factory.mktemp("pretrained")
     argv = ["--cfg", str(CONFIGS / "crossformerpp_s.yaml"), "--data-path", str(toy), "--output", str(out), "--opts",
-            *TINY, "TRAIN.EPOCHS", "6", "TRAIN.BASE_LR", "3e-3", "MODEL.DROP_PATH_RATE", "0.0", "AUG.MIXUP", "0.0",
+            *TINY, "TRAIN.EPOCHS", "4", "TRAIN.BASE_LR", "3e-3", "MODEL.DROP_PATH_RATE", "0.0", "AUG.MIXUP", "0.0",
             "AUG.CUTMIX", "0.0", "AUG.REPROB", "0.0", "DATA.BATCH_SIZE", "32"]
-    assert main.main(argv) == 0
+    result = run(main_command(*argv), out, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
     directory = run_dir(out, "default")
     assert max(row["val_acc1"] for row in read_metrics(directory)) > 2 * CHANCE
     return directory / "best.pth"
@@ -81,3 +81,23 @@ def test_deit_distillation_recipe(toy: Path, pretrained: Path, tmp_path: Path) -
                         ["TRAIN.BASE_LR", "3e-3", "MODEL.DISTILL.TEACHER", "", "MODEL.DISTILL.TEACHER_WEIGHTS",
                          str(pretrained)])
     assert all(row["teacher_ms_per_step"] > 0 for row in rows)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The multi-label layout: coloured shapes, each image holding a random subset of the 3 classes."""
+    from tests.test_multilabel import make_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes_dataset(root, train=64, val=24, size=32, seed=2)
+    return root
+
+
+def test_multilabel_finetune_recipe(shapes: Path, pretrained: Path, tmp_path: Path) -> None:
+    """configs/crossformerpp_s_multilabel.yaml from the tiny pretrained model (a new 3-class head): mAP above chance."""
+    from data.multilabel import open_multilabel_splits
+
+    chance = 100 * float(open_multilabel_splits(shapes, 3)[1].targets.mean())  # random scores: AP ~ positive share
+    opts = ["MODEL.NUM_CLASSES", "3", "TRAIN.BASE_LR", "2e-3", "DATA.BATCH_SIZE", "8", "MODEL.PRETRAINED",
+            str(pretrained)]
+    check_recipe("crossformerpp_s_multilabel.yaml", shapes, tmp_path, opts, metric="val_map", above=chance + 10)
