@@ -13,7 +13,7 @@ from config import load_config
 from engine import Components, StopReason, train_one_epoch
 from models import freeze
 from optim import build_optimizer
-from tests.helpers import MODEL_DIR
+from tests.helpers import MODEL_DIR, REPO_ROOT, TINY_YAML
 from utils.train_state import TrainState
 
 # Each spec and the parameter name prefixes it freezes.
@@ -135,14 +135,18 @@ def _run(cfg: Path, out: Path, *opts: str) -> int:
     return main.main(["--cfg", str(cfg), "--output", str(out), "--opts", *opts])
 
 
-def test_a_linear_probe_run_records_what_was_frozen_and_resumes(tiny_yaml: Path, tmp_path: Path,
+def test_a_linear_probe_run_records_what_was_frozen_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                   restore_logging: None) -> None:
+    """The shipped linear-probe config on the tiny model: the checkpoint's field, the untouched
+    backbone, the head's optimizer state; an older file without the field resumes."""
     from models import build_model
     from timm.utils import random_seed
 
+    tiny_yaml = tmp_path / "probe.yaml"
+    tiny_yaml.write_text(f"BASE: ['{REPO_ROOT / 'configs' / 'crossformerpp_s_linear_probe.yaml'}']\n"
+                         + TINY_YAML.replace("  DROP_PATH_RATE: 0.1\n", ""))
     out = tmp_path / "out"
-    probe = ["TRAIN.FREEZE", "all-but-head", "TRAIN.OPTIMIZER.NAME", "sgd", "TRAIN.WEIGHT_DECAY", "0.0"]
-    assert _run(tiny_yaml, out, *probe, "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0") == 0
+    assert _run(tiny_yaml, out, "TRAIN.EPOCHS", "1", "TRAIN.WARMUP_EPOCHS", "0") == 0
     run_dir = out / MODEL_DIR / "default"
     last = torch.load(run_dir / "last.pth", weights_only=True)
     assert last["frozen"]["spec"] == "all-but-head"
@@ -160,8 +164,12 @@ def test_a_linear_probe_run_records_what_was_frozen_and_resumes(tiny_yaml: Path,
     # A file written without the field (an older checkpoint) still resumes.
     del last["frozen"]
     torch.save(last, run_dir / "last.pth")
-    assert _run(tiny_yaml, out, *probe, "TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "0") == 0
+    assert _run(tiny_yaml, out, "TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "0") == 0
     assert torch.load(run_dir / "last.pth", weights_only=True)["epoch"] == 2
+    # Another freeze cannot continue the run (the optimizer's groups differ).
+    capsys.readouterr()
+    assert _run(tiny_yaml, out, "TRAIN.EPOCHS", "3", "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.FREEZE", "stages-2") == 1
+    _one_line(capsys, "TRAIN.FREEZE 'all-but-head' -> 'stages-2' cannot take effect on resume")
 
 
 def _one_line(capsys: pytest.CaptureFixture, needle: str) -> None:

@@ -255,7 +255,8 @@ def test_layer_decay_gives_every_optimizer_the_same_lr_scale_groups(case: str) -
     for group, expected in zip(groups, adamw):  # the same fixed order of groups, scales and decays
         assert [id(p) for p in group["params"]] == [id(p) for p in expected["params"]]
         assert (group["lr_scale"], group["weight_decay"]) == (expected["lr_scale"], expected["weight_decay"])
-    assert sorted({group["lr_scale"] for group in groups}) == [0.5 ** d for d in range(8, -1, -1)]  # stem, 4 blocks, 3 merges, head
+    # The stem, 4 blocks, 3 patch merges and the head: 9 depths.
+    assert sorted({group["lr_scale"] for group in groups}) == [0.5 ** d for d in range(8, -1, -1)]
 
 
 @pytest.mark.parametrize("case", sorted(OPTIMIZERS))
