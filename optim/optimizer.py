@@ -81,14 +81,12 @@ def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
     Args:
         config: Reads ``TRAIN.OPTIMIZER.*``, ``TRAIN.WEIGHT_DECAY``, ``TRAIN.LAYER_DECAY`` and
             ``TRAIN.SCALED_BASE_LR``.
-        model: The unwrapped model (not DDP); its parameters that require a gradient are optimized.
+        model: The unwrapped model (not DDP); its parameters that require a gradient are optimized
+            (``models.freeze`` has made sure there is one).
     """
     name = config.TRAIN.OPTIMIZER.NAME
     groups = build_param_groups(config, model)
     params = [p for group in groups for p in group["params"]]
-    if not params:
-        raise ValueError("no parameter of the model requires a gradient, so there is nothing to optimize; check "
-                         "TRAIN.FREEZE")
     lr, weight_decay = config.TRAIN.SCALED_BASE_LR, config.TRAIN.WEIGHT_DECAY
     settings = optimizer_settings(config)
     if name == "adamw":
