@@ -120,6 +120,19 @@ def test_frozen_modules_apply_no_drop_path_in_training_mode() -> None:
     assert not torch.equal(later[0], later[1])  # stage 3 still drops paths
 
 
+def test_a_frozen_batch_norm_keeps_its_statistics() -> None:
+    """timm's freeze: a BatchNorm2d in a frozen module becomes FrozenBatchNorm2d (the CrossFormers
+    have none; a stand-in is added to the stem)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    model = _tiny()
+    model.patch_embed.add_module("bn", nn.BatchNorm2d(4))
+    model.layers[1].add_module("bn", nn.BatchNorm2d(4))
+    freeze(model, "stages-1")
+    assert isinstance(model.patch_embed.bn, FrozenBatchNorm2d)
+    assert type(model.layers[1].bn) is nn.BatchNorm2d and model.layers[1].bn.weight.requires_grad
+
+
 def test_freezing_everything_is_an_error() -> None:
     with pytest.raises(ValueError, match=r"TRAIN\.FREEZE='all-but-head' leaves no parameter to train \(the model's "
                                          r"head has 0 classes\)"):
