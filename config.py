@@ -89,6 +89,7 @@ def _range_ok(values: Sequence[float], upper: float) -> bool:
 _PER_STAGE: Rule = ((lambda values, cfg: values is None or (len(values) == NUM_STAGES and all(v >= 1 for v in values))),
                     f"must be null (the variant's value) or {NUM_STAGES} integers >= 1, one per stage")
 _FRACTION: Rule = ((lambda value, cfg: 0 <= value < 1), "must be in [0, 1)")
+_FREEZE_STAGES = tuple(f"stages-{k}" for k in range(1, NUM_STAGES + 1))
 _I, _S, _N, _O, _F = OnResume.IDENTITY, OnResume.SCHEDULE, OnResume.NOT_COMPARED, OnResume.OPTIMIZER, OnResume.FREE
 
 
@@ -203,8 +204,17 @@ KEYS: Tuple[Key, ...] = (
     Key("TRAIN.EPOCHS", 300, "Epochs of the run.", rule=_at_least(1), resume=_S),
     Key("TRAIN.WARMUP_EPOCHS", 20, "Linear LR warmup epochs.", resume=_S,
         rule=((lambda value, cfg: 0 <= value < cfg.TRAIN.EPOCHS), "must be in [0, TRAIN.EPOCHS={cfg.TRAIN.EPOCHS})")),
-    Key("TRAIN.WEIGHT_DECAY", 0.05, "AdamW's decoupled weight decay (not on norms, biases, position biases).",
-        rule=_at_least(0), resume=_O),
+    Key("TRAIN.WEIGHT_DECAY", 0.05, "Weight decay, not on norms, biases, position biases or frozen parameters: "
+        "decoupled for adamw and lion (w -= LR x decay x w), inside the trust-ratio update for lamb, L2 added to the "
+        "gradient for sgd.", rule=_at_least(0), resume=_O),
+    Key("TRAIN.FREEZE", "none", 'Parameters that do not train: "none"; "stages-K" (K = 1..4: the patch embedding '
+        'and stages 1..K with their patch merges); "all-but-head" (a linear probe: only the classifier head trains). '
+        "Frozen parameters have no gradient and are not given to the optimizer (no state, no weight decay); frozen "
+        "modules run in eval mode while training (no drop path or dropout; BatchNorm would become timm's "
+        "FrozenBatchNorm2d). Applied after --pretrained loads.", resume=_O,
+        rule=((lambda value, cfg: value in ("none", "all-but-head") or value in _FREEZE_STAGES),
+              f"must be none, stages-K with K in 1..{NUM_STAGES} (the patch embedding and stages 1..K frozen) or "
+              "all-but-head (a linear probe)")),
     Key("TRAIN.LAYER_DECAY", 1.0, "Layer-wise LR decay (BEiT, timm's param_groups_layer_decay): parameters at depth "
         "d of D (stem, blocks and patch merges in order, the final norm with the last block, the head at D) train "
         "at LR x LAYER_DECAY ** (D - d). 1.0 = off (pre-training); fine-tuning recipes use 0.65-0.9.",
@@ -273,11 +283,26 @@ KEYS: Tuple[Key, ...] = (
         "steps (1-based); [] = off.",
         rule=((lambda steps, cfg: all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in steps)),
               "must be a list of global steps >= 1")),
-    Key("TRAIN.OPTIMIZER.NAME", "adamw", "The optimizer.", choices=("adamw",), resume=_O),
-    Key("TRAIN.OPTIMIZER.EPS", 1e-8, "AdamW's epsilon.", rule=((lambda value, cfg: value > 0), "must be > 0"),
-        resume=_O),
-    Key("TRAIN.OPTIMIZER.BETAS", (0.9, 0.999), "AdamW's betas.", resume=_O,
-        rule=((lambda betas, cfg: len(betas) == 2 and all(0 <= b < 1 for b in betas)), "must be two numbers in [0, 1)")),
+    Key("TRAIN.OPTIMIZER.NAME", "adamw", 'The optimizer, over the weight-decay (and layer-decay) groups: "adamw" '
+        "(torch's, fused kernel on CUDA and CPU), \"lamb\" (timm's Lamb: no clipping of its own, TRAIN.CLIP_GRAD is "
+        "the one clip; no trust-ratio clipping; parameters without weight decay take no trust ratio), \"lion\" "
+        "(timm's Lion: sign updates, usually an LR 3-10x lower and a weight decay 3-10x higher than AdamW's) or "
+        "\"sgd\" (torch's, with TRAIN.OPTIMIZER.MOMENTUM / NESTEROV). The non-fused ones run torch's multi-tensor "
+        "(foreach) kernels.",
+        choices=("adamw", "lamb", "lion", "sgd"), resume=_O),
+    Key("TRAIN.OPTIMIZER.EPS", None, "Epsilon of adamw and lamb (lion and sgd have none). None (YAML null): the "
+        "optimizer's own default, filled in by load_config(): adamw 1e-8, lamb 1e-6.", example=1e-8, resume=_O,
+        rule=((lambda value, cfg: value is None or value > 0), "must be > 0 or null (the optimizer's default)")),
+    Key("TRAIN.OPTIMIZER.BETAS", None, "Betas of adamw, lamb and lion (sgd reads TRAIN.OPTIMIZER.MOMENTUM). None "
+        "(YAML null): the optimizer's own default, filled in by load_config(): adamw and lamb (0.9, 0.999), lion "
+        "(0.9, 0.99).", example=(0.9, 0.999), resume=_O,
+        rule=((lambda betas, cfg: betas is None or (len(betas) == 2 and all(0 <= b < 1 for b in betas))),
+              "must be two numbers in [0, 1) or null (the optimizer's default)")),
+    Key("TRAIN.OPTIMIZER.MOMENTUM", 0.9, "sgd's momentum (0 = plain SGD).", rule=_FRACTION, resume=_O),
+    Key("TRAIN.OPTIMIZER.NESTEROV", False, "sgd: Nesterov momentum (timm's --opt sgd is Nesterov; torch's default, "
+        "and MAE's / torchvision's recipes, are not).", resume=_O,
+        rule=((lambda value, cfg: not value or cfg.TRAIN.OPTIMIZER.MOMENTUM > 0),
+              "needs TRAIN.OPTIMIZER.MOMENTUM > 0 (Nesterov momentum without momentum is plain SGD)")),
     Key("TRAIN.EMA.ENABLE", False, "Keep an exponential moving average of the weights (validated and saved too)."),
     Key("TRAIN.EMA.DECAY", 0.9998, "The EMA's decay per optimizer step.", rule=_FRACTION),
     # --- Distributed ------------------------------------------------------------------------
@@ -582,6 +607,29 @@ def scale_learning_rates(cfg: CN, world_size: int) -> None:
         cfg.TRAIN[scaled] = value
 
 
+# Each optimizer's own betas and epsilon (torch.optim.AdamW, timm.optim.Lamb / Lion), for TRAIN.OPTIMIZER.BETAS /
+# EPS left null; sgd reads neither. Filled into the config, not left to the class, so that config.yaml and the
+# resume comparison see the values that run. tests/test_optim.py checks them against the classes' signatures.
+OPTIMIZER_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "adamw": {"BETAS": (0.9, 0.999), "EPS": 1e-8},
+    "lamb": {"BETAS": (0.9, 0.999), "EPS": 1e-6},
+    "lion": {"BETAS": (0.9, 0.99)},
+    "sgd": {},
+}
+
+
+def fill_optimizer_defaults(cfg: CN) -> None:
+    """Set ``TRAIN.OPTIMIZER.BETAS`` / ``EPS`` left None to the chosen optimizer's own default.
+
+    Args:
+        cfg: A mutable, validated config.
+    """
+    section = cfg.TRAIN.OPTIMIZER
+    for name, value in OPTIMIZER_DEFAULTS[section.NAME].items():
+        if section[name] is None:
+            section[name] = value
+
+
 def load_config(cfg_file: str = "", opts: Sequence[str] = (), flags: Optional[Dict[str, Any]] = None,
                 world_size: int = 1) -> CN:
     """Build the frozen config of a run.
@@ -605,6 +653,7 @@ def load_config(cfg_file: str = "", opts: Sequence[str] = (), flags: Optional[Di
         _set(cfg, key, value, f"the command-line flag for {key}")
     validate(cfg)
     scale_learning_rates(cfg, world_size)
+    fill_optimizer_defaults(cfg)
     cfg.freeze()
     return cfg
 

@@ -134,9 +134,10 @@ def steps_per_epoch(num_batches: int, accumulation_steps: int) -> int:
 def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
     """``optimizer.step()`` only when ``finite`` (a 0-d bool tensor) is True.
 
-    Fused optimizers (AdamW on CUDA here) skip on the device through the ``found_inf`` input that
-    ``GradScaler`` uses: no host sync, the step counters are rolled back by the kernel. Other
-    implementations need the flag on the host: free on a CPU, one sync per step on a GPU.
+    Fused optimizers (AdamW here; ``optim`` builds the others unfused) skip on the device through
+    the ``found_inf`` input that ``GradScaler`` uses: no host sync, the step counters are rolled
+    back by the kernel. Other implementations (LAMB, Lion, SGD) need the flag on the host: free on
+    a CPU, one sync per step on a GPU.
 
     Args:
         optimizer: The optimizer.

@@ -25,6 +25,7 @@ from yacs.config import CfgNode
 from config import OnResume, config_to_dict, keys_on_resume
 from distill import teacher_differences
 from engine import Components, current_lr, steps_per_epoch
+from models.freeze import summary as frozen_summary
 from utils import provenance
 from utils.checkpoint import (BEST, EMA_BEST, FORMAT_VERSION, LAST, NONFINITE_PREFIX, CheckpointFiles, IncompatibleCheckpoint,
                               check_compatible, check_format, epoch_checkpoint_name, find_resume_candidates)
@@ -114,6 +115,8 @@ class RunCheckpoints:
         self.class_names = list(class_names) if class_names is not None else None
         self.files = CheckpointFiles(run_dir, dist_info.is_main, config.SAVE_KEEP)
         self.provenance = provenance.collect(dist_info.world_size)
+        # What TRAIN.FREEZE froze (informational: a changed spec is refused by the resume policy).
+        self.frozen = frozen_summary(components.model, config.TRAIN.FREEZE)
         # Of the checkpoint resumed or evaluated: its stamp and its (epoch, batch, global step).
         self.loaded_provenance: Optional[Dict[str, Any]] = None
         self.loaded_config: Optional[Dict[str, Any]] = None
@@ -129,6 +132,7 @@ class RunCheckpoints:
             **self.state.state_dict(),
             "config": self.config_dict,
             "class_names": self.class_names,
+            "frozen": self.frozen,
             "provenance": self.provenance,
             "saved_at": time.time(),
         }

@@ -26,7 +26,7 @@ from distill import build_distiller
 from engine import (Components, current_lr, evaluate, measure_throughput, steps_per_epoch,
                     summarize_train_epoch, train_one_epoch)
 from loss import build_criterion
-from models import build_model, load_pretrained
+from models import build_model, freeze, load_pretrained
 from optim import build_optimizer, build_scheduler
 from resume import RunCheckpoints
 from stopping import StopPolicy, StopReason
@@ -45,11 +45,12 @@ logger = logging.getLogger(__name__)
 def prepare_model(config: CfgNode, dist_info: DistInfo) -> nn.Module:
     """The configured model, initialised identically on every rank, on this rank's device.
 
-    Seeds from ``SEED`` first (the same initial weights everywhere), loads ``--pretrained``, then
-    reseeds per rank (drop path and mixup differ between ranks).
+    Seeds from ``SEED`` first (the same initial weights everywhere), loads ``--pretrained``, freezes
+    what ``TRAIN.FREEZE`` names (before the optimizer and DDP see the model), then reseeds per rank
+    (drop path and mixup differ between ranks).
 
     Args:
-        config: Reads ``MODEL.*``, ``SEED``.
+        config: Reads ``MODEL.*``, ``TRAIN.FREEZE``, ``SEED``.
         dist_info: This process's place in the job.
     """
     random_seed(config.SEED)
@@ -57,6 +58,7 @@ def prepare_model(config: CfgNode, dist_info: DistInfo) -> nn.Module:
     if config.MODEL.PRETRAINED:
         saved = load_pretrained(model, config.MODEL.PRETRAINED, config.MODEL.PRETRAINED_WEIGHTS)
         warn_if_trained_at_another_size(saved, config, config.MODEL.PRETRAINED)
+    freeze(model, config.TRAIN.FREEZE)
     model.to(dist_info.device)
     random_seed(config.SEED, dist_info.rank)
     logger.info("%s: %.2fM parameters", config.MODEL.NAME, sum(p.numel() for p in model.parameters()) / 1e6)

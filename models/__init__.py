@@ -2,7 +2,8 @@
 from .build import build_model, load_pretrained
 from .crossformer import CrossFormer, check_input_size, checkpoint_filter_fn
 from .flops import count_macs
+from .freeze import freeze
 from .registry import create_model, list_models
 
 __all__ = ["CrossFormer", "build_model", "check_input_size", "checkpoint_filter_fn", "count_macs", "create_model",
-           "list_models", "load_pretrained"]
+           "freeze", "list_models", "load_pretrained"]

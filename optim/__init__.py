@@ -1,5 +1,5 @@
-"""AdamW with the CrossFormer no-decay rules and the per-step warmup + cosine LR schedule."""
-from .optimizer import build_optimizer, param_groups
+"""The optimizer (AdamW, LAMB, Lion, SGD) with the CrossFormer no-decay rules, and the per-step LR schedule."""
+from .optimizer import build_optimizer, build_param_groups, param_groups
 from .scheduler import build_scheduler
 
-__all__ = ["build_optimizer", "build_scheduler", "param_groups"]
+__all__ = ["build_optimizer", "build_param_groups", "build_scheduler", "param_groups"]

@@ -1,12 +1,14 @@
-"""AdamW over two parameter groups (with and without weight decay), or per-depth groups with
-layer-wise LR decay (``TRAIN.LAYER_DECAY`` < 1, timm's ``param_groups_layer_decay``)."""
+"""The optimizer (AdamW, LAMB, Lion or SGD) over two parameter groups (with and without weight decay),
+or per-depth groups with layer-wise LR decay (``TRAIN.LAYER_DECAY`` < 1, timm's
+``param_groups_layer_decay``). Parameters that do not require a gradient (``TRAIN.FREEZE``) are in
+no group."""
 from __future__ import annotations
 
 import logging
 from typing import Any, Dict, Iterable, List
 
 import torch
-from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from timm.optim import Lamb, Lion, param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 from yacs.config import CfgNode
 
@@ -16,9 +18,10 @@ logger = logging.getLogger(__name__)
 def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()) -> List[Dict[str, Any]]:
     """``[decay, no_decay]``: timm's split (no decay for 1-D tensors, ``.bias`` and ``skip``).
 
-    timm returns the no-decay group first, leaves out empty groups and, for a decay of 0, does
-    not split at all; checkpoints hold the optimizer state in this fixed two-group order, so
-    the split is taken from timm and laid out here.
+    Parameters that do not require a gradient are left out (timm skips them). timm returns the
+    no-decay group first, leaves out empty groups and, for a decay of 0, does not split at all;
+    checkpoints hold the optimizer state in this fixed two-group order, so the split is taken from
+    timm and laid out here.
 
     Args:
         model: The (unwrapped) model.
@@ -33,40 +36,81 @@ def param_groups(model: nn.Module, weight_decay: float, skip: Iterable[str] = ()
     ]
 
 
-def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW at ``TRAIN.SCALED_BASE_LR`` with betas / eps / weight decay from the config.
-
-    torch's fused kernel (one call for all parameters) on CUDA and on a CPU, where it takes a third of
-    the foreach implementation's time on the demo's model (AVX2, one thread); foreach elsewhere.
+def build_param_groups(config: CfgNode, model: nn.Module) -> List[Dict[str, Any]]:
+    """The optimizer's groups: per depth with ``lr_scale`` (``TRAIN.LAYER_DECAY`` < 1) or ``[decay, no_decay]``.
 
     Args:
-        config: Reads ``TRAIN.OPTIMIZER.BETAS`` / ``EPS``, ``TRAIN.WEIGHT_DECAY`` and ``TRAIN.SCALED_BASE_LR``;
-            ``TRAIN.OPTIMIZER.NAME`` is ``adamw``, the one value ``config.validate()`` allows.
-        model: The unwrapped model (not DDP), whose ``no_weight_decay()`` is honoured.
+        config: Reads ``TRAIN.LAYER_DECAY`` and ``TRAIN.WEIGHT_DECAY``.
+        model: The unwrapped model, whose ``no_weight_decay()`` is honoured.
     """
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    layer_decay = config.TRAIN.LAYER_DECAY
-    if layer_decay < 1:
+    if config.TRAIN.LAYER_DECAY < 1:
         # Each group carries an ``lr_scale`` that timm's scheduler multiplies into its LR.
-        groups = param_groups_layer_decay(model, config.TRAIN.WEIGHT_DECAY, no_weight_decay_list=list(skip),
-                                          layer_decay=layer_decay)
-    else:
-        groups = param_groups(model, config.TRAIN.WEIGHT_DECAY, skip)
-    fused = next(model.parameters()).device.type in ("cuda", "cpu")
-    optimizer = torch.optim.AdamW(
-        groups,
-        lr=config.TRAIN.SCALED_BASE_LR,
-        betas=tuple(config.TRAIN.OPTIMIZER.BETAS),
-        eps=config.TRAIN.OPTIMIZER.EPS,
-        weight_decay=config.TRAIN.WEIGHT_DECAY,
-        fused=True if fused else None,
-        foreach=None if fused else True,
-    )
-    if layer_decay < 1:
+        return param_groups_layer_decay(model, config.TRAIN.WEIGHT_DECAY, no_weight_decay_list=list(skip),
+                                        layer_decay=config.TRAIN.LAYER_DECAY)
+    return param_groups(model, config.TRAIN.WEIGHT_DECAY, skip)
+
+
+def optimizer_settings(config: CfgNode) -> Dict[str, Any]:
+    """The hyperparameters of ``TRAIN.OPTIMIZER.NAME`` beyond LR and weight decay, as its class takes them.
+
+    Args:
+        config: Reads ``TRAIN.OPTIMIZER.*`` (``BETAS`` / ``EPS`` already filled by ``config.load_config``).
+    """
+    name = config.TRAIN.OPTIMIZER.NAME
+    if name == "sgd":
+        return {"momentum": config.TRAIN.OPTIMIZER.MOMENTUM, "nesterov": config.TRAIN.OPTIMIZER.NESTEROV}
+    settings: Dict[str, Any] = {"betas": tuple(config.TRAIN.OPTIMIZER.BETAS)}
+    if name in ("adamw", "lamb"):
+        settings["eps"] = config.TRAIN.OPTIMIZER.EPS
+    return settings
+
+
+def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+    """``TRAIN.OPTIMIZER.NAME`` at ``TRAIN.SCALED_BASE_LR`` over :func:`build_param_groups`.
+
+    Kernels: AdamW runs torch's fused kernel on CUDA and on a CPU (there a third of the foreach
+    implementation's time on the demo's model, AVX2, one thread), foreach elsewhere; a fused
+    optimizer skips a non-finite step on the device (``engine.step_if_finite``). SGD runs foreach,
+    never fused: torch's fused SGD, given a skipped first step (``found_inf``, as fp16's GradScaler
+    and ``step_if_finite`` pass it), leaves its momentum buffers uninitialised (``empty_like``) and
+    the next step reads them. timm's Lamb and Lion run their foreach paths. The non-fused ones skip a
+    non-finite step through the host flag. Lamb is built without its own gradient clipping
+    (``max_grad_norm=None``): ``TRAIN.CLIP_GRAD`` already clipped the gradients it sees.
+
+    Args:
+        config: Reads ``TRAIN.OPTIMIZER.*``, ``TRAIN.WEIGHT_DECAY``, ``TRAIN.LAYER_DECAY`` and
+            ``TRAIN.SCALED_BASE_LR``.
+        model: The unwrapped model (not DDP); its parameters that require a gradient are optimized
+            (``models.freeze`` has made sure there is one).
+    """
+    name = config.TRAIN.OPTIMIZER.NAME
+    groups = build_param_groups(config, model)
+    params = [p for group in groups for p in group["params"]]
+    lr, weight_decay = config.TRAIN.SCALED_BASE_LR, config.TRAIN.WEIGHT_DECAY
+    settings = optimizer_settings(config)
+    if name == "adamw":
+        fused = params[0].device.type in ("cuda", "cpu")
+        kernel = {"fused": True} if fused else {"foreach": True}
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **settings,
+                                                             **kernel)
+    elif name == "sgd":
+        kernel = {"foreach": True}
+        optimizer = torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay, **settings, **kernel)
+    elif name == "lamb":
+        kernel = {"foreach": True}
+        optimizer = Lamb(groups, lr=lr, weight_decay=weight_decay, max_grad_norm=None, **settings, **kernel)
+    else:  # lion: config.validate() allows no other value
+        kernel = {"foreach": True}
+        optimizer = Lion(groups, lr=lr, weight_decay=weight_decay, **settings, **kernel)
+    described = ", ".join(f"{key} {value}" for key, value in {**settings, **kernel}.items())
+    trainable = sum(p.numel() for p in params)
+    if config.TRAIN.LAYER_DECAY < 1:
         scales = sorted({group["lr_scale"] for group in groups})
-        logger.info("AdamW with layer-wise LR decay %g: %d depths, LR scales %.3g .. %.3g, weight decay %g",
-                    layer_decay, len(scales), scales[0], scales[-1], config.TRAIN.WEIGHT_DECAY)
+        logger.info("%s (%s) with layer-wise LR decay %g: %d depths, LR scales %.3g .. %.3g, weight decay %g; "
+                    "%d tensors (%d parameters)", name, described, config.TRAIN.LAYER_DECAY, len(scales), scales[0],
+                    scales[-1], weight_decay, len(params), trainable)
     else:
-        logger.info("AdamW: %d tensors with weight decay %g, %d without",
-                    len(groups[0]["params"]), config.TRAIN.WEIGHT_DECAY, len(groups[1]["params"]))
+        logger.info("%s (%s): %d tensors with weight decay %g, %d without (%d parameters)", name, described,
+                    len(groups[0]["params"]), weight_decay, len(groups[1]["params"]), trainable)
     return optimizer

@@ -103,7 +103,16 @@ def test_wrong_type_names_key_and_rule(tmp_path: Path) -> None:
     ("DATA.LOADER", "tf", r"DATA\.LOADER='tf' is not supported; use one of dali, pytorch"),
     ("DATA.DATASET", "imagenett", r"DATA\.DATASET='imagenett' is not supported \(did you mean 'imagenet'\?\)"),
     ("DATA.INTERPOLATION", "nearest", r"DATA\.INTERPOLATION='nearest' is not supported; use one of bicubic, bilinear"),
-    ("TRAIN.OPTIMIZER.NAME", "sgd", r"TRAIN\.OPTIMIZER\.NAME='sgd' is not supported; use one of adamw"),
+    ("TRAIN.OPTIMIZER.NAME", "adam", r"TRAIN\.OPTIMIZER\.NAME='adam' is not supported \(did you mean 'adamw'\?\); "
+                                     r"use one of adamw, lamb, lion, sgd"),
+    ("TRAIN.OPTIMIZER.MOMENTUM", "1.0", r"TRAIN\.OPTIMIZER\.MOMENTUM=1\.0 must be in \[0, 1\)"),
+    ("TRAIN.OPTIMIZER.BETAS", "[0.9, 1.0]",
+     r"TRAIN\.OPTIMIZER\.BETAS=\(0\.9, 1\.0\) must be two numbers in \[0, 1\) or null"),
+    ("TRAIN.OPTIMIZER.EPS", "0.0", r"TRAIN\.OPTIMIZER\.EPS=0\.0 must be > 0 or null"),
+    ("TRAIN.FREEZE", "stages-5",
+     r"TRAIN\.FREEZE='stages-5' must be none, stages-K with K in 1\.\.4 \(the patch embedding and stages 1\.\.K "
+     r"frozen\) or all-but-head"),
+    ("TRAIN.FREEZE", "head", r"TRAIN\.FREEZE='head' must be none, stages-K"),
     ("TEST.AMP", "fp8", r"TEST\.AMP='fp8' is not supported; use one of train, bf16, fp16, none"),
     ("AUG.SCALE", "[0.5, 0.2]", r"AUG\.SCALE=\[0\.5, 0\.2\] must be \[lo, hi\] with 0 < lo <= hi <= 1"),
     ("AUG.SCALE", "[0.5, 1.5]", r"AUG\.SCALE=\[0\.5, 1\.5\] must be \[lo, hi\]"),
@@ -117,6 +126,12 @@ def test_wrong_type_names_key_and_rule(tmp_path: Path) -> None:
 def test_value_rules_name_value_rule_and_fix(key: str, value: str, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         load_config(opts=[key, value])
+
+
+def test_nesterov_needs_momentum() -> None:
+    with pytest.raises(ConfigError, match=r"TRAIN\.OPTIMIZER\.NESTEROV=True needs TRAIN\.OPTIMIZER\.MOMENTUM > 0"):
+        load_config(opts=["TRAIN.OPTIMIZER.NAME", "sgd", "TRAIN.OPTIMIZER.MOMENTUM", "0.0",
+                          "TRAIN.OPTIMIZER.NESTEROV", "True"])
 
 
 def test_architecture_overrides_default_to_the_variant(tmp_path: Path) -> None:
@@ -234,6 +249,29 @@ def test_transfer_config_decays_lower_layers_and_needs_a_folder() -> None:
     assert cfg.MODEL.NUM_CLASSES == 102 and cfg.AUG.MIXUP == cfg.AUG.CUTMIX == 0.0
 
 
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_config_loads_and_validates(path: Path) -> None:
+    load_config(str(path), world_size=8)
+
+
+def test_linear_probe_config_trains_the_head_with_sgd_at_maes_lr() -> None:
+    cfg = load_config(str(CONFIGS / "crossformerpp_s_linear_probe.yaml"), world_size=8)  # 8 x 256 = 2048 images
+    train, aug = cfg.TRAIN, cfg.AUG
+    assert (train.FREEZE, train.OPTIMIZER.NAME, train.OPTIMIZER.MOMENTUM, train.WEIGHT_DECAY) == (
+        "all-but-head", "sgd", 0.9, 0.0)
+    assert (train.EPOCHS, train.WARMUP_EPOCHS) == (90, 10)
+    assert train.SCALED_BASE_LR == pytest.approx(0.1 * 2048 / 256)
+    assert (aug.MIXUP, aug.CUTMIX, aug.AUTO_AUGMENT, aug.REPROB, aug.COLOR_JITTER) == (0.0, 0.0, "", 0.0, 0.0)
+    assert cfg.MODEL.DROP_PATH_RATE == 0.0 and cfg.MODEL.LABEL_SMOOTHING == 0.0
+
+
+def test_finetune_config_decays_layers_and_freezes_the_first_stage() -> None:
+    cfg = load_config(str(CONFIGS / "crossformerpp_s_finetune_layer_decay.yaml"), world_size=8)
+    assert (cfg.TRAIN.LAYER_DECAY, cfg.TRAIN.FREEZE, cfg.TRAIN.OPTIMIZER.NAME) == (0.75, "stages-1", "adamw")
+    assert cfg.TRAIN.SCALED_BASE_LR == pytest.approx(1e-3)  # 8 x 64 = 512, the reference batch
+    assert cfg.DATA.DATASET == "imagenet" and cfg.MODEL.NAME == "crossformerpp_s"
+
+
 def test_each_key_is_declared_once_and_the_tables_derive_from_it() -> None:
     """config.KEYS is the one declaration: defaults, flags and the resume meaning come from it."""
     from models.crossformer import SIZE_DIVISOR
@@ -246,5 +284,6 @@ def test_each_key_is_declared_once_and_the_tables_derive_from_it() -> None:
     args = parse_option(["--cfg", "x.yaml", "--batch-size", "8", "--use-ema", "--eval"])
     assert (args.batch_size, args.use_ema, args.eval) == (8, "ema", True)
     assert set(config.keys_on_resume(config.OnResume.OPTIMIZER)) == {
-        "TRAIN.WEIGHT_DECAY", "TRAIN.OPTIMIZER.NAME", "TRAIN.OPTIMIZER.EPS", "TRAIN.OPTIMIZER.BETAS"}
+        "TRAIN.WEIGHT_DECAY", "TRAIN.FREEZE", "TRAIN.OPTIMIZER.NAME", "TRAIN.OPTIMIZER.EPS", "TRAIN.OPTIMIZER.BETAS",
+        "TRAIN.OPTIMIZER.MOMENTUM", "TRAIN.OPTIMIZER.NESTEROV"}
     assert "DATA.BATCH_SIZE" in config.keys_on_resume(config.OnResume.NOT_COMPARED)

@@ -1,12 +1,17 @@
-"""AdamW parameter groups and the per-step warmup + cosine schedule (against the official formula)."""
+"""The optimizers (against their reference classes), their parameter groups, and the per-step warmup + cosine
+schedule (against the official formula)."""
 from __future__ import annotations
 
+import inspect
+import io
 import math
-from typing import List, Set
+from typing import Dict, List, Optional, Set
 
 import pytest
 import torch
+from timm.optim import Lamb, Lion
 from torch import nn
+from yacs.config import CfgNode
 
 from config import load_config
 from optim import build_optimizer, build_scheduler, param_groups
@@ -166,3 +171,178 @@ def test_layer_decay_scales_land_on_the_right_blocks() -> None:
     scheduler.step_update(2)
     lrs = {group["lr_scale"]: group["lr"] for group in optimizer.param_groups}
     assert lrs[0.5 ** 9] == pytest.approx(lrs[1.0] * 0.5 ** 9)
+
+
+# -----------------------------------------------------------------------------
+# The optimizers: each against its reference class, its groups, its state, its skipped steps
+# -----------------------------------------------------------------------------
+# TRAIN.OPTIMIZER.* settings, and the reference: the class built directly with the hyperparameters written out
+# and the kernel named (the kernels' own numerics are torch's business: fused and foreach AdamW differ in rounding).
+OPTIMIZERS = {
+    "adamw": ([], lambda groups, lr: torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8, fused=True)),
+    "lamb": ([], lambda groups, lr: Lamb(groups, lr=lr, betas=(0.9, 0.999), eps=1e-6, max_grad_norm=None,
+                                         foreach=True)),
+    "lion": ([], lambda groups, lr: Lion(groups, lr=lr, betas=(0.9, 0.99), foreach=True)),
+    "sgd": ([], lambda groups, lr: torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=False, foreach=True)),
+    "sgd-nesterov": (["TRAIN.OPTIMIZER.NESTEROV", "True", "TRAIN.OPTIMIZER.MOMENTUM", "0.8"],
+                     lambda groups, lr: torch.optim.SGD(groups, lr=lr, momentum=0.8, nesterov=True, foreach=True)),
+}
+
+
+def _config(case: str, *opts: str) -> CfgNode:
+    name = case.split("-")[0]
+    return load_config(opts=["TRAIN.OPTIMIZER.NAME", name, "DATA.BATCH_SIZE", "512", *OPTIMIZERS[case][0], *opts])
+
+
+def _tiny(seed: int = 0) -> nn.Module:
+    """_Net with its own initialisation from ``seed`` (the optimizers' tests need no CrossFormer forward)."""
+    torch.manual_seed(seed)
+    model = _Net()
+    nn.init.normal_(model.table)
+    return model
+
+
+def _backward(model: nn.Module, seed: int, scaler: Optional[torch.amp.GradScaler] = None) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    inputs, labels = torch.randn(8, 4, generator=generator), torch.randint(0, 2, (8,), generator=generator)
+    hidden = model.norm(model.proj(inputs)) + model.table.sum(0)
+    loss = nn.functional.cross_entropy(model.head(hidden), labels)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+
+
+@pytest.mark.parametrize("case", sorted(OPTIMIZERS))
+def test_each_optimizer_steps_as_its_reference_class(case: str) -> None:
+    """Three steps of ours equal, bitwise, the torch / timm class built directly over the same groups."""
+    cfg = _config(case, "TRAIN.WEIGHT_DECAY", "0.1")
+    ours_model, reference_model = _tiny(), _tiny()
+    ours = build_optimizer(cfg, ours_model)
+    groups = param_groups(reference_model, 0.1, reference_model.no_weight_decay())
+    reference = OPTIMIZERS[case][1](groups, cfg.TRAIN.SCALED_BASE_LR)
+    for step in range(3):
+        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+            _backward(model, step)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    changed = 0
+    for (name, a), b in zip(ours_model.named_parameters(), reference_model.parameters()):
+        assert torch.equal(a, b), name
+        changed += not torch.equal(a, _tiny().get_parameter(name))
+    assert changed == len(list(ours_model.parameters()))
+
+
+@pytest.mark.parametrize("case", sorted(OPTIMIZERS))
+def test_no_decay_group_has_no_weight_decay_for_each_optimizer(case: str) -> None:
+    model = _tiny()
+    optimizer = build_optimizer(_config(case), model)
+    decay, no_decay = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    assert sorted(names[id(p)] for p in decay["params"]) == ["head.weight", "proj.weight"]
+    assert sorted(names[id(p)] for p in no_decay["params"]) == [
+        "head.bias", "norm.bias", "norm.weight", "proj.bias", "table"]
+
+
+@pytest.mark.parametrize("case", sorted(OPTIMIZERS))
+def test_layer_decay_gives_every_optimizer_the_same_lr_scale_groups(case: str) -> None:
+    import models
+
+    model = models.create_model("crossformerpp_s", num_classes=10, embed_dim=32, depths=[1, 1, 1, 1],
+                                num_heads=[1, 2, 4, 8])
+    layered = ["TRAIN.LAYER_DECAY", "0.5"]
+    groups = build_optimizer(_config(case, *layered), model).param_groups
+    adamw = build_optimizer(_config("adamw", *layered), model).param_groups
+    assert len(groups) == len(adamw) > 2
+    for group, expected in zip(groups, adamw):  # the same fixed order of groups, scales and decays
+        assert [id(p) for p in group["params"]] == [id(p) for p in expected["params"]]
+        assert (group["lr_scale"], group["weight_decay"]) == (expected["lr_scale"], expected["weight_decay"])
+    # The stem, 4 blocks, 3 patch merges and the head: 9 depths.
+    assert sorted({group["lr_scale"] for group in groups}) == [0.5 ** d for d in range(8, -1, -1)]
+
+
+@pytest.mark.parametrize("case", sorted(OPTIMIZERS))
+def test_optimizer_state_survives_a_save_and_load(case: str) -> None:
+    """The state through torch.save / a weights_only load (as checkpoints are read) continues bitwise."""
+    cfg = _config(case)
+    model = _tiny()
+    optimizer = build_optimizer(cfg, model)
+    for step in range(2):
+        _backward(model, step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    restored_model = _tiny(seed=1)
+    restored_model.load_state_dict(saved["model"])
+    restored = build_optimizer(cfg, restored_model)
+    restored.load_state_dict(saved["optimizer"])
+    assert len(restored.state) == len(list(model.parameters()))
+    for m, o in ((model, optimizer), (restored_model, restored)):
+        _backward(m, 2)
+        o.step()
+    for (name, a), b in zip(model.named_parameters(), restored_model.parameters()):
+        assert torch.equal(a, b), name
+
+
+def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> Dict[str, torch.Tensor]:
+    out = {f"param.{n}": p.detach().clone() for n, p in model.named_parameters()}
+    for index, state in optimizer.state_dict()["state"].items():
+        out.update({f"state.{index}.{k}": v.clone() for k, v in state.items() if torch.is_tensor(v)})
+    return out
+
+
+def _assert_same(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> None:
+    """Equal, except that ``b`` may hold fresh (all-zero) state that ``a`` lacks: a fused kernel creates the
+    state before it skips the step, and that state is what the next step would create."""
+    assert a.keys() <= b.keys()
+    for key in b:
+        assert torch.equal(a[key], b[key]) if key in a else not b[key].any(), key
+
+
+@pytest.mark.parametrize("case", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("fp16", [False, True], ids=["step_if_finite", "grad_scaler"])
+def test_a_non_finite_step_is_skipped_by_each_optimizer(case: str, fp16: bool) -> None:
+    """A non-finite step (the first one too) leaves no trace: no weight, no state, and the next
+    finite step is the one a run without it takes. Through engine.optimizer_step: the host flag or
+    a fused kernel's found_inf (engine.step_if_finite), or fp16's GradScaler."""
+    from engine import Components, optimizer_step
+
+    cfg = _config(case)
+    model, clean_model = _tiny(), _tiny()
+    scaler = torch.amp.GradScaler("cpu") if fp16 else None
+    parts = Components(train_model=model, criterion=None, optimizer=build_optimizer(cfg, model), scheduler=None,
+                       scaler=scaler)
+    clean = Components(train_model=clean_model, criterion=None, optimizer=build_optimizer(cfg, clean_model),
+                       scheduler=None)
+    for step in range(3):
+        if step != 1:  # the first step, then a later one, are skipped
+            before = _snapshot(model, parts.optimizer)
+            _backward(model, step, scaler)
+            model.proj.weight.grad[0, 0] = float("inf")
+            _, finite = optimizer_step(parts, clip_grad=0.0)
+            assert not finite
+            _assert_same(before, _snapshot(model, parts.optimizer))
+        for run in (parts, clean):
+            _backward(run.model, 10 + step, run.scaler)
+            assert optimizer_step(run, clip_grad=0.0)[1]
+        _assert_same(_snapshot(clean_model, clean.optimizer), _snapshot(model, parts.optimizer))
+    if scaler is not None:
+        assert scaler.get_scale() == 65536.0 / 4  # the two overflows halved it twice
+
+
+def test_optimizer_defaults_are_the_classes_own() -> None:
+    """config.OPTIMIZER_DEFAULTS (what a null BETAS / EPS becomes) against the classes' signatures."""
+    from config import OPTIMIZER_DEFAULTS
+
+    classes = {"adamw": torch.optim.AdamW, "lamb": Lamb, "lion": Lion, "sgd": torch.optim.SGD}
+    assert set(OPTIMIZER_DEFAULTS) == set(classes)
+    for name, cls in classes.items():
+        signature = inspect.signature(cls.__init__).parameters
+        expected = {key.upper(): tuple(signature[key].default) if key == "betas" else signature[key].default
+                    for key in ("betas", "eps") if key in signature}
+        assert OPTIMIZER_DEFAULTS[name] == expected, name
+    lion = load_config(opts=["TRAIN.OPTIMIZER.NAME", "lion"]).TRAIN.OPTIMIZER
+    assert (tuple(lion.BETAS), lion.EPS) == ((0.9, 0.99), None)
+    given = load_config(opts=["TRAIN.OPTIMIZER.NAME", "lamb", "TRAIN.OPTIMIZER.EPS", "1e-8"]).TRAIN.OPTIMIZER
+    assert (tuple(given.BETAS), given.EPS) == ((0.9, 0.999), 1e-8)  # a value given is kept
