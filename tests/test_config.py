@@ -251,7 +251,21 @@ def test_transfer_config_decays_lower_layers_and_needs_a_folder() -> None:
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda path: path.name)
 def test_every_shipped_config_loads_and_validates(path: Path) -> None:
-    load_config(str(path), world_size=8)
+    # What a config's header says to pass on the command line (any existing file stands for the teacher's weights).
+    given = {"crossformerpp_s_distill.yaml": ["MODEL.DISTILL.TEACHER_WEIGHTS", str(path)]}
+    load_config(str(path), given.get(path.name, []), world_size=8)
+
+
+def test_distillation_and_deit3_configs_are_their_recipes() -> None:
+    cfg = load_config(str(CONFIGS / "crossformerpp_s_distill.yaml"), ["MODEL.DISTILL.TEACHER_WEIGHTS", __file__])
+    distill = cfg.MODEL.DISTILL
+    assert (distill.TYPE, distill.TEACHER, distill.ALPHA, distill.TAU) == ("hard", "regnety_160.deit_in1k", 0.5, 1.0)
+    cfg = load_config(str(CONFIGS / "crossformerpp_s_deit3.yaml"), world_size=8, opts=["DATA.BATCH_SIZE", "256"])
+    train = cfg.TRAIN
+    assert (train.LOSS, train.OPTIMIZER.NAME, cfg.DATA.REPEATED_AUG, cfg.MODEL.LABEL_SMOOTHING) == ("bce", "lamb", 3, 0.0)
+    assert train.SCALED_BASE_LR == pytest.approx(4e-3) and (train.EPOCHS, cfg.AUG.REPROB) == (400, 0.0)
+    cfg = load_config(str(CONFIGS / "crossformerpp_s_multilabel.yaml"), ["MODEL.NUM_CLASSES", "17"])
+    assert (cfg.DATA.FORMAT, cfg.TRAIN.LOSS, cfg.TRAIN.LAYER_DECAY) == ("multilabel", "bce", 0.75)
 
 
 def test_linear_probe_config_trains_the_head_with_sgd_at_maes_lr() -> None:

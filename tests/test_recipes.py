@@ -56,11 +56,12 @@ def _torchrun(args: List[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def check_recipe(config: str, data: Path, root: Path, opts: List[str], metric: str = "val_acc1",
-                 above: float = CHANCE) -> List[Dict[str, float]]:
+                 above: float = CHANCE, loss: str = "train_loss") -> List[Dict[str, float]]:
     """Train ``config`` uninterrupted, and stopped at step ``STOP_AT`` then resumed, under 2 processes.
 
-    Returns the uninterrupted run's metrics rows after checking that it learns and that the resumed
-    run ends bitwise equal to it.
+    Returns the uninterrupted run's metrics rows after checking that it learns (``loss`` falls from the
+    first epoch to the last, the best ``metric`` is above ``above``) and that the resumed run ends
+    bitwise equal to it.
     """
     base = ["--cfg", str(CONFIGS / config), "--data-path", str(data), "--opts", *TINY, *opts]
     _torchrun(base[:4] + ["--output", str(root / "full")] + base[4:], root)
@@ -70,7 +71,7 @@ def check_recipe(config: str, data: Path, root: Path, opts: List[str], metric: s
     assert "resumed from" in (cut / "log.txt").read_text()
     assert_same_training_state(full / "last.pth", cut / "last.pth")
     rows = [row for row in read_metrics(full) if "train_loss" in row]
-    assert len(rows) == 3 and rows[-1]["train_loss"] < rows[0]["train_loss"], rows
+    assert len(rows) == 3 and rows[-1][loss] < rows[0][loss], rows
     assert max(row[metric] for row in rows) > above, rows
     return rows
 
@@ -101,3 +102,26 @@ def test_multilabel_finetune_recipe(shapes: Path, pretrained: Path, tmp_path: Pa
     opts = ["MODEL.NUM_CLASSES", "3", "TRAIN.BASE_LR", "2e-3", "DATA.BATCH_SIZE", "8", "MODEL.PRETRAINED",
             str(pretrained)]
     check_recipe("crossformerpp_s_multilabel.yaml", shapes, tmp_path, opts, metric="val_map", above=chance + 10)
+
+
+def test_deit3_bce_lamb_repeated_augmentation_recipe(toy: Path, tmp_path: Path) -> None:
+    """configs/crossformerpp_s_deit3.yaml: BCE on mixup / CutMix targets, LAMB, each image 3 times per epoch."""
+    rows = check_recipe("crossformerpp_s_deit3.yaml", toy, tmp_path, ["TRAIN.BASE_LR", "5e-3"])
+    log = (run_dir(tmp_path / "full") / "log.txt").read_text()
+    assert "INFO lamb (betas (0.9, 0.999), eps 1e-06" in log
+    assert rows[0]["train_loss"] < 1.0  # a BCE summed over classes / C, not a cross-entropy
+
+
+def test_linear_probe_recipe(toy: Path, pretrained: Path, tmp_path: Path) -> None:
+    """configs/crossformerpp_s_linear_probe.yaml: a new head on the tiny pretrained model's frozen features."""
+    import torch
+
+    start = torch.load(pretrained, weights_only=True)["model"]
+    backbone = tmp_path / "backbone.pth"  # the weights without their head: the probe trains a fresh one
+    torch.save({name: tensor for name, tensor in start.items() if not name.startswith("head.")}, backbone)
+    # Another seed than the pretraining's: the same seed would redraw the head the features grew up with.
+    check_recipe("crossformerpp_s_linear_probe.yaml", toy, tmp_path, ["MODEL.PRETRAINED", str(backbone),
+                                                                      "TRAIN.BASE_LR", "1e-3", "SEED", "1"])
+    end = torch.load(run_dir(tmp_path / "full") / "last.pth", weights_only=True)
+    assert end["frozen"]["spec"] == "all-but-head"
+    assert all(torch.equal(tensor, start[name]) for name, tensor in end["model"].items() if not name.startswith("head."))
