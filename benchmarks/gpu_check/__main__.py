@@ -63,6 +63,14 @@ CHECKS: Dict[str, List[Tuple[str, str]]] = {
         ("dali/validation_syncs", "engine.evaluate over device batches (a smaller last one) under "
          "set_sync_debug_mode 'warn': the host synchronisations it makes (<= 1, the final read; CUDA only)"),
     ],
+    "recipes": [
+        ("recipes/optimizer/{adamw,lamb,lion,sgd}/skip_nonfinite", "fp16 + GradScaler through engine.optimizer_step: "
+         "a non-finite step leaves weights and optimizer state bitwise unchanged and halves the scale, the next moves"),
+        ("recipes/distill/{bf16,fp16}", "the teacher resizes and renormalises the batch on the device, runs under "
+         "autocast; the distilled loss is finite, only the student gets gradients, the teacher is timed"),
+        ("recipes/multilabel_map", "engine.evaluate_multilabel on device batches through the process group (NCCL "
+         "all_gather_object) equals the float64 mAP of the same logits"),
+    ],
     "speed": [
         ("speed/<model>/{bf16,fp16}/{infer,train}", "img/s ours vs official, crossformerpp_s batch 128, "
          "crossformerpp_b batch 64, alternating; paper inference figure alongside"),
@@ -77,11 +85,13 @@ def _run_groups(ctx: Context) -> Dict[str, Callable[[], Tuple[List[Result], List
     # Imported here so that --help answers without importing torch's and DALI's heavy parts.
     from .dali_checks import check_dali
     from .model_checks import check_models, check_sdpa
+    from .recipe_checks import check_recipes
     from .speed import check_speed
     from .training import check_training
 
     return {"models": lambda: (check_models(ctx), []), "sdpa": lambda: (check_sdpa(ctx), []),
             "training": lambda: (check_training(ctx), []), "dali": lambda: (check_dali(ctx), []),
+            "recipes": lambda: (check_recipes(ctx), []),
             "speed": lambda: check_speed(ctx)}
 
 
