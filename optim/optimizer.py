@@ -55,14 +55,16 @@ def optimizer_settings(config: CfgNode) -> Dict[str, Any]:
     """The hyperparameters of ``TRAIN.OPTIMIZER.NAME`` beyond LR and weight decay, as its class takes them.
 
     Args:
-        config: Reads ``TRAIN.OPTIMIZER.*`` (``BETAS`` / ``EPS`` already filled by ``config.load_config``).
+        config: Reads ``TRAIN.OPTIMIZER.*`` (``BETAS`` / ``EPS`` filled by ``config.load_config``; left None,
+            the class's defaults apply, the same values).
     """
-    name = config.TRAIN.OPTIMIZER.NAME
+    name, section = config.TRAIN.OPTIMIZER.NAME, config.TRAIN.OPTIMIZER
     if name == "sgd":
-        return {"momentum": config.TRAIN.OPTIMIZER.MOMENTUM, "nesterov": config.TRAIN.OPTIMIZER.NESTEROV}
-    settings: Dict[str, Any] = {"betas": tuple(config.TRAIN.OPTIMIZER.BETAS)}
-    if name in ("adamw", "lamb"):
-        settings["eps"] = config.TRAIN.OPTIMIZER.EPS
+        return {"momentum": section.MOMENTUM, "nesterov": section.NESTEROV}
+    # None (a config not made by load_config, e.g. get_defaults()): the class's own default.
+    settings: Dict[str, Any] = {} if section.BETAS is None else {"betas": tuple(section.BETAS)}
+    if name in ("adamw", "lamb") and section.EPS is not None:
+        settings["eps"] = section.EPS
     return settings
 
 

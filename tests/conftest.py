@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -27,6 +28,34 @@ def file_list_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         del os.environ["XDG_CACHE_HOME"]
     else:
         os.environ["XDG_CACHE_HOME"] = previous
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Iterator[None]:
+    """Each test starts with torch.compile's caches empty: a model compiled by an earlier test leaves
+    cache entries on the shared code objects, and a second model at another input size then
+    recompiles them with dynamic shapes (minutes instead of seconds)."""
+    yield
+    if "torch._dynamo" in sys.modules:  # imported with timm; a reset of empty caches takes microseconds
+        sys.modules["torch._dynamo"].reset()
+
+
+@pytest.fixture(scope="session")
+def toy_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 classes of 48x48 toy JPEGs in the ImageNet layout: 120 train and 30 val images (read-only: copy to change)."""
+    from data.toy import ToySpec, ensure_toy_dataset
+
+    return ensure_toy_dataset(tmp_path_factory.mktemp("toy"), ToySpec(12, 3, 48))
+
+
+@pytest.fixture(scope="session")
+def toy_shards(toy_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`toy_folder` converted to tar shards of 25 samples (read-only: copy to change)."""
+    from data.make_shards import convert
+
+    destination = tmp_path_factory.mktemp("shards") / "toy"
+    convert(toy_folder, destination, samples_per_shard=25, workers=1)
+    return destination
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from data.common import EpochBatchSampler
 from data.folder import scan_image_folder
 from data.loader import read_or_replace
 from data.split import UnreadableImage
-from data.toy import CLASSES, DEFAULT_TOY_SPEC, ToySpec, ensure_toy_dataset, generate_toy_dataset
+from data.toy import CLASSES, DEFAULT_TOY_SPEC, ToySpec, generate_toy_dataset
 from tests.helpers import REPO_ROOT, run
 
 LOADERS = ["pytorch", "dali"]
@@ -32,10 +32,10 @@ CPU = torch.device("cpu")
 TRAIN_PER_CLASS, VAL_PER_CLASS = 12, 3  # 120 train and 30 val images
 
 
-@pytest.fixture(scope="module")
-def image_root(tmp_path_factory) -> Path:
-    """A small 10-class dataset of 48x48 toy JPEGs in the ImageNet layout."""
-    return ensure_toy_dataset(tmp_path_factory.mktemp("toy"), ToySpec(TRAIN_PER_CLASS, VAL_PER_CLASS, 48))
+@pytest.fixture
+def image_root(toy_folder: Path) -> Path:
+    """conftest's toy folder: TRAIN_PER_CLASS and VAL_PER_CLASS images of each of 10 classes."""
+    return toy_folder
 
 
 def make_config(root: Path, loader: str, **overrides):

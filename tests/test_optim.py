@@ -346,3 +346,16 @@ def test_optimizer_defaults_are_the_classes_own() -> None:
     assert (tuple(lion.BETAS), lion.EPS) == ((0.9, 0.99), None)
     given = load_config(opts=["TRAIN.OPTIMIZER.NAME", "lamb", "TRAIN.OPTIMIZER.EPS", "1e-8"]).TRAIN.OPTIMIZER
     assert (tuple(given.BETAS), given.EPS) == ((0.9, 0.999), 1e-8)  # a value given is kept
+
+
+@pytest.mark.parametrize("name", ["adamw", "lamb", "lion"])
+def test_a_config_not_filled_by_load_config_takes_the_classes_defaults(name: str) -> None:
+    """get_defaults() leaves BETAS / EPS None: the optimizer gets its class's own values, which load_config fills in."""
+    from config import get_defaults
+
+    raw = get_defaults()
+    raw.TRAIN.OPTIMIZER.NAME = name
+    model = nn.Linear(3, 2)
+    built, filled = build_optimizer(raw, model), build_optimizer(load_config(opts=["TRAIN.OPTIMIZER.NAME", name]), model)
+    for key in ("betas", "eps"):
+        assert built.param_groups[0].get(key) == filled.param_groups[0].get(key), key

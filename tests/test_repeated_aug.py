@@ -12,9 +12,7 @@ import torch
 from config import _C
 from data import build_loader
 from data.common import EpochBatchSampler, epoch_permutation, erase_per_sample, mix_seed
-from data.make_shards import convert
 from data.shards import ShardBatchSampler, buffer_shuffle
-from data.toy import ToySpec, ensure_toy_dataset
 
 CPU = torch.device("cpu")
 LOADERS = ["pytorch", "dali"]
@@ -150,17 +148,14 @@ def test_repeats_below_one_are_one_clear_error() -> None:
 # ----------------------------------------------------------------------------- through the loaders
 
 
-@pytest.fixture(scope="module")
-def image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """10 classes of 48x48 toy JPEGs: 120 train and 30 val images."""
-    return ensure_toy_dataset(tmp_path_factory.mktemp("toy"), ToySpec(12, 3, 48))
+@pytest.fixture
+def image_root(toy_folder: Path) -> Path:
+    return toy_folder
 
 
-@pytest.fixture(scope="module")
-def shard_root(image_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    destination = tmp_path_factory.mktemp("shards") / "toy"
-    convert(image_root, destination, samples_per_shard=25, workers=1)
-    return destination
+@pytest.fixture
+def shard_root(toy_shards: Path) -> Path:
+    return toy_shards
 
 
 def _config(root: Path, loader: str, repeats: int, data_format: str = "folder", **data):

@@ -13,9 +13,7 @@ import torch
 
 from config import _C
 from data import build_loader
-from data.make_shards import convert
 from data.shards import ShardBatchSampler, ShardIndex, buffer_shuffle
-from data.toy import ToySpec, ensure_toy_dataset
 
 SHARD_SIZES = (10, 10, 10, 10, 10, 10, 7)  # 67 samples, a short last shard
 
@@ -104,17 +102,14 @@ LOADERS = ["pytorch", "dali"]
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """10 classes of 48x48 toy JPEGs: 120 train and 30 val images."""
-    return ensure_toy_dataset(tmp_path_factory.mktemp("toy"), ToySpec(12, 3, 48))
+@pytest.fixture
+def folder(toy_folder: Path) -> Path:
+    return toy_folder
 
 
-@pytest.fixture(scope="module")
-def shards(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    destination = tmp_path_factory.mktemp("shards") / "toy"
-    convert(folder, destination, samples_per_shard=25, workers=1)
-    return destination
+@pytest.fixture
+def shards(toy_shards: Path) -> Path:
+    return toy_shards
 
 
 def _config(root: Path, loader: str, data_format: str = "shards", **data):
