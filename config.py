@@ -176,8 +176,9 @@ KEYS: Tuple[Key, ...] = (
         "checkpoints or exported weights).", resume=_I),
     Key("MODEL.DISTILL.TEACHER_WEIGHTS", "", "The teacher's weights: a timm / bare state dict, or one of our "
         "checkpoints or exported weights. The checkpoint records the file's SHA-256: a resume with another teacher "
-        "is refused, a moved file is not.",
-        rule=((lambda path, cfg: cfg.MODEL.DISTILL.TYPE == "none" or os.path.isfile(path)),
+        "is refused, a moved file is not. --eval and --throughput do not read it.",
+        rule=((lambda path, cfg: cfg.MODEL.DISTILL.TYPE == "none" or cfg.EVAL_MODE or cfg.THROUGHPUT_MODE
+               or os.path.isfile(path)),
               "is not a file, and MODEL.DISTILL.TYPE={cfg.MODEL.DISTILL.TYPE!r} needs the teacher's weights; pass "
               "the path of the teacher's weights file")),
     Key("MODEL.DISTILL.TEACHER_EMA", False, "Take the EMA weights of the teacher's file (ours: \"ema\"; timm's: "

@@ -58,13 +58,14 @@ def optimizer_settings(config: CfgNode) -> Dict[str, Any]:
         config: Reads ``TRAIN.OPTIMIZER.*`` (``BETAS`` / ``EPS`` filled by ``config.load_config``; left None,
             the class's defaults apply, the same values).
     """
-    name, section = config.TRAIN.OPTIMIZER.NAME, config.TRAIN.OPTIMIZER
+    name = config.TRAIN.OPTIMIZER.NAME
     if name == "sgd":
-        return {"momentum": section.MOMENTUM, "nesterov": section.NESTEROV}
+        return {"momentum": config.TRAIN.OPTIMIZER.MOMENTUM, "nesterov": config.TRAIN.OPTIMIZER.NESTEROV}
     # None (a config not made by load_config, e.g. get_defaults()): the class's own default.
-    settings: Dict[str, Any] = {} if section.BETAS is None else {"betas": tuple(section.BETAS)}
-    if name in ("adamw", "lamb") and section.EPS is not None:
-        settings["eps"] = section.EPS
+    betas, eps = config.TRAIN.OPTIMIZER.BETAS, config.TRAIN.OPTIMIZER.EPS
+    settings: Dict[str, Any] = {} if betas is None else {"betas": tuple(betas)}
+    if name in ("adamw", "lamb") and eps is not None:
+        settings["eps"] = eps
     return settings
 
 

@@ -146,17 +146,21 @@ def test_timm_teacher_trains_logs_its_cost_and_is_recorded(tmp_path: Path, timm_
 def test_own_checkpoint_teacher_with_its_ema_weights(tmp_path: Path) -> None:
     cfg, out = write_tiny_yaml(tmp_path), str(tmp_path / "out")
     assert main.main(["--cfg", str(cfg), "--output", out, "--tag", "teacher", *_opts()]) == 0
-    teacher = run_dir(Path(out), "teacher") / "last.pth"
+    teacher = tmp_path / "teacher.pth"
+    shutil.copy(run_dir(Path(out), "teacher") / "last.pth", teacher)
     kd = ["MODEL.DISTILL.TYPE", "soft", "MODEL.DISTILL.TAU", "2.0", "MODEL.DISTILL.TEACHER_WEIGHTS", str(teacher),
           "MODEL.DISTILL.TEACHER_EMA", "True"]
     assert main.main(["--cfg", str(cfg), "--output", out, "--tag", "student", *_opts(*kd)]) == 0
     directory = run_dir(Path(out), "student")
     log = (directory / "log.txt").read_text()
-    assert "distillation (soft, alpha 0.5, tau 2) from teacher crossformerpp_s (last.pth, EMA weights" in log
+    assert "distillation (soft, alpha 0.5, tau 2) from teacher crossformerpp_s (teacher.pth, EMA weights" in log
     assert "at 32 px" in log
     row = read_metrics(directory)[-1]
     assert row["epoch"] == 1 and row["train_loss"] > 0
     assert torch.load(directory / "last.pth", weights_only=True)["teacher"]["ema"] is True
+    # Evaluating the student needs no teacher: its run's config.yaml works where the teacher's file is gone.
+    teacher.unlink()
+    assert main.main(["--cfg", str(directory / "config.yaml"), "--eval", "--resume", str(directory / "last.pth")]) == 0
 
 
 @pytest.mark.parametrize("pairs, message", [
