@@ -146,17 +146,7 @@ def test_repeats_below_one_are_one_clear_error() -> None:
 
 
 # ----------------------------------------------------------------------------- through the loaders
-
-
-@pytest.fixture
-def image_root(toy_folder: Path) -> Path:
-    return toy_folder
-
-
-@pytest.fixture
-def shard_root(toy_shards: Path) -> Path:
-    return toy_shards
-
+# (conftest's toy_folder and toy_shards)
 
 def _config(root: Path, loader: str, repeats: int, data_format: str = "folder", **data):
     """32x32 images, batch 8, one worker, the default augmentation (RandAugment, random erasing)."""
@@ -174,10 +164,10 @@ def _differ(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_copies_on_two_ranks_are_augmented_differently(image_root: Path, loader: str) -> None:
+def test_copies_on_two_ranks_are_augmented_differently(toy_folder: Path, loader: str) -> None:
     """REPEATED_AUG 2 on 2 ranks: place p of each rank holds the two copies of one image (the same
     labels) under different augmentations; on one rank the copies are neighbours in a batch."""
-    cfg = _config(image_root, loader, repeats=2)
+    cfg = _config(toy_folder, loader, repeats=2)
     batches = []
     for rank in range(2):
         train = build_loader(cfg, CPU, rank=rank, world_size=2).train
@@ -194,15 +184,15 @@ def test_copies_on_two_ranks_are_augmented_differently(image_root: Path, loader:
     assert all(_differ(a, b) for a, b in zip(images[0::2], images[1::2]))
 
 
-def test_pytorch_copy_zero_keeps_the_seeds_without_repeats(image_root: Path) -> None:
+def test_pytorch_copy_zero_keeps_the_seeds_without_repeats(toy_folder: Path) -> None:
     """Copy 0 of an image (round = epoch * k) is augmented as the image is without repeats in that round's
     epoch: the seeds are (SEED, round, index), unchanged for REPEATED_AUG 1."""
-    with_repeats = build_loader(_config(image_root, "pytorch", repeats=2), CPU, rank=0, world_size=2).train
+    with_repeats = build_loader(_config(toy_folder, "pytorch", repeats=2), CPU, rank=0, world_size=2).train
     with_repeats.set_epoch(1)  # rank 0's copies are copy 0, round 2
     keys = with_repeats.sampler.keys()[:8]
     assert all(aug_round == 2 for _, aug_round in keys)
     images, labels = next(iter(with_repeats))
-    plain = build_loader(_config(image_root, "pytorch", repeats=1), CPU).train
+    plain = build_loader(_config(toy_folder, "pytorch", repeats=1), CPU).train
     dataset = plain.loader.dataset
     for image, label, key in zip(images, labels, keys):
         uint8, plain_label, erase_seed, _ = dataset[key]
@@ -212,9 +202,9 @@ def test_pytorch_copy_zero_keeps_the_seeds_without_repeats(image_root: Path) -> 
 
 
 @pytest.mark.parametrize("data_format", ["folder", "shards"])
-def test_pytorch_mid_epoch_resume_with_repeats_is_bitwise(image_root: Path, shard_root: Path,
+def test_pytorch_mid_epoch_resume_with_repeats_is_bitwise(toy_folder: Path, toy_shards: Path,
                                                           data_format: str) -> None:
-    root = image_root if data_format == "folder" else shard_root
+    root = toy_folder if data_format == "folder" else toy_shards
     full_loader = build_loader(_config(root, "pytorch", 2, data_format, NUM_WORKERS=0), CPU, rank=1,
                                world_size=2).train
     full_loader.set_epoch(3)
@@ -228,11 +218,11 @@ def test_pytorch_mid_epoch_resume_with_repeats_is_bitwise(image_root: Path, shar
 
 
 @pytest.mark.parametrize("data_format", ["folder", "shards"])
-def test_dali_mid_epoch_resume_with_repeats_continues_with_the_same_samples(image_root: Path, shard_root: Path,
+def test_dali_mid_epoch_resume_with_repeats_continues_with_the_same_samples(toy_folder: Path, toy_shards: Path,
                                                                             data_format: str) -> None:
     """DALI draws its augmentation by place from the pipeline's stream, so a resume continues with the
     very same samples (labels bitwise) but not the same crops (the module's documented limit)."""
-    root = image_root if data_format == "folder" else shard_root
+    root = toy_folder if data_format == "folder" else toy_shards
     full_loader = build_loader(_config(root, "dali", 2, data_format), CPU, rank=1, world_size=2).train
     full_loader.set_epoch(3)
     full = [labels for _, labels in full_loader]
@@ -244,8 +234,8 @@ def test_dali_mid_epoch_resume_with_repeats_continues_with_the_same_samples(imag
 
 
 @pytest.mark.parametrize("loader", LOADERS)
-def test_shard_copies_stay_on_their_rank_and_are_augmented_differently(shard_root: Path, loader: str) -> None:
-    cfg = _config(shard_root, loader, 2, "shards", SHUFFLE_BUFFER=16)
+def test_shard_copies_stay_on_their_rank_and_are_augmented_differently(toy_shards: Path, loader: str) -> None:
+    cfg = _config(toy_shards, loader, 2, "shards", SHUFFLE_BUFFER=16)
     seen = []
     for rank in range(2):
         train = build_loader(cfg, CPU, rank=rank, world_size=2).train
