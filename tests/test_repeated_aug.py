@@ -148,6 +148,7 @@ def test_repeats_below_one_are_one_clear_error() -> None:
 # ----------------------------------------------------------------------------- through the loaders
 # (conftest's toy_folder and toy_shards)
 
+
 def _config(root: Path, loader: str, repeats: int, data_format: str = "folder", **data):
     """32x32 images, batch 8, one worker, the default augmentation (RandAugment, random erasing)."""
     cfg = _C.clone()
