@@ -1,5 +1,6 @@
 """The recipes of configs/ that go beyond the papers' (DeiT's distillation, DeiT III's BCE + LAMB +
-repeated augmentation, a linear probe, a multi-label fine-tune), each trained for a few epochs on the
+repeated augmentation, a linear probe, a fine-tune with layer decay and a frozen first stage, a
+multi-label fine-tune), each trained for a few epochs on the
 generated toy images by 2 processes: it learns (the train loss falls, validation rises above chance),
 and a run stopped mid-epoch and resumed ends bitwise equal to the uninterrupted one.
 
@@ -125,3 +126,19 @@ def test_linear_probe_recipe(toy: Path, pretrained: Path, tmp_path: Path) -> Non
     end = torch.load(run_dir(tmp_path / "full") / "last.pth", weights_only=True)
     assert end["frozen"]["spec"] == "all-but-head"
     assert all(torch.equal(tensor, start[name]) for name, tensor in end["model"].items() if not name.startswith("head."))
+
+
+def test_finetune_with_layer_decay_recipe(toy: Path, pretrained: Path, tmp_path: Path) -> None:
+    """configs/crossformerpp_s_finetune_layer_decay.yaml: stage 1 frozen, layer-wise LR decay, a fresh head."""
+    import torch
+
+    start = torch.load(pretrained, weights_only=True)["model"]
+    backbone = tmp_path / "backbone.pth"
+    torch.save({name: tensor for name, tensor in start.items() if not name.startswith("head.")}, backbone)
+    check_recipe("crossformerpp_s_finetune_layer_decay.yaml", toy, tmp_path,
+                 ["MODEL.PRETRAINED", str(backbone), "TRAIN.BASE_LR", "3e-3", "SEED", "1"])
+    end = torch.load(run_dir(tmp_path / "full") / "last.pth", weights_only=True)
+    assert end["frozen"]["spec"] == "stages-1"
+    assert all(torch.equal(tensor, start[name]) for name, tensor in end["model"].items()
+               if name.startswith(("patch_embed.", "layers.0.")))
+    assert not torch.equal(end["model"]["layers.1.blocks.0.mlp.fc1.weight"], start["layers.1.blocks.0.mlp.fc1.weight"])
