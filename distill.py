@@ -30,6 +30,7 @@ from timm.models import clean_state_dict
 from torch import nn
 from yacs.config import CfgNode
 
+from config import registered_models
 from utils.file_io import load_file
 
 logger = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def _build_named(config: CfgNode) -> Tuple[nn.Module, Dict[str, Any], Optional[L
                          "timm.list_models(), or \"\" to take the model from the weights file's stored config") from None
     checkpoint = load_file(path)
     weights = _weights_of(checkpoint, path, distill.TEACHER_EMA)
-    if distill.TEACHER in timm.list_models(module="crossformer"):  # an official CrossFormer file: its key names
+    if distill.TEACHER in registered_models():  # one of ours (maybe an official CrossFormer file): its key names
         from models.crossformer import checkpoint_filter_fn
 
         weights = checkpoint_filter_fn({"model": weights}, model)
