@@ -6,7 +6,7 @@ Precedence (lowest to highest): these defaults < YAML file (with ``BASE`` inheri
 :data:`KEYS` is the one table of keys: each :class:`Key` holds its default (whose type is the key's
 type), what it means, its allowed values, the named flag that sets it, its value rule and what a
 change means when a run resumes. The yacs defaults (:func:`get_defaults`), the checks of
-:func:`validate`, the command line's flags and the resume policy (``resume.py``) are derived from it.
+:func:`validate`, the command line's flags and the resume policy (``training/resume.py``) are derived from it.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ IMG_SIZE_MULTIPLE = 32
 
 
 class OnResume(enum.Enum):
-    """What a key's changed value means when a run resumes (applied by ``resume.py``)."""
+    """What a key's changed value means when a run resumes (applied by ``training/resume.py``)."""
 
     IDENTITY = "identity"  # what makes a run this run: refused under auto-resume (another experiment)
     SCHEDULE = "schedule"  # the LR schedule is rebuilt and continues at the current step
@@ -167,7 +167,7 @@ KEYS: Tuple[Key, ...] = (
                    action="store_const", const="ema")),
     Key("MODEL.RESUME", "", "A checkpoint to resume the whole training state from (overrides auto-resume).",
         resume=_N, flag=_flag("--resume", "checkpoint to resume the full training state from", type=str)),
-    # Knowledge distillation (distill.py): the student's one head learns from the labels and a teacher.
+    # Knowledge distillation (training/distill.py): the student's one head learns from the labels and a teacher.
     Key("MODEL.DISTILL.TYPE", "none", '"none"; "soft": KL divergence to the teacher\'s softened outputs at '
         'temperature TAU; "hard": cross-entropy to the teacher\'s argmax (DeiT\'s). The loss is (1 - ALPHA) * '
         "TRAIN.LOSS + ALPHA * the distillation term.", choices=("none", "soft", "hard"), resume=_I),

@@ -18,8 +18,8 @@ import torch
 from yacs.config import CfgNode
 
 from config import ConfigError, config_to_dict, get_config, parse_option
-from resume import flatten
-from trainer import Trainer, run_throughput
+from training.resume import flatten
+from training.trainer import Trainer, run_throughput
 from utils.distributed import all_gather_object, cleanup, init_distributed, unanswered_ranks
 from utils.logger import setup_logging
 from utils.reliability import EXIT_ERROR, EXIT_INTERRUPTED, RunStopped, check_output_writable, first_line

@@ -72,7 +72,7 @@ def predict(trained: Any, paths: Sequence[str], batch_size: int = 64, device: to
     """One row per path, in order: ``{"path", "top": [{"class", "name", "prob"}]}`` or ``{"path", "error"}``.
 
     Args:
-        trained: A :class:`utils.inference.TrainedModel`.
+        trained: A :class:`deploy.inference.TrainedModel`.
         paths: Image files.
         batch_size: Images per forward pass.
         device: Where the model runs.
@@ -86,7 +86,7 @@ def predict(trained: Any, paths: Sequence[str], batch_size: int = 64, device: to
     from data.common import EpochBatchSampler
     from data.folder import FolderSplit
     from data.torch_loader import make_torch_loader
-    from utils.analysis import top_k
+    from deploy.analysis import top_k
     from utils.precision import autocast
 
     if not paths:
@@ -168,7 +168,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="the model's YAML config (default: the config stored in the checkpoint)")
     parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="override keys of --cfg")
     parser.add_argument("--pretrained", required=True, metavar="CKPT",
-                        help="a training checkpoint or weights from python -m utils.export")
+                        help="a training checkpoint or weights from python -m deploy.export")
     parser.add_argument("--use-ema", action="store_true", help="the EMA weights of a training checkpoint")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
     parser.add_argument("--output", default="-", help="output file (default: standard output)")
@@ -194,7 +194,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        from utils.inference import load_trained_model
+        from deploy.inference import load_trained_model
         from utils.precision import resolve_amp
 
         if args.top_k < 1 or args.batch_size < 1 or args.workers < 0:

@@ -1,7 +1,7 @@
 """CPU inference images/s: the ONNX export under onnxruntime vs the PyTorch model (eager, float32).
 
 The model is a registered variant at full size with random weights (the speed does not depend
-on their values), exported as ``python -m utils.export --format onnx`` does, at a fixed batch.
+on their values), exported as ``python -m deploy.export --format onnx`` does, at a fixed batch.
 Each trial times both contenders, alternating which goes first, for ``--seconds`` each after a
 warm-up; the ratio onnxruntime / PyTorch is taken per trial and its median reported, so that a
 slower spell of a shared machine hits both. Both use ``--threads`` threads.
@@ -24,8 +24,8 @@ from typing import Callable, Dict, List
 import torch
 
 import models
-from utils.inference import TrainedModel
-from utils.onnx_export import export_onnx, onnx_session
+from deploy.inference import TrainedModel
+from deploy.onnx_export import export_onnx, onnx_session
 
 
 def images_per_second(run: Callable[[], None], batch: int, seconds: float) -> float:

@@ -29,8 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .distributed import all_gather_object, rank_and_world_size
-from .file_io import atomic_publish, atomic_write_text
+from utils.distributed import all_gather_object, rank_and_world_size
+from utils.file_io import atomic_publish, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Turn a training checkpoint into a weights-only file to share.
 
-    python -m utils.export output/crossformerpp_b/default/ema_best.pth crossformerpp_b.safetensors --ema
-    python -m utils.export output/crossformerpp_b/default/best.pth crossformerpp_b.pth
+    python -m deploy.export output/crossformerpp_b/default/ema_best.pth crossformerpp_b.safetensors --ema
+    python -m deploy.export output/crossformerpp_b/default/best.pth crossformerpp_b.pth
 
 A training checkpoint carries the optimizer's moments, the RNG streams and the EMA besides the
 weights (about 3.5x the weights' size). The export is one bare state dict (the model's keys, no
@@ -10,11 +10,11 @@ output's suffix). ``--pretrained``, ``torch.load(weights_only=True)`` and
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))`` all load it.
 The training config and the class names travel with it: in the ``.safetensors`` metadata, and in
 a ``.pth`` state dict's ``_metadata`` (where PyTorch keeps module versions; ``torch.load`` still
-returns the bare state dict). :func:`read_stored_info` reads them back (``predict`` does).
+returns the bare state dict). :func:`deploy.stored.read_stored_info` reads them back (``predict`` does).
 
-    python -m utils.export output/crossformerpp_b/default/best.pth model.onnx --format onnx --dynamic-batch
+    python -m deploy.export output/crossformerpp_b/default/best.pth model.onnx --format onnx --dynamic-batch
 
-writes an ONNX graph for onnxruntime / TensorRT (:mod:`utils.onnx_export`).
+writes an ONNX graph for onnxruntime / TensorRT (:mod:`deploy.onnx_export`).
 """
 from __future__ import annotations
 
@@ -24,44 +24,13 @@ import logging
 import os
 import sys
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import torch
 
-from .file_io import atomic_save, load_file
+from utils.file_io import atomic_save, load_file
 
-# The key of a .pth export's state-dict ``_metadata`` that holds the training config and class names
-# (not a module name, so load_state_dict passes it to no module).
-METADATA_KEY = "crossformer_export"
-
-
-def read_stored_info(path: str) -> Tuple[Optional[Dict[str, Any]], Optional[List[str]]]:
-    """The training config and the class names a checkpoint or exported weights file carries.
-
-    Args:
-        path: A training checkpoint, or a ``.pth`` / ``.safetensors`` file from :func:`export_weights`.
-
-    Returns:
-        ``(config as plain dicts or None, class names in label order or None)``.
-    """
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"weights file {path} does not exist; check the path")
-        with safe_open(path, "pt") as f:
-            metadata = f.metadata() or {}
-        config, names = (json.loads(metadata[k]) if metadata.get(k) else None for k in ("config", "class_names"))
-        return config or None, names
-    checkpoint = load_file(path, mmap=True)
-    if not isinstance(checkpoint, dict):
-        return None, None
-    if "model" in checkpoint:  # a training checkpoint (or an official release: no names)
-        config = checkpoint.get("config")
-        return (config if isinstance(config, dict) and config else None), checkpoint.get("class_names")
-    stored = (getattr(checkpoint, "_metadata", None) or {}).get(METADATA_KEY) or {}
-    return stored.get("config") or None, stored.get("class_names")
-
+from .stored import METADATA_KEY
 
 def export_weights(checkpoint_path: str, output: str, ema: bool = False) -> Dict[str, torch.Tensor]:
     """Write the weights (or EMA weights) of ``checkpoint_path`` to ``output``; returns them.
@@ -107,7 +76,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Args:
         argv: Arguments without the program name.
     """
-    parser = argparse.ArgumentParser("python -m utils.export", description=__doc__,
+    parser = argparse.ArgumentParser("python -m deploy.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a training checkpoint, e.g. output/.../ema_best.pth")
     parser.add_argument("output", help="the file to write: *.pth or *.safetensors (weights), *.onnx (onnx)")

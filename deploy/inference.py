@@ -38,7 +38,7 @@ def load_trained_model(weights_path: str, cfg_file: str = "", opts: Sequence[str
     """Build the model a file's weights belong to and load them.
 
     Args:
-        weights_path: A training checkpoint, or weights from ``python -m utils.export``.
+        weights_path: A training checkpoint, or weights from ``python -m deploy.export``.
         cfg_file: The config YAML; "" takes the config stored in the file.
         opts: ``--opts KEY VALUE`` pairs applied to ``cfg_file``.
         ema: Load the EMA weights of a training checkpoint.
@@ -49,7 +49,7 @@ def load_trained_model(weights_path: str, cfg_file: str = "", opts: Sequence[str
     from config import load_config
     from models import build_model, load_pretrained
 
-    from .export import read_stored_info
+    from .stored import read_stored_info
 
     stored_config, class_names = read_stored_info(weights_path)
     if cfg_file:

@@ -1,6 +1,6 @@
 """A trained model as an ONNX graph, for onnxruntime, TensorRT or any other ONNX runtime.
 
-``python -m utils.export CKPT model.onnx --format onnx`` runs :func:`export_onnx`: torch's
+``python -m deploy.export CKPT model.onnx --format onnx`` runs :func:`export_onnx`: torch's
 ``torch.export``-based ONNX exporter (``dynamo=True``) on the eval-mode model, one input
 ``images`` (B, 3, S, S) float32, normalised as the eval transform does, one output ``logits``
 (B, num_classes). The batch is fixed (``--batch-size``) or dynamic (``--dynamic-batch``); the
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from .file_io import atomic_publish
+from utils.file_io import atomic_publish
 from .inference import TrainedModel, eval_transform_description
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def export_onnx(trained: TrainedModel, output: str, img_size: Optional[int] = No
     """Write ``trained.model`` as an ONNX file.
 
     Args:
-        trained: From :func:`utils.inference.load_trained_model`.
+        trained: From :func:`deploy.inference.load_trained_model`.
         output: The ``.onnx`` file (written atomically).
         img_size: Input height and width; None takes the config's ``DATA.IMG_SIZE``.
         batch_size: The fixed batch size (ignored with ``dynamic_batch``).

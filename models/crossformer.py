@@ -859,7 +859,7 @@ class CrossFormer(nn.Module):
 
     def macs(self, img_size: Union[int, Tuple[int, int]] = 224, reference: bool = True) -> int:
         """Multiply-accumulates of one forward pass of one image: :func:`models.flops.count_macs`."""
-        from .flops import count_macs  # flops imports this module
+        from .flops import count_macs  # counting is flops' own module: the model needs it only here
 
         return count_macs(self, img_size, reference)
 

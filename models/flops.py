@@ -10,9 +10,9 @@ import math
 from typing import Tuple, Union
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .crossformer import CrossFormer
 
 
 def register_flop_formulas() -> None:
@@ -42,7 +42,7 @@ def register_flop_formulas() -> None:
 
 
 @torch.no_grad()
-def count_macs(model: CrossFormer, img_size: Union[int, Tuple[int, int]] = 224, reference: bool = True) -> int:
+def count_macs(model: nn.Module, img_size: Union[int, Tuple[int, int]] = 224, reference: bool = True) -> int:
     """Multiply-accumulates of one forward pass of one image.
 
     Counted with ``FlopCounterMode`` (its FLOP total / 2): convolutions, linear layers,
@@ -53,7 +53,7 @@ def count_macs(model: CrossFormer, img_size: Union[int, Tuple[int, int]] = 224, 
     mode, formulation switch and position-bias caching are as before when it returns.
 
     Args:
-        model: the model to count.
+        model: the model to count: a ``CrossFormer`` (it switches its formulation and clears its caches).
         img_size: ``H`` (square) or ``(H, W)``.
         reference: count the reference formulation instead of the fast path.
     """

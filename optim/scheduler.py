@@ -1,9 +1,22 @@
-"""Linear warmup and cosine decay, stepped after every optimizer step (timm's CosineLRScheduler)."""
+"""Linear warmup and cosine decay, stepped after every optimizer step (timm's CosineLRScheduler); the
+steps in an epoch and the LR an optimizer runs at."""
 from __future__ import annotations
+
+import math
 
 import torch
 from timm.scheduler import CosineLRScheduler
 from yacs.config import CfgNode
+
+
+def steps_per_epoch(num_batches: int, accumulation_steps: int) -> int:
+    """Optimizer steps in an epoch of ``num_batches``; a last, shorter group still makes a step."""
+    return math.ceil(num_batches / accumulation_steps)
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The base LR the optimizer runs at: the largest group LR (layer-wise decay scales the others down)."""
+    return max(group["lr"] for group in optimizer.param_groups)
 
 
 def build_scheduler(config: CfgNode, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> CosineLRScheduler:

@@ -13,12 +13,12 @@ from torch import nn
 
 from config import load_config
 from optim import build_optimizer, build_scheduler
-from engine import Components
-from resume import RunCheckpoints
+from training.engine import Components
+from training.resume import RunCheckpoints
+from training.train_state import TrainState, capture_rng_state, restore_rng_state
 from utils import checkpoint as ckpt
 from utils.distributed import DistInfo
 from utils.file_io import atomic_save, load_file, remove_stale_temp_files
-from utils.train_state import TrainState, capture_rng_state, restore_rng_state
 
 
 class _Run:
@@ -88,7 +88,7 @@ def test_train_state_round_trip_is_exact(tmp_path: Path) -> None:
 def test_an_optimizer_state_saved_with_another_kernel_resumes_with_this_runs(tmp_path: Path) -> None:
     """A checkpoint whose AdamW ran the foreach kernel (a CPU run before fused AdamW on CPU, or another
     device) resumes with this run's fused kernel, which skips a non-finite step on the device."""
-    from engine import step_if_finite
+    from training.engine import step_if_finite
 
     run = _Run(tmp_path)
     for group in run.parts.optimizer.param_groups:
@@ -225,13 +225,13 @@ def test_every_checkpoint_carries_the_provenance_stamp_and_changes_are_named(tmp
 
 
 def test_exported_weights_load_everywhere(tmp_path: Path) -> None:
-    """utils.export: the weights or the EMA weights of a training checkpoint, as .pth or .safetensors,
+    """deploy.export: the weights or the EMA weights of a training checkpoint, as .pth or .safetensors,
     load with torch.load(weights_only=True), --pretrained and timm.create_model(pretrained_cfg_overlay)."""
     import timm
 
     import models
     from timm.utils import ModelEmaV3
-    from utils.export import main as export
+    from deploy.export import main as export
 
     kwargs = dict(num_classes=10, embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8])
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Knowledge distillation (``distill.py``): the loss against its formulas, the teacher's view of the
+"""Knowledge distillation (``training/distill.py``): the loss against its formulas, the teacher's view of the
 batch, teachers from timm names and from our checkpoints, the teacher's identity on resume, bad input."""
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from torch import nn
 
 import main
 from config import get_defaults
-from distill import Distiller, check_teacher_classes
-from engine import Components, _micro_batch
 from tests.helpers import read_metrics, run_dir, write_tiny_yaml
+from training.distill import Distiller, check_teacher_classes
+from training.engine import Components, _micro_batch
 
 
 class _Fixed(nn.Module):

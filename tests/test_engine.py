@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import load_config
-from engine import Components, StopReason, evaluate, train_one_epoch
 from tests.helpers import last_json, read_metrics, run_main
-from utils.train_state import TrainState
+from training.engine import Components, StopReason, evaluate, train_one_epoch
+from training.train_state import TrainState
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
@@ -256,11 +256,11 @@ def test_a_long_validation_logs_its_progress(monkeypatch: pytest.MonkeyPatch,
                                              caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    import engine
+    from training import engine
 
     monkeypatch.setattr(engine, "VAL_PROGRESS_EVERY_S", 0.0)  # every batch counts as "long" here
     batches = [(torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))) for _ in range(3)]
-    with caplog.at_level(logging.INFO, logger="engine"):
+    with caplog.at_level(logging.INFO, logger="training.engine"):
         evaluate(_tiny_model(), _ListLoader(batches), torch.device("cpu"))
     assert [r.getMessage().split(" ")[1] for r in caplog.records if r.getMessage().startswith("validation")] == \
         ["[0/3]", "[1/3]", "[2/3]"]  # batches done so far

@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from config import load_config
-from engine import Components, StopReason, train_one_epoch
 from models import freeze
 from optim import build_optimizer
 from tests.helpers import MODEL_DIR, REPO_ROOT, TINY_YAML
-from utils.train_state import TrainState
+from training.engine import Components, StopReason, train_one_epoch
+from training.train_state import TrainState
 
 # Each spec and the parameter name prefixes it freezes.
 SPECS = {
@@ -198,7 +198,7 @@ def test_a_bad_freeze_is_one_line_and_writes_nothing(tiny_yaml: Path, tmp_path: 
     _one_line(capsys, "TRAIN.FREEZE='stages-9' must be none, stages-K with K in 1..4")
     assert not out.exists() or not any(out.rglob("*"))
     # Nothing left to train (a model without a head): before training, nothing in the run directory.
-    import trainer
+    from training import trainer
 
     monkeypatch.setattr(trainer, "build_model", lambda config: _tiny(num_classes=0))
     assert _run(tiny_yaml, out, "TRAIN.FREEZE", "all-but-head") == 1

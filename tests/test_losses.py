@@ -9,7 +9,7 @@ from timm.data import Mixup
 from torch import nn
 
 from config import ConfigError, get_defaults, load_config
-from loss import build_criterion
+from training.loss import build_criterion
 
 B, C = 6, 5
 

@@ -272,7 +272,7 @@ def test_validation_map_is_exact_over_uneven_rank_parts(monkeypatch: pytest.Monk
 
     ``all_gather_object`` is simulated: each rank's part is recorded, then a last pass receives all of them.
     """
-    import engine
+    from training import engine
 
     scores, targets = _scores_and_targets()
     alone = engine.evaluate(torch.nn.Identity(), [(scores[:4], targets[:4]), (scores[4:], targets[4:])], CPU,

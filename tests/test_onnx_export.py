@@ -1,4 +1,4 @@
-"""``python -m utils.export --format onnx``: the graph under onnxruntime gives PyTorch's logits.
+"""``python -m deploy.export --format onnx``: the graph under onnxruntime gives PyTorch's logits.
 
 Real variant structures (each variant's group sizes, intervals, kernel sizes and, for
 CrossFormer++, ACL and PGS), shrunk in width and depth so that an export takes seconds: stage-1
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import models
-from utils.inference import TrainedModel
+from deploy.inference import TrainedModel
 
 TOLERANCE = 1e-4
 TINY = {"crossformer_t": dict(embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8]),
@@ -35,7 +35,7 @@ def tiny_trained(name: str, num_classes: int = 10) -> TrainedModel:
 @pytest.mark.parametrize("name, img_size, dynamic", [("crossformer_t", 224, False), ("crossformerpp_s", 224, True)])
 def test_onnx_logits_match_pytorch(name: str, img_size: int, dynamic: bool, tmp_path: Path) -> None:
     """Two variants at 224, a fixed batch of 2 and a dynamic batch run at 1 and 3."""
-    from utils.onnx_export import export_onnx, max_logit_difference
+    from deploy.onnx_export import export_onnx, max_logit_difference
 
     trained = tiny_trained(name)
     info = export_onnx(trained, str(tmp_path / "model.onnx"), img_size, batch_size=2, dynamic_batch=dynamic)
@@ -51,8 +51,8 @@ def test_onnx_export_command_at_384_from_a_checkpoint(tmp_path: Path, capsys: py
 
     from config import config_to_dict, load_config
     from tests.helpers import write_tiny_yaml
-    from utils.export import main as export
-    from utils.onnx_export import max_logit_difference
+    from deploy.export import main as export
+    from deploy.onnx_export import max_logit_difference
 
     config = config_to_dict(load_config(str(write_tiny_yaml(tmp_path)), ["MODEL.CROSSFORMER.DEPTHS", "[1, 1, 4, 1]"]))
     trained = tiny_trained("crossformerpp_s")

@@ -306,7 +306,7 @@ def test_a_non_finite_step_is_skipped_by_each_optimizer(case: str, fp16: bool) -
     """A non-finite step (the first one too) leaves no trace: no weight, no state, and the next
     finite step is the one a run without it takes. Through engine.optimizer_step: the host flag or
     a fused kernel's found_inf (engine.step_if_finite), or fp16's GradScaler."""
-    from engine import Components, optimizer_step
+    from training.engine import Components, optimizer_step
 
     cfg = _config(case)
     model, clean_model = _tiny(), _tiny()

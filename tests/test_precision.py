@@ -77,7 +77,7 @@ def test_cpu_bf16_only_where_the_processor_has_it(monkeypatch: pytest.MonkeyPatc
 def test_validation_eval_and_throughput_resolve_bf16_the_same_way(monkeypatch: pytest.MonkeyPatch) -> None:
     """Training, validation (TEST.AMP train / bf16) and --eval of an fp16 run's config on a CPU, by capability."""
     from config import load_config
-    from trainer import _precisions
+    from training.trainer import _precisions
 
     bf16 = load_config(opts=["TRAIN.AMP", "bf16"])
     for native, expected in ((True, torch.bfloat16), (False, None)):

@@ -110,7 +110,7 @@ def test_predict_equals_eval_image_by_image(toy_run: Dict[str, Any]) -> None:
 def test_eval_and_training_write_the_analysis_and_png(toy_run: Dict[str, Any]) -> None:
     """analysis.json: per-class counts and accuracy, the confusion matrix, the most confused pairs; the PNG
     has the size of its layout and every cell the shade of its share of the row."""
-    from utils.analysis import _shade
+    from deploy.analysis import _shade
 
     assert (toy_run["run_dir"] / "analysis" / "best" / "confusion.png").is_file()  # the end of training
     directory = Path(toy_run["eval"]["analysis_dir"])
@@ -138,7 +138,7 @@ def test_eval_and_training_write_the_analysis_and_png(toy_run: Dict[str, Any]) -
 
 def test_confusion_png_of_many_classes_shows_the_most_confused() -> None:
     """More than 100 classes: the PNG shows the 50 classes involved in the most errors."""
-    from utils.analysis import MAX_PNG_CLASSES, TOP_N_PNG, confusion_matrix, png_classes
+    from deploy.analysis import MAX_PNG_CLASSES, TOP_N_PNG, confusion_matrix, png_classes
 
     num_classes = 150
     targets = np.repeat(np.arange(num_classes), 4)
@@ -178,8 +178,8 @@ def test_class_names_travel_with_checkpoints_and_exports(toy_run: Dict[str, Any]
     """Every checkpoint and exported weights file stores the class names (and the config); a .pth
     export still loads as a bare state dict."""
     import models
-    from utils.export import main as export
-    from utils.export import read_stored_info
+    from deploy.export import main as export
+    from deploy.stored import read_stored_info
 
     names = [f"{i:02d}_{name}" for i, name in enumerate(CLASSES)]
     best = toy_run["run_dir"] / "best.pth"
@@ -262,7 +262,7 @@ def test_real_labels_change_the_reported_top1(tmp_path: Path) -> None:
     """--eval with DATA.REAL_LABELS reports the original top-1 and, next to it, ReaL top-1 exactly as
     computed from each image's predicted class and its ReaL label set."""
     from predict import predict
-    from utils.inference import load_trained_model
+    from deploy.inference import load_trained_model
 
     num_classes = 4
     data = tmp_path / "imagenet"

@@ -46,7 +46,7 @@ def cfg(tiny_yaml: Path) -> Path:
 # -----------------------------------------------------------------------------
 @pytest.mark.parametrize("fused", [False, True])
 def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(fused: bool) -> None:
-    from engine import step_if_finite
+    from training.engine import step_if_finite
 
     torch.manual_seed(0)
     model = nn.Linear(4, 3)
@@ -172,7 +172,7 @@ def test_a_disk_that_fills_during_an_epoch_save_is_named_and_prunes_nothing(
     calls.clear()
     monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=1 << 20))
     capsys.readouterr()
-    monkeypatch.setattr("trainer.check_free_space", lambda run_dir, needed: None)  # past the start-up check
+    monkeypatch.setattr("training.trainer.check_free_space", lambda run_dir, needed: None)  # past the start-up check
     assert _run(cfg, tmp_path / "out2", "SAVE_STEPS", "1") == 1
     _one_line_error(capsys, "no space left for", "last.pth", "1.0 MiB are free")
     assert calls == []

@@ -102,7 +102,7 @@ def _build_named(config: CfgNode) -> Tuple[nn.Module, Dict[str, Any], Optional[L
 
 def _build_own(config: CfgNode) -> Tuple[nn.Module, Dict[str, Any], Optional[List[str]], str]:
     """One of our checkpoints or exported files, built from its stored config; (model, view, names, its name)."""
-    from utils.inference import load_trained_model
+    from deploy.inference import load_trained_model
 
     trained = load_trained_model(config.MODEL.DISTILL.TEACHER_WEIGHTS, ema=config.MODEL.DISTILL.TEACHER_EMA)
     view = {"img_size": int(trained.config.DATA.IMG_SIZE), "mean": tuple(IMAGENET_DEFAULT_MEAN),

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -16,13 +15,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from yacs.config import CfgNode
 
-from stopping import StopPolicy, StopReason
-from utils.analysis import top_k
+from deploy.analysis import top_k
+from optim import current_lr, steps_per_epoch
 from utils.distributed import all_gather_object, all_reduce_sum, rank_and_world_size
 from utils.multilabel import average_precision, mean_average_precision
 from utils.precision import amp_name, autocast, peak_memory_mb
 from utils.progress import EpochProgress
-from utils.train_state import TrainState
+
+from .stopping import StopPolicy, StopReason
+from .train_state import TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -117,18 +118,8 @@ def _load_optional(component: Any, saved: Optional[Dict[str, Any]], missing: str
     return True
 
 
-def current_lr(optimizer: torch.optim.Optimizer) -> float:
-    """The base LR the optimizer runs at: the largest group LR (layer-wise decay scales the others down)."""
-    return max(group["lr"] for group in optimizer.param_groups)
-
-
 # Seconds between progress lines of a validation pass (ImageNet's 50,000 images take minutes on few GPUs).
 VAL_PROGRESS_EVERY_S = 30.0
-
-
-def steps_per_epoch(num_batches: int, accumulation_steps: int) -> int:
-    """Optimizer steps in an epoch of ``num_batches``; a last, shorter group still makes a step."""
-    return math.ceil(num_batches / accumulation_steps)
 
 
 def step_if_finite(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
@@ -367,7 +358,7 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, amp_dtype: Opt
         amp_dtype: Autocast dtype, None for float32.
         collect: When a list, each batch's ``(targets (B,), top-5 classes (B, 5), their softmax
             probabilities (B, 5))`` are appended, on ``device``, in this rank's sample order
-            (:mod:`utils.analysis` turns them into per-class statistics). Single-label data only.
+            (:mod:`deploy.analysis` turns them into per-class statistics). Single-label data only.
         multi_label: The loader yields ``(B, C)`` multi-hot targets: :func:`evaluate_multilabel` instead.
 
     Returns:

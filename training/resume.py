@@ -1,7 +1,7 @@
 """What a run saves and when, and what it does with a checkpoint it resumes.
 
 :class:`RunCheckpoints` decides: the checkpoint dict (each component saves and loads its own state:
-:meth:`engine.Components.state_dict`, :meth:`utils.train_state.TrainState.state_dict`), which
+:meth:`engine.Components.state_dict`, :meth:`training.train_state.TrainState.state_dict`), which
 files a step, an epoch, a stop or a new best writes, best / EMA-best tracking, which file to
 resume, what a changed setting means, and how a position moves to another total batch.
 :class:`utils.checkpoint.CheckpointFiles` writes the files.
@@ -23,16 +23,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from yacs.config import CfgNode
 
 from config import OnResume, config_to_dict, keys_on_resume
-from distill import teacher_differences
-from engine import Components, current_lr, steps_per_epoch
 from models.freeze import summary as frozen_summary
+from optim import current_lr, steps_per_epoch
 from utils import provenance
 from utils.checkpoint import (BEST, EMA_BEST, FORMAT_VERSION, LAST, NONFINITE_PREFIX, CheckpointFiles, IncompatibleCheckpoint,
                               check_compatible, check_format, epoch_checkpoint_name, find_resume_candidates)
 from utils.distributed import DistInfo, all_gather_object
 from utils.file_io import load_file
 from utils.reliability import first_line
-from utils.train_state import TrainState
+
+from .distill import teacher_differences
+from .engine import Components
+from .train_state import TrainState
 
 logger = logging.getLogger(__name__)
 

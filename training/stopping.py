@@ -3,7 +3,7 @@
 ========================  ==========================================  =================================
 reason                    what is saved                               exit code
 ========================  ==========================================  =================================
-completed                 the epoch-end files (``resume.py``)         0
+completed                 the epoch-end files (``training/resume.py``)         0
 stop after steps          ``last.pth`` (``TRAIN.STOP_AFTER_STEPS``)   0
 preempted / interrupted   ``last.pth`` at the step every rank agreed  75 (SIGTERM, SIGUSR1) / 130 (Ctrl-C)
 non-finite                ``nonfinite_stepN.pth``; last.pth untouched  3 (``TRAIN.MAX_NONFINITE_STEPS``)
@@ -19,19 +19,30 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import Optional, Protocol, Tuple
 
 import torch
 from yacs.config import CfgNode
 
 from utils.distributed import all_reduce_max_on_host
 from utils.reliability import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionSignal, RunStopped
-from utils.train_state import TrainState
 
-if TYPE_CHECKING:
-    from resume import RunCheckpoints
+from .train_state import TrainState
 
 logger = logging.getLogger(__name__)
+
+
+class StopSaves(Protocol):
+    """What a stop saves, and whether the step that stopped has saved already
+    (``training.resume.RunCheckpoints`` is one)."""
+
+    state: TrainState
+
+    def save_last(self) -> None: ...
+
+    def save_nonfinite(self) -> str: ...
+
+    def step_save_due(self) -> bool: ...
 
 
 class StopReason(enum.Enum):
@@ -103,7 +114,7 @@ class StopPolicy:
             return StopReason.NONFINITE
         return StopReason.PREEMPTED if flag else None
 
-    def conclude(self, reason: StopReason, checkpoints: "RunCheckpoints", at_epoch_start: bool = False) -> int:
+    def conclude(self, reason: StopReason, checkpoints: StopSaves, at_epoch_start: bool = False) -> int:
         """Save what ``reason`` saves and return its exit code (a non-finite stop raises :class:`RunStopped`).
 
         Args:

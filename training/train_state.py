@@ -12,7 +12,7 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
-from .distributed import all_gather_object
+from utils.distributed import all_gather_object
 
 logger = logging.getLogger(__name__)
 

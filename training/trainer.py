@@ -22,15 +22,9 @@ from yacs.config import CfgNode
 
 from config import dump_config
 from data import build_loader, build_mixup
-from distill import build_distiller
-from engine import (Components, current_lr, evaluate, measure_throughput, steps_per_epoch,
-                    summarize_train_epoch, train_one_epoch)
-from loss import build_criterion
+from deploy.analysis import analyze_pass, write_class_ap
 from models import build_model, freeze, load_pretrained
-from optim import build_optimizer, build_scheduler
-from resume import RunCheckpoints
-from stopping import StopPolicy, StopReason
-from utils.analysis import analyze_pass, write_class_ap
+from optim import build_optimizer, build_scheduler, current_lr, steps_per_epoch
 from utils.checkpoint import BEST, EMA_BEST
 from utils.distributed import DistInfo
 from utils.file_io import atomic_write_text, load_file, remove_stale_temp_files
@@ -38,7 +32,13 @@ from utils.metrics import RunRecorder
 from utils.precision import amp_name, resolve_amp, set_tf32
 from utils.progress import EpochProgress
 from utils.reliability import EXIT_OK, PreemptionSignal, check_free_space, estimate_checkpoint_bytes
-from utils.train_state import TrainState
+
+from .distill import build_distiller
+from .engine import Components, evaluate, measure_throughput, summarize_train_epoch, train_one_epoch
+from .loss import build_criterion
+from .resume import RunCheckpoints
+from .stopping import StopPolicy, StopReason
+from .train_state import TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class Trainer:
                         multi_label=self.loaders.multi_label)
 
     def _validate_and_analyze(self, model: nn.Module, name: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-        """Validate, and write the per-class analysis to ``run_dir/analysis/name`` (:mod:`utils.analysis`).
+        """Validate, and write the per-class analysis to ``run_dir/analysis/name`` (:mod:`deploy.analysis`).
 
         Returns the statistics and, on rank 0, ``val_real_acc1`` (with ``DATA.REAL_LABELS``) and
         ``analysis_dir`` for the result line. Multi-label data has no confusion matrix: its analysis is each

@@ -3,12 +3,12 @@
 A checkpoint is one ``torch.save`` dict (loadable with ``weights_only=True``):
 
 ``format_version``, ``model``, ``ema``, ``optimizer``, ``scheduler``, ``scaler``, the
-:class:`~utils.train_state.TrainState` keys (``epoch`` in progress, its next ``batch``,
+:class:`~training.train_state.TrainState` keys (``epoch`` in progress, its next ``batch``,
 ``global_step``, the best accuracies, the skipped-step counts, ``ranks``: per rank every RNG
 state and the epoch's running sums, ``world_size``), ``config`` (plain data), ``class_names`` (the
 dataset's, in label order; None for generated data), ``frozen`` (what ``TRAIN.FREEZE`` froze:
 ``spec``, ``parameters`` frozen, ``trainable``, the frozen top-level ``modules``; older files lack
-it), ``provenance`` (what produced it: :mod:`utils.provenance`) and ``saved_at``. ``resume.py`` decides what goes in and
+it), ``provenance`` (what produced it: :mod:`utils.provenance`) and ``saved_at``. ``training/resume.py`` decides what goes in and
 what a run does with it; this module only reads, checks and writes files.
 
 Files of a run directory: ``last.pth`` (newest position), ``epoch_NNNN.pth`` (the newest

@@ -119,7 +119,7 @@ def load_file(path: str, map_location: Any = "cpu", mmap: bool = False) -> Dict[
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path given to --resume / --pretrained")
     try:
-        if path.endswith(".safetensors"):  # a bare state dict (utils.export writes them)
+        if path.endswith(".safetensors"):  # a bare state dict (deploy.export writes them)
             from safetensors.torch import load_file as load_safetensors
 
             return load_safetensors(path, device=str(map_location))

@@ -9,14 +9,25 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Protocol
 
 import torch
 
 from .precision import peak_memory_mb
-from .train_state import TrainState
 
 logger = logging.getLogger(__name__)
+
+
+class RunCounters(Protocol):
+    """What a progress line reads of the run's counters (``training.train_state.TrainState`` has them)."""
+
+    epoch: int
+    global_step: int
+    device: torch.device
+    nonfinite_total: torch.Tensor
+    nonfinite_streak: torch.Tensor
+    loss_sum: torch.Tensor
+    loss_count: int
 
 ScalarSink = Callable[[int, Dict[str, float]], None]
 
@@ -69,7 +80,7 @@ class EpochProgress:
         """Whether this optimizer step logs (every ``print_freq`` global steps and the epoch's last)."""
         return global_step % self.print_freq == 0 or step_in_epoch == self.epoch_steps
 
-    def log(self, state: TrainState, step_in_epoch: int, loss: torch.Tensor, grad_norm: torch.Tensor,
+    def log(self, state: "RunCounters", step_in_epoch: int, loss: torch.Tensor, grad_norm: torch.Tensor,
             lr: float) -> None:
         """Log one progress line (and a warning when skipped steps grew).
 

@@ -42,15 +42,15 @@ from nvidia.dali import fn, pipeline_def, types
 from yacs.config import CfgNode
 
 import models
-from config import _C
 from benchmarks.data_throughput import loader_config, make_images
+from config import _C
 from data import build_loader
 from data.dali_loader import _train_graph, _val_graph
 from data.toy import CLASSES
-from engine import Components, evaluate, train_one_epoch
 from optim import build_optimizer
-from utils.train_state import TrainState
 from tests.test_parity import OP_TOLERANCE, parity_config, parity_dataset, rand_augment_op_differences, to_pixels
+from training.engine import Components, evaluate, train_one_epoch
+from training.train_state import TrainState
 
 from .plan import Context
 from .report import Result, check, skipped

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import get_defaults, load_config
-from distill import Distiller
-from engine import Components, _micro_batch, evaluate_multilabel, optimizer_step
 from models import build_model
 from optim import build_optimizer
+from training.distill import Distiller
+from training.engine import Components, _micro_batch, evaluate_multilabel, optimizer_step
 from utils.multilabel import average_precision, mean_average_precision
 
 from .plan import TINY_ARCH, Context

@@ -31,15 +31,15 @@ from yacs.config import CfgNode
 
 from config import get_config, parse_option
 from data import build_loader, build_mixup
-from engine import Components, StopReason, steps_per_epoch, train_one_epoch
-from loss import build_criterion
-from optim import build_optimizer, build_scheduler
-from trainer import prepare_model
-from resume import RunCheckpoints
+from optim import build_optimizer, build_scheduler, steps_per_epoch
+from training.engine import Components, StopReason, train_one_epoch
+from training.loss import build_criterion
+from training.resume import RunCheckpoints
+from training.train_state import TrainState
+from training.trainer import prepare_model
 from utils.checkpoint import LAST
 from utils.distributed import DistInfo
 from utils.precision import resolve_amp, set_tf32
-from utils.train_state import TrainState
 
 from .plan import Context
 from .report import Result, check, skipped
