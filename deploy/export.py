@@ -10,7 +10,7 @@ output's suffix). ``--pretrained``, ``torch.load(weights_only=True)`` and
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))`` all load it.
 The training config and the class names travel with it: in the ``.safetensors`` metadata, and in
 a ``.pth`` state dict's ``_metadata`` (where PyTorch keeps module versions; ``torch.load`` still
-returns the bare state dict). :func:`deploy.stored.read_stored_info` reads them back (``predict`` does).
+returns the bare state dict). :func:`models.stored.read_stored_info` reads them back (``predict`` does).
 
     python -m deploy.export output/crossformerpp_b/default/best.pth model.onnx --format onnx --dynamic-batch
 
@@ -28,9 +28,10 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from utils.checkpoint import ema_weights
 from utils.file_io import atomic_save, load_file
 
-from .stored import METADATA_KEY
+from models.stored import METADATA_KEY
 
 def export_weights(checkpoint_path: str, output: str, ema: bool = False) -> Dict[str, torch.Tensor]:
     """Write the weights (or EMA weights) of ``checkpoint_path`` to ``output``; returns them.
@@ -44,12 +45,14 @@ def export_weights(checkpoint_path: str, output: str, ema: bool = False) -> Dict
         raise ValueError(f"output {output} must end in .pth or .safetensors (the format follows the suffix)")
     checkpoint = load_file(checkpoint_path)
     key = "ema" if ema else "model"
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(key), dict):
+    found = checkpoint if isinstance(checkpoint, dict) else {}
+    found = ema_weights(found) if ema else found.get("model")
+    if not isinstance(found, dict):
         what = "EMA weights (it was not trained with TRAIN.EMA.ENABLE True)" if ema else "weights under 'model'"
         raise ValueError(f"{checkpoint_path} holds no {what}; {'drop --ema' if ema else 'pass a training checkpoint'}")
     # Own, contiguous copies: safetensors refuses tensors that share storage or are strided views.
     weights = OrderedDict((name.removeprefix("module."), tensor.detach().clone().contiguous())
-                          for name, tensor in checkpoint[key].items())
+                          for name, tensor in found.items())
     info = {"source": os.path.basename(checkpoint_path), "weights": key, "config": checkpoint.get("config") or {},
             "class_names": checkpoint.get("class_names")}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

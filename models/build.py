@@ -7,9 +7,11 @@ from typing import Any, Dict, Optional
 from torch import nn
 from yacs.config import CfgNode
 
+from utils.checkpoint import ema_weights
 from utils.file_io import load_file
 
 from .crossformer import checkpoint_filter_fn
+from .stored import ARCH_KEYS
 from .registry import create_model
 
 logger = logging.getLogger(__name__)
@@ -22,9 +24,7 @@ def build_model(config: CfgNode) -> nn.Module:
         config: Reads ``MODEL.*`` and ``TRAIN.USE_CHECKPOINT``.
     """
     arch = config.MODEL.CROSSFORMER
-    given = {"embed_dim": arch.EMBED_DIM, "depths": arch.DEPTHS, "num_heads": arch.NUM_HEADS,
-             "group_size": arch.GROUP_SIZE, "crs_interval": arch.CRS_INTERVAL}
-    overrides = {name: value for name, value in given.items() if value is not None}
+    overrides = {name: arch[key] for name, key in ARCH_KEYS.items() if arch[key] is not None}
     return create_model(config.MODEL.NAME, num_classes=config.MODEL.NUM_CLASSES,
                         drop_rate=config.MODEL.DROP_RATE, drop_path_rate=config.MODEL.DROP_PATH_RATE,
                         use_checkpoint=config.TRAIN.USE_CHECKPOINT, **overrides)
@@ -50,10 +50,11 @@ def load_pretrained(model: nn.Module, path: str, weights: str = "model") -> Opti
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a checkpoint "
                          "of this framework or an official CrossFormer release")
     if weights == "ema":
-        if not isinstance(checkpoint.get("ema"), dict):
+        ema = ema_weights(checkpoint)
+        if ema is None:
             raise ValueError(f"{path} holds no EMA weights (it was not trained with TRAIN.EMA.ENABLE True, or is "
                              "not a training checkpoint of this framework); drop --use-ema to load its weights")
-        checkpoint = {"model": checkpoint["ema"], "config": checkpoint.get("config")}
+        checkpoint = {"model": ema, "config": checkpoint.get("config")}
     try:
         state = checkpoint_filter_fn(checkpoint, model)
     except ValueError as e:

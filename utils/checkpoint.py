@@ -2,7 +2,9 @@
 
 A checkpoint is one ``torch.save`` dict (loadable with ``weights_only=True``):
 
-``format_version``, ``model``, ``ema``, ``optimizer``, ``scheduler``, ``scaler``, the
+``format_version``, ``model``, ``model_ema`` (the EMA weights with the model's key names, where
+timm's ``load_checkpoint(use_ema=True)`` and DeiT look; files of format 1 hold them under ``ema``,
+with ``module.`` prefixes: :func:`ema_weights` reads both), ``optimizer``, ``scheduler``, ``scaler``, the
 :class:`~training.train_state.TrainState` keys (``epoch`` in progress, its next ``batch``,
 ``global_step``, the best accuracies, the skipped-step counts, ``ranks``: per rank every RNG
 state and the epoch's running sums, ``world_size``), ``config`` (plain data), ``class_names`` (the
@@ -34,7 +36,9 @@ from .reliability import first_line
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the EMA under EMA_KEY with the model's key names
+EMA_KEY = "model_ema"
+LEGACY_EMA_KEY = "ema"  # format 1: ModelEmaV3.state_dict(), keys prefixed with "module."
 LAST = "last.pth"
 BEST = "best.pth"
 EMA_BEST = "ema_best.pth"
@@ -45,6 +49,19 @@ _EPOCH_RE = re.compile(r"^epoch_(\d+)\.pth$")
 def epoch_checkpoint_name(epoch: int) -> str:
     """File name of the checkpoint written after ``epoch`` (0-based) completed."""
     return f"epoch_{epoch:04d}.pth"
+
+
+def ema_weights(checkpoint: Dict[str, Any]) -> Optional[Dict[str, torch.Tensor]]:
+    """The EMA weights of a checkpoint dict with the model's key names (either format), or None.
+
+    Args:
+        checkpoint: A training checkpoint of this framework (format 1 or 2).
+    """
+    for key in (EMA_KEY, LEGACY_EMA_KEY):
+        weights = checkpoint.get(key)
+        if isinstance(weights, dict):
+            return {name.removeprefix("module."): tensor for name, tensor in weights.items()}
+    return None
 
 
 class IncompatibleCheckpoint(ValueError):
