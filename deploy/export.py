@@ -15,6 +15,15 @@ returns the bare state dict). :func:`models.stored.read_stored_info` reads them 
     python -m deploy.export output/crossformerpp_b/default/best.pth model.onnx --format onnx --dynamic-batch
 
 writes an ONNX graph for onnxruntime / TensorRT (:mod:`deploy.onnx_export`).
+
+    python -m deploy.export output/crossformerpp_b/default/ema_best.pth crossformerpp_b-hub --ema --format hf
+
+writes the Hugging Face Hub folder timm's ``save_for_hf`` writes (``config.json`` and
+``model.safetensors``): the architecture (``model_args``, so the variant's name with them rebuilds
+it), the classes (``num_classes``, ``label_names``), the input size it was trained at, the crop,
+interpolation, mean and std; the training config rides along in ``config.json``. timm loads it
+with ``timm.create_model("local-dir:DIR", pretrained=True)``, or, once uploaded (``hf upload
+ORG/NAME DIR .``), ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)``.
 """
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from collections import OrderedDict
 from typing import Dict, Optional, Sequence
@@ -32,6 +42,8 @@ from utils.checkpoint import ema_weights
 from utils.file_io import atomic_save, load_file
 
 from models.stored import METADATA_KEY
+
+from .inference import TrainedModel
 
 def export_weights(checkpoint_path: str, output: str, ema: bool = False) -> Dict[str, torch.Tensor]:
     """Write the weights (or EMA weights) of ``checkpoint_path`` to ``output``; returns them.
@@ -73,6 +85,45 @@ def export_weights(checkpoint_path: str, output: str, ema: bool = False) -> Dict
     return weights
 
 
+def export_hub_folder(checkpoint_path: str, output: str, ema: bool = False, cfg_file: str = "") -> TrainedModel:
+    """Write the model of ``checkpoint_path`` as a Hub folder at ``output``; returns the model exported.
+
+    timm's own ``save_for_hf`` writes it (safetensors), into a temporary folder renamed to
+    ``output`` when complete; an existing, non-empty ``output`` is refused, never overwritten.
+
+    Args:
+        checkpoint_path: A training checkpoint of this framework or an exported weights file.
+        output: The folder to create.
+        ema: Export the EMA weights of a training checkpoint.
+        cfg_file: The model's YAML config; "" takes the config stored in the file.
+    """
+    from timm.models import save_for_hf
+
+    from config import config_to_dict
+    from models.stored import ARCH_KEYS, HF_CONFIG_KEY, stored_data_config
+
+    from .inference import load_trained_model
+
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise ValueError(f"output {output} exists and is not an empty folder; name a new folder for the Hub export "
+                         "(an export never overwrites files)")
+    trained = load_trained_model(checkpoint_path, cfg_file, ema=ema)
+    config, model = config_to_dict(trained.config), trained.model
+    # The model's pretrained_cfg describes these weights: timm's save_for_hf writes it as the folder's data config.
+    model.pretrained_cfg = {**model.pretrained_cfg, **stored_data_config(config, trained.class_names)}
+    widths = trained.config.MODEL.CROSSFORMER
+    model_args = {arg: list(widths[key]) if isinstance(widths[key], (list, tuple)) else widths[key]
+                  for arg, key in ARCH_KEYS.items() if widths[key] is not None}
+    tmp = f"{output.rstrip(os.sep)}.tmp-{os.getpid()}"
+    try:
+        save_for_hf(model, tmp, model_config={"label_names": list(trained.class_names), HF_CONFIG_KEY: config},
+                    model_args=model_args, safe_serialization=True)
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return trained
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; a failure is one line on stderr.
 
@@ -84,8 +135,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("checkpoint", help="a training checkpoint, e.g. output/.../ema_best.pth")
     parser.add_argument("output", help="the file to write: *.pth or *.safetensors (weights), *.onnx (onnx)")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the weights")
-    parser.add_argument("--format", choices=("weights", "onnx"), default="weights",
-                        help="weights: a bare state dict (default); onnx: an ONNX graph of the model")
+    parser.add_argument("--format", choices=("weights", "onnx", "hf"), default="weights",
+                        help="weights: a bare state dict (default); onnx: an ONNX graph of the model; hf: a Hugging "
+                             "Face Hub folder (config.json, model.safetensors) for timm.create_model('local-dir:DIR')")
     onnx = parser.add_argument_group("onnx")
     onnx.add_argument("--cfg", default="", help="the model's YAML config (default: the one stored in the checkpoint)")
     onnx.add_argument("--img-size", type=int, help="input height and width (default: the config's DATA.IMG_SIZE)")
@@ -94,12 +146,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     onnx.add_argument("--verify", action="store_true",
                       help="run the file with onnxruntime and print the largest logit difference to PyTorch")
     args = parser.parse_args(argv)
+    if args.format == "hf" and (args.img_size or args.dynamic_batch or args.verify or args.batch_size != 1):
+        parser.error("--img-size, --batch-size, --dynamic-batch and --verify apply to --format onnx")
     if args.format == "weights" and (args.cfg or args.img_size or args.dynamic_batch or args.verify
                                      or args.batch_size != 1):
         parser.error("--cfg, --img-size, --batch-size, --dynamic-batch and --verify apply to --format onnx")
     try:
         if args.format == "onnx":
             return _export_onnx(args)
+        if args.format == "hf":
+            return _export_hub_folder(args)
         weights = export_weights(args.checkpoint, args.output, args.ema)
     except (OSError, ValueError) as e:
         sys.stderr.write(f"error: {e}\n")
@@ -108,6 +164,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.stdout.write(f"wrote the {'EMA ' if args.ema else ''}weights of {args.checkpoint} to {args.output}: "
                      f"{len(weights)} tensors, {size / 2**20:.1f} MiB (checkpoint "
                      f"{os.path.getsize(args.checkpoint) / 2**20:.1f} MiB)\n")
+    return 0
+
+
+def _export_hub_folder(args: argparse.Namespace) -> int:
+    """``--format hf``: the folder, then the lines that publish and load it."""
+    trained = export_hub_folder(args.checkpoint, args.output, args.ema, args.cfg)
+    config = trained.config
+    sys.stdout.write(f"wrote the Hub folder {args.output} (config.json, model.safetensors): {config.MODEL.NAME}, "
+                     f"{len(trained.class_names)} classes, input {config.DATA.IMG_SIZE} px\n"
+                     f"load it:    timm.create_model('local-dir:{args.output}', pretrained=True)\n"
+                     f"publish it: hf upload ORG/NAME {args.output} .  (then timm.create_model('hf-hub:ORG/NAME', "
+                     "pretrained=True))\n")
     return 0
 
 

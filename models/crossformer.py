@@ -1060,6 +1060,8 @@ def _weight_source(variant: str, model_args: Dict[str, Any],
             "checkpoint or export of this framework, an official release), create it from a Hub folder "
             "(timm.create_model('local-dir:DIR' or 'hf-hub:ORG/NAME', pretrained=True)), or load a file into a "
             "model with models.load_pretrained (--pretrained in main.py)")
+    if kwargs.get("num_classes", given.get("num_classes")) != given.get("num_classes"):
+        given.pop("label_names", None)  # the model's outputs are not the file's classes
     kwargs["pretrained_cfg"], kwargs["pretrained_cfg_overlay"] = given, overlay
     return kwargs, {"source_names": source_names, "wanted_names": wanted}
 
@@ -1084,10 +1086,7 @@ def _from_stored_file(variant: str, path: str, stored: Dict[str, Any], names: Op
             raise ValueError(f"{path} holds a {variant} with {described}, but {arg}={_plain(kwargs[arg])} was asked "
                              f"for: drop {arg} to build the file's architecture, or pass weights of that architecture")
     kwargs = dict(kwargs, **{arg: value for arg, value in stored_args.items() if arg not in kwargs})
-    given = dict(given, **stored_data_config(stored, names))
-    if kwargs.get("num_classes", given["num_classes"]) != given["num_classes"]:
-        given.pop("label_names", None)  # the model's outputs are not the file's classes
-    return given, kwargs
+    return dict(given, **stored_data_config(stored, names)), kwargs
 
 
 def _plain(value: Any) -> Any:
