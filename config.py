@@ -181,8 +181,8 @@ KEYS: Tuple[Key, ...] = (
                or os.path.isfile(path)),
               "is not a file, and MODEL.DISTILL.TYPE={cfg.MODEL.DISTILL.TYPE!r} needs the teacher's weights; pass "
               "the path of the teacher's weights file")),
-    Key("MODEL.DISTILL.TEACHER_EMA", False, "Take the EMA weights of the teacher's file (ours: \"ema\"; timm's: "
-        '"state_dict_ema").', resume=_I),
+    Key("MODEL.DISTILL.TEACHER_EMA", False, "Take the EMA weights of the teacher's file (ours: \"model_ema\", "
+        'older files "ema"; timm\'s: "state_dict_ema").', resume=_I),
     Key("MODEL.DISTILL.TEACHER_IMG_SIZE", None, "The teacher's input size: the student's batch is resized to it on "
         "the device (bicubic). None: the timm model's pretrained input size, or the IMG_SIZE stored with our "
         "checkpoint.", example=224, resume=_I,
