@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Dict, Optional
 
 from torch import nn
@@ -39,13 +40,14 @@ def load_pretrained(model: nn.Module, path: str, weights: str = "model") -> Opti
 
     Args:
         model: The unwrapped model.
-        path: Checkpoint file.
+        path: Checkpoint file, exported weights or a Hub folder.
         weights: ``"model"`` or ``"ema"`` (the EMA weights a training checkpoint of ours holds).
 
     Returns:
         The config the file was trained with (a training checkpoint of ours), else None.
     """
-    checkpoint = load_file(path)
+    # A Hub folder (deploy.export --format hf) holds its weights in timm's file name.
+    checkpoint = load_file(os.path.join(path, "model.safetensors") if os.path.isdir(path) else path)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not a checkpoint dict; pass a checkpoint "
                          "of this framework or an official CrossFormer release")

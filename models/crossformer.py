@@ -1060,7 +1060,8 @@ def _weight_source(variant: str, model_args: Dict[str, Any],
             "checkpoint or export of this framework, an official release), create it from a Hub folder "
             "(timm.create_model('local-dir:DIR' or 'hf-hub:ORG/NAME', pretrained=True)), or load a file into a "
             "model with models.load_pretrained (--pretrained in main.py)")
-    if kwargs.get("num_classes", given.get("num_classes")) != given.get("num_classes"):
+    source_classes = {**given, **overlay}.get("num_classes")
+    if kwargs.get("num_classes", source_classes) != source_classes:
         given.pop("label_names", None)  # the model's outputs are not the file's classes
     kwargs["pretrained_cfg"], kwargs["pretrained_cfg_overlay"] = given, overlay
     return kwargs, {"source_names": source_names, "wanted_names": wanted}

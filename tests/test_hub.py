@@ -27,6 +27,7 @@ from torch import nn
 import models
 from config import ConfigError, config_to_dict, load_config
 from deploy.export import main as export
+from deploy.inference import load_trained_model
 from tests.helpers import REPO_ROOT, main_command, run
 from training.engine import Components
 from utils.checkpoint import FORMAT_VERSION
@@ -140,6 +141,9 @@ def test_hub_folder_export_loads_as_local_dir(demo: Dict[str, Any], tmp_path: Pa
                                       label_type="name")
     assert [to_label(i) for i in logits.argmax(-1).tolist()] == [CLASSES[i] for i in
                                                                  demo["ema_logits"].argmax(-1).tolist()]
+    # predict (and --pretrained) read the folder too: its config, class names and weights.
+    trained = load_trained_model(str(folder))
+    assert trained.class_names == CLASSES and torch.equal(logits_of(trained.model, demo["images"]), logits)
     # An existing folder is never overwritten.
     before = (folder / "config.json").read_bytes()
     assert export([str(demo["path"]), str(folder), "--format", "hf"]) == 1
