@@ -144,6 +144,9 @@ def test_hub_folder_export_loads_as_local_dir(demo: Dict[str, Any], tmp_path: Pa
     # predict (and --pretrained) read the folder too: its config, class names and weights.
     trained = load_trained_model(str(folder))
     assert trained.class_names == CLASSES and torch.equal(logits_of(trained.model, demo["images"]), logits)
+    transfer = load_config(str(REPO_ROOT / "configs" / "transfer_small.yaml"), ["MODEL.NUM_CLASSES", "102"],
+                           {"MODEL.PRETRAINED": str(folder)})
+    assert (transfer.MODEL.CROSSFORMER.EMBED_DIM, transfer.MODEL.CROSSFORMER.NUM_HEADS) == (32, [1, 2, 4, 8])
     # An existing folder is never overwritten.
     before = (folder / "config.json").read_bytes()
     assert export([str(demo["path"]), str(folder), "--format", "hf"]) == 1
