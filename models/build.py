@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from torch import nn
 from yacs.config import CfgNode
@@ -12,7 +12,7 @@ from utils.checkpoint import ema_weights
 from utils.file_io import load_file
 
 from .crossformer import checkpoint_filter_fn
-from .stored import ARCH_KEYS
+from .stored import ARCH_KEYS, read_stored_info
 from .registry import create_model
 
 logger = logging.getLogger(__name__)
@@ -77,3 +77,30 @@ def load_pretrained(model: nn.Module, path: str, weights: str = "model") -> Opti
     logger.info("loaded the %s of %s", "EMA weights" if weights == "ema" else "weights", path)
     saved = checkpoint.get("config")
     return saved if isinstance(saved, dict) else None
+
+
+def keep_head_for_classes(model: nn.Module, path: str, class_names: Optional[Sequence[str]]) -> bool:
+    """Keep the head ``load_pretrained`` took from ``path`` only if it predicts the data's classes.
+
+    A head of another class count is already fresh; one of the same count is replaced by a fresh
+    one (with a WARNING naming the first class that differs) when both the file and the data name
+    their classes and the names differ, e.g. the toy shapes' head on ten flower species.
+
+    Args:
+        model: The model ``load_pretrained`` initialised from ``path``.
+        path: The ``--pretrained`` file.
+        class_names: The data's class names in label order, or None (generated data).
+
+    Returns:
+        Whether the model's head is the file's.
+    """
+    stored = read_stored_info(path)[1]
+    if not stored or model.num_classes != len(stored):
+        return False
+    if not class_names or list(stored) == list(class_names):
+        return True
+    index = next(i for i, (a, b) in enumerate(zip(stored, class_names)) if a != b)
+    logger.warning("the classifier head of %s is replaced by a fresh one: it predicts other classes than the data's "
+                   "(class %d is %r in the file, %r in the data)", path, index, stored[index], class_names[index])
+    model.reset_classifier(model.num_classes)
+    return False

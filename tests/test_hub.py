@@ -254,6 +254,18 @@ def test_main_fine_tunes_the_demo_checkpoint_with_the_transfer_config(demo: Dict
     head = [r for r in caplog.records if "head" in r.getMessage()]
     assert [r.levelname for r in head] == ["WARNING"] and "(102, 256)" in head[0].getMessage()
     assert torch.equal(model.patch_embed.projs[0].weight, demo["model"].patch_embed.projs[0].weight)
+    # Ten classes again, but other ones: the demo's head is replaced (the Trainer calls this once the data is known).
+    caplog.clear()
+    ten = load_config(transfer, ["MODEL.NUM_CLASSES", "10"], {"MODEL.PRETRAINED": str(demo["path"])})
+    model = prepare_model(ten, DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu")))
+    assert torch.equal(model.head.weight, demo["model"].head.weight) and not caplog.records
+    assert models.keep_head_for_classes(model, str(demo["path"]), CLASSES)
+    flowers = [f"flower_{i}" for i in range(10)]
+    with caplog.at_level("WARNING"):
+        assert not models.keep_head_for_classes(model, str(demo["path"]), flowers)
+    assert not torch.equal(model.head.weight, demo["model"].head.weight)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "(class 0 is 'circle' in the file, 'flower_0' in the data)" in caplog.records[0].getMessage()
     with pytest.raises(ConfigError, match="holds a crossformerpp_s"):
         load_config(str(REPO_ROOT / "configs" / "crossformerpp_b.yaml"), [], {"MODEL.PRETRAINED": str(demo["path"])})
     result = run(main_command("--cfg", str(REPO_ROOT / "configs" / "crossformerpp_b.yaml"), "--pretrained",
