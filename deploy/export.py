@@ -110,13 +110,15 @@ def export_hub_folder(checkpoint_path: str, output: str, ema: bool = False, cfg_
     trained = load_trained_model(checkpoint_path, cfg_file, ema=ema)
     config, model = config_to_dict(trained.config), trained.model
     # The model's pretrained_cfg describes these weights: timm's save_for_hf writes it as the folder's data config.
-    model.pretrained_cfg = {**model.pretrained_cfg, **stored_data_config(config, trained.class_names)}
+    # Classes named by their index (a file without names) get none: timm's inference.py then labels ImageNet's.
+    names = None if trained.class_names == [str(i) for i in range(len(trained.class_names))] else trained.class_names
+    model.pretrained_cfg = {**model.pretrained_cfg, **stored_data_config(config, names)}
     widths = trained.config.MODEL.CROSSFORMER
     model_args = {arg: list(widths[key]) if isinstance(widths[key], (list, tuple)) else widths[key]
                   for arg, key in ARCH_KEYS.items() if widths[key] is not None}
     tmp = f"{output.rstrip(os.sep)}.tmp-{os.getpid()}"
     try:
-        save_for_hf(model, tmp, model_config={"label_names": list(trained.class_names), HF_CONFIG_KEY: config},
+        save_for_hf(model, tmp, model_config={"label_names": names, HF_CONFIG_KEY: config},
                     model_args=model_args, safe_serialization=True)
         os.replace(tmp, output)
     finally:
