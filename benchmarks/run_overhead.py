@@ -30,13 +30,21 @@ parent stamps the launch and the exit. With ``S`` the median time between two st
   end of run);
 - ``steps``: the rest of the wall time.
 
+``--val-passes N`` measures instead the validation loader alone on the same folder (no model):
+seconds per pass over the validation set with workers that live across passes (the loader's
+design) against workers started for each pass (``TorchLoader.close`` after every pass), the two
+alternating, N passes each, after one untimed pass of each.
+
 The contenders alternate within every trial (the order flips each trial) and the table gives
-each column's median over the trials and the median of the per-trial ratios ours / timm.
+each column's median over the trials and the median of the per-trial ratios ours / timm. A second
+table gives each segment in steps of its own run (segment / ``S``): on a shared machine whose speed
+drifts by several times within minutes, that is what compares across runs.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -138,6 +146,34 @@ def _child_timm(data: str, output: str, epochs: int, workers: int) -> int:
     return 0
 
 
+def _val_pass_seconds(data: Path, workers: int, passes: int) -> Dict[str, float]:
+    """Median seconds per validation pass: workers kept across passes, and started for each pass."""
+    import torch
+
+    from config import _C
+    from data import build_loader
+
+    config = _C.clone()
+    config.defrost()
+    config.DATA.DATASET, config.DATA.DATA_PATH, config.DATA.IMG_SIZE = "imagenet", str(data), IMG_SIZE
+    config.DATA.BATCH_SIZE, config.DATA.NUM_WORKERS, config.MODEL.NUM_CLASSES = BATCH, workers, 10
+    config.DATA.LOADER, config.DATA.PIN_MEMORY = "pytorch", False
+    loaders = {name: build_loader(config, torch.device("cpu")).val for name in ("kept", "per_pass")}
+    seconds: Dict[str, List[float]] = {name: [] for name in loaders}
+    for index in range(passes + 1):
+        for name, loader in loaders.items():
+            start = time.perf_counter()
+            for _ in loader:
+                pass
+            if name == "per_pass":
+                loader.close()  # the next pass starts new workers
+            if index:  # the first pass of each starts its workers: untimed
+                seconds[name].append(time.perf_counter() - start)
+    for loader in loaders.values():
+        loader.close()
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
 def _segments(launch: float, exit_: float, stamps: List[float], steps_per_epoch: int) -> Dict[str, float]:
     """Split one run's wall time into start, between epochs (median), end and steps (seconds)."""
     epochs = len(stamps) // steps_per_epoch
@@ -150,9 +186,9 @@ def _segments(launch: float, exit_: float, stamps: List[float], steps_per_epoch:
             "steps": wall - start - sum(between) - end, "step": step}
 
 
-def _run(command: List[str], stamps: Path, steps_per_epoch: int, epochs: int) -> Dict[str, float]:
+def _run(command: List[str], cwd: Path, stamps: Path, steps_per_epoch: int, epochs: int) -> Dict[str, float]:
     launch = time.time()
-    done = subprocess.run(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     exit_ = time.time()
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr[-2000:]}")
@@ -170,6 +206,11 @@ def main() -> None:
     parser.add_argument("--train-per-class", type=int, default=160, help="toy training images per class (10 classes)")
     parser.add_argument("--val-per-class", type=int, default=50)
     parser.add_argument("--contenders", nargs="+", default=["ours", "timm"], choices=["ours", "timm"])
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another checkout of this project (e.g. `git archive COMMIT | tar -x -C DIR`): its "
+                             "main.py runs as the contender 'before'")
+    parser.add_argument("--val-passes", type=int, default=0,
+                        help="measure the validation loader alone: N passes with kept / per-pass workers")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", choices=["ours", "timm"], help=argparse.SUPPRESS)
     parser.add_argument("--stamps", help=argparse.SUPPRESS)
@@ -177,6 +218,7 @@ def main() -> None:
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.child:
+        sys.path.insert(0, os.getcwd())  # the checkout whose code runs (this one, or --baseline's)
         _install_step_stamps(args.stamps)
         if args.child == "ours":
             sys.exit(_child_ours(rest))
@@ -190,22 +232,31 @@ def main() -> None:
         tmp = Path(tmp_dir)
         data = ensure_toy_dataset(tmp / "toy", ToySpec(args.train_per_class, args.val_per_class, IMG_SIZE))
         steps_per_epoch = (10 * args.train_per_class) // BATCH
-        results: Dict[str, List[Dict[str, float]]] = {name: [] for name in args.contenders}
+        if args.val_passes:
+            times = _val_pass_seconds(data, args.workers, args.val_passes)
+            print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}; {10 * args.val_per_class} val images, "
+                  f"batch {BATCH}, {args.workers} workers; median s per pass of {args.val_passes}: workers kept "
+                  f"{times['kept']:.3f}, started per pass {times['per_pass']:.3f}, ratio "
+                  f"{times['kept'] / times['per_pass']:.2f}")
+            return
+        contenders = list(args.contenders) + (["before"] if args.baseline else [])
+        results: Dict[str, List[Dict[str, float]]] = {name: [] for name in contenders}
         for trial in range(args.trials):
-            order = args.contenders if trial % 2 == 0 else args.contenders[::-1]
+            order = contenders if trial % 2 == 0 else contenders[::-1]
             for name in order:
                 out = tmp / f"{name}-{trial}"
                 stamps = tmp / f"{name}-{trial}.json"
-                command = [sys.executable, "-m", "benchmarks.run_overhead", "--child", name, "--stamps", str(stamps),
-                           "--epochs", str(args.epochs), "--workers", str(args.workers)]
-                if name == "ours":
+                command = [sys.executable, str(Path(__file__).resolve()), "--child", "timm" if name == "timm" else "ours",
+                           "--stamps", str(stamps), "--epochs", str(args.epochs), "--workers", str(args.workers)]
+                if name != "timm":
                     command += ["--cfg", "configs/demo.yaml", "--data-path", str(data), "--output", str(out),
                                 "--tag", "bench", "--opts", "DATA.DATASET", "imagenet", "TRAIN.EPOCHS",
                                 str(args.epochs), "DATA.NUM_WORKERS", str(args.workers), "TRAIN.AUTO_RESUME", "False"]
                 else:
                     out.mkdir()
                     command += ["--data", str(data), "--output", str(out)]
-                results[name].append(_run(command, stamps, steps_per_epoch, args.epochs))
+                cwd = args.baseline.resolve() if name == "before" else ROOT
+                results[name].append(_run(command, cwd, stamps, steps_per_epoch, args.epochs))
                 print(f"trial {trial} {name}: " + "  ".join(f"{k} {v:.2f}" for k, v in results[name][-1].items()),
                       flush=True)
     medians = {name: {key: statistics.median(r[key] for r in runs) for key in SEGMENTS}
@@ -219,12 +270,22 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, row in medians.items():
         print(f"| {name} | " + " | ".join(f"{row[key]:.2f}" for key in SEGMENTS[:-1]) + f" | {row['step']:.3f} |")
-    if set(args.contenders) == {"ours", "timm"}:
-        ratios = {key: statistics.median(o[key] / t[key] for o, t in zip(results["ours"], results["timm"]))
+    for other in ("timm", "before"):
+        if "ours" not in results or other not in results:
+            continue
+        ratios = {key: statistics.median(o[key] / t[key] for o, t in zip(results["ours"], results[other]))
                   for key in SEGMENTS}
-        summary["median_ratio_ours_over_timm"] = ratios
-        print("| ours / timm | " + " | ".join(f"{ratios[key]:.2f}" for key in SEGMENTS[:-1]) +
+        summary[f"median_ratio_ours_over_{other}"] = ratios
+        print(f"| ours / {other} | " + " | ".join(f"{ratios[key]:.2f}" for key in SEGMENTS[:-1]) +
               f" | {ratios['step']:.2f} |")
+    in_steps = {name: {key: statistics.median(r[key] / r["step"] for r in runs) for key in SEGMENTS[:-1]}
+                for name, runs in results.items()}
+    summary["median_in_steps"] = in_steps
+    print("\nin steps of each run's own median step time (segment / s/step), medians")
+    print("| contender | wall | start | between epochs | end | steps |")
+    print("|---|---|---|---|---|---|")
+    for name, row in in_steps.items():
+        print(f"| {name} | " + " | ".join(f"{row[key]:.2f}" for key in SEGMENTS[:-1]) + " |")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")
 
