@@ -72,10 +72,12 @@ def _install_step_stamps(path: str) -> None:
     atexit.register(lambda: Path(path).write_text(json.dumps(stamps)))
 
 
-def _child_ours(argv: Sequence[str]) -> int:
-    import main
+def _child_ours(argv: Sequence[str]) -> None:
+    """``python main.py ARGV`` of the checkout in the working directory, in this process."""
+    import runpy
 
-    return main.main(list(argv))
+    sys.argv = ["main.py", *argv]
+    runpy.run_path(os.path.join(os.getcwd(), "main.py"), run_name="__main__")  # exits with main.py's code
 
 
 def _child_timm(data: str, output: str, epochs: int, workers: int) -> int:
@@ -221,7 +223,7 @@ def main() -> None:
         sys.path.insert(0, os.getcwd())  # the checkout whose code runs (this one, or --baseline's)
         _install_step_stamps(args.stamps)
         if args.child == "ours":
-            sys.exit(_child_ours(rest))
+            _child_ours(rest)
         sys.exit(_child_timm(args.data, args.output, args.epochs, args.workers))
 
     import torch
@@ -232,6 +234,9 @@ def main() -> None:
         tmp = Path(tmp_dir)
         data = ensure_toy_dataset(tmp / "toy", ToySpec(args.train_per_class, args.val_per_class, IMG_SIZE))
         steps_per_epoch = (10 * args.train_per_class) // BATCH
+        if steps_per_epoch < 2 and not args.val_passes:
+            raise SystemExit(f"--train-per-class {args.train_per_class} gives {steps_per_epoch} step(s) of batch {BATCH} "
+                             f"per epoch; the step time needs 2 or more: pass at least {-(-2 * BATCH // 10)}")
         if args.val_passes:
             times = _val_pass_seconds(data, args.workers, args.val_passes)
             print(f"CPU capability {torch.backends.cpu.get_cpu_capability()}; {10 * args.val_per_class} val images, "
