@@ -227,7 +227,7 @@ def test_a_run_shorter_than_its_warmup_trains_with_the_warmup_shortened(tiny_yam
     run_dir = out / MODEL_DIR / "default"
     assert ("TRAIN.WARMUP_EPOCHS=1 does not end before the last of TRAIN.EPOCHS=1 epochs: the warmup is shortened "
             "to 0 epoch(s)") in (run_dir / "log.txt").read_text()
-    # The one epoch ran the cosine from the base LR: the LR logged at step 8 (the last) is its value there.
+    # The one epoch ran the cosine from the base LR, with no warmup line below it.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard"))
@@ -238,8 +238,8 @@ def test_a_run_shorter_than_its_warmup_trains_with_the_warmup_shortened(tiny_yam
     scheduler = build_scheduler(config, build_optimizer(config, torch.nn.Linear(2, 2)), 8)
     optimizer = scheduler.optimizer
     expected = []
-    for step in (2, 4, 6, 8):  # PRINT_FREQ 2: the LR after each logged step
-        scheduler.step_update(step)
+    for step in (2, 4, 6, 8):  # PRINT_FREQ 2: the LR logged at a step is the schedule's value after the step before
+        scheduler.step_update(step - 1)
         expected.append(optimizer.param_groups[0]["lr"])
     assert lrs == pytest.approx(expected, rel=1e-6) and lrs[0] > 0.5 * config.TRAIN.SCALED_BASE_LR
     transfer = load_config(str(REPO_ROOT / "configs" / "transfer_small.yaml"), ["TRAIN.EPOCHS", "2"])

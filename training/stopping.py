@@ -142,8 +142,9 @@ class StopPolicy:
                         self.stop_after)
             return EXIT_OK
         what, code = self._preemption()
+        position = describe_position(state.epoch, state.batch).replace("after epoch", "the end of epoch")
         logger.warning("%s: last.pth holds %s, global step %d; run the same command to continue (exit code %d)",
-                       what, describe_position(state.epoch, state.batch), state.global_step, code)
+                       what, position, state.global_step, code)
         return code
 
     def _preemption(self) -> Tuple[str, int]:
