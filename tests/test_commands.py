@@ -97,9 +97,12 @@ def test_another_recipe_in_a_finished_run_directory_is_refused_and_writes_nothin
     assert _train(tiny_yaml, out, "AUG.MIXUP", "0.0", "TRAIN.EPOCHS", "3") == 1
     line = _error_line(capsys)
     assert "(AUG.MIXUP 0.8 -> 0.0)" in line and "TRAIN.EPOCHS" not in line
-    # The finished run rerun as it is trains nothing and writes nothing.
+    # The finished run rerun as it is, or with a step limit it has passed, trains nothing and writes nothing.
     assert _train(tiny_yaml, out) == 0
     assert "nothing to train, nothing written" in (finished / "log.txt").read_text()
+    assert _train(tiny_yaml, out, "TRAIN.EPOCHS", "3", "TRAIN.STOP_AFTER_STEPS", "4") == 0
+    assert ("the checkpoint resumed is at global step 16, TRAIN.STOP_AFTER_STEPS=4: nothing to train, nothing "
+            "written") in (finished / "log.txt").read_text()
     assert _files(finished) == before
     # --tag: the new experiment gets its own directory.
     assert _train(tiny_yaml, out, "TRAIN.BASE_LR", "4e-3", "TRAIN.EPOCHS", "1", extra=("--tag", "lr4e-3")) == 0

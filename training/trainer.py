@@ -302,6 +302,11 @@ class Trainer:
                         state.epoch - 1, self.config.TRAIN.EPOCHS)
             self.log_outputs()
             return EXIT_OK
+        stop_after = self.config.TRAIN.STOP_AFTER_STEPS
+        if stop_after and state.global_step >= stop_after:
+            logger.info("the checkpoint resumed is at global step %d, TRAIN.STOP_AFTER_STEPS=%d: nothing to train, "
+                        "nothing written", state.global_step, stop_after)
+            return EXIT_OK
         self._prepare_run_dir()
         resumed = bool(self.resumed_from)
         recorder = RunRecorder(self.run_dir, self.dist_info.is_main, resume_epoch=state.epoch if resumed else None,
