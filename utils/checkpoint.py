@@ -3,14 +3,19 @@
 A checkpoint is one ``torch.save`` dict (loadable with ``weights_only=True``):
 
 ``format_version``, ``model``, ``model_ema`` (the EMA weights with the model's key names, where
-timm's ``load_checkpoint(use_ema=True)`` and DeiT look; files of format 1 hold them under ``ema``,
-with ``module.`` prefixes: :func:`ema_weights` reads both), ``optimizer``, ``scheduler``, ``scaler``, the
-:class:`~training.train_state.TrainState` keys (``epoch`` in progress, its next ``batch``,
-``global_step``, the best accuracies, the skipped-step counts, ``ranks``: per rank every RNG
+timm's ``load_checkpoint(use_ema=True)`` and DeiT look; files of formats 1 and 2 hold them under
+``ema``, with ``module.`` prefixes: :func:`ema_weights` reads both), ``optimizer``, ``scheduler``, ``scaler``, the
+:class:`~training.train_state.TrainState` keys (the position: ``epoch``, the 0-based epoch the
+file was saved in or after, as logs and ``metrics.jsonl`` number it (Swin, DeiT and timm store the
+same), ``batch``, the batches of that epoch trained per process, and ``epoch_complete``, whether
+that epoch had ended; ``global_step``, the best accuracies, the skipped-step counts, ``ranks``: per rank every RNG
 state and the epoch's running sums, ``world_size``), ``config`` (plain data), ``class_names`` (the
 dataset's, in label order; None for generated data), ``frozen`` (what ``TRAIN.FREEZE`` froze:
 ``spec``, ``parameters`` frozen, ``trainable``, the frozen top-level ``modules``; older files lack
-it), ``provenance`` (what produced it: :mod:`utils.provenance`) and ``saved_at``. ``training/resume.py`` decides what goes in and
+it), ``provenance`` (what produced it: :mod:`utils.provenance`), ``config_history`` (the settings changed
+on resume, where each took effect; older files lack it) and ``saved_at``. Format 1 stored instead the
+epoch and batch to resume at (the file written after epoch 14 said epoch 15, batch 0); it is read
+as such. ``training/resume.py`` decides what goes in and
 what a run does with it; this module only reads, checks and writes files.
 
 Files of a run directory: ``last.pth`` (newest position), ``epoch_NNNN.pth`` (the newest
@@ -36,9 +41,9 @@ from .reliability import first_line
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: the EMA under EMA_KEY with the model's key names
+FORMAT_VERSION = 3  # 2: epochs numbered as logs number them; 3: the EMA under EMA_KEY with the model's key names
 EMA_KEY = "model_ema"
-LEGACY_EMA_KEY = "ema"  # format 1: ModelEmaV3.state_dict(), keys prefixed with "module."
+LEGACY_EMA_KEY = "ema"  # formats 1 and 2: ModelEmaV3.state_dict(), keys prefixed with "module."
 LAST = "last.pth"
 BEST = "best.pth"
 EMA_BEST = "ema_best.pth"
@@ -52,16 +57,56 @@ def epoch_checkpoint_name(epoch: int) -> str:
 
 
 def ema_weights(checkpoint: Dict[str, Any]) -> Optional[Dict[str, torch.Tensor]]:
-    """The EMA weights of a checkpoint dict with the model's key names (either format), or None.
+    """The EMA weights of a checkpoint dict with the model's key names (any format), or None.
 
     Args:
-        checkpoint: A training checkpoint of this framework (format 1 or 2).
+        checkpoint: A training checkpoint of this framework (any format).
     """
     for key in (EMA_KEY, LEGACY_EMA_KEY):
         weights = checkpoint.get(key)
         if isinstance(weights, dict):
             return {name.removeprefix("module."): tensor for name, tensor in weights.items()}
     return None
+
+
+def stored_position(epoch: int, batch: int, ended_epoch_batches: int) -> Dict[str, Any]:
+    """The position keys a checkpoint stores for the position where training continues.
+
+    Args:
+        epoch: The epoch to train next (0-based).
+        batch: Its next batch; 0 with ``epoch`` > 0 is the end of the epoch before.
+        ended_epoch_batches: The batches the epoch before had (stored when it is the one described).
+    """
+    if batch == 0 and epoch > 0:
+        return {"epoch": epoch - 1, "batch": ended_epoch_batches, "epoch_complete": True}
+    return {"epoch": epoch, "batch": batch, "epoch_complete": False}
+
+
+def resume_position(checkpoint: Dict[str, Any]) -> Tuple[int, int]:
+    """(epoch, batch) where training continues after ``checkpoint``: the epoch and its next batch.
+
+    Args:
+        checkpoint: A training checkpoint of any format version.
+    """
+    epoch, batch = int(checkpoint["epoch"]), int(checkpoint["batch"])
+    if int(checkpoint.get("format_version", 1)) >= 2 and checkpoint.get("epoch_complete"):
+        return epoch + 1, 0
+    return epoch, batch
+
+
+def describe_position(epoch: int, batch: int) -> str:
+    """A position where training continues as logs name it: ``after epoch 14`` or ``epoch 15, batch 37``.
+
+    Args:
+        epoch: The epoch to train next (0-based).
+        batch: Its next batch.
+    """
+    return f"after epoch {epoch - 1}" if batch == 0 and epoch > 0 else f"epoch {epoch}, batch {batch}"
+
+
+def describe_checkpoint(checkpoint: Dict[str, Any]) -> str:
+    """``after epoch 14, global step 960`` (or ``epoch 15, batch 37, global step 997``) for a checkpoint."""
+    return f"{describe_position(*resume_position(checkpoint))}, global step {int(checkpoint['global_step'])}"
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -154,7 +199,7 @@ def find_resume_candidates(run_dir: str) -> List[str]:
         try:
             checkpoint = load_file(path, mmap=True)
             check_format(checkpoint)
-            position = (int(checkpoint["global_step"]), int(checkpoint["epoch"]), int(checkpoint["batch"]))
+            position = (int(checkpoint["global_step"]), *resume_position(checkpoint))
         except (ValueError, KeyError, TypeError) as e:
             logger.warning("skipping %s for auto-resume: %s", path, e)
             continue
@@ -215,8 +260,9 @@ class CheckpointFiles:
         # RuntimeError ("unexpected pos ..."). Either way the previous files are untouched.
         except (OSError, RuntimeError) as e:
             return self._save_error(first, needed, e)
-        logger.info("saved %s (epoch %d, batch %d, step %d) in %.1fs", ", ".join(names), checkpoint["epoch"],
-                    checkpoint["batch"], checkpoint["global_step"], time.perf_counter() - start)
+        logger.info("saved %s (%s, step %d) in %.1fs", ", ".join(names),
+                    describe_position(*resume_position(checkpoint)), checkpoint["global_step"],
+                    time.perf_counter() - start)
         return None
 
     def _save_error(self, path: str, needed: int, error: BaseException) -> str:
