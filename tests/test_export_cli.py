@@ -9,7 +9,7 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, List
 
 import pytest
 import torch
@@ -90,7 +90,7 @@ def test_the_format_follows_the_suffix(checkpoint: Path, onnx_file: Path, tmp_pa
     (["x.bin"], "ends in none of .pth, .safetensors, .onnx: the format follows the suffix"),
     (["x.pth", "--dynamic-batch"], "apply to ONNX exports (*.onnx), not to"),
 ])
-def test_a_format_the_suffix_contradicts_is_refused(checkpoint: Path, tmp_path: Path, argv: list, says: str,
+def test_a_format_the_suffix_contradicts_is_refused(checkpoint: Path, tmp_path: Path, argv: List[str], says: str,
                                                     capsys: pytest.CaptureFixture) -> None:
     output, *options = argv
     with pytest.raises(SystemExit) as exit_info:
