@@ -168,7 +168,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="the model's YAML config (default: the config stored in the checkpoint)")
     parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="override keys of --cfg")
     parser.add_argument("--pretrained", required=True, metavar="CKPT",
-                        help="a training checkpoint or weights from python -m deploy.export")
+                        help="a training checkpoint or weights from python -m deploy.export (.pth, .safetensors; "
+                             "an .onnx file runs in onnxruntime: docs/deploy.md)")
     parser.add_argument("--use-ema", action="store_true", help="the EMA weights of a training checkpoint")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
     parser.add_argument("--output", default="-", help="output file (default: standard output)")
