@@ -64,6 +64,23 @@ def test_quick_cpu_mode_passes_and_writes_the_report(tmp_path: Path) -> None:
     assert all(f"| {row['name']} | {row['status']} |" in markdown for row in results)
 
 
+def test_without_dali_its_rows_are_skipped_and_the_others_run(tmp_path: Path, monkeypatch) -> None:
+    """The lent GPU machine has no DALI: its rows are skipped by name, the model speed rows still run."""
+    import benchmarks.gpu_check.__main__ as gpu_check
+    from benchmarks.gpu_check.plan import DALI_MISSING
+
+    monkeypatch.setattr(gpu_check, "dali_installed", lambda: False)
+    assert gpu_check.main(["--device", "cpu", "--quick", "--groups", "dali", "speed", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["passed"] and report["environment"]["dali"] == "not installed"
+    skipped_rows = {r["name"] for r in report["results"] if r["status"] == SKIP and r["detail"] == DALI_MISSING}
+    assert skipped_rows == {name for name, _ in CHECKS["dali"]} | {"loader/train", "e2e/main_py_dali"}
+    assert all(r["status"] == SKIP for r in report["results"])
+    assert {row["name"].split("/")[0] for row in report["speed"]} == {"speed", "memory"}
+    assert {t["group"] for t in report["timings"]} == {"dali", "speed"}  # no JPEGs generated for nothing
+    assert not (tmp_path / "data").exists()
+
+
 def test_help_lists_every_check() -> None:
     done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--help"], cwd=REPO_ROOT,
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
