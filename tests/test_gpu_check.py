@@ -162,3 +162,27 @@ def test_dali_gpu_graphs_have_gpu_implementations() -> None:
     assert ("decoders__Image", "mixed") in gpu_graph_operators(False, _C.clone())
     assert check_gpu_operators().status == PASS
     assert missing_implementations([("PeekImageShape", "gpu"), ("Resize", "gpu")]) == [("PeekImageShape", "gpu")]
+
+
+def test_lent_machine_wheels_decision(tmp_path: Path) -> None:
+    """The device command installs a carried wheel where the image lacks the package, and timm where the
+    image's version is not ours; any installed yacs / termcolor / tqdm serves."""
+    from benchmarks.gpu_check.lent import requirement_pins, wheels_to_install
+
+    pins = requirement_pins()
+    assert pins["torch"] == "2.14.1" and pins["timm"] and pins["yacs"]  # requirements.txt and what it includes
+    for name in ("timm-0.0.1", "tqdm-0.0.1", f"yacs-{pins['yacs']}", "no_such_dist-1.0"):
+        (tmp_path / f"{name}-py3-none-any.whl").touch()
+    chosen, lines = wheels_to_install(tmp_path)
+    assert [w.name.split("-")[0] for w in chosen] == ["no_such_dist", "timm"], lines
+    assert any(line.startswith("tqdm: the image's") for line in lines)
+
+
+def test_lent_machine_command_fits_and_is_the_documented_one() -> None:
+    from benchmarks.gpu_check.lent import GROUPS, MAX_COMMAND_CHARS, device_command
+
+    command = device_command()
+    assert len(command) < MAX_COMMAND_CHARS and " --device" not in command.split("benchmarks.gpu_check ")[-1]
+    assert f"--groups {' '.join(GROUPS)}" in command and set(GROUPS) == set(CHECKS)
+    assert "--device cpu --quick" in device_command("cpu", quick=True)
+    assert command in (REPO_ROOT / "docs" / "performance.md").read_text()  # the docs print the command that runs

@@ -27,7 +27,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,7 +61,7 @@ def requirement_pins(path: Path = ROOT / "requirements.txt") -> Dict[str, str]:
     return pins
 
 
-def wheel_name_version(wheel: Path) -> tuple:
+def wheel_name_version(wheel: Path) -> Tuple[str, str]:
     """``(distribution, version)`` from a wheel's file name (``timm-1.0.31-py3-none-any.whl``)."""
     name, version = wheel.name.split("-")[:2]
     return name.lower().replace("_", "-"), version
@@ -75,7 +75,7 @@ def installed_version(distribution: str) -> Optional[str]:
         return None
 
 
-def wheels_to_install(wheel_dir: Path) -> tuple:
+def wheels_to_install(wheel_dir: Path) -> Tuple[List[Path], List[str]]:
     """The carried wheels this Python needs, and one line per carried package saying why (or why not)."""
     chosen, lines = [], []
     for wheel in sorted(wheel_dir.glob("*.whl")):
@@ -102,7 +102,7 @@ def _write(out: Optional[Path], lines: List[str]) -> None:
             file.write(text)
 
 
-def check_environment(device: str) -> tuple:
+def check_environment(device: str) -> Tuple[List[str], List[str]]:
     """What the proof relies on, after the wheels are installed: ``(problems, lines)``."""
     problems, lines = [], [f"python {sys.version.split()[0]} at {sys.executable}"]
     try:
@@ -149,7 +149,8 @@ def check_environment(device: str) -> tuple:
 
 
 def _in_range(version: str, low: str, high: str) -> bool:
-    def key(text: str) -> tuple:
+    """Whether a torch version (``2.11.0+cu130``) lies in ``[low, high]`` by its release numbers."""
+    def key(text: str) -> Tuple[int, ...]:
         return tuple(int(part) for part in re.findall(r"\d+", text.split("+")[0])[:3])
 
     return key(low) <= key(version) <= key(high)
@@ -216,6 +217,7 @@ def prepare(wheel_dir: Path, device: str, quick: bool) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
+    """The three steps: ``prepare`` here, ``wheels`` and ``check`` on the lent machine."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check.lent", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     steps = parser.add_subparsers(dest="step", required=True)
