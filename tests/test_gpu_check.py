@@ -114,6 +114,9 @@ def test_report_rows_and_exit_decision(tmp_path: Path) -> None:
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert "| a/b | pass | 1 | <= 2 | one / two |" in markdown  # a pipe in the text keeps the table intact
     assert "| speed/m/bf16/infer | img/s | 200 | 100 | 2.00x | batch 2 |" in markdown
+    report.pending = ["speed"]  # as written after a group, before the run's time limit stopped it
+    assert not report.to_dict()["passed"] and "**INCOMPLETE, not run: speed**" in report.markdown()
+    report.pending = []
     report.results.append(Result("a/d", FAIL, 5.0, "<= 2"))
     assert [r.name for r in report.failed] == ["a/d"] and not report.to_dict()["passed"]
 

@@ -151,7 +151,8 @@ def main(argv: Sequence[str] = ()) -> int:
         device = torch.device("cuda", torch.cuda.current_device())
         torch.backends.cudnn.benchmark = True  # as the trainer sets it
     ctx = Context(device=device, quick=args.quick, plan=make_plan(args.quick), out=args.out, dali=dali_installed())
-    report = Report(device=environment(device).get("gpu", "cpu"), quick=args.quick, environment=environment(device))
+    report = Report(device=environment(device).get("gpu", "cpu"), quick=args.quick, environment=environment(device),
+                    pending=list(args.groups))
     if ctx.dali and {"dali", "speed"} & set(args.groups):
         # Made first: the writer processes are forked before this process starts CUDA.
         from .dali_checks import generated_jpegs
@@ -173,6 +174,7 @@ def main(argv: Sequence[str] = ()) -> int:
         report.results += results
         report.speed += rows
         report.timings.append(GroupTiming(group, seconds, BUDGET_S[group]))
+        report.pending.remove(group)
         for result in results:
             logger.info("%-4s %s %s", result.status, result.name, result.value)
         if device.type == "cuda":

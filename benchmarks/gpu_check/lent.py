@@ -156,12 +156,13 @@ def _in_range(version: str, low: str, high: str) -> bool:
     return key(low) <= key(version) <= key(high)
 
 
-def device_command(device: str = "cuda", quick: bool = False) -> str:
+def device_command(device: str = "cuda", quick: bool = False, run_limit_s: int = RUN_LIMIT_S) -> str:
     """The one device command: install the carried wheels the image needs, check, run, copy the report to $OUT.
 
     Args:
         device: ``cuda`` on the lent machine; ``cpu`` for a rehearsal here.
         quick: gpu_check's tiny sizes (with ``cpu``: the rehearsal).
+        run_limit_s: Seconds gpu_check may run (a rehearsal on 2 busy cores needs more than the GPU run).
     """
     flags = (f" --device {device}" if device != "cuda" else "") + (" --quick" if quick else "")
     return (
@@ -171,7 +172,7 @@ def device_command(device: str = "cuda", quick: bool = False) -> str:
         '--target "$S" $W; } && export PYTHONPATH="$S${PYTHONPATH:+:$PYTHONPATH}" && '
         f'python3 -m benchmarks.gpu_check.lent check --device {device} --out "$OUT" && '
         'echo "preflight: ready after $SECONDS s" && '
-        f'{{ timeout {RUN_LIMIT_S} python3 -m benchmarks.gpu_check{flags} --out "$G" --groups {" ".join(GROUPS)} '
+        f'{{ timeout {run_limit_s} python3 -m benchmarks.gpu_check{flags} --out "$G" --groups {" ".join(GROUPS)} '
         '2>&1 | tee "$OUT/gpu_check.log"; rc=$?; cp "$G/gpu_check.json" "$G/gpu_check.md" "$OUT/"; '
         'echo "gpu_check: exit $rc after $SECONDS s in all"; exit $rc; }')
 
@@ -197,12 +198,12 @@ def tree_bytes() -> int:
     return sum((ROOT / name.decode()).stat().st_size for name in listed if name and (ROOT / name.decode()).is_file())
 
 
-def prepare(wheel_dir: Path, device: str, quick: bool) -> int:
+def prepare(wheel_dir: Path, device: str, quick: bool, run_limit_s: int) -> int:
     """Download the wheels, then print the device command and its carry list."""
     wheels = download_wheels(wheel_dir)
     carried = sum(w.stat().st_size for w in wheels)
     tree = tree_bytes()
-    command = device_command(device, quick)
+    command = device_command(device, quick, run_limit_s)
     print(f"wheels in {wheel_dir}: " + ", ".join(w.name for w in wheels))
     print(f"carried: {carried / 2 ** 20:.1f} MiB of wheels + {tree / 2 ** 20:.1f} MiB of working tree "
           f"(limit {CARRY_LIMIT_MIB} MiB); command: {len(command)} characters (limit {MAX_COMMAND_CHARS})")
@@ -210,7 +211,7 @@ def prepare(wheel_dir: Path, device: str, quick: bool) -> int:
         print("error: over a device call's limit", file=sys.stderr)
         return 1
     print(f'carry: ["{wheel_dir.relative_to(ROOT)}"]')
-    print(f"timeout_s: 600 (gpu_check itself stops at {RUN_LIMIT_S} s; the report so far is kept)")
+    print(f"timeout_s: 600 (gpu_check itself stops at {run_limit_s} s; the report so far is kept)")
     print("command:")
     print(command)
     return 0
@@ -224,6 +225,7 @@ def main(argv: Sequence[str]) -> int:
     step = steps.add_parser("prepare", help="here: download the wheels, print the device command")
     step.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     step.add_argument("--quick", action="store_true")
+    step.add_argument("--run-limit-s", type=int, default=RUN_LIMIT_S, help="seconds gpu_check may run")
     step = steps.add_parser("wheels", help="there: print the carried wheels this Python needs")
     step.add_argument("wheel_dir", type=Path)
     step.add_argument("--out", type=Path)
@@ -232,7 +234,7 @@ def main(argv: Sequence[str]) -> int:
     step.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.step == "prepare":
-        return prepare(WHEEL_DIR, args.device, args.quick)
+        return prepare(WHEEL_DIR, args.device, args.quick, args.run_limit_s)
     if args.step == "wheels":
         chosen, lines = wheels_to_install(args.wheel_dir)
         _write(args.out, lines)
