@@ -20,7 +20,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import timm
 import yaml
 from yacs.config import CfgNode as CN
 
@@ -375,7 +374,15 @@ def keys_on_resume(meaning: OnResume) -> Tuple[str, ...]:
 
 
 def registered_models() -> List[str]:
-    """The CrossFormer variants in timm's registry (``import models`` registers them)."""
+    """The CrossFormer variants in timm's registry.
+
+    Imports ``models`` (which registers them) here, not with this module: the command line's
+    parser and ``--help`` need neither torch nor timm.
+    """
+    import timm
+
+    import models  # noqa: F401 - registers the variants
+
     return timm.list_models(module="crossformer")
 
 
@@ -455,7 +462,7 @@ def validate(cfg: CN) -> None:
         close = difflib.get_close_matches(cfg.MODEL.NAME, names, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"MODEL.NAME={cfg.MODEL.NAME!r} is not a registered model{hint}; "
-                          f"use one of {', '.join(names) or '(none: import models to register the variants)'}")
+                          f"use one of {', '.join(names)}")
 
 
 # -----------------------------------------------------------------------------
