@@ -605,11 +605,13 @@ def scale_learning_rates(cfg: CN, world_size: int) -> None:
     """
     total_batch = cfg.DATA.BATCH_SIZE * world_size * cfg.TRAIN.ACCUMULATION_STEPS
     factor = total_batch / cfg.TRAIN.LR_REFERENCE_BATCH if cfg.TRAIN.LR_REFERENCE_BATCH else 1.0
+    # A run's config.yaml holds the values of its own total batch: only a run that trains is told of a change.
+    trains = not (cfg.EVAL_MODE or cfg.THROUGHPUT_MODE)
     for entered, scaled in (("BASE_LR", "SCALED_BASE_LR"), ("WARMUP_LR", "SCALED_WARMUP_LR"),
                             ("MIN_LR", "SCALED_MIN_LR")):
         value = cfg.TRAIN[entered] * factor
         given = cfg.TRAIN[scaled]
-        if given and abs(given - value) > 1e-12 * max(abs(value), 1.0):
+        if trains and given and abs(given - value) > 1e-12 * max(abs(value), 1.0):
             logger.warning("TRAIN.%s=%g is derived from TRAIN.%s and the total batch %d; using %g instead",
                            scaled, given, entered, total_batch, value)
         cfg.TRAIN[scaled] = value
