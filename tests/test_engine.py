@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import load_config
-from tests.helpers import last_json, read_metrics, run_main
+from tests.helpers import TinyRun, last_json, read_metrics, run_main
 from training.engine import Components, StopReason, evaluate, train_one_epoch
 from training.train_state import TrainState
 
@@ -129,29 +129,25 @@ def test_throughput_prints_a_table_and_json_last(tiny_yaml: Path, tmp_path: Path
     assert not (tmp_path / "output").exists()  # a benchmark writes no run directory
 
 
-def test_a_finished_run_says_where_its_outputs_are_and_how_to_evaluate(tiny_yaml: Path, tmp_path: Path) -> None:
+def test_a_finished_run_says_where_its_outputs_are_and_how_to_evaluate(tiny_run: TinyRun, tmp_path: Path) -> None:
     """The closing lines name existing paths, and the printed command evaluates the best checkpoint."""
-    trained = run_main("--cfg", str(tiny_yaml), "--output", str(tmp_path / "out"), cwd=tmp_path)
-    assert trained.returncode == 0, trained.stderr
-    log = trained.stdout + trained.stderr
-    run_dir = tmp_path / "out" / "crossformerpp_s" / "default"
+    log = tiny_run.stdout + tiny_run.stderr
+    run_dir = tiny_run.run_dir
     assert f"run directory:   {run_dir}" in log
     assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in log and any((run_dir / "tensorboard").iterdir())
     assert f"best checkpoint: {run_dir / 'best.pth'}" in log and (run_dir / "best.pth").is_file()
     command = shlex.split(log.split("evaluate it:")[1].splitlines()[0])
     assert command[:2] == ["python", "main.py"]
-    evaluated = run_main(*command[2:], cwd=tmp_path)
+    evaluated = run_main(*command[2:], "--output", str(tmp_path / "eval"), cwd=tmp_path)  # the run stays as it is
     assert evaluated.returncode == 0, evaluated.stderr
     best = max(row["val_acc1"] for row in read_metrics(run_dir))
     assert last_json(evaluated.stdout)["val_acc1"] == pytest.approx(best)
 
 
-def test_eval_precision_follows_test_amp(tiny_yaml: Path, tmp_path: Path) -> None:
+def test_eval_precision_follows_test_amp(tiny_run: TinyRun, tmp_path: Path) -> None:
     """--eval runs in TRAIN.AMP's precision by default and in float32 with TEST.AMP none."""
-    out = str(tmp_path / "out")
-    trained = run_main("--cfg", str(tiny_yaml), "--output", out, "--opts", "TRAIN.STOP_AFTER_STEPS", "2", cwd=tmp_path)
-    assert trained.returncode == 0, trained.stderr
-    checkpoint = str(tmp_path / "out" / "crossformerpp_s" / "default" / "last.pth")
+    out, tiny_yaml = str(tmp_path / "out"), tiny_run.yaml
+    checkpoint = str(tiny_run.run_dir / "last.pth")
 
     def evaluate_with(test_amp: str) -> subprocess.CompletedProcess:
         # TRAIN.FORCE_BF16: bf16 also where this CPU only emulates it (utils.precision.resolve_amp)
