@@ -220,20 +220,32 @@ def test_a_loss_scaler_overflow_is_not_a_non_finite_step_but_a_nan_loss_is() -> 
     assert (state.global_step, int(state.nonfinite_total), int(state.nonfinite_streak)) == (6, 1, 0)
 
 
-def test_progress_shows_the_share_of_time_spent_waiting_for_data() -> None:
-    """A loader that takes 0.2 s per batch shows as most of the step time in the progress lines."""
+def test_progress_shows_the_share_of_time_spent_waiting_for_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loader that takes 0.2 s per batch shows as most of the step time in the progress lines.
+
+    On a clock of its own, so that the shares do not depend on how busy the machine is: a forward
+    pass moves it 50 ms on, the slow loader's wait 0.2 s, and each reading 1 us."""
     import time as clock
 
     from utils.progress import EpochProgress
 
+    now = [0.0]
+
+    def readings() -> float:
+        now[0] += 1e-6
+        return now[0]
+
+    monkeypatch.setattr(clock, "perf_counter", readings)
+
     class SlowLoader(_ListLoader):
         def __iter__(self) -> Iterator[Batch]:
             for batch in self.batches:
-                clock.sleep(0.2)
+                now[0] += 0.2
                 yield batch
 
     torch.manual_seed(5)
     model = _tiny_model()
+    model.register_forward_hook(lambda *_: now.__setitem__(0, now[0] + 0.05))
     batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
     parts = Components(train_model=model, criterion=nn.CrossEntropyLoss(),
                        optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scheduler=_NoSchedule())
