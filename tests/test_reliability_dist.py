@@ -158,7 +158,8 @@ def test_resume_with_another_world_size_logs_the_global_batch_change(
     assert "optimizer steps per epoch ~8 -> 16" in log
     assert f"batch {2 * stopped['batch']} (was {stopped['batch']}), global step {2 * stopped['global_step']}" in log
     final = torch.load(run_dir(out) / "last.pth", weights_only=True)
-    assert (final["epoch"], final["batch"], final["global_step"], final["world_size"]) == (2, 0, 32, 1)
+    assert (final["epoch"], final["batch"], final["epoch_complete"], final["global_step"], final["world_size"]) == (
+        1, 16, True, 32, 1)
 
 
 def _interrupt_like_a_terminal(command: List[str], cwd: Path, log: Path) -> subprocess.CompletedProcess:
