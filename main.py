@@ -6,6 +6,7 @@
     python main.py --cfg configs/crossformerpp_b.yaml --throughput
 
 This file parses the command line, sets up the process and dispatches; :mod:`trainer` owns the run.
+It imports torch, timm and the training code only after parsing, so ``--help`` answers at once.
 """
 from __future__ import annotations
 
@@ -14,16 +15,9 @@ import os
 import sys
 from typing import Any, List, Optional, Sequence
 
-import torch
 from yacs.config import CfgNode
 
 from config import ConfigError, config_to_dict, get_config, parse_option
-from training.resume import flatten
-from training.trainer import Trainer, run_throughput
-from utils.distributed import all_gather_object, cleanup, init_distributed, unanswered_ranks
-from utils.logger import setup_logging
-from utils.reliability import (EXIT_ERROR, EXIT_INTERRUPTED, RunStopped, check_output_writable, first_line,
-                               record_traceback, report_failure)
 
 
 def run(args: Any) -> int:
@@ -34,6 +28,11 @@ def run(args: Any) -> int:
     """
     # The config comes first (it holds the collective timeout): a bad one fails before any rendezvous.
     config = get_config(args, int(os.environ.get("WORLD_SIZE", "1")))
+    from training.trainer import Trainer, run_throughput
+    from utils.distributed import init_distributed
+    from utils.logger import setup_logging
+    from utils.reliability import RunStopped, check_output_writable
+
     dist_info = init_distributed(config.DIST.TIMEOUT_S)
     run_dir = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
     created = _missing_directories(run_dir)  # before the collective below: no rank has created any yet
@@ -63,6 +62,9 @@ def check_same_config(config: CfgNode) -> None:
     Raises:
         ConfigError: on every rank, naming the first key that differs, its values and their ranks.
     """
+    from training.resume import flatten
+    from utils.distributed import all_gather_object
+
     configs = [flatten(c) for c in all_gather_object(config_to_dict(config))]
     for rank, other in enumerate(configs[1:], start=1):
         differing = sorted(key for key in configs[0].keys() | other.keys() if configs[0].get(key) != other.get(key))
@@ -107,6 +109,8 @@ def _remove_if_only_a_log(created: List[str]) -> None:
 def _collective_failure(error: Exception, message: str) -> bool:
     """Whether ``error`` is a collective that failed because another rank died or hangs: torch's
     ``DistError``, a timeout, or gloo's transport error for a peer's closed connection."""
+    import torch
+
     lowered = message.lower()
     return isinstance(error, torch.distributed.DistError) or any(
         text in lowered for text in ("timed out", "connection reset by peer", "connection closed by peer"))
@@ -118,7 +122,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Args:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
     """
-    args = parse_option(argv)
+    args = parse_option(argv)  # before torch is imported: --help and a mistyped flag answer at once
+    from utils.distributed import cleanup, unanswered_ranks
+    from utils.reliability import EXIT_ERROR, EXIT_INTERRUPTED, RunStopped, first_line, record_traceback, report_failure
+
     if args.local_rank is not None:  # torch.distributed.launch's flag; its launcher sets LOCAL_RANK too
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     rank = os.environ.get("RANK", "0")
