@@ -20,7 +20,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import timm
 import yaml
 from yacs.config import CfgNode as CN
 
@@ -389,7 +388,15 @@ def keys_on_resume(meaning: OnResume) -> Tuple[str, ...]:
 
 
 def registered_models() -> List[str]:
-    """The CrossFormer variants in timm's registry (``import models`` registers them)."""
+    """The CrossFormer variants in timm's registry.
+
+    Imports ``models`` (which registers them) here, not with this module: the command line's
+    parser and ``--help`` need neither torch nor timm.
+    """
+    import timm
+
+    import models  # noqa: F401 - registers the variants
+
     return timm.list_models(module="crossformer")
 
 
@@ -469,7 +476,7 @@ def validate(cfg: CN) -> None:
         close = difflib.get_close_matches(cfg.MODEL.NAME, names, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"MODEL.NAME={cfg.MODEL.NAME!r} is not a registered model{hint}; "
-                          f"use one of {', '.join(names) or '(none: import models to register the variants)'}")
+                          f"use one of {', '.join(names)}")
 
 
 # -----------------------------------------------------------------------------
@@ -612,11 +619,13 @@ def scale_learning_rates(cfg: CN, world_size: int) -> None:
     """
     total_batch = cfg.DATA.BATCH_SIZE * world_size * cfg.TRAIN.ACCUMULATION_STEPS
     factor = total_batch / cfg.TRAIN.LR_REFERENCE_BATCH if cfg.TRAIN.LR_REFERENCE_BATCH else 1.0
+    # A run's config.yaml holds the values of its own total batch: only a run that trains is told of a change.
+    trains = not (cfg.EVAL_MODE or cfg.THROUGHPUT_MODE)
     for entered, scaled in (("BASE_LR", "SCALED_BASE_LR"), ("WARMUP_LR", "SCALED_WARMUP_LR"),
                             ("MIN_LR", "SCALED_MIN_LR")):
         value = cfg.TRAIN[entered] * factor
         given = cfg.TRAIN[scaled]
-        if given and abs(given - value) > 1e-12 * max(abs(value), 1.0):
+        if trains and given and abs(given - value) > 1e-12 * max(abs(value), 1.0):
             logger.warning("TRAIN.%s=%g is derived from TRAIN.%s and the total batch %d; using %g instead",
                            scaled, given, entered, total_batch, value)
         cfg.TRAIN[scaled] = value

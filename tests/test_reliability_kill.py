@@ -30,6 +30,7 @@ import json, os, random, signal, sys, time
 import torch
 sys.path.insert(0, sys.argv[1])
 import main  # imported once; every trial is a fork
+import training.trainer  # what main imports after parsing: loaded once too
 
 cfg, root, trials = sys.argv[2], sys.argv[3], int(sys.argv[4])
 opts = ["--opts", "SAVE_STEPS", "1", "TRAIN.EPOCHS", "3", "PRINT_FREQ", "4"]

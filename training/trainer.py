@@ -214,6 +214,10 @@ class Trainer:
     def _log_batch_and_lr(self) -> None:
         config, world_size = self.config, self.dist_info.world_size
         train = config.TRAIN
+        if config.EVAL_MODE:  # no step is taken: the total batch and the LRs do not concern it
+            logger.info("%d process(es) on %s; batch %d per process", world_size, self.dist_info.device,
+                        config.DATA.BATCH_SIZE)
+            return
         logger.info("%d process(es) on %s; total batch %d = %d per process x %d x %d accumulation steps",
                     world_size, self.dist_info.device, config.DATA.BATCH_SIZE * world_size * train.ACCUMULATION_STEPS,
                     config.DATA.BATCH_SIZE, world_size, train.ACCUMULATION_STEPS)
