@@ -17,6 +17,9 @@ per-trial ratios, so that a drifting machine speed (±20 % within minutes on a s
 both alike. A trial times one step with ``torch.utils.benchmark.Timer`` (which runs two
 untimed steps first and synchronises the accelerator).
 Training = forward, backward and AdamW step (torch's fused kernel, as training uses; fp16 with a loss scaler).
+Every ratio line and the JSON name the processor (on a CPU the capability torch reports and whether
+oneDNN runs bf16 natively). On a CPU that other processes load, ``--threads 1 --clock cpu`` times
+process CPU seconds, which leave out the waits for a core that wall time includes.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -41,26 +45,30 @@ ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def median_rate(step: Callable[[], None], items: int, warmup: int, trials: int) -> float:
+def median_rate(step: Callable[[], None], items: int, warmup: int, trials: int, clock: str = "wall") -> float:
     """Median of ``items / seconds`` over ``trials`` timed calls of ``step`` after ``warmup`` calls.
 
     Each trial times one call with ``torch.utils.benchmark.timer`` (the clock ``Timer`` uses: it
     synchronises the accelerator). ``Timer.timeit`` itself would add two untimed calls to every
-    trial, tripling the run of alternating single steps.
+    trial, tripling the run of alternating single steps. ``clock="cpu"`` times the process's CPU
+    seconds instead (``time.process_time``, CPU only): with one thread on a machine that other
+    processes load, it leaves out the time the process waits for a core, which wall time does not.
 
     Args:
         step: One training or inference step.
         items: Images per step.
         warmup: Untimed calls first.
         trials: Timed calls.
+        clock: "wall" or "cpu".
     """
+    timer = time.process_time if clock == "cpu" else benchmark.timer
     for _ in range(warmup):
         step()
     rates = []
     for _ in range(trials):
-        start = benchmark.timer()
+        start = timer()
         step()
-        rates.append(items / (benchmark.timer() - start))
+        rates.append(items / (timer() - start))
     return statistics.median(rates)
 
 
@@ -174,7 +182,7 @@ def build_setting(name: str, batch_size: int, img_size: int, precision: str, imp
 
 
 def measure(setting: Dict[str, object], impls: List[str], compile_model: bool, device: torch.device, warmup: int,
-            trials: int, cpu_memory: bool = False) -> List[Dict[str, object]]:
+            trials: int, cpu_memory: bool = False, clock: str = "wall") -> List[Dict[str, object]]:
     """Rows of the table for one setting: every implementation, timed in alternation.
 
     The implementations take turns inside every trial (fast, reference, fast, ...), so a drift
@@ -191,6 +199,7 @@ def measure(setting: Dict[str, object], impls: List[str], compile_model: bool, d
         warmup: untimed steps of each implementation before its peak memory and the trials.
         trials: timed steps of each implementation.
         cpu_memory: on CPU, also measure the peak memory (one extra process per implementation and kind).
+        clock: "wall" or "cpu" (:func:`median_rate`).
     """
     settings = {impl: dict(setting, impl=impl) for impl in impls}
     steps = {impl: build_setting(**settings[impl], compile_model=compile_model, device=device) for impl in impls}
@@ -211,7 +220,7 @@ def measure(setting: Dict[str, object], impls: List[str], compile_model: bool, d
         for trial in range(trials):
             order = impls if trial % 2 == 0 else impls[::-1]
             for impl in order:
-                rates[impl].append(median_rate(steps[impl][kind], setting["batch_size"], 0, 1))
+                rates[impl].append(median_rate(steps[impl][kind], setting["batch_size"], 0, 1, clock))
         for impl in impls:
             rows[impl][f"{kind}_imgs_per_sec"] = statistics.median(rates[impl])
             rows[impl][f"{kind}_trials"] = rates[impl]
@@ -238,6 +247,15 @@ def speedups(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
     return out
 
 
+def device_description(device: torch.device) -> str:
+    """What the numbers were measured on: the GPU's name, or the CPU capability torch reports and
+    whether oneDNN runs bf16 natively there (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return (f"torch CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 "
+            f"{'yes' if torch.ops.mkldnn._is_mkldnn_bf16_supported() else 'no'}")
+
+
 def mib(value: Optional[float]) -> str:
     """A peak-memory figure for the log, or n/a."""
     return "n/a" if value is None else f"{value:.0f}"
@@ -258,6 +276,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="write rows and speedups here")
     parser.add_argument("--cpu-memory", action="store_true",
                         help="on CPU, also measure each step's peak memory (one extra process per row and kind)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="cpu: time each step in process CPU seconds (CPU device; use with --threads 1 on a "
+                             "machine that other processes load)")
     parser.add_argument("--child-peak", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_peak is not None:
@@ -267,6 +288,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        raise SystemExit(f"--clock cpu times CPU seconds and needs --device cpu, not {device}; use --clock wall")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # Timer synchronises the current device
     rows = []
@@ -274,7 +297,8 @@ def main() -> None:
         for precision in args.precision:
             setting = dict(name=name, batch_size=args.batch_size, img_size=args.img_size, precision=precision)
             for compiled in ([False, True] if args.compile else [False]):
-                for row in measure(setting, args.impl, compiled, device, args.warmup, args.trials, args.cpu_memory):
+                for row in measure(setting, args.impl, compiled, device, args.warmup, args.trials, args.cpu_memory,
+                                   args.clock):
                     rows.append(row)
                     _logger.info(
                         "%-16s %-5s %-9s compiled=%-5s infer %8.2f img/s (step peak %s MiB)  "
@@ -282,11 +306,13 @@ def main() -> None:
                         row["infer_imgs_per_sec"], mib(row["infer_peak_mib"]), row["train_imgs_per_sec"],
                         mib(row["train_peak_mib"]))
     ratios = speedups(rows)
+    processor = device_description(device)
     for ratio in ratios:
-        _logger.info("%-16s %-5s compiled=%-5s fast/reference (median of per-trial ratios): infer x%.2f  "
-                     "train x%.2f", ratio["model"], ratio["precision"], ratio["compiled"], ratio["infer_speedup"],
-                     ratio["train_speedup"])
-    result = dict(threads=torch.get_num_threads(), torch=torch.__version__, rows=rows, speedups=ratios)
+        _logger.info("%s, %s clock: %-16s %-5s compiled=%-5s fast/reference (median of per-trial ratios): "
+                     "infer x%.2f  train x%.2f", processor, args.clock, ratio["model"], ratio["precision"],
+                     ratio["compiled"], ratio["infer_speedup"], ratio["train_speedup"])
+    result = dict(threads=torch.get_num_threads(), torch=torch.__version__, processor=processor, clock=args.clock,
+                  rows=rows, speedups=ratios)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
