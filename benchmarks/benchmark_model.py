@@ -10,7 +10,10 @@ Example (from the repository root; 2 CPU threads)::
 softmax(QK^T*scale + bias) V materialising each attention matrix, position-bias MLP re-run in
 every block on every forward); ``fast`` is ours (SDPA with one additive bias in the query dtype,
 grouping of the C-wide tokens with q/k/v as strided views, bias cached in eval mode, fc1+GELU as
-one oneDNN call in CPU inference). Both run the same weights on the same
+one oneDNN call in CPU inference, the CPU forms ``models/kernel_choice.py`` picks per dtype);
+``fast-fp32-forms`` is ours with the CPU forms tuned in float32 forced everywhere (SDPA in
+inference, the stem's space-to-depth convolutions), the fast path before that switch. All run the
+same weights on the same
 input. Each number is the median over ``--trials`` timed trials after ``--warmup`` untimed ones;
 the implementations take turns inside every trial, and the speedup is the median of the
 per-trial ratios, so that a drifting machine speed (±20 % within minutes on a shared VM) hits
@@ -24,6 +27,7 @@ process CPU seconds, which leave out the waits for a core that wall time include
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -33,15 +37,18 @@ import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
+from unittest import mock
 
 import torch
 from torch.utils import benchmark
 
 import models
+from models import kernel_choice
 
 _logger = logging.getLogger("benchmark_model")
 
 ROOT = Path(__file__).resolve().parents[1]
+IMPLS = ["fast", "reference", "fast-fp32-forms"]
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -142,7 +149,7 @@ def build_setting(name: str, batch_size: int, img_size: int, precision: str, imp
         batch_size: images per step.
         img_size: square input side.
         precision: "fp32" or "bf16" (autocast).
-        impl: "fast" or "reference".
+        impl: "fast", "reference" or "fast-fp32-forms".
         compile_model: wrap the model in torch.compile.
         device: where to run.
         arch: constructor overrides (e.g. a shrunk model for a quick run).
@@ -150,6 +157,11 @@ def build_setting(name: str, batch_size: int, img_size: int, precision: str, imp
     torch.manual_seed(0)
     model = models.create_model(name, **(arch or {})).to(device)
     model.set_reference_attention(impl == "reference")
+    # "fast-fp32-forms": the fast path with the forms tuned in float32 everywhere (SDPA in CPU
+    # inference, the stem's space-to-depth convolutions), i.e. without models.kernel_choice's choice.
+    forms = (mock.patch.multiple(kernel_choice, cpu_inference_uses_sdpa=lambda dtype: True,
+                                 cpu_stem_uses_space_to_depth=lambda *args: True)
+             if impl == "fast-fp32-forms" else contextlib.nullcontext())
     runner = torch.compile(model) if compile_model else model
     generator = torch.Generator().manual_seed(1)  # same input for every implementation
     x = torch.randn(batch_size, 3, img_size, img_size, generator=generator).to(device)
@@ -160,14 +172,14 @@ def build_setting(name: str, batch_size: int, img_size: int, precision: str, imp
 
     def infer() -> None:
         model.eval()
-        with torch.inference_mode(), autocast():
+        with torch.inference_mode(), autocast(), forms:
             runner(x)
 
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None  # fp16 trains with one
 
     def train() -> None:
         model.train()
-        with autocast():
+        with autocast(), forms:
             loss = torch.nn.functional.cross_entropy(runner(x), target)
         if scaler is None:
             loss.backward()
@@ -229,18 +241,20 @@ def measure(setting: Dict[str, object], impls: List[str], compile_model: bool, d
 
 
 def speedups(rows: List[Dict[str, object]]) -> List[Dict[str, object]]:
-    """Fast / reference ratios for every setting measured with both implementations.
+    """Ratios of every implementation (``fast``, ``fast-fp32-forms``) to the reference, per setting
+    measured with both.
 
     ``*_speedup`` is the median of the per-trial ratios (each trial times both back to back).
     """
     out = []
-    for fast in (r for r in rows if r["impl"] == "fast"):
+    for ours in (r for r in rows if r["impl"] != "reference"):
         for ref in rows:
-            same = all(ref[k] == fast[k] for k in ("model", "batch_size", "img_size", "precision", "compiled"))
+            same = all(ref[k] == ours[k] for k in ("model", "batch_size", "img_size", "precision", "compiled"))
             if ref["impl"] == "reference" and same:
-                ratio = dict(model=fast["model"], precision=fast["precision"], compiled=fast["compiled"])
+                ratio = dict(model=ours["model"], precision=ours["precision"], compiled=ours["compiled"],
+                             impl=ours["impl"])
                 for kind in ("infer", "train"):
-                    per_trial = [a / b for a, b in zip(fast[f"{kind}_trials"], ref[f"{kind}_trials"])]
+                    per_trial = [a / b for a, b in zip(ours[f"{kind}_trials"], ref[f"{kind}_trials"])]
                     ratio[f"{kind}_speedup"] = statistics.median(per_trial)
                     ratio[f"{kind}_speedup_trials"] = per_trial
                 out.append(ratio)
@@ -267,7 +281,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=list(PRECISIONS))
-    parser.add_argument("--impl", nargs="+", default=["fast", "reference"], choices=["fast", "reference"])
+    parser.add_argument("--impl", nargs="+", default=["fast", "reference"], choices=IMPLS)
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd models")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
@@ -308,9 +322,9 @@ def main() -> None:
     ratios = speedups(rows)
     processor = device_description(device)
     for ratio in ratios:
-        _logger.info("%s, %s clock: %-16s %-5s compiled=%-5s fast/reference (median of per-trial ratios): "
+        _logger.info("%s, %s clock: %-16s %-5s compiled=%-5s %s/reference (median of per-trial ratios): "
                      "infer x%.2f  train x%.2f", processor, args.clock, ratio["model"], ratio["precision"],
-                     ratio["compiled"], ratio["infer_speedup"], ratio["train_speedup"])
+                     ratio["compiled"], ratio["impl"], ratio["infer_speedup"], ratio["train_speedup"])
     result = dict(threads=torch.get_num_threads(), torch=torch.__version__, processor=processor, clock=args.clock,
                   rows=rows, speedups=ratios)
     if args.json:
