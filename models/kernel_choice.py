@@ -20,15 +20,16 @@ so a test forces either branch on any CPU by patching one function.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+# Read once: a constant for torch.compile to trace through.
+_CPU_HAS_AVX512 = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def cpu_has_avx512() -> bool:
     """Whether torch runs its AVX-512 kernels on this CPU (``torch.backends.cpu.get_cpu_capability()``)."""
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return _CPU_HAS_AVX512
 
 
 def cpu_inference_uses_sdpa(dtype: torch.dtype) -> bool:
