@@ -1,6 +1,7 @@
 """The CPU kernels the fast path uses by default: fc1+GELU in one oneDNN call, fc2 accumulating onto the
 residual (both in inference), and the CEL stem's large strided convolutions as space-to-depth
-convolutions (training and inference).
+convolutions (training and inference). Which of them runs in which dtype and mode on which CPU is
+:mod:`models.kernel_choice`'s decision.
 
 ``Mlp.forward_residual`` in ``models/crossformer.py`` calls the first two in eval mode,
 ``PatchEmbed.forward`` calls :func:`strided_conv`. ``linear_gelu``
@@ -18,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_function
+
+from . import kernel_choice
 
 
 def onednn_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
@@ -87,7 +90,8 @@ def linear_residual(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor) 
 @register_notrace_function  # shape checks: torch.fx keeps the call as one node
 def strided_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(x)``; on a CPU, a stride-s convolution whose kernel is a larger multiple of s runs as a
-    stride-1 convolution of kernel k/s over the s x s space-to-depth (``pixel_unshuffle``) input.
+    stride-1 convolution of kernel k/s over the s x s space-to-depth (``pixel_unshuffle``) input
+    where :func:`models.kernel_choice.cpu_stem_uses_space_to_depth` says that form is faster.
 
     The same products, summed in another order (float32 results within a few 1e-6). The CEL stem's
     convolutions (3 input channels, kernels 8-32, stride 4) are a poor fit for oneDNN's direct
@@ -103,7 +107,8 @@ def strided_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     if (x.device.type != "cpu" or kernel <= stride or kernel % stride or conv.groups != 1 or conv.dilation != (1, 1)
             or conv.stride != (stride, stride) or conv.kernel_size != (kernel, kernel)
             or conv.padding != (padding, padding) or (height + 2 * padding) % stride
-            or (width + 2 * padding) % stride):
+            or (width + 2 * padding) % stride
+            or not kernel_choice.cpu_stem_uses_space_to_depth(kernel, stride, torch.is_grad_enabled())):
         return conv(x)
     out_channels, in_channels = conv.weight.shape[:2]
     blocks = kernel // stride

@@ -40,6 +40,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import kernel_choice
 from .cpu_kernels import linear_gelu, linear_residual, strided_conv
 from .reference import explicit_attention, official_attention
 from .stored import ARCH_KEYS, read_stored_info, stored_architecture, stored_data_config
@@ -408,7 +409,8 @@ class Attention(nn.Module):
         return self.proj_drop(out[:, :height, :width])
 
     def fast_attention(self, qkv: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """Attention over grouped, already projected tokens: SDPA with one additive bias.
+        """Attention over grouped, already projected tokens: SDPA with one additive bias, or on a
+        CPU the explicit form where :mod:`models.kernel_choice` chooses it (training; bf16 inference).
 
         Args:
             qkv: ``(B, nG, N, 3*C)``, channels ordered (q/k/v, head, head_dim).
@@ -426,6 +428,11 @@ class Attention(nn.Module):
         # CPU training uses the explicit form; CUDA always takes SDPA (memory-efficient kernel).
         if self.explicit_cpu_training and q.device.type == "cpu" and torch.is_grad_enabled() and bias.requires_grad:
             return explicit_attention(q, k, v, bias.to(q.dtype), self.scale, self.attn_drop, self.training)
+        cpu_inference = q.device.type == "cpu" and not torch.is_grad_enabled()
+        if cpu_inference and not kernel_choice.cpu_inference_uses_sdpa(q.dtype):
+            # bf16: SDPA's CPU kernel is slower than the explicit form (models/kernel_choice.py);
+            # contiguous q, k, v for the batched GEMMs, the bias in the query dtype.
+            return official_attention(qkv, bias.to(qkv.dtype), heads, self.scale, self.attn_drop, self.training)
         # SDPA's fused kernels take 4-D inputs (5-D falls back to the materialising math path):
         # fold groups into the batch. q, k, v stay strided views of qkv.
         shape = (batch * num_groups, heads, tokens, head_dim)

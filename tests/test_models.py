@@ -9,7 +9,7 @@ import timm
 import torch
 
 import models
-from models import CrossFormer, create_model, list_models
+from models import CrossFormer, kernel_choice, create_model, list_models
 from models.cpu_kernels import linear_gelu, linear_residual, onednn_dtype
 from models.crossformer import Attention, sdpa_backends
 from tests.helpers import REPO_ROOT
@@ -75,6 +75,13 @@ def test_official_fixtures(fixture: str, path: str, tmp_path: Path) -> None:
             logits = model(case["image"].float() / 64 - 2)
         assert logits.shape == case["logits"].shape
         assert (logits.detach() - case["logits"]).abs().max().item() < 1e-5, f"{fixture} at {size}"
+        if path != "autograd":
+            # bf16 autocast inference (on CPU the forms models.kernel_choice picks for bf16): within
+            # bf16 rounding of the official float32 logits (both paths measured 0.2-1.7 % of the largest).
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+                bf16 = model(case["image"].float() / 64 - 2).float()
+            error = (bf16 - case["logits"]).abs().max() / case["logits"].abs().max()
+            assert error.item() < 0.05, f"{fixture} at {size} in bf16"
 
 
 def test_timm_registration() -> None:
@@ -295,11 +302,14 @@ def test_linear_residual() -> None:
 
 @pytest.mark.parametrize("kernel, stride, size", [(4, 4, 32), (8, 4, 32), (16, 4, 64), (32, 4, 32), (32, 4, 96),
                                                  (4, 2, 8), (2, 2, 8)])
-def test_strided_conv_as_space_to_depth_equals_the_convolution(kernel: int, stride: int, size: int) -> None:
+def test_strided_conv_as_space_to_depth_equals_the_convolution(kernel: int, stride: int, size: int,
+                                                               monkeypatch) -> None:
     """The stem's convolutions as stride-1 convolutions of the space-to-depth input: same values and
-    gradients (float64 exact to rounding), any multiple-of-32 size, non-square too."""
+    gradients (float64 exact to rounding), any multiple-of-32 size, non-square too (the form forced
+    on, whatever models.kernel_choice picks on this CPU)."""
     from models.cpu_kernels import strided_conv
 
+    monkeypatch.setattr(kernel_choice, "cpu_stem_uses_space_to_depth", lambda *args: True)
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(3, 5, kernel, stride=stride, padding=(kernel - stride) // 2).double()
     x = torch.randn(2, 3, size, size + stride * 2, dtype=torch.float64, requires_grad=True)
@@ -309,6 +319,59 @@ def test_strided_conv_as_space_to_depth_equals_the_convolution(kernel: int, stri
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     for g, w in zip(grads, torch.autograd.grad(want.square().sum(), [x, conv.weight, conv.bias])):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+def test_kernel_choice_rules(monkeypatch) -> None:
+    """bf16 CPU inference takes the explicit attention; the stem's space-to-depth form runs on AVX2
+    CPUs everywhere and on AVX-512 CPUs only in training with kernels of 4x the stride or more."""
+    assert not kernel_choice.cpu_inference_uses_sdpa(torch.bfloat16)
+    assert kernel_choice.cpu_inference_uses_sdpa(torch.float32) and kernel_choice.cpu_inference_uses_sdpa(torch.float64)
+    monkeypatch.setattr(kernel_choice, "cpu_has_avx512", lambda: False)
+    assert all(kernel_choice.cpu_stem_uses_space_to_depth(k, 4, grad) for k in (8, 16, 32) for grad in (False, True))
+    monkeypatch.setattr(kernel_choice, "cpu_has_avx512", lambda: True)
+    assert not any(kernel_choice.cpu_stem_uses_space_to_depth(k, 4, False) for k in (8, 16, 32))
+    assert [kernel_choice.cpu_stem_uses_space_to_depth(k, 4, True) for k in (8, 16, 32)] == [False, True, True]
+
+
+@pytest.mark.parametrize("space_to_depth", [False, True])
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_forced_cpu_forms_match_the_reference(sdpa: bool, space_to_depth: bool, monkeypatch) -> None:
+    """Each branch of models.kernel_choice, forced on any CPU: inference outputs equal the reference
+    in float64 at 320 (padded LDA regions and SDA windows) and stay within bf16 rounding of the
+    float32 result under bf16 autocast; training outputs and gradients too (float64)."""
+    monkeypatch.setattr(kernel_choice, "cpu_inference_uses_sdpa", lambda dtype: sdpa)
+    monkeypatch.setattr(kernel_choice, "cpu_stem_uses_space_to_depth", lambda *args: space_to_depth)
+    model, x = assert_paths_agree_float64((320, 320))
+    model.eval()
+    with torch.inference_mode():
+        out_fast, out_ref = [model.set_reference_attention(ref) or model(x) for ref in (False, True)]
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-12)
+    model = tiny().eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.inference_mode():
+        out_ref = model.set_reference_attention(True) or model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16_fast, bf16_ref = [model.set_reference_attention(ref) or model(x) for ref in (False, True)]
+    scale = out_ref.abs().max()
+    for out in (bf16_fast, bf16_ref):
+        assert out.dtype == torch.bfloat16
+        assert ((out.float() - out_ref).abs().max() / scale).item() < 0.05
+
+
+def test_bf16_cpu_inference_runs_the_explicit_attention(monkeypatch) -> None:
+    """Under bf16 autocast, CPU inference does not call SDPA (models.kernel_choice); float32 does."""
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append(args[0].dtype) or sdpa(*args, **kwargs))
+    model = tiny().eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x)
+        assert calls == []
+        model(x)
+    assert calls and set(calls) == {torch.float32}
 
 
 def test_sdpa_backends_are_pinned_on_cuda_for_training_and_inference(monkeypatch) -> None:
