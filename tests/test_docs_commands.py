@@ -1,0 +1,495 @@
+"""Every command printed in README.md and docs/*.md is checked, and the README's newcomer path is
+run at tiny scale, so that a command that drifts (an unknown flag or config key, a missing file
+or module) fails here.
+
+Which code is a command: every line of a fenced block tagged ``bash`` (continuation lines joined,
+comments dropped, ``&&`` / ``;`` chains and ``for`` loops split into single commands). A
+``python`` block is compiled and its imports are executed. An untagged block must hold no
+command (tag it ``bash``). Inline code in prose is not extracted.
+
+Two levels, docs/testing.md ("The commands of the documentation") says the same:
+
+- **checked** (every command): the program exists (``main.py``, ``launch.sh``, the module of
+  ``python -m``), its own argument parser accepts the command line as printed (torchrun's for
+  torchrun's options), for ``main.py`` the config builds and validates (``--cfg`` file, ``--opts``
+  keys and types), and every file it names exists in the repository, is made by an earlier
+  command of the docs (a run directory ``OUTPUT/MODEL.NAME/TAG/`` of a training command, an
+  export, ``mkdir`` / ``ln``), or is in :data:`USER_FILES` (what the user brings: data, downloaded
+  weights, their photos).
+- **run** (the commands in :data:`RUN`): executed as printed in a scratch directory, with the
+  substitutions of :data:`STAND_INS` for the user's files and the tiny ``--opts`` of its entry
+  appended. Every other command needs a reason in :data:`NOT_RUN` (GPU-only, ImageNet-scale data,
+  a benchmark of minutes, a download, a cluster): a command in neither table fails the test.
+
+To add a command to the docs: write it in a ``bash`` block as the user types it; if it names a new
+file the user brings, add it to :data:`USER_FILES`; then either add it to :data:`RUN` (with the
+tiny ``--opts`` that make it fast) or make sure a :data:`NOT_RUN` pattern gives it a reason.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import os
+import re
+import runpy
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import pytest
+
+from tests.helpers import REPO_ROOT, free_port, run
+
+DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+
+# The tiny scale of a training command: one short epoch of the demo's model at 32 px on the
+# generated folder (10 classes, 120 train / 30 val images), float32, the in-process loader.
+TINY_TRAIN = ("TRAIN.EPOCHS 1 TRAIN.WARMUP_EPOCHS 0 DATA.BATCH_SIZE 16 DATA.NUM_WORKERS 0 DATA.LOADER pytorch "
+              "DATA.IMG_SIZE 32 TRAIN.AMP none MODEL.CROSSFORMER.EMBED_DIM 32 MODEL.CROSSFORMER.DEPTHS [1,1,2,1] "
+              "MODEL.CROSSFORMER.NUM_HEADS [1,2,4,8]").split()
+
+# Commands run at tiny scale: the README's newcomer path. (regex matched against the command as
+# printed, whitespace collapsed; --opts appended.) The demo runs first, in a session fixture, and
+# its run directory output/crossformerpp_s/demo/ serves every later command that names it.
+RUN: List[Tuple[str, List[str]]] = [
+    (r"^torchrun --nproc_per_node=2 main\.py --cfg configs/demo\.yaml$", TINY_TRAIN),
+    (r"^python main\.py --cfg output/crossformerpp_s/demo/config\.yaml --eval ", []),
+    (r"^python -m predict --cfg output/crossformerpp_s/demo/config\.yaml ", []),
+    (r"^python -m deploy\.export output/crossformerpp_s/demo/", []),
+    (r"^torchrun --nproc_per_node=2 main\.py --cfg configs/demo\.yaml --data-path my_images --tag mine ", TINY_TRAIN),
+    (r"^torchrun --nproc_per_node=2 main\.py --cfg configs/transfer_small\.yaml --data-path my_images ", TINY_TRAIN),
+]
+
+# Why a command is only checked: the first pattern that matches gives the reason.
+NOT_RUN: List[Tuple[str, str]] = [
+    (r"^pip install", "a download (the environment is the one under test)"),
+    (r"^python -m pytest", "the suite itself (CI runs it: .ci/run); its paths are checked"),
+    (r"--cfg configs/demo\.yaml( |$)", "the demo's recipe at full scale: minutes (the tiny runs cover the command)"),
+    (r"--nproc_per_node=8|(^| )\./launch\.sh|^srun ", "GPU-only or a cluster: one process per GPU, several nodes"),
+    (r"/data/imagenet|imagenet-v2|/data/real\.json", "ImageNet-scale data"),
+    (r"/data/planet", "multi-label data of its own layout (run by tests/test_multilabel.py)"),
+    (r"^python -m benchmarks\.", "a benchmark or the GPU check: minutes, or a GPU"),
+    (r"--throughput", "measures a full-size model: minutes on a CPU"),
+    (r"^(mkdir|ln|export) ", "shell set-up of a cluster's files or network"),
+    (r"crossformerpp_s_finetune_layer_decay", "a recipe: trained under 2 processes by tests/test_recipes.py"),
+]
+
+# What the user brings (data folders, downloaded weights, their images): named by the docs, not
+# made by any command. Checked commands accept them as they are.
+USER_FILES = {
+    "/data/imagenet", "/data/flowers", "/data/planet", "/data/imagenetv2-matched-frequency-format-val",
+    "/data/real.json", "real.json", "my_images", "photos/", "more.jpg", "list.txt",
+    "crossformerpp_s.pth", "crossformerpp_b.pth", "regnety_160.pth",
+    "requirements.txt",
+}
+
+# What stands in for the user's files in the commands that run (in the scratch directory).
+STAND_INS = {
+    "my_images": "the generated toy folder (tests/conftest.py's toy_folder), linked",
+    "photos/ more.jpg list.txt": "three of its val images: a folder of two, one file, a list of two",
+    "crossformerpp_s.pth": "the demo run's best.pth exported as weights (the tiny model)",
+    "configs/": "the repository's configs/, linked",
+}
+
+SHELL_WORDS = ("pip", "torchrun", "python", "./launch.sh", "srun", "mkdir", "ln", "export", "for", "sbatch")
+TRAINING_FILES = ("config.yaml", "log.txt", "metrics.jsonl", "last.pth", "best.pth", "ema_best.pth", "analysis")
+
+
+@dataclass
+class Command:
+    """One command of the docs, as printed."""
+
+    source: str  # file:line
+    text: str  # whitespace collapsed
+    argv: List[str]
+    env: Dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.source}: {self.text}"
+
+
+def fenced_blocks(path: Path) -> Iterator[Tuple[str, int, List[str]]]:
+    """(language, first line number, lines) of every fenced code block of a markdown file."""
+    lines = path.read_text().splitlines()
+    index = 0
+    while index < len(lines):
+        if lines[index].startswith("```"):
+            language, start = lines[index][3:].strip(), index + 1
+            end = next(i for i in range(start, len(lines)) if lines[i].startswith("```"))
+            yield language, start + 1, lines[start:end]
+            index = end
+        index += 1
+
+
+def split_commands(tokens: List[str]) -> List[List[str]]:
+    """Shell tokens -> single commands: ``&&``, ``;`` and ``|`` separate, ``for`` loops expand."""
+    commands: List[List[str]] = []
+    index = 0
+    while index < len(tokens):
+        if tokens[index] == "for":  # for VAR in A B C ; do BODY ; done
+            var = tokens[index + 1]
+            do = tokens.index("do", index)
+            done = tokens.index("done", do)
+            values = [t for t in tokens[index + 3:do] if t != ";"]
+            body = [t for t in tokens[do + 1:done]]
+            for value in values:
+                commands += split_commands([t.replace(f"${var}", value).replace(f"${{{var}}}", value) for t in body])
+            index = done + 1
+            continue
+        end = next((i for i in range(index, len(tokens)) if tokens[i] in ("&&", ";", "|", "||")), len(tokens))
+        if tokens[index:end]:
+            commands.append(tokens[index:end])
+        index = end + 1
+    return commands
+
+
+def logical_lines(start: int, lines: List[str]) -> Iterator[Tuple[int, List[str]]]:
+    """(line number, shell tokens) of each logical line: continuations joined, comments dropped, a
+    ``for`` loop kept whole across its lines."""
+    pending: List[str] = []
+    logical, first = "", start
+    for number, line in enumerate(lines, start):
+        if not logical and not pending:
+            first = number
+        logical += line.rstrip()[:-1] + " " if line.rstrip().endswith("\\") else line
+        if line.rstrip().endswith("\\"):
+            continue
+        lexer = shlex.shlex(logical, posix=True, punctuation_chars=";&|")
+        lexer.whitespace_split, lexer.commenters = True, "#"
+        pending += [*lexer, ";"]
+        logical = ""
+        if pending[0] != "for" or "done" in pending:
+            yield first, pending
+            pending = []
+    assert not pending and not logical, f"line {first}: an unfinished command"
+
+
+def block_commands(source: Path, start: int, lines: List[str]) -> List[Command]:
+    """The commands of one bash block, each with the line it starts on."""
+    out: List[Command] = []
+    for first, tokens in logical_lines(start, lines):
+        for argv in split_commands(tokens):
+            env = {}
+            while argv and re.fullmatch(r"[A-Z_]+=\S*", argv[0]):
+                name, value = argv.pop(0).split("=", 1)
+                env[name] = value
+            if argv:
+                text = " ".join([*(f"{k}={v}" for k, v in env.items()), *argv])
+                out.append(Command(f"{source.relative_to(REPO_ROOT)}:{first}", text, argv, env))
+    return out
+
+
+def all_commands() -> List[Command]:
+    """Every command of README.md, then of docs/*.md, in reading order."""
+    return [c for path in DOCS for language, start, lines in fenced_blocks(path) if language in ("bash", "sh")
+            for c in block_commands(path, start, lines)]
+
+
+COMMANDS = all_commands()
+
+
+def rule_for(command: Command) -> Tuple[str, Optional[List[str]]]:
+    """("run", tiny --opts) or ("checked", reason); an unclassified command fails."""
+    text = command.text
+    for pattern, tiny in RUN:
+        if re.search(pattern, text):
+            return "run", tiny
+    for pattern, reason in NOT_RUN:
+        if re.search(pattern, text):
+            return reason, None
+    return "", None
+
+
+# ----------------------------------------------------------------------------------------------
+# checked: the program's own parser, the config, the files
+
+
+class _Parsed(Exception):
+    def __init__(self, namespace: argparse.Namespace) -> None:
+        super().__init__("parsed")
+        self.namespace = namespace
+
+
+@contextlib.contextmanager
+def _stop_after_parsing() -> Iterator[None]:
+    """Every ``ArgumentParser.parse_args`` raises :class:`_Parsed` with its result instead of returning."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        raise _Parsed(original(self, args, namespace))
+
+    argparse.ArgumentParser.parse_args = parse_args  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
+
+
+def parse_with_module(module: str, args: Sequence[str], what: str) -> argparse.Namespace:
+    """``python -m MODULE ARGS`` parsed by the module's own parser, stopping before it runs."""
+    assert importlib.util.find_spec(module) is not None, f"{what}: no module {module}"
+    err = io.StringIO()
+    saved_argv = sys.argv
+    sys.argv = [module, *args]
+    try:
+        with _stop_after_parsing(), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            runpy.run_module(module, run_name="__main__", alter_sys=False)
+    except _Parsed as parsed:
+        return parsed.namespace
+    except SystemExit as e:
+        pytest.fail(f"{what}\n{module} rejects the command line (exit {e.code}): {err.getvalue().strip()}")
+    finally:
+        sys.argv = saved_argv
+    pytest.fail(f"{what}\n{module} did not parse a command line")
+
+
+class Produced:
+    """Files made by earlier commands; a run's config.yaml maps to the config that the run writes there."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.files: Dict[str, object] = {}
+        self.scratch = scratch
+
+    def add(self, path: str, config: object = None) -> None:
+        self.files[os.path.normpath(path)] = config
+
+    def has(self, path: str) -> bool:
+        path = os.path.normpath(path)
+        return any(path == p or path.startswith(p + os.sep) for p in self.files)
+
+    def stand_in(self, path: str) -> str:
+        """An empty file or folder of the scratch directory in place of the user's ``path``, for the
+        config's own checks (a teacher's weights file must exist)."""
+        out = self.scratch / "user" / path.strip("/")
+        if Path(path).suffix:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.touch()
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+        self.add(str(out))
+        return str(out)
+
+    def config_file(self, path: str) -> Optional[Path]:
+        """The config a run writes to ``path`` (its config.yaml), as a file of the scratch directory."""
+        from config import dump_config
+
+        config = self.files.get(os.path.normpath(path))
+        if config is None:
+            return None
+        out = self.scratch / f"config-{len(self.files)}.yaml"
+        dump_config(config, str(out))
+        return out
+
+
+def require_file(path: str, produced: Produced, what: str) -> None:
+    """``path`` exists in the repository, is made by an earlier command, or is the user's."""
+    if path in USER_FILES or path.rstrip("/") + "/" in USER_FILES or produced.has(path):
+        return
+    assert (REPO_ROOT / path).exists(), (f"{what}\nnames {path}: not in the repository, not made by an earlier "
+                                         "command of the docs, not in USER_FILES")
+
+
+def check_main(args: List[str], world_size: int, produced: Produced, what: str) -> None:
+    """``main.py ARGS``: parsed, config built and validated, files present; its run directory is recorded."""
+    from config import get_config, parse_option
+
+    args = [produced.stand_in(token) if token in USER_FILES else token for token in args]
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            namespace = parse_option(args)
+    except SystemExit as e:
+        pytest.fail(f"{what}\nmain.py rejects the command line (exit {e.code}): {err.getvalue().strip()}")
+    cfg = namespace.cfg
+    if not (REPO_ROOT / cfg).exists():  # a run's config.yaml: the config that run writes
+        require_file(cfg, produced, what)
+        written = produced.config_file(cfg)
+        assert written is not None, f"{what}\n--cfg {cfg} is not a config that an earlier training command writes"
+        namespace.cfg = str(written)
+    for name in ("resume", "pretrained"):
+        if getattr(namespace, name):
+            require_file(getattr(namespace, name), produced, what)
+    try:
+        config = get_config(namespace, world_size)
+    except Exception as e:  # noqa: BLE001 - the config's one-line error is the message
+        pytest.fail(f"{what}\nits config does not build: {e}")
+    for value in (config.DATA.DATA_PATH, config.DATA.REAL_LABELS, config.MODEL.DISTILL.TEACHER_WEIGHTS):
+        if value:
+            require_file(value, produced, what)
+    if not (config.EVAL_MODE or config.THROUGHPUT_MODE):
+        run_dir = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
+        produced.add(os.path.join(run_dir, "config.yaml"), config)
+        for name in TRAINING_FILES[1:]:
+            produced.add(os.path.join(run_dir, name))
+
+
+def main_args_of(command: Command) -> Optional[Tuple[List[str], int]]:
+    """(main.py's arguments, processes) when the command runs main.py, else None."""
+    argv = list(command.argv)
+    if argv[0] == "srun":  # srun [--option=value ...] PROGRAM ...
+        argv = argv[next(i for i, t in enumerate(argv[1:], 1) if not t.startswith("-")):]
+    if argv[0] == "./launch.sh":
+        assert (REPO_ROOT / "launch.sh").exists()
+        return argv[1:], int(command.env.get("NPROC_PER_NODE", "8"))
+    if argv[0] == "python" and len(argv) > 1 and argv[1] == "main.py":
+        return argv[2:], 1
+    if argv[0] == "torchrun" or argv[:3] == ["python", "-m", "utils.launch"]:
+        torchrun_args = argv[1:] if argv[0] == "torchrun" else argv[3:]
+        parsed = parse_with_module("torch.distributed.run", torchrun_args, str(command))
+        assert parsed.training_script == "main.py", f"{command}\ntorchrun runs {parsed.training_script}, not main.py"
+        return list(parsed.training_script_args), int(str(parsed.nproc_per_node)) \
+            if str(parsed.nproc_per_node).isdigit() else 1
+    return None
+
+
+def check(command: Command, produced: Produced) -> None:
+    """The checked level of one command (see the module docstring)."""
+    argv, what = command.argv, str(command)
+    assert argv[0] in SHELL_WORDS, f"{what}\nunknown program {argv[0]} (SHELL_WORDS lists the ones the docs use)"
+    main_args = main_args_of(command)
+    if main_args is not None:
+        check_main(main_args[0], main_args[1], produced, what)
+    elif argv[0] == "pip":
+        if "-r" in argv:
+            require_file(argv[argv.index("-r") + 1], produced, what)
+    elif argv[0] == "python":
+        assert argv[1] == "-m", f"{what}\nrun a module with python -m, or main.py"
+        if argv[2] == "pytest":  # not parsed in-process: pytest inside pytest
+            for path in argv[3:]:
+                if not path.startswith("-"):
+                    require_file(path, produced, what)
+            return
+        namespace = parse_with_module(argv[2], argv[3:], what)
+        for name in ("cfg", "pretrained", "checkpoint", "src", "paths"):
+            values = getattr(namespace, name, None)
+            for value in values if isinstance(values, list) else [values] if values else []:
+                if not argv[2].startswith("benchmarks."):  # a benchmark makes its own data
+                    require_file(str(value), produced, what)
+        for name in ("output", "dst", "destination"):
+            value = getattr(namespace, name, None)
+            if value and value != "-":
+                produced.add(str(value))
+    elif argv[0] == "mkdir":
+        produced.add(argv[-1])
+    elif argv[0] == "ln":
+        produced.add(argv[-1])
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_untagged_blocks_hold_no_commands(path: Path) -> None:
+    """A command in a block without the bash tag would escape this test."""
+    for language, start, lines in fenced_blocks(path):
+        if language in ("", "text", "console"):
+            for offset, line in enumerate(lines):
+                assert not line.lstrip().startswith(tuple(w + " " for w in SHELL_WORDS)), (
+                    f"{path.name}:{start + offset}: a command in an untagged block: tag the block bash")
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_python_blocks_compile_and_import(path: Path) -> None:
+    """Python snippets are valid Python whose imports exist."""
+    for language, start, lines in fenced_blocks(path):
+        if language == "python":
+            source = "\n".join(lines)
+            compile(source, f"{path.name}:{start}", "exec")
+            for line in lines:
+                if re.match(r"(from \S+ )?import ", line):
+                    exec(line.split("#")[0], {})  # noqa: S102 - the docs' own import lines
+
+
+@pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # torchrun's parser, run in-process
+def test_every_command_is_checked(tmp_path: Path) -> None:
+    """Every command of the docs: its program, parser, config and files (see the module docstring)."""
+    assert len(COMMANDS) > 30, "the extraction found too few commands"
+    produced = Produced(tmp_path)
+    for command in COMMANDS:
+        check(command, produced)
+        assert rule_for(command)[0], f"{command}\nneither in RUN nor given a reason in NOT_RUN"
+
+
+# ----------------------------------------------------------------------------------------------
+# run: the newcomer path at tiny scale
+
+
+def with_tiny_opts(argv: List[str], tiny: Sequence[str]) -> List[str]:
+    """``argv`` with ``tiny`` added to its ``--opts`` (a second ``--opts`` would replace the first)."""
+    if not tiny:
+        return list(argv)
+    if "--opts" not in argv:
+        return [*argv, "--opts", *tiny]
+    start = argv.index("--opts") + 1
+    end = next((i for i in range(start, len(argv)) if argv[i].startswith("--")), len(argv))
+    return [*argv[:end], *tiny, *argv[end:]]
+
+
+def executable(argv: List[str]) -> List[str]:
+    """The argv as this interpreter runs it: ``python`` is sys.executable, ``torchrun`` its module."""
+    if argv[0] == "python":
+        return [sys.executable, *argv[1:]]
+    if argv[0] == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+    return argv
+
+
+def run_in(workspace: Path, command: Command, tiny: Sequence[str]) -> str:
+    """Run one command as printed (plus ``tiny``) in ``workspace``; its output, or the test fails."""
+    argv = executable(with_tiny_opts(command.argv, tiny))
+    os.environ["PET_MASTER_PORT"] = str(free_port())  # torchrun's --master-port, as its environment gives it
+    try:
+        result = run(argv, workspace, timeout=300)
+    finally:
+        del os.environ["PET_MASTER_PORT"]
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{command}\nexit {result.returncode}:\n{output[-3000:]}"
+    return output
+
+
+def commands_to_run() -> List[Tuple[Command, List[str]]]:
+    return [(c, tiny) for c in COMMANDS for rule, tiny in [rule_for(c)] if rule == "run"]
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory: pytest.TempPathFactory, toy_folder: Path) -> Path:
+    """A user's directory after the quick start: the demo's run (tiny) and the user's own files."""
+    root = tmp_path_factory.mktemp("user")
+    for name in ("configs", "main.py", "launch.sh", "requirements.txt"):
+        (root / name).symlink_to(REPO_ROOT / name)
+    (root / "my_images").symlink_to(toy_folder)
+    images = sorted((toy_folder / "val").glob("*/*"))
+    (root / "photos").mkdir()
+    for image in images[:2]:
+        shutil.copy(image, root / "photos" / image.name)
+    shutil.copy(images[3], root / "more.jpg")
+    (root / "list.txt").write_text(f"{images[4]}\n{images[5]}\n")
+    demo = next(c for c, tiny in commands_to_run() if "configs/demo.yaml" in c.text and "--data-path" not in c.text)
+    # The demo reads the generated toy set (13,000 images): here the generated folder stands in.
+    run_in(root, demo, ["DATA.DATASET", "imagenet", "DATA.DATA_PATH", str(toy_folder), *TINY_TRAIN])
+    weights = run(executable(["python", "-m", "deploy.export", "output/crossformerpp_s/demo/best.pth",
+                              "crossformerpp_s.pth"]), root)
+    assert weights.returncode == 0, weights.stderr
+    return root
+
+
+def test_the_demo_leaves_its_run_directory_where_the_readme_says(workspace: Path) -> None:
+    run_dir = workspace / "output" / "crossformerpp_s" / "demo"
+    for name in TRAINING_FILES:
+        assert (run_dir / name).exists(), name
+
+
+@pytest.mark.parametrize("command,tiny", [pytest.param(c, t, id=c.source) for c, t in commands_to_run()
+                                          if not ("configs/demo.yaml" in c.text and "--data-path" not in c.text)])
+def test_readme_command_runs(command: Command, tiny: List[str], workspace: Path) -> None:
+    """The newcomer's commands, as printed, on the tiny demo run and the generated folder."""
+    output = run_in(workspace, command, tiny)
+    for flag in ("--output", ):
+        if flag in command.argv:
+            assert (workspace / command.argv[command.argv.index(flag) + 1]).stat().st_size > 0
+    if command.argv[:3] == ["python", "-m", "deploy.export"]:
+        assert (workspace / command.argv[4]).stat().st_size > 0
+    if "--eval" in command.argv:
+        assert '"val_acc1"' in output
