@@ -39,7 +39,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -60,7 +60,7 @@ RUN: List[Tuple[str, List[str]]] = [
     (r"^torchrun --nproc_per_node=2 main\.py --cfg configs/demo\.yaml$", TINY_TRAIN),
     (r"^python main\.py --cfg output/crossformerpp_s/demo/config\.yaml --eval ", []),
     (r"^python -m predict --cfg output/crossformerpp_s/demo/config\.yaml ", []),
-    (r"^python -m deploy\.export output/crossformerpp_s/demo/", []),
+    (r"^python -m deploy\.export output/crossformerpp_s/demo/(?!.*--format onnx)", []),
     (r"^torchrun --nproc_per_node=2 main\.py --cfg configs/demo\.yaml --data-path my_images --tag mine ", TINY_TRAIN),
     (r"^torchrun --nproc_per_node=2 main\.py --cfg configs/transfer_small\.yaml --data-path my_images ", TINY_TRAIN),
 ]
@@ -77,6 +77,7 @@ NOT_RUN: List[Tuple[str, str]] = [
     (r"--throughput", "measures a full-size model: minutes on a CPU"),
     (r"^(mkdir|ln|export) ", "shell set-up of a cluster's files or network"),
     (r"crossformerpp_s_finetune_layer_decay", "a recipe: trained under 2 processes by tests/test_recipes.py"),
+    (r"--format onnx", "torch.export takes half a minute: this command line runs in tests/test_onnx_export.py"),
 ]
 
 # What the user brings (data folders, downloaded weights, their images): named by the docs, not
@@ -88,12 +89,27 @@ USER_FILES = {
     "requirements.txt",
 }
 
-# What stands in for the user's files in the commands that run (in the scratch directory).
-STAND_INS = {
-    "my_images": "the generated toy folder (tests/conftest.py's toy_folder), linked",
-    "photos/ more.jpg list.txt": "three of its val images: a folder of two, one file, a list of two",
-    "crossformerpp_s.pth": "the demo run's best.pth exported as weights (the tiny model)",
-    "configs/": "the repository's configs/, linked",
+# What stands in for the user's files in the commands that run: name in the scratch directory ->
+# how it is made from (that directory, the generated toy folder). crossformerpp_s.pth, the
+# ImageNet weights of the fine-tune, is the demo run's best.pth exported (made by the fixture).
+def _link(target: str) -> Callable[[Path, Path], None]:
+    return lambda root, toy: (root / target).symlink_to(REPO_ROOT / target)
+
+
+def _val_images(toy: Path) -> List[Path]:
+    return sorted((toy / "val").glob("*/*"))
+
+
+STAND_INS: Dict[str, Callable[[Path, Path], None]] = {
+    "configs": _link("configs"),
+    "main.py": _link("main.py"),
+    "launch.sh": _link("launch.sh"),
+    "requirements.txt": _link("requirements.txt"),
+    "my_images": lambda root, toy: (root / "my_images").symlink_to(toy),
+    "photos/": lambda root, toy: [(root / "photos").mkdir(exist_ok=True),
+                                  *(shutil.copy(i, root / "photos") for i in _val_images(toy)[:2])],
+    "more.jpg": lambda root, toy: shutil.copy(_val_images(toy)[3], root / "more.jpg"),
+    "list.txt": lambda root, toy: (root / "list.txt").write_text("\n".join(map(str, _val_images(toy)[4:6])) + "\n"),
 }
 
 SHELL_WORDS = ("pip", "torchrun", "python", "./launch.sh", "srun", "mkdir", "ln", "export", "for", "sbatch")
@@ -403,6 +419,7 @@ def test_python_blocks_compile_and_import(path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:Unable to enable fault handler")  # torchrun's parser, run in-process
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules")  # runpy: a benchmark imported by another
 def test_every_command_is_checked(tmp_path: Path) -> None:
     """Every command of the docs: its program, parser, config and files (see the module docstring)."""
     assert len(COMMANDS) > 30, "the extraction found too few commands"
@@ -410,6 +427,13 @@ def test_every_command_is_checked(tmp_path: Path) -> None:
     for command in COMMANDS:
         check(command, produced)
         assert rule_for(command)[0], f"{command}\nneither in RUN nor given a reason in NOT_RUN"
+
+
+def test_every_table_entry_is_used() -> None:
+    """No pattern of RUN or NOT_RUN outlives the command it was written for."""
+    texts = [c.text for c in COMMANDS]
+    for pattern in [p for p, _ in RUN] + [p for p, _ in NOT_RUN]:
+        assert any(re.search(pattern, t) for t in texts), f"{pattern!r} matches no command of the docs"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -457,18 +481,12 @@ def commands_to_run() -> List[Tuple[Command, List[str]]]:
 def workspace(tmp_path_factory: pytest.TempPathFactory, toy_folder: Path) -> Path:
     """A user's directory after the quick start: the demo's run (tiny) and the user's own files."""
     root = tmp_path_factory.mktemp("user")
-    for name in ("configs", "main.py", "launch.sh", "requirements.txt"):
-        (root / name).symlink_to(REPO_ROOT / name)
-    (root / "my_images").symlink_to(toy_folder)
-    images = sorted((toy_folder / "val").glob("*/*"))
-    (root / "photos").mkdir()
-    for image in images[:2]:
-        shutil.copy(image, root / "photos" / image.name)
-    shutil.copy(images[3], root / "more.jpg")
-    (root / "list.txt").write_text(f"{images[4]}\n{images[5]}\n")
+    for make in STAND_INS.values():
+        make(root, toy_folder)
     demo = next(c for c, tiny in commands_to_run() if "configs/demo.yaml" in c.text and "--data-path" not in c.text)
     # The demo reads the generated toy set (13,000 images): here the generated folder stands in.
-    run_in(root, demo, ["DATA.DATASET", "imagenet", "DATA.DATA_PATH", str(toy_folder), *TINY_TRAIN])
+    printed = run_in(root, demo, ["DATA.DATASET", "imagenet", "DATA.DATA_PATH", str(toy_folder), *TINY_TRAIN])
+    (root / "demo.log").write_text(printed)
     weights = run(executable(["python", "-m", "deploy.export", "output/crossformerpp_s/demo/best.pth",
                               "crossformerpp_s.pth"]), root)
     assert weights.returncode == 0, weights.stderr
@@ -476,9 +494,13 @@ def workspace(tmp_path_factory: pytest.TempPathFactory, toy_folder: Path) -> Pat
 
 
 def test_the_demo_leaves_its_run_directory_where_the_readme_says(workspace: Path) -> None:
+    """The quick start's run directory holds what the README's later commands name, and the demo
+    ends by printing the README's evaluate command."""
     run_dir = workspace / "output" / "crossformerpp_s" / "demo"
     for name in TRAINING_FILES:
         assert (run_dir / name).exists(), name
+    evaluate = next(c.text for c in COMMANDS if c.source.startswith("README") and " --eval --resume " in c.text)
+    assert f"evaluate it:     {evaluate}" in (workspace / "demo.log").read_text()
 
 
 @pytest.mark.parametrize("command,tiny", [pytest.param(c, t, id=c.source) for c, t in commands_to_run()
@@ -486,10 +508,13 @@ def test_the_demo_leaves_its_run_directory_where_the_readme_says(workspace: Path
 def test_readme_command_runs(command: Command, tiny: List[str], workspace: Path) -> None:
     """The newcomer's commands, as printed, on the tiny demo run and the generated folder."""
     output = run_in(workspace, command, tiny)
-    for flag in ("--output", ):
-        if flag in command.argv:
-            assert (workspace / command.argv[command.argv.index(flag) + 1]).stat().st_size > 0
-    if command.argv[:3] == ["python", "-m", "deploy.export"]:
-        assert (workspace / command.argv[4]).stat().st_size > 0
-    if "--eval" in command.argv:
+    argv = command.argv
+    if argv[:3] == ["python", "-m", "predict"]:  # one row per image named: photos/ (2), more.jpg, list.txt (2)
+        rows = (workspace / argv[argv.index("--output") + 1]).read_text().splitlines()
+        assert len(rows) == 1 + 5 and all(row.split(",")[-1] == "" for row in rows[1:]), rows
+    elif argv[:3] == ["python", "-m", "deploy.export"]:
+        assert (workspace / argv[4]).stat().st_size > 0
+    elif "--eval" in argv:
         assert '"val_acc1"' in output
+    else:  # training: the run directory of its --tag holds a best checkpoint
+        assert list(workspace.glob(f"output/*/{argv[argv.index('--tag') + 1]}/best.pth")), output[-2000:]
