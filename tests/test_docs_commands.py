@@ -5,7 +5,10 @@ or module) fails here.
 Which code is a command: every line of a fenced block tagged ``bash`` (continuation lines joined,
 comments dropped, ``&&`` / ``;`` chains and ``for`` loops split into single commands). A
 ``python`` block is compiled and its imports are executed. An untagged block must hold no
-command (tag it ``bash``). Inline code in prose is not extracted.
+command (tag it ``bash``). Inline code in the prose that starts with a program (``python -m``,
+``python main.py``, ``torchrun``, ``./launch.sh``) is checked too, never run; a synopsis there
+(``[--flag]``, ``A|B``, ``...``, ``<name>``, an upper-case placeholder) is the form of a command and
+is skipped, and a program named alone (``python -m predict``) must exist.
 
 Two levels, docs/testing.md ("The commands of the documentation") says the same:
 
@@ -206,7 +209,33 @@ def all_commands() -> List[Command]:
             for c in block_commands(path, start, lines)]
 
 
+INLINE_PROGRAMS = ("python -m ", "python main.py ", "torchrun ", "./launch.sh ", "NPROC_PER_NODE=")
+
+
+def is_synopsis(text: str) -> bool:
+    """A command's form rather than a command: ``[--flag]``, ``A|B``, ``...``, ``<name>`` or an
+    upper-case placeholder such as ``CONFIG`` or ``PATH``."""
+    tokens = text.split()
+    return (any(mark in text for mark in ("...", "[", "|", "<", "…"))
+            or any(re.fullmatch(r"[A-Z][A-Z_0-9]*", token) for token in tokens)
+            or (tokens[:2] == ["python", "-m"] and len(tokens) > 2 and re.search(r"\.[A-Z]", tokens[2]) is not None))
+
+
+def inline_commands(path: Path) -> List[Command]:
+    """The commands in inline code of the prose (`python -m ...` and the like), not synopses."""
+    text = path.read_text()
+    prose = re.sub(r"^```.*?^```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S | re.M)
+    out = []
+    for match in re.finditer(r"`([^`]+)`", prose):
+        span = " ".join(match.group(1).split())
+        if span.startswith(INLINE_PROGRAMS) and not is_synopsis(span):
+            line = prose.count("\n", 0, match.start()) + 1
+            out.extend(block_commands(path, line, [span]))
+    return out
+
+
 COMMANDS = all_commands()
+INLINE = [c for path in DOCS for c in inline_commands(path)]
 
 
 def rule_for(command: Command) -> Tuple[str, Optional[List[str]]]:
@@ -246,6 +275,12 @@ def _stop_after_parsing() -> Iterator[None]:
         argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
 
 
+def _last_line(stream: io.StringIO) -> str:
+    """argparse's error: the last line of what it wrote."""
+    lines = stream.getvalue().strip().splitlines()
+    return lines[-1] if lines else ""
+
+
 def parse_with_module(module: str, args: Sequence[str], what: str) -> argparse.Namespace:
     """``python -m MODULE ARGS`` parsed by the module's own parser, stopping before it runs."""
     assert importlib.util.find_spec(module) is not None, f"{what}: no module {module}"
@@ -258,7 +293,7 @@ def parse_with_module(module: str, args: Sequence[str], what: str) -> argparse.N
     except _Parsed as parsed:
         return parsed.namespace
     except SystemExit as e:
-        pytest.fail(f"{what}\n{module} rejects the command line (exit {e.code}): {err.getvalue().strip()}")
+        pytest.fail(f"{what}\n{module} rejects the command line (exit {e.code}): {_last_line(err)}")
     finally:
         sys.argv = saved_argv
     pytest.fail(f"{what}\n{module} did not parse a command line")
@@ -314,13 +349,15 @@ def check_main(args: List[str], world_size: int, produced: Produced, what: str) 
     """``main.py ARGS``: parsed, config built and validated, files present; its run directory is recorded."""
     from config import get_config, parse_option
 
-    args = [produced.stand_in(token) if token in USER_FILES else token for token in args]
+    # The config opens some files itself (a teacher's weights): the user's and the produced ones get stand-ins.
+    args = [produced.stand_in(token) if (token in USER_FILES or produced.has(token)) and "/config.yaml" not in token
+            and not (REPO_ROOT / token).exists() else token for token in args]
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
             namespace = parse_option(args)
     except SystemExit as e:
-        pytest.fail(f"{what}\nmain.py rejects the command line (exit {e.code}): {err.getvalue().strip()}")
+        pytest.fail(f"{what}\nmain.py rejects the command line (exit {e.code}): {_last_line(err)}")
     cfg = namespace.cfg
     if not (REPO_ROOT / cfg).exists():  # a run's config.yaml: the config that run writes
         require_file(cfg, produced, what)
@@ -427,6 +464,20 @@ def test_every_command_is_checked(tmp_path: Path) -> None:
     for command in COMMANDS:
         check(command, produced)
         assert rule_for(command)[0], f"{command}\nneither in RUN nor given a reason in NOT_RUN"
+    for command in INLINE:  # in the prose: checked, never run
+        check_inline(command, produced)
+
+
+def check_inline(command: Command, produced: Produced) -> None:
+    """A program named in the prose (``python -m predict``, ``torchrun --max-restarts``) must exist;
+    a command with arguments is checked as a block's command is."""
+    argv = command.argv
+    if argv[0] == "torchrun" and "main.py" not in argv:
+        return  # torchrun's own option, named
+    if argv[:2] == ["python", "-m"] and len(argv) == 3:
+        assert importlib.util.find_spec(argv[2]) is not None, f"{command}\nno module {argv[2]}"
+        return
+    check(command, produced)
 
 
 def test_every_table_entry_is_used() -> None:
