@@ -103,19 +103,24 @@ def _val_images(toy: Path) -> List[Path]:
     return sorted((toy / "val").glob("*/*"))
 
 
+def _photos(root: Path, toy: Path) -> None:
+    (root / "photos").mkdir()
+    for image in _val_images(toy)[:2]:
+        shutil.copy(image, root / "photos")
+
+
 STAND_INS: Dict[str, Callable[[Path, Path], None]] = {
     "configs": _link("configs"),
     "main.py": _link("main.py"),
     "launch.sh": _link("launch.sh"),
     "requirements.txt": _link("requirements.txt"),
     "my_images": lambda root, toy: (root / "my_images").symlink_to(toy),
-    "photos/": lambda root, toy: [(root / "photos").mkdir(exist_ok=True),
-                                  *(shutil.copy(i, root / "photos") for i in _val_images(toy)[:2])],
+    "photos/": _photos,
     "more.jpg": lambda root, toy: shutil.copy(_val_images(toy)[3], root / "more.jpg"),
     "list.txt": lambda root, toy: (root / "list.txt").write_text("\n".join(map(str, _val_images(toy)[4:6])) + "\n"),
 }
 
-SHELL_WORDS = ("pip", "torchrun", "python", "./launch.sh", "srun", "mkdir", "ln", "export", "for", "sbatch")
+SHELL_WORDS = ("pip", "torchrun", "python", "./launch.sh", "srun", "mkdir", "ln", "export", "for")
 TRAINING_FILES = ("config.yaml", "log.txt", "metrics.jsonl", "last.pth", "best.pth", "ema_best.pth", "analysis")
 
 
@@ -155,7 +160,7 @@ def split_commands(tokens: List[str]) -> List[List[str]]:
             do = tokens.index("do", index)
             done = tokens.index("done", do)
             values = [t for t in tokens[index + 3:do] if t != ";"]
-            body = [t for t in tokens[do + 1:done]]
+            body = tokens[do + 1:done]
             for value in values:
                 commands += split_commands([t.replace(f"${var}", value).replace(f"${{{var}}}", value) for t in body])
             index = done + 1
