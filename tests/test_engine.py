@@ -224,16 +224,22 @@ def test_a_loss_scaler_overflow_is_not_a_non_finite_step_but_a_nan_loss_is() -> 
     assert (state.global_step, int(state.nonfinite_total), int(state.nonfinite_streak)) == (6, 1, 0)
 
 
-def test_progress_shows_the_share_of_time_spent_waiting_for_data() -> None:
-    """A loader that takes 0.2 s per batch shows as most of the step time in the progress lines."""
+def test_progress_shows_the_share_of_time_spent_waiting_for_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A loader that takes 10 s per batch shows as most of the step time in the progress lines.
+
+    The loader's 10 s pass on the clock the loop reads (``time.perf_counter``), not on the wall, so
+    the share does not depend on how fast this machine computes the step."""
     import time as clock
 
     from utils.progress import EpochProgress
 
+    real_clock, loader_seconds = clock.perf_counter, [0.0]
+    monkeypatch.setattr(clock, "perf_counter", lambda: real_clock() + loader_seconds[0])
+
     class SlowLoader(_ListLoader):
         def __iter__(self) -> Iterator[Batch]:
             for batch in self.batches:
-                clock.sleep(0.2)
+                loader_seconds[0] += 10.0
                 yield batch
 
     torch.manual_seed(5)
