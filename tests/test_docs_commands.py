@@ -574,3 +574,11 @@ def test_readme_command_runs(command: Command, tiny: List[str], workspace: Path)
         assert '"val_acc1"' in output
     else:  # training: the run directory of its --tag holds a best checkpoint
         assert list(workspace.glob(f"output/*/{argv[argv.index('--tag') + 1]}/best.pth")), output[-2000:]
+
+
+def test_ci_reads_the_test_command_the_readme_prints() -> None:
+    """.ci/run takes the first line of the code block after 'Run the tests:' in README.md."""
+    lines = (REPO_ROOT / "README.md").read_text().splitlines()
+    start = lines.index("Run the tests:")
+    fence = next(i for i in range(start, len(lines)) if lines[i].startswith("```"))
+    assert lines[fence + 1] == "pip install -r requirements.txt && python -m pytest -q tests"
