@@ -244,7 +244,7 @@ INLINE = [c for path in DOCS for c in inline_commands(path)]
 
 
 def rule_for(command: Command) -> Tuple[str, Optional[List[str]]]:
-    """("run", tiny --opts) or ("checked", reason); an unclassified command fails."""
+    """("run", its tiny --opts), (why it is not run, None), or ("", None) where no table covers it."""
     text = command.text
     for pattern, tiny in RUN:
         if re.search(pattern, text):
@@ -260,6 +260,8 @@ def rule_for(command: Command) -> Tuple[str, Optional[List[str]]]:
 
 
 class _Parsed(Exception):
+    """What a program's parser made of its command line (raised instead of running the program)."""
+
     def __init__(self, namespace: argparse.Namespace) -> None:
         super().__init__("parsed")
         self.namespace = namespace
