@@ -19,10 +19,11 @@ Two levels, docs/testing.md ("The commands of the documentation") says the same:
   command of the docs (a run directory ``OUTPUT/MODEL.NAME/TAG/`` of a training command, an
   export, ``mkdir`` / ``ln``), or is in :data:`USER_FILES` (what the user brings: data, downloaded
   weights, their photos).
-- **run** (the commands in :data:`RUN`): executed as printed in a scratch directory, with the
-  substitutions of :data:`STAND_INS` for the user's files and the tiny ``--opts`` of its entry
-  appended. Every other command needs a reason in :data:`NOT_RUN` (GPU-only, ImageNet-scale data,
-  a benchmark of minutes, a download, a cluster): a command in neither table fails the test.
+- **run** (the commands in :data:`RUN`): executed as printed in a scratch directory that holds
+  :data:`STAND_INS` for the user's files, with the tiny ``--opts`` of its entry appended and the
+  tokens of :data:`SUBSTITUTIONS` replaced (GPU-only flags, ImageNet paths, released weights).
+  Every other command needs a reason in :data:`NOT_RUN` (GPU-only, ImageNet-scale data, a
+  benchmark of minutes, a download, a cluster): a command in neither table fails the test.
 
 To add a command to the docs: write it in a ``bash`` block as the user types it; if it names a new
 file the user brings, add it to :data:`USER_FILES`; then either add it to :data:`RUN` (with the
@@ -118,6 +119,18 @@ STAND_INS: Dict[str, Callable[[Path, Path], None]] = {
     "photos/": _photos,
     "more.jpg": lambda root, toy: shutil.copy(_val_images(toy)[3], root / "more.jpg"),
     "list.txt": lambda root, toy: (root / "list.txt").write_text("\n".join(map(str, _val_images(toy)[4:6])) + "\n"),
+}
+
+# What a command that runs here gets instead of a printed token that needs a GPU or the user's
+# data (printed -> here): add a command that names them to RUN with MODEL.NUM_CLASSES 10 in its
+# tiny --opts (the generated folder's classes).
+SUBSTITUTIONS: Dict[str, str] = {
+    "--nproc_per_node=8": "--nproc_per_node=2",  # one process per GPU -> two CPU processes
+    "cuda": "cpu",  # --device cuda
+    "fp16": "none",  # --amp fp16, TRAIN.AMP fp16: CUDA only
+    "/data/imagenet": "my_images",  # ImageNet -> the generated folder
+    "/data/flowers": "my_images",
+    "crossformerpp_b.pth": "crossformerpp_s.pth",  # released weights -> the demo's (with the tiny architecture)
 }
 
 SHELL_WORDS = ("pip", "torchrun", "python", "./launch.sh", "srun", "mkdir", "ln", "export", "for")
@@ -520,7 +533,7 @@ def executable(argv: List[str]) -> List[str]:
 
 def run_in(workspace: Path, command: Command, tiny: Sequence[str]) -> str:
     """Run one command as printed (plus ``tiny``) in ``workspace``; its output, or the test fails."""
-    argv = executable(with_tiny_opts(command.argv, tiny))
+    argv = executable(with_tiny_opts([SUBSTITUTIONS.get(t, t) for t in command.argv], tiny))
     os.environ["PET_MASTER_PORT"] = str(free_port())  # torchrun's --master-port, as its environment gives it
     try:
         result = run(argv, workspace, timeout=300)
