@@ -120,8 +120,16 @@ class TorchLoader(BatchLoader):
 
     Workers hand over uint8 batches, two per worker ahead; on ``device`` each batch is converted
     to float32, normalised with timm's ImageNet mean and std (on the 0..255 scale, as timm's
-    ``PrefetchLoader`` does) and, in training, randomly erased. Training workers persist across
-    epochs; validation workers start for each pass and exit after it.
+    ``PrefetchLoader`` does) and, in training, randomly erased.
+
+    Workers (training and validation alike) start at the first pass and serve every later one, as
+    timm's ``create_loader`` keeps them (``persistent_workers``): a pass that starts after
+    ``set_epoch(epoch, start_batch)`` draws its batches from the sampler as it is then (torch's
+    persistent iterator asks the batch sampler for a fresh iterator at every pass), and each
+    sample's augmentation is seeded by ``(seed, round, index)``, not by the worker, so positions,
+    coverage and augmentation are those of a fresh loader; a pass abandoned midway leaves nothing
+    behind (torch discards its outstanding batches when the next pass starts). Between passes the
+    workers hold no batches.
 
     Args:
         dataset: The seeded dataset.
@@ -140,7 +148,7 @@ class TorchLoader(BatchLoader):
         self.std = torch.tensor([255 * x for x in IMAGENET_DEFAULT_STD], device=self.device).view(1, 3, 1, 1)
         self.loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate,
                                  pin_memory=pin_memory and self.device.type == "cuda",
-                                 persistent_workers=num_workers > 0 and sampler.train,
+                                 persistent_workers=num_workers > 0,
                                  prefetch_factor=2 if num_workers > 0 else None,
                                  worker_init_fn=init_worker,
                                  # Own generator: the loader's per-pass base seed must not consume
@@ -158,7 +166,7 @@ class TorchLoader(BatchLoader):
             loader.close()
 
     def close(self) -> None:
-        """Stop the persistent (training) worker processes (a later iteration starts new ones)."""
+        """Stop the worker processes (a later iteration starts new ones)."""
         iterator = getattr(self.loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()

@@ -437,23 +437,57 @@ def test_pytorch_loader_is_timms_prefetcher_pipeline(image_root: Path) -> None:
     assert erased > 0  # the erasing was exercised
 
 
-def test_pytorch_workers_hand_over_uint8_and_val_workers_exit(image_root: Path) -> None:
-    """Workers send uint8 batches (a quarter of float32's shared memory); training workers persist
-    across passes, validation workers exit at the end of each pass."""
-    import multiprocessing
+def worker_pids(loader) -> List[int]:
+    """The process ids of a ``TorchLoader``'s DataLoader workers (empty before its first pass)."""
+    iterator = loader.loader._iterator
+    return [] if iterator is None else [worker.pid for worker in iterator._workers]
 
-    loaders = build_loader(make_config(image_root, "pytorch", DATA__NUM_WORKERS=2), CPU)
-    assert next(iter(loaders.val.loader))[0].dtype == torch.uint8  # (B, 3, H, W) from the workers
-    before = set(multiprocessing.active_children())
-    list(loaders.train)
-    train_workers = set(multiprocessing.active_children()) - before
-    assert len(train_workers) == 2
-    val = iter(loaders.val)
-    next(val)
-    assert len(set(multiprocessing.active_children()) - before - train_workers) == 2
-    list(val)
-    assert set(multiprocessing.active_children()) - before == train_workers
-    loaders.train.close()
+
+def test_pytorch_workers_persist_across_epochs_with_fresh_positions(image_root: Path) -> None:
+    """Workers send uint8 batches (a quarter of float32's shared memory). The same worker processes
+    serve every epoch of both loaders, and what they deliver is what a fresh loader delivers: a
+    position set between passes (after a whole epoch, after one abandoned midway) is bitwise exact,
+    and every validation pass holds every image once."""
+    config = make_config(image_root, "pytorch", DATA__NUM_WORKERS=2, AUG__REPROB=0.25)
+    loaders = build_loader(config, CPU)
+    train, val = loaders.train, loaders.val
+    assert next(iter(val.loader))[0].dtype == torch.uint8  # (B, 3, H, W) from the workers
+    val.close()
+
+    first = list(val)
+    val_pids = worker_pids(val)
+    second = list(val)
+    assert len(val_pids) == 2 and worker_pids(val) == val_pids
+    assert len(first) == len(second) == len(val)
+    for (images_a, labels_a), (images_b, labels_b) in zip(first, second):
+        assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+    labels = torch.cat([labels for _, labels in second])
+    assert sorted(labels.tolist()) == sorted(label for _, label in loaders.val_split.samples)  # each image once
+
+    train.set_epoch(0)
+    list(train)
+    train_pids = worker_pids(train)
+    train.set_epoch(1, start_batch=2)
+    abandoned = iter(train)
+    next(abandoned)  # batch 2 of epoch 1, then the pass is dropped with batches in flight
+    train.set_epoch(2, start_batch=4)
+    resumed = list(train)
+    list(val)  # a validation pass between the training epochs
+    train.set_epoch(3)
+    epoch3 = list(train)
+    assert worker_pids(train) == train_pids and worker_pids(val) == val_pids and len(set(train_pids + val_pids)) == 4
+
+    fresh = build_loader(make_config(image_root, "pytorch", DATA__NUM_WORKERS=0, AUG__REPROB=0.25), CPU).train
+    fresh.set_epoch(2, start_batch=4)
+    expected = list(fresh)
+    fresh.set_epoch(3)
+    expected3 = list(fresh)
+    assert len(resumed) == len(expected) == len(train) - 4 and len(epoch3) == len(train)
+    for (images_a, labels_a), (images_b, labels_b) in zip(resumed + epoch3, expected + expected3):
+        assert torch.equal(images_a, images_b) and torch.equal(labels_a, labels_b)
+    train.close()
+    val.close()
+    assert worker_pids(train) == [] == worker_pids(val)
 
 
 def test_rank_parts_cover_every_sample_once() -> None:

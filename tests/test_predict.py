@@ -136,6 +136,17 @@ def test_eval_and_training_write_the_analysis_and_png(toy_run: Dict[str, Any]) -
             assert image.getpixel((x0 + j * cell + 2, y0 + i * cell + 2)) == _shade(matrix[i, j] / 3), (i, j)
 
 
+def test_end_of_training_analysis_is_evals_without_a_second_pass(toy_run: Dict[str, Any]) -> None:
+    """The end of training writes best.pth's analysis from the epoch-end validation that chose it (no
+    second pass over the same weights); its files are those of ``--eval --resume best.pth``, byte for byte."""
+    best, evaluated = toy_run["run_dir"] / "analysis" / "best", Path(toy_run["eval"]["analysis_dir"])
+    for name in ("analysis.json", "predictions.csv", "confusion.png"):
+        assert (best / name).read_bytes() == (evaluated / name).read_bytes(), name
+    assert json.loads((best / "analysis.json").read_text())["count"] == 30  # the corrupt val file left out
+    log = (toy_run["run_dir"] / "log.txt").read_text()
+    assert "analysis of best.pth (epoch 0) from its epoch-end validation" in log and "validating best.pth" not in log
+
+
 def test_confusion_png_of_many_classes_shows_the_most_confused() -> None:
     """More than 100 classes: the PNG shows the 50 classes involved in the most errors."""
     from deploy.analysis import MAX_PNG_CLASSES, TOP_N_PNG, confusion_matrix, png_classes

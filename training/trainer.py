@@ -12,7 +12,8 @@ import os
 import shlex
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from timm.utils import ModelEmaV3, random_seed
@@ -143,6 +144,22 @@ def _describe(stats: Dict[str, Any]) -> str:
     return f"acc@1 {stats['acc1']:.3f}  acc@5 {stats['acc5']:.3f}  loss {stats['loss']:.4f}"
 
 
+@dataclass
+class ValidationPass:
+    """What one validation pass of the weights computed: the pass's numbers and this rank's rows of
+    :func:`engine.evaluate`'s ``collect`` (empty for multi-label data, whose numbers hold each class's AP).
+
+    Args:
+        epoch: The epoch whose weights were validated.
+        stats: :func:`engine.evaluate`'s result.
+        collected: This rank's ``(targets, top-5 classes, probabilities)`` per batch.
+    """
+
+    epoch: int
+    stats: Dict[str, Any]
+    collected: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
 class Trainer:
     """Owns a run's components; :meth:`fit` trains, :meth:`evaluate` runs ``--eval``.
 
@@ -176,6 +193,9 @@ class Trainer:
         self.checkpoints = RunCheckpoints(run_dir, self.parts, self.state, config, dist_info,
                                           class_names=self.loaders.class_names)
         self.resumed_from = self.checkpoints.resume(len(self.loaders.train))
+        # The epoch-end pass over the weights best.pth holds, when this process validated them: the
+        # end-of-run analysis is written from it instead of a second pass over the same weights.
+        self.best_pass: Optional[ValidationPass] = None
 
     def _log_batch_and_lr(self) -> None:
         config, world_size = self.config, self.dist_info.world_size
@@ -230,45 +250,67 @@ class Trainer:
             sys.stdout.flush()
         return EXIT_OK
 
-    def _validate(self, model: nn.Module) -> Dict[str, Any]:
-        return evaluate(model, self.loaders.val, self.dist_info.device, self.eval_dtype,
-                        multi_label=self.loaders.multi_label)
+    def _validate(self, model: nn.Module, epoch: int = -1) -> ValidationPass:
+        """One pass over the validation set, keeping each image's top-5 (single-label data) for the analysis."""
+        collected: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        stats = evaluate(model, self.loaders.val, self.dist_info.device, self.eval_dtype,
+                         collect=None if self.loaders.multi_label else collected, multi_label=self.loaders.multi_label)
+        if collected:  # one tensor per column, in memory of its own (not the workers' shared batches)
+            collected = [tuple(torch.cat(column) for column in zip(*collected))]
+        return ValidationPass(epoch, stats, collected)
 
     def _validate_and_analyze(self, model: nn.Module, name: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-        """Validate, and write the per-class analysis to ``run_dir/analysis/name`` (:mod:`deploy.analysis`).
+        """Validate, and write the per-class analysis to ``run_dir/analysis/name`` (:meth:`_analyze`).
 
         Returns the statistics and, on rank 0, ``val_real_acc1`` (with ``DATA.REAL_LABELS``) and
-        ``analysis_dir`` for the result line. Multi-label data has no confusion matrix: its analysis is each
-        class's average precision.
+        ``analysis_dir`` for the result line.
         """
+        done = self._validate(model)
+        return done.stats, self._analyze(done, name)
+
+    def _analyze(self, done: ValidationPass, name: str) -> Dict[str, Any]:
+        """Write a validation pass's per-class analysis to ``run_dir/analysis/name`` (:mod:`deploy.analysis`);
+        a collective. Multi-label data has no confusion matrix: its analysis is each class's average precision.
+
+        Returns, on rank 0, ``analysis_dir`` and with ``DATA.REAL_LABELS`` ``val_real_acc1`` / ``val_real_count``.
+        """
+        stats = done.stats
         if self.loaders.multi_label:
-            stats = self._validate(model)
             if not self.dist_info.is_main:
-                return stats, {}
+                return {}
             directory = os.path.join(self.run_dir, "analysis", name)
             write_class_ap(directory, stats, self.loaders.class_names or [])
             logger.info("multi-label data: per-class average precision in %s/analysis.json (no confusion matrix)",
                         directory)
-            return stats, {"analysis_dir": directory}
-        collected: list = []
-        stats = evaluate(model, self.loaders.val, self.dist_info.device, self.eval_dtype, collect=collected)
-        summary = analyze_pass(collected, self.loaders, self.config, os.path.join(self.run_dir, "analysis", name))
+            return {"analysis_dir": directory}
+        summary = analyze_pass(done.collected, self.loaders, self.config, os.path.join(self.run_dir, "analysis", name))
         if summary is None:
-            return stats, {}
+            return {}
         extra: Dict[str, Any] = {"analysis_dir": summary["directory"]}
         if "real_top1" in summary:
             extra.update(val_real_acc1=summary["real_top1"], val_real_count=summary["real_count"])
             logger.info("ReaL top-1 %.3f on %d images with ReaL labels (original top-1 %.3f)", summary["real_top1"],
                         summary["real_count"], stats["acc1"])
-        return stats, extra
+        return extra
 
     def analyze_best(self) -> None:
-        """The analysis of ``best.pth``'s weights at the end of training (``run_dir/analysis/best``)."""
+        """The analysis of ``best.pth``'s weights at the end of training (``run_dir/analysis/best``).
+
+        Written from the epoch-end validation that made those weights the best when this process ran
+        it (the same weights, loader and batches: the same rows a separate pass would compute); only
+        when the best epoch was validated before a resume are the weights loaded and validated again.
+        """
         path = os.path.join(self.run_dir, BEST)
         if not os.path.isfile(path):
             return
-        self.parts.model.load_state_dict(load_file(path)["model"])  # training is over: the weights may change
-        self._validate_and_analyze(self.eval_model, "best")
+        epoch = self.state.best_epoch
+        if self.best_pass is not None and self.best_pass.epoch == epoch:
+            logger.info("analysis of %s (epoch %d) from its epoch-end validation", BEST, epoch)
+        else:
+            logger.info("validating %s (epoch %d, validated before this process resumed) for its analysis", BEST, epoch)
+            self.parts.model.load_state_dict(load_file(path)["model"])  # training is over: the weights may change
+            self.best_pass = self._validate(self.eval_model, epoch)
+        self._analyze(self.best_pass, "best")
 
     # --- training ---------------------------------------------------------------------------
     def fit(self) -> int:
@@ -346,14 +388,17 @@ class Trainer:
                                "lr": current_lr(parts.optimizer)}
         # The tracked metric: top-1, or mAP for multi-label data (best.pth is the best of that metric).
         metric, name = ("map", "mAP") if self.loaders.multi_label else ("acc1", "acc@1")
-        stats = self._validate(self.eval_model)
+        done = self._validate(self.eval_model, epoch)
+        stats = done.stats
         row.update(_val_columns(stats, "val_"))
         ema_score = None
         if parts.ema is not None:
-            ema_stats = self._validate(parts.ema.module)
+            ema_stats = self._validate(parts.ema.module).stats
             ema_score = ema_stats[metric]
             row.update(_val_columns(ema_stats, "ema_val_"))
         improved = self.checkpoints.track_best(epoch, stats[metric], ema_score)
+        if BEST in improved:
+            self.best_pass = done
         rest = (f"  acc@5 {stats['acc5']:.3f}  loss {stats['loss']:.4f}" if metric == "acc1"
                 else f"  loss {stats['loss']:.4f}")
         logger.info("epoch %d: train loss %.4f  val %s %.3f (best %.3f @ %d)%s%s", epoch, row["train_loss"], name,
