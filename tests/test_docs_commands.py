@@ -284,17 +284,32 @@ class _Parsed(Exception):
 
 @contextlib.contextmanager
 def _stop_after_parsing() -> Iterator[None]:
-    """Every ``ArgumentParser.parse_args`` raises :class:`_Parsed` with its result instead of returning."""
-    original = argparse.ArgumentParser.parse_args
+    """Every ``ArgumentParser.parse_args`` (and a direct ``parse_known_args``, whose leftovers the
+    program hands on to another) raises :class:`_Parsed` with its result instead of returning."""
+    parse_args, parse_known_args = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args
+    inside: List[bool] = []
 
-    def parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
-        raise _Parsed(original(self, args, namespace))
+    def stop_parse_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        inside.append(True)
+        try:
+            result = parse_args(self, args, namespace)
+        finally:
+            inside.pop()
+        raise _Parsed(result)
 
-    argparse.ArgumentParser.parse_args = parse_args  # type: ignore[method-assign]
+    def stop_parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        result = parse_known_args(self, args, namespace)
+        if inside:  # parse_args' own call
+            return result
+        raise _Parsed(result[0])
+
+    argparse.ArgumentParser.parse_args = stop_parse_args  # type: ignore[method-assign]
+    argparse.ArgumentParser.parse_known_args = stop_parse_known_args  # type: ignore[method-assign]
     try:
         yield
     finally:
-        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
+        argparse.ArgumentParser.parse_args = parse_args  # type: ignore[method-assign]
+        argparse.ArgumentParser.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
 def _last_line(stream: io.StringIO) -> str:
