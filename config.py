@@ -20,7 +20,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-import timm
 import yaml
 from yacs.config import CfgNode as CN
 
@@ -36,9 +35,11 @@ class OnResume(enum.Enum):
     """What a key's changed value means when a run resumes (applied by ``training/resume.py``)."""
 
     IDENTITY = "identity"  # what makes a run this run: refused under auto-resume (another experiment)
-    SCHEDULE = "schedule"  # the LR schedule is rebuilt and continues at the current step
+    RECIPE = "recipe"  # what the run computes: refused unless --resume-changed, then it takes effect
+    SCHEDULE = "schedule"  # a recipe key of the LR schedule: as RECIPE, and the schedule is rebuilt at the step
+    LENGTH = "length"  # TRAIN.EPOCHS: extends or shortens the run; the schedule is rebuilt at the current step
     OPTIMIZER = "optimizer"  # refused: the optimizer's saved state carries the old value
-    FREE = "free"  # takes effect by itself (the components are built from the config); logged
+    RUNTIME = "runtime"  # how the run executes, not what it computes: takes effect, logged
     NOT_COMPARED = "not compared"  # set per command, derived from other keys, or reported elsewhere (batch keys)
 
 
@@ -70,7 +71,7 @@ class Key:
     example: Any = _UNSET
     flag: Optional[Tuple[str, Dict[str, Any]]] = None
     rule: Optional[Rule] = None
-    resume: OnResume = OnResume.FREE
+    resume: OnResume = OnResume.RECIPE
 
     @property
     def none_allowed(self) -> bool:
@@ -90,7 +91,7 @@ _PER_STAGE: Rule = ((lambda values, cfg: values is None or (len(values) == NUM_S
                     f"must be null (the variant's value) or {NUM_STAGES} integers >= 1, one per stage")
 _FRACTION: Rule = ((lambda value, cfg: 0 <= value < 1), "must be in [0, 1)")
 _FREEZE_STAGES = tuple(f"stages-{k}" for k in range(1, NUM_STAGES + 1))
-_I, _S, _N, _O, _F = OnResume.IDENTITY, OnResume.SCHEDULE, OnResume.NOT_COMPARED, OnResume.OPTIMIZER, OnResume.FREE
+_I, _S, _N, _O, _R = OnResume.IDENTITY, OnResume.SCHEDULE, OnResume.NOT_COMPARED, OnResume.OPTIMIZER, OnResume.RUNTIME
 
 
 def _flag(name: str, help_text: str, **kwargs: Any) -> Tuple[str, Dict[str, Any]]:
@@ -98,7 +99,7 @@ def _flag(name: str, help_text: str, **kwargs: Any) -> Tuple[str, Dict[str, Any]
 
 
 KEYS: Tuple[Key, ...] = (
-    Key("BASE", [""], "YAML files merged first (paths relative to the including file)."),
+    Key("BASE", [""], "YAML files merged first (paths relative to the including file).", resume=_N),
     # --- Data -------------------------------------------------------------------------------
     Key("DATA.BATCH_SIZE", 128, "Per-process batch size.", rule=_at_least(1), resume=_N,
         flag=_flag("--batch-size", "per-process batch size (DATA.BATCH_SIZE)", type=int)),
@@ -107,7 +108,7 @@ KEYS: Tuple[Key, ...] = (
     Key("DATA.DATASET", "imagenet", '"imagenet" (folder layout), "toy" (built-in generated JPEGs), "synthetic" '
         "(random tensors).", choices=("imagenet", "toy", "synthetic"), resume=_I),
     Key("DATA.LOADER", "dali", "The loader: DALI or PyTorch's DataLoader with timm's transforms.",
-        choices=("dali", "pytorch")),
+        choices=("dali", "pytorch"), resume=_R),
     Key("DATA.FORMAT", "folder", 'How an imagenet DATA_PATH stores its images: "folder" (train/<class>/<image>, '
         'val/...), "shards" (train/ and val/ of tar shards with an index.json, written by python -m '
         'data.make_shards) or "multilabel" (flat train/ and val/ image folders with train.csv and val.csv beside '
@@ -120,7 +121,7 @@ KEYS: Tuple[Key, ...] = (
     Key("DATA.REAL_LABELS", "", "ImageNet-ReaL's real.json (the correct classes of each original val image): --eval "
         'and the end of training report ReaL top-1 next to the original ("" = off).',
         rule=((lambda path, cfg: not path or os.path.isfile(path)),
-              "is not a file; pass the path of ImageNet-ReaL's real.json")),
+              "is not a file; pass the path of ImageNet-ReaL's real.json"), resume=_R),
     Key("DATA.SHUFFLE_BUFFER", 4096, "Shards: places of each rank's shuffle buffer; a sample is drawn from the next "
         "SHUFFLE_BUFFER samples of the rank's shard stream (the buffer holds sample numbers, not images).",
         rule=_at_least(1, " (1: no shuffling within a shard stream)")),
@@ -137,16 +138,18 @@ KEYS: Tuple[Key, ...] = (
               "total), e.g. 224")),
     Key("DATA.INTERPOLATION", "bicubic", "Interpolation of random-resized-crop and the eval resize.",
         choices=("bicubic", "bilinear")),
-    Key("DATA.PIN_MEMORY", True, "Pinned host memory for the PyTorch loader's batches."),
+    Key("DATA.PIN_MEMORY", True, "Pinned host memory for the PyTorch loader's batches.", resume=_R),
     Key("DATA.NUM_WORKERS", None, "Loader workers per process: PyTorch DataLoader worker processes; for DALI, its "
         "CPU threads (and 4 file-reading threads each). None (YAML null): the CPU cores available to this process "
         "divided by the processes on this node (LOCAL_WORLD_SIZE), at most 8; the log says what was chosen.",
-        example=8, rule=((lambda value, cfg: value is None or value >= 0),
-                         "must be >= 0 (0 = load in the training process) or null (one per core, at most 8)")),
-    Key("DATA.TOY_ROOT", "", 'Where the toy dataset is generated on first use ("" = ~/.cache/crossformer/toy).'),
+        example=8, resume=_R,
+        rule=((lambda value, cfg: value is None or value >= 0),
+              "must be >= 0 (0 = load in the training process) or null (one per core, at most 8)")),
+    Key("DATA.TOY_ROOT", "", 'Where the toy dataset is generated on first use ("" = ~/.cache/crossformer/toy).',
+        resume=_R),
     Key("DATA.FILE_LIST_CACHE", True, "Keep the scanned file list of each split in $XDG_CACHE_HOME/crossformer/"
         "filelists (~/.cache/...) and reuse it while the class directories are unchanged: a restart does not list "
-        "1.28 M files again."),
+        "1.28 M files again.", resume=_R),
     Key("DATA.SYNTHETIC_TRAIN_SIZE", 1281167, "Virtual training set size (all ranks together) of the synthetic "
         "dataset.", rule=_at_least(1)),
     Key("DATA.SYNTHETIC_VAL_SIZE", 50000, "Virtual validation set size of the synthetic dataset.", rule=_at_least(1)),
@@ -180,7 +183,8 @@ KEYS: Tuple[Key, ...] = (
         rule=((lambda path, cfg: cfg.MODEL.DISTILL.TYPE == "none" or cfg.EVAL_MODE or cfg.THROUGHPUT_MODE
                or os.path.isfile(path)),
               "is not a file, and MODEL.DISTILL.TYPE={cfg.MODEL.DISTILL.TYPE!r} needs the teacher's weights; pass "
-              "the path of the teacher's weights file")),
+              "the path of the teacher's weights file"),
+        resume=_N),  # the teacher's identity (its bytes, not its path) is compared: training/distill.py
     Key("MODEL.DISTILL.TEACHER_EMA", False, "Take the EMA weights of the teacher's file (ours: \"ema\"; timm's: "
         '"state_dict_ema").', resume=_I),
     Key("MODEL.DISTILL.TEACHER_IMG_SIZE", None, "The teacher's input size: the student's batch is resized to it on "
@@ -202,9 +206,11 @@ KEYS: Tuple[Key, ...] = (
     Key("MODEL.CROSSFORMER.CRS_INTERVAL", None, "Long-distance attention interval per stage.", example=[4, 2, 1, 1],
         rule=_PER_STAGE, resume=_I),
     # --- Training ---------------------------------------------------------------------------
-    Key("TRAIN.EPOCHS", 300, "Epochs of the run.", rule=_at_least(1), resume=_S),
-    Key("TRAIN.WARMUP_EPOCHS", 20, "Linear LR warmup epochs.", resume=_S,
-        rule=((lambda value, cfg: 0 <= value < cfg.TRAIN.EPOCHS), "must be in [0, TRAIN.EPOCHS={cfg.TRAIN.EPOCHS})")),
+    Key("TRAIN.EPOCHS", 300, "Epochs of the run (numbered 0 .. EPOCHS - 1 in logs, checkpoints and metrics.jsonl).",
+        rule=_at_least(1), resume=OnResume.LENGTH),
+    Key("TRAIN.WARMUP_EPOCHS", 20, "Linear LR warmup epochs. A warmup that does not end before the last epoch is "
+        "shortened to TRAIN.EPOCHS - 1 epochs (0 for a 1-epoch run), with one notice: a quick TRAIN.EPOCHS 2 of a "
+        "recipe with a 5-epoch warmup runs.", resume=_S, rule=_at_least(0)),
     Key("TRAIN.WEIGHT_DECAY", 0.05, "Weight decay, not on norms, biases, position biases or frozen parameters: "
         "decoupled for adamw and lion (w -= LR x decay x w), inside the trust-ratio update for lamb, L2 added to the "
         "gradient for sgd.", rule=_at_least(0), resume=_O),
@@ -219,7 +225,7 @@ KEYS: Tuple[Key, ...] = (
     Key("TRAIN.LAYER_DECAY", 1.0, "Layer-wise LR decay (BEiT, timm's param_groups_layer_decay): parameters at depth "
         "d of D (stem, blocks and patch merges in order, the final norm with the last block, the head at D) train "
         "at LR x LAYER_DECAY ** (D - d). 1.0 = off (pre-training); fine-tuning recipes use 0.65-0.9.",
-        rule=((lambda value, cfg: 0 < value <= 1), "must be in (0, 1] (1 = no layer-wise decay)")),
+        rule=((lambda value, cfg: 0 < value <= 1), "must be in (0, 1] (1 = no layer-wise decay)"), resume=_O),
     Key("TRAIN.BASE_LR", 5e-4, "Peak LR for a total batch of TRAIN.LR_REFERENCE_BATCH (scaled linearly).",
         rule=((lambda value, cfg: value > 0), "must be > 0"), resume=_S),
     Key("TRAIN.WARMUP_LR", 5e-7, "LR at the start of the warmup (scaled like BASE_LR).", resume=_S,
@@ -256,34 +262,40 @@ KEYS: Tuple[Key, ...] = (
     Key("TRAIN.CLIP_GRAD", 5.0, "Max global gradient norm; 0 disables clipping (the norm is still logged).",
         rule=_at_least(0, " (0 = no clipping)")),
     Key("TRAIN.AUTO_RESUME", True, "Resume from the newest complete checkpoint of the run directory when there is "
-        "one."),
+        "one.", resume=_R),
+    Key("TRAIN.RESUME_CHANGED", False, "Continue a run although recipe keys differ from its checkpoint's: the changes "
+        "take effect from the position resumed, and the run's records keep them as a history (config.yaml's header, "
+        "provenance.json, the checkpoints, the next metrics.jsonl row, TensorBoard). A per-command switch: config.yaml "
+        "stores it as false.", resume=_N,
+        flag=_flag("--resume-changed", "continue this run with the changed settings (TRAIN.RESUME_CHANGED)",
+                   action="store_const", const=True)),
     Key("TRAIN.ACCUMULATION_STEPS", 1, "Micro-batches per optimizer step.", rule=_at_least(1), resume=_N,
         flag=_flag("--accumulation-steps", "gradient accumulation steps", type=int)),
     Key("TRAIN.USE_CHECKPOINT", False, "Gradient checkpointing of every stage (saves memory, costs a forward).",
         flag=_flag("--use-checkpoint", "gradient checkpointing to save memory (TRAIN.USE_CHECKPOINT)",
-                   action="store_const", const=True)),
+                   action="store_const", const=True), resume=_R),
     Key("TRAIN.AMP", "bf16", '"bf16", "fp16" or "none". On a GPU without native bf16 (before Ampere: V100, T4) bf16 '
         "falls back to fp16 with a loss scaler, with a one-line notice.", choices=("bf16", "fp16", "none")),
     Key("TRAIN.FORCE_BF16", False, "Keep bf16 (TRAIN.AMP, TEST.AMP) where the device only emulates it: a CPU "
         "without native bf16 (AVX2 only) otherwise runs float32, a GPU before Ampere fp16; each with a one-line "
-        "notice."),
+        "notice.", resume=_R),
     Key("TRAIN.COMPILE", False, "torch.compile the model; when distributed the DDP-wrapped model, so DDP's gradient "
-        "buckets overlap the backward pass. Evaluation compiles the unwrapped model separately."),
+        "buckets overlap the backward pass. Evaluation compiles the unwrapped model separately.", resume=_R),
     Key("TRAIN.COMPILE_BACKEND", "inductor", 'The torch.compile backend: "inductor" (generated kernels), "aot_eager" '
         'or "eager" (graph capture only, eager kernels: for debugging a compile problem).',
-        choices=("inductor", "aot_eager", "eager")),
+        choices=("inductor", "aot_eager", "eager"), resume=_R),
     Key("TRAIN.TF32", True, "Let float32 matmuls and convolutions on NVIDIA GPUs (Ampere and newer) use TF32 tensor "
         "cores: a 10-bit mantissa in the products, fp32 accumulation. Speeds up float32 work (TRAIN.AMP none, the "
-        "parts autocast keeps in float32); False keeps full IEEE float32."),
+        "parts autocast keeps in float32); False keeps full IEEE float32.", resume=_R),
     Key("TRAIN.STOP_AFTER_STEPS", 0, "Save last.pth and stop after this many optimizer steps in total (0 = off), "
-        "e.g. to rehearse a preemption.", rule=_at_least(0, " (0 = off)")),
+        "e.g. to rehearse a preemption.", rule=_at_least(0, " (0 = off)"), resume=_R),
     Key("TRAIN.MAX_NONFINITE_STEPS", 20, "A step whose gradient norm is not finite is skipped (no update) and "
         "counted; after this many in a row the run writes nonfinite_stepN.pth and stops with exit code 3 "
-        "(docs/reliability.md).", rule=_at_least(1)),
+        "(docs/reliability.md).", rule=_at_least(1), resume=_R),
     Key("TRAIN.DEBUG_NONFINITE_STEPS", [], "Testing aid: rank 0's loss is replaced by NaN at these global optimizer "
         "steps (1-based); [] = off.",
         rule=((lambda steps, cfg: all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in steps)),
-              "must be a list of global steps >= 1")),
+              "must be a list of global steps >= 1"), resume=_R),
     Key("TRAIN.OPTIMIZER.NAME", "adamw", 'The optimizer, over the weight-decay (and layer-decay) groups: "adamw" '
         "(torch's, fused kernel on CUDA and CPU), \"lamb\" (timm's Lamb: no clipping of its own, TRAIN.CLIP_GRAD is "
         "the one clip; no trust-ratio clipping; parameters without weight decay take no trust ratio), \"lion\" "
@@ -309,7 +321,7 @@ KEYS: Tuple[Key, ...] = (
     # --- Distributed ------------------------------------------------------------------------
     Key("DIST.TIMEOUT_S", 600, "Seconds a collective may wait for the other ranks before the process fails (a dead or "
         "hung rank); must exceed the longest checkpoint write and the slowest rank's lag.",
-        rule=_at_least(1, " (seconds)")),
+        rule=_at_least(1, " (seconds)"), resume=_R),
     # --- Augmentation (timm conventions) ----------------------------------------------------
     Key("AUG.COLOR_JITTER", 0.4, "Colour jitter strength (without RandAugment)."),
     Key("AUG.AUTO_AUGMENT", "rand-m9-mstd0.5-inc1", 'RandAugment policy string; "" disables it.'),
@@ -331,24 +343,25 @@ KEYS: Tuple[Key, ...] = (
     Key("TEST.CROP_PCT", 0.875, "Eval: resize the shorter side to IMG_SIZE / CROP_PCT, then center-crop IMG_SIZE "
         "(224 -> 256)."),
     Key("TEST.AMP", "train", 'Precision of validation and --eval: "train" (as TRAIN.AMP), "bf16", "fp16" or "none" '
-        "(float32).", choices=("train", "bf16", "fp16", "none")),
+        "(float32).", choices=("train", "bf16", "fp16", "none"), resume=_R),
     # --- Misc -------------------------------------------------------------------------------
-    Key("OUTPUT", "output", "Root of the run directories (OUTPUT/MODEL.NAME/TAG).",
+    Key("OUTPUT", "output", "Root of the run directories (OUTPUT/MODEL.NAME/TAG).", resume=_N,
         flag=_flag("--output", "root of the run directories (OUTPUT)", type=str)),
-    Key("TAG", "default", "Run name under OUTPUT/MODEL.NAME.",
+    Key("TAG", "default", "Run name under OUTPUT/MODEL.NAME.", resume=_N,
         flag=_flag("--tag", "run name under OUTPUT/MODEL.NAME (TAG)", type=str)),
-    Key("SAVE_FREQ", 1, "Checkpoint every SAVE_FREQ epochs.", rule=_at_least(1)),
-    Key("SAVE_STEPS", 0, "Save last.pth every SAVE_STEPS optimizer steps (0 = off).", rule=_at_least(0, " (0 = off)")),
-    Key("SAVE_KEEP", 3, "Number of per-epoch checkpoints kept.", rule=_at_least(0)),
-    Key("PRINT_FREQ", 10, "Log a progress line every PRINT_FREQ optimizer steps.", rule=_at_least(1)),
+    Key("SAVE_FREQ", 1, "Checkpoint every SAVE_FREQ epochs.", rule=_at_least(1), resume=_R),
+    Key("SAVE_STEPS", 0, "Save last.pth every SAVE_STEPS optimizer steps (0 = off).", rule=_at_least(0, " (0 = off)"),
+        resume=_R),
+    Key("SAVE_KEEP", 3, "Number of per-epoch checkpoints kept.", rule=_at_least(0), resume=_R),
+    Key("PRINT_FREQ", 10, "Log a progress line every PRINT_FREQ optimizer steps.", rule=_at_least(1), resume=_R),
     Key("SEED", 0, "Seed of the weights, the data order and the augmentation."),
     Key("EVAL_MODE", False, "Evaluate and exit.", resume=_N,
         flag=_flag("--eval", "evaluate and exit", action="store_const", const=True)),
     Key("THROUGHPUT_MODE", False, "Measure inference and training images/s and exit.", resume=_N,
         flag=_flag("--throughput", "measure inference and training images/s and exit", action="store_const",
                    const=True)),
-    Key("THROUGHPUT.WARMUP_ITERS", 10, "--throughput: untimed iterations first.", rule=_at_least(0)),
-    Key("THROUGHPUT.ITERS", 30, "--throughput: timed iterations.", rule=_at_least(1)),
+    Key("THROUGHPUT.WARMUP_ITERS", 10, "--throughput: untimed iterations first.", rule=_at_least(0), resume=_R),
+    Key("THROUGHPUT.ITERS", 30, "--throughput: timed iterations.", rule=_at_least(1), resume=_R),
 )
 _KEY_BY_NAME: Dict[str, Key] = {key.name: key for key in KEYS}
 
@@ -375,7 +388,15 @@ def keys_on_resume(meaning: OnResume) -> Tuple[str, ...]:
 
 
 def registered_models() -> List[str]:
-    """The CrossFormer variants in timm's registry (``import models`` registers them)."""
+    """The CrossFormer variants in timm's registry.
+
+    Imports ``models`` (which registers them) here, not with this module: the command line's
+    parser and ``--help`` need neither torch nor timm.
+    """
+    import timm
+
+    import models  # noqa: F401 - registers the variants
+
     return timm.list_models(module="crossformer")
 
 
@@ -455,7 +476,7 @@ def validate(cfg: CN) -> None:
         close = difflib.get_close_matches(cfg.MODEL.NAME, names, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(f"MODEL.NAME={cfg.MODEL.NAME!r} is not a registered model{hint}; "
-                          f"use one of {', '.join(names) or '(none: import models to register the variants)'}")
+                          f"use one of {', '.join(names)}")
 
 
 # -----------------------------------------------------------------------------
@@ -598,11 +619,13 @@ def scale_learning_rates(cfg: CN, world_size: int) -> None:
     """
     total_batch = cfg.DATA.BATCH_SIZE * world_size * cfg.TRAIN.ACCUMULATION_STEPS
     factor = total_batch / cfg.TRAIN.LR_REFERENCE_BATCH if cfg.TRAIN.LR_REFERENCE_BATCH else 1.0
+    # A run's config.yaml holds the values of its own total batch: only a run that trains is told of a change.
+    trains = not (cfg.EVAL_MODE or cfg.THROUGHPUT_MODE)
     for entered, scaled in (("BASE_LR", "SCALED_BASE_LR"), ("WARMUP_LR", "SCALED_WARMUP_LR"),
                             ("MIN_LR", "SCALED_MIN_LR")):
         value = cfg.TRAIN[entered] * factor
         given = cfg.TRAIN[scaled]
-        if given and abs(given - value) > 1e-12 * max(abs(value), 1.0):
+        if trains and given and abs(given - value) > 1e-12 * max(abs(value), 1.0):
             logger.warning("TRAIN.%s=%g is derived from TRAIN.%s and the total batch %d; using %g instead",
                            scaled, given, entered, total_batch, value)
         cfg.TRAIN[scaled] = value
@@ -650,7 +673,13 @@ def load_config(cfg_file: str = "", opts: Sequence[str] = (), flags: Optional[Di
             for key, value in data.items():
                 _set(cfg, key, value, path)
     _merge_opts(cfg, list(opts))
-    for key, value in (flags or {}).items():
+    flags = dict(flags or {})
+    # A typed --resume replaces the --pretrained file of the YAML (a run's config.yaml records the weights it started
+    # from), and a typed --pretrained the YAML's --resume: the weights named on the command line are the ones loaded.
+    for typed, stored in (("MODEL.RESUME", "MODEL.PRETRAINED"), ("MODEL.PRETRAINED", "MODEL.RESUME")):
+        if flags.get(typed) and stored not in flags:
+            flags[stored] = ""
+    for key, value in flags.items():
         _set(cfg, key, value, f"the command-line flag for {key}")
     validate(cfg)
     scale_learning_rates(cfg, world_size)
@@ -718,13 +747,20 @@ def config_to_dict(cfg: CN) -> Dict[str, Any]:
     return out
 
 
-def dump_config(cfg: CN, path: str) -> None:
+def dump_config(cfg: CN, path: str, header: Sequence[str] = ()) -> None:
     """Write the resolved config as YAML that ``--cfg`` accepts again.
+
+    ``TRAIN.RESUME_CHANGED`` is written as false: it is one command's switch, and a later command
+    started from the file must not inherit it.
 
     Args:
         cfg: The config.
         path: Output file.
+        header: Lines written first as YAML comments (e.g. the run's history of changed settings).
     """
     from utils.file_io import atomic_write_text
 
-    atomic_write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=True), path)
+    plain = config_to_dict(cfg)
+    plain["TRAIN"]["RESUME_CHANGED"] = False
+    comments = "".join(f"# {line}\n" for line in header)
+    atomic_write_text(comments + yaml.safe_dump(plain, sort_keys=True), path)

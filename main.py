@@ -6,6 +6,7 @@
     python main.py --cfg configs/crossformerpp_b.yaml --throughput
 
 This file parses the command line, sets up the process and dispatches; :mod:`trainer` owns the run.
+It imports torch, timm and the training code only after parsing, so ``--help`` answers at once.
 """
 from __future__ import annotations
 
@@ -14,15 +15,9 @@ import os
 import sys
 from typing import Any, List, Optional, Sequence
 
-import torch
 from yacs.config import CfgNode
 
 from config import ConfigError, config_to_dict, get_config, parse_option
-from training.resume import flatten
-from training.trainer import Trainer, run_throughput
-from utils.distributed import all_gather_object, cleanup, init_distributed, unanswered_ranks
-from utils.logger import setup_logging
-from utils.reliability import EXIT_ERROR, EXIT_INTERRUPTED, RunStopped, check_output_writable, first_line
 
 
 def run(args: Any) -> int:
@@ -33,10 +28,15 @@ def run(args: Any) -> int:
     """
     # The config comes first (it holds the collective timeout): a bad one fails before any rendezvous.
     config = get_config(args, int(os.environ.get("WORLD_SIZE", "1")))
+    from training.trainer import Trainer, run_throughput
+    from utils.distributed import init_distributed
+    from utils.logger import setup_logging
+    from utils.reliability import RunStopped, check_output_writable
+
     dist_info = init_distributed(config.DIST.TIMEOUT_S)
-    check_same_config(config)
     run_dir = os.path.join(config.OUTPUT, config.MODEL.NAME, config.TAG)
-    created = _missing_directories(run_dir)
+    created = _missing_directories(run_dir)  # before the collective below: no rank has created any yet
+    check_same_config(config)
     if not (config.THROUGHPUT_MODE or config.EVAL_MODE):
         check_output_writable(run_dir)
     setup_logging(dist_info.rank, None if config.THROUGHPUT_MODE else run_dir)
@@ -62,6 +62,9 @@ def check_same_config(config: CfgNode) -> None:
     Raises:
         ConfigError: on every rank, naming the first key that differs, its values and their ranks.
     """
+    from training.resume import flatten
+    from utils.distributed import all_gather_object
+
     configs = [flatten(c) for c in all_gather_object(config_to_dict(config))]
     for rank, other in enumerate(configs[1:], start=1):
         differing = sorted(key for key in configs[0].keys() | other.keys() if configs[0].get(key) != other.get(key))
@@ -106,6 +109,8 @@ def _remove_if_only_a_log(created: List[str]) -> None:
 def _collective_failure(error: Exception, message: str) -> bool:
     """Whether ``error`` is a collective that failed because another rank died or hangs: torch's
     ``DistError``, a timeout, or gloo's transport error for a peer's closed connection."""
+    import torch
+
     lowered = message.lower()
     return isinstance(error, torch.distributed.DistError) or any(
         text in lowered for text in ("timed out", "connection reset by peer", "connection closed by peer"))
@@ -117,28 +122,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Args:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
     """
-    args = parse_option(argv)
+    args = parse_option(argv)  # before torch is imported: --help and a mistyped flag answer at once
+    from utils.distributed import cleanup, unanswered_ranks
+    from utils.reliability import EXIT_ERROR, EXIT_INTERRUPTED, RunStopped, first_line, record_traceback, report_failure
+
     if args.local_rank is not None:  # torch.distributed.launch's flag; its launcher sets LOCAL_RANK too
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     rank = os.environ.get("RANK", "0")
     try:
         return run(args)
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C during it
+    except KeyboardInterrupt as e:  # before training started, or a second Ctrl-C during it
         if args.debug:
+            record_traceback(e)
             raise
-        sys.stderr.write(f"aborted (rank {rank}): interrupted; checkpoints already written are intact, the same "
-                         "command resumes from the newest\n")
+        cause = "interrupted; checkpoints already written are intact, the same command resumes from the newest"
+        report_failure(f"aborted (rank {rank}): {cause}", cause, EXIT_INTERRUPTED)
         return EXIT_INTERRUPTED
     except RunStopped as e:
         if args.debug:
+            record_traceback(e)
             raise
-        sys.stderr.write(f"stopped (rank {rank}): {e}\n")
+        report_failure(f"stopped (rank {rank}): {e}", str(e), e.exit_code)
         return e.exit_code
     except Exception as e:  # noqa: BLE001 - reported in one line; --debug shows the traceback
         if args.debug:
+            record_traceback(e)
             raise
-        if isinstance(e, ConfigError) and os.environ.get("LOCAL_RANK", "0") != "0":
-            return EXIT_ERROR  # the same config fails the same way on every rank: one line per node
         message = first_line(e)
         if _collective_failure(e, message):
             lost = unanswered_ranks()
@@ -146,8 +155,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    "lost (its process or node died) or hung" if lost else "another rank died or hangs")
             message = (f"a collective failed, {who} ({message}); waits are bounded by DIST.TIMEOUT_S: run the job "
                        "again (or use torchrun --max-restarts) to auto-resume")
-        sys.stderr.write(f"error (rank {rank}): {message} [{type(e).__name__}; rerun with --debug for the "
-                         "traceback]\n")
+        cause = f"{message} [{type(e).__name__}; rerun with --debug for the traceback]"
+        # Without a store to ask, a config error (the same on every rank) is printed by one rank per node.
+        report_failure(f"error (rank {rank}): {cause}", cause, EXIT_ERROR,
+                       print_without_store=not isinstance(e, ConfigError) or os.environ.get("LOCAL_RANK", "0") == "0")
         return EXIT_ERROR
     finally:
         cleanup()

@@ -27,11 +27,12 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, TextIO, Union
 
-import torch
-from torchvision.datasets.folder import IMG_EXTENSIONS
+if TYPE_CHECKING:
+    import torch
 
+# torch and the model code are imported where they are used: --help answers without them.
 logger = logging.getLogger("predict")
 
 # Lists longer than this show a progress bar (on a terminal).
@@ -48,6 +49,8 @@ def list_inputs(paths: Sequence[str]) -> List[str]:
     Args:
         paths: From the command line.
     """
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
     found: List[str] = []
     for path in paths:
         if os.path.isdir(path):
@@ -66,7 +69,7 @@ def list_inputs(paths: Sequence[str]) -> List[str]:
     return found
 
 
-def predict(trained: Any, paths: Sequence[str], batch_size: int = 64, device: torch.device = torch.device("cpu"),
+def predict(trained: Any, paths: Sequence[str], batch_size: int = 64, device: Union[str, torch.device] = "cpu",
             amp_dtype: Optional[torch.dtype] = None, workers: int = 0, top: int = 5,
             progress: Optional[bool] = None) -> Iterator[Dict[str, Any]]:
     """One row per path, in order: ``{"path", "top": [{"class", "name", "prob"}]}`` or ``{"path", "error"}``.
@@ -75,12 +78,13 @@ def predict(trained: Any, paths: Sequence[str], batch_size: int = 64, device: to
         trained: A :class:`deploy.inference.TrainedModel`.
         paths: Image files.
         batch_size: Images per forward pass.
-        device: Where the model runs.
+        device: Where the model runs (a ``torch.device`` or its name).
         amp_dtype: Autocast dtype, None for float32.
         workers: Decoding worker processes (0 = in this process).
         top: Classes per row.
         progress: Show a progress bar; None shows one on a terminal for lists longer than ``PROGRESS_FROM``.
     """
+    import torch
     from tqdm import tqdm
 
     from data.common import EpochBatchSampler
@@ -91,6 +95,7 @@ def predict(trained: Any, paths: Sequence[str], batch_size: int = 64, device: to
 
     if not paths:
         return
+    device = torch.device(device)
     model = trained.model.to(device).eval()
     # BCE scores each class on its own (a stored config from before TRAIN.LOSS was trained with CE).
     independent = trained.config.TRAIN.get("LOSS", "ce") == "bce"
@@ -168,7 +173,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
                         help="the model's YAML config (default: the config stored in the checkpoint)")
     parser.add_argument("--opts", nargs="+", default=[], metavar="KEY VALUE", help="override keys of --cfg")
     parser.add_argument("--pretrained", required=True, metavar="CKPT",
-                        help="a training checkpoint or weights from python -m deploy.export")
+                        help="a training checkpoint or weights from python -m deploy.export (.pth, .safetensors; "
+                             "an .onnx file runs in onnxruntime: docs/deploy.md)")
     parser.add_argument("--use-ema", action="store_true", help="the EMA weights of a training checkpoint")
     parser.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
     parser.add_argument("--output", default="-", help="output file (default: standard output)")
@@ -177,8 +183,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="decoding worker processes (default: up to 4)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu, cuda or cuda:N (default: cuda when there is one)")
+    parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when there is one)")
     parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                         help="precision: none (float32, default), bf16 or fp16 (CUDA) autocast")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks of errors")
@@ -194,13 +199,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        import torch
+
         from deploy.inference import load_trained_model
         from utils.precision import resolve_amp
 
         if args.top_k < 1 or args.batch_size < 1 or args.workers < 0:
             raise ValueError(f"--top-k {args.top_k}, --batch-size {args.batch_size} and --workers {args.workers} "
                              "must be >= 1, >= 1 and >= 0")
-        device = torch.device(args.device)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         trained = load_trained_model(args.pretrained, args.cfg, args.opts, args.use_ema)
         # bf16 where this device only emulates it: float32 (CPU) or fp16 (GPU), unless TRAIN.FORCE_BF16
         amp_dtype = resolve_amp(args.amp, device, "--amp", force_bf16=trained.config.TRAIN.FORCE_BF16)

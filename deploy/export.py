@@ -1,20 +1,23 @@
-"""Turn a training checkpoint into a weights-only file to share.
+"""Turn a training checkpoint into a file to share: its weights, or an ONNX graph.
 
     python -m deploy.export output/crossformerpp_b/default/ema_best.pth crossformerpp_b.safetensors --ema
     python -m deploy.export output/crossformerpp_b/default/best.pth crossformerpp_b.pth
+    python -m deploy.export output/crossformerpp_b/default/best.pth model.onnx --dynamic-batch --verify
+
+The format follows the output's suffix (``--format`` may name it too, and must then agree):
+``.pth`` and ``.safetensors`` hold the weights, ``.onnx`` an ONNX graph (:mod:`deploy.onnx_export`)
+for onnxruntime / TensorRT.
 
 A training checkpoint carries the optimizer's moments, the RNG streams and the EMA besides the
-weights (about 3.5x the weights' size). The export is one bare state dict (the model's keys, no
-``module.`` prefix), the weights or their EMA (``--ema``), as ``.pth`` or ``.safetensors`` (by the
-output's suffix). ``--pretrained``, ``torch.load(weights_only=True)`` and
+weights (about 3.5x the weights' size). A weights export is one bare state dict (the model's keys,
+no ``module.`` prefix), the weights or their EMA (``--ema``). ``--pretrained``,
+``torch.load(weights_only=True)`` and
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))`` all load it.
 The training config and the class names travel with it: in the ``.safetensors`` metadata, and in
 a ``.pth`` state dict's ``_metadata`` (where PyTorch keeps module versions; ``torch.load`` still
 returns the bare state dict). :func:`deploy.stored.read_stored_info` reads them back (``predict`` does).
-
-    python -m deploy.export output/crossformerpp_b/default/best.pth model.onnx --format onnx --dynamic-batch
-
-writes an ONNX graph for onnxruntime / TensorRT (:mod:`deploy.onnx_export`).
+Exported files get the permissions of any new file of the user (0666 less the umask): they are
+meant to be shared.
 """
 from __future__ import annotations
 
@@ -24,13 +27,39 @@ import logging
 import os
 import sys
 from collections import OrderedDict
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from utils.file_io import atomic_save, load_file
+from utils.file_io import atomic_publish, atomic_save, fsync_file, load_file
 
 from .stored import METADATA_KEY
+
+# Each format and the output suffixes that name it; a format without suffixes is chosen by --format alone.
+FORMAT_SUFFIXES: Dict[str, Tuple[str, ...]] = {"weights": (".pth", ".safetensors"), "onnx": (".onnx",)}
+
+
+def output_format(output: str, given: Optional[str] = None) -> str:
+    """The export format of ``output``: the one its suffix names; ``given`` (``--format``) must agree.
+
+    Args:
+        output: The file to write.
+        given: ``--format``, or None.
+
+    Raises:
+        ValueError: an unknown suffix without ``--format``, or a ``--format`` the suffix contradicts.
+    """
+    implied = next((fmt for fmt, suffixes in FORMAT_SUFFIXES.items() if output.endswith(suffixes)), None)
+    if given is None:
+        if implied is None:
+            known = ", ".join(suffix for suffixes in FORMAT_SUFFIXES.values() for suffix in suffixes)
+            raise ValueError(f"output {output} ends in none of {known}: the format follows the suffix; name the "
+                             "output e.g. model.safetensors or model.onnx")
+        return implied
+    if implied is not None and implied != given or implied is None and FORMAT_SUFFIXES.get(given):
+        raise ValueError(f"--format {given} writes {' or '.join(FORMAT_SUFFIXES[given])} files but the output is "
+                         f"{output}; drop --format (the format follows the suffix) or rename the output")
+    return given
 
 def export_weights(checkpoint_path: str, output: str, ema: bool = False) -> Dict[str, torch.Tensor]:
     """Write the weights (or EMA weights) of ``checkpoint_path`` to ``output``; returns them.
@@ -57,16 +86,15 @@ def export_weights(checkpoint_path: str, output: str, ema: bool = False) -> Dict
         from safetensors.torch import save_file
 
         metadata = {name: value if isinstance(value, str) else json.dumps(value) for name, value in info.items()}
-        tmp = f"{output}.tmp-{os.getpid()}"
-        try:
+
+        def write(tmp: str) -> None:
             save_file(weights, tmp, metadata=metadata)
-            os.replace(tmp, output)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+            fsync_file(tmp)
+
+        atomic_publish(output, write, shared=True)
     else:
         weights._metadata = OrderedDict([(METADATA_KEY, info)])  # type: ignore[attr-defined]
-        atomic_save(weights, output)
+        atomic_save(weights, output, shared=True)
     return weights
 
 
@@ -81,8 +109,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("checkpoint", help="a training checkpoint, e.g. output/.../ema_best.pth")
     parser.add_argument("output", help="the file to write: *.pth or *.safetensors (weights), *.onnx (onnx)")
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the weights")
-    parser.add_argument("--format", choices=("weights", "onnx"), default="weights",
-                        help="weights: a bare state dict (default); onnx: an ONNX graph of the model")
+    parser.add_argument("--format", choices=tuple(FORMAT_SUFFIXES),
+                        help="weights: a bare state dict; onnx: an ONNX graph of the model (default: from the "
+                             "output's suffix)")
     onnx = parser.add_argument_group("onnx")
     onnx.add_argument("--cfg", default="", help="the model's YAML config (default: the one stored in the checkpoint)")
     onnx.add_argument("--img-size", type=int, help="input height and width (default: the config's DATA.IMG_SIZE)")
@@ -91,16 +120,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     onnx.add_argument("--verify", action="store_true",
                       help="run the file with onnxruntime and print the largest logit difference to PyTorch")
     args = parser.parse_args(argv)
-    if args.format == "weights" and (args.cfg or args.img_size or args.dynamic_batch or args.verify
-                                     or args.batch_size != 1):
-        parser.error("--cfg, --img-size, --batch-size, --dynamic-batch and --verify apply to --format onnx")
     try:
-        if args.format == "onnx":
-            return _export_onnx(args)
-        weights = export_weights(args.checkpoint, args.output, args.ema)
+        args.format = output_format(args.output, args.format)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.format != "onnx" and (args.cfg or args.img_size or args.dynamic_batch or args.verify
+                                  or args.batch_size != 1):
+        parser.error(f"--cfg, --img-size, --batch-size, --dynamic-batch and --verify apply to ONNX exports "
+                     f"(*.onnx), not to {args.output}")
+    exports = {"weights": _export_weights, "onnx": _export_onnx}  # one function per format
+    try:
+        return exports[args.format](args)
     except (OSError, ValueError) as e:
         sys.stderr.write(f"error: {e}\n")
         return 1
+
+
+def _export_weights(args: argparse.Namespace) -> int:
+    """A ``.pth`` / ``.safetensors`` output: the weights as a bare state dict."""
+    weights = export_weights(args.checkpoint, args.output, args.ema)
     size = os.path.getsize(args.output)
     sys.stdout.write(f"wrote the {'EMA ' if args.ema else ''}weights of {args.checkpoint} to {args.output}: "
                      f"{len(weights)} tensors, {size / 2**20:.1f} MiB (checkpoint "
@@ -109,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> int:
-    """``--format onnx``: export, and with ``--verify`` compare with PyTorch under onnxruntime."""
+    """An ``.onnx`` output: export, and with ``--verify`` compare with PyTorch under onnxruntime."""
     from .inference import load_trained_model
     from .onnx_export import export_onnx, max_logit_difference
 
@@ -126,6 +164,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
         sys.stdout.write(f"onnxruntime vs PyTorch, batch {', '.join(map(str, batches))}: largest logit "
                          f"difference {difference:.2e}\n")
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

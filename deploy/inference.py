@@ -53,7 +53,7 @@ def load_trained_model(weights_path: str, cfg_file: str = "", opts: Sequence[str
 
     stored_config, class_names = read_stored_info(weights_path)
     if cfg_file:
-        config = load_config(cfg_file, opts)
+        config = load_config(cfg_file, opts, {"EVAL_MODE": True})  # a model in use: it evaluates, never trains
     elif stored_config:
         if opts:
             raise ValueError("--opts changes the keys of --cfg; pass --cfg CONFIG with it (the run's config.yaml)")

@@ -1,17 +1,21 @@
 """A trained model as an ONNX graph, for onnxruntime, TensorRT or any other ONNX runtime.
 
-``python -m deploy.export CKPT model.onnx --format onnx`` runs :func:`export_onnx`: torch's
+``python -m deploy.export CKPT model.onnx`` (the suffix chooses the format) runs :func:`export_onnx`: torch's
 ``torch.export``-based ONNX exporter (``dynamo=True``) on the eval-mode model, one input
 ``images`` (B, 3, S, S) float32, normalised as the eval transform does, one output ``logits``
 (B, num_classes). The batch is fixed (``--batch-size``) or dynamic (``--dynamic-batch``); the
 image size is chosen at export (``--img-size``, default the config's ``DATA.IMG_SIZE``): the
 padding and masks of the attention groups are computed for that size and frozen into the graph.
-The graph's metadata carries the class names and the preprocessing (``metadata_props``).
+The graph's metadata (``metadata_props``) carries the class names and the preprocessing: ``img_size``,
+``resize`` (the shorter side before the center crop), ``interpolation``, ``mean``, ``std`` and
+``scores`` (``softmax``, or ``sigmoid`` for a model trained with BCE);
+``docs/deploy.md`` runs the file with them in onnxruntime, without PyTorch.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any, Dict, Optional, Sequence
 
@@ -19,7 +23,7 @@ import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from utils.file_io import atomic_publish
+from utils.file_io import atomic_publish, fsync_file
 from .inference import TrainedModel, eval_transform_description
 
 logger = logging.getLogger(__name__)
@@ -64,13 +68,23 @@ def export_onnx(trained: TrainedModel, output: str, img_size: Optional[int] = No
         "class_names": json.dumps(trained.class_names),
         "model": config.MODEL.NAME,
         "img_size": str(size),
+        # The eval transform (timm's): the shorter side resized to `resize`, the center `img_size` square cropped.
+        "resize": str(math.floor(size / config.TEST.CROP_PCT)),
+        "interpolation": config.DATA.INTERPOLATION,
         "mean": json.dumps(list(IMAGENET_DEFAULT_MEAN)),
+        # How predict turns logits into probabilities: a model trained with BCE scores each class on its own.
+        "scores": "sigmoid" if (config.get("TRAIN") or {}).get("LOSS", "ce") == "bce" else "softmax",
         "std": json.dumps(list(IMAGENET_DEFAULT_STD)),
         "preprocessing": eval_transform_description(config) if size == config.DATA.IMG_SIZE
         else f"as the config's eval transform, at {size}x{size}",
     })
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    atomic_publish(output, program.save)
+
+    def write(tmp: str) -> None:
+        program.save(tmp)
+        fsync_file(tmp)
+
+    atomic_publish(output, write, shared=True)
     opset = next((version for domain, version in program.model.opset_imports.items() if domain == ""), None)
     return {"img_size": size, "batch": "dynamic" if dynamic_batch else batch_size, "opset": opset,
             "bytes": os.path.getsize(output)}

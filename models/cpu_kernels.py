@@ -73,7 +73,10 @@ def linear_residual(x: torch.Tensor, linear: nn.Linear, residual: torch.Tensor) 
         linear: the layer.
         residual: ``(..., out_features)``.
     """
-    autocast = torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+    # is_compiling() first: torch 2.11's dynamo cannot trace is_autocast_available (a graph break, an error
+    # under fullgraph=True), and a device that torch.compile runs on always has autocast.
+    autocast = ((torch.compiler.is_compiling() or torch.amp.is_autocast_available(x.device.type))
+                and torch.is_autocast_enabled(x.device.type))
     if autocast or linear.bias is None or not x.dtype == residual.dtype == linear.weight.dtype:
         return residual + linear(x)
     out = (residual + linear.bias).contiguous()  # a new (..., out_features) tensor

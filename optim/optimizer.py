@@ -108,12 +108,13 @@ def build_optimizer(config: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         optimizer = Lion(groups, lr=lr, weight_decay=weight_decay, **settings, **kernel)
     described = ", ".join(f"{key} {value}" for key, value in {**settings, **kernel}.items())
     trainable = sum(p.numel() for p in params)
+    log = logger.debug if config.EVAL_MODE else logger.info  # --eval holds an optimizer it never steps
     if config.TRAIN.LAYER_DECAY < 1:
         scales = sorted({group["lr_scale"] for group in groups})
-        logger.info("%s (%s) with layer-wise LR decay %g: %d depths, LR scales %.3g .. %.3g, weight decay %g; "
+        log("%s (%s) with layer-wise LR decay %g: %d depths, LR scales %.3g .. %.3g, weight decay %g; "
                     "%d tensors (%d parameters)", name, described, config.TRAIN.LAYER_DECAY, len(scales), scales[0],
                     scales[-1], weight_decay, len(params), trainable)
     else:
-        logger.info("%s (%s): %d tensors with weight decay %g, %d without (%d parameters)", name, described,
+        log("%s (%s): %d tensors with weight decay %g, %d without (%d parameters)", name, described,
                     len(groups[0]["params"]), weight_decay, len(groups[1]["params"]), trainable)
     return optimizer

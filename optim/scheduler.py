@@ -19,14 +19,24 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return max(group["lr"] for group in optimizer.param_groups)
 
 
+def warmup_epochs(config: CfgNode) -> int:
+    """The warmup epochs the schedule runs: ``TRAIN.WARMUP_EPOCHS``, shortened to ``TRAIN.EPOCHS - 1`` when it
+    would not end before the last epoch (a 1-epoch run has none), so that a short run of a long recipe trains.
+
+    Args:
+        config: Reads ``TRAIN.EPOCHS`` and ``TRAIN.WARMUP_EPOCHS``.
+    """
+    return min(config.TRAIN.WARMUP_EPOCHS, config.TRAIN.EPOCHS - 1)
+
+
 def build_scheduler(config: CfgNode, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> CosineLRScheduler:
     """The LR over optimizer steps ``t = 0 .. total``, as the official code builds it.
 
     ``SCALED_WARMUP_LR`` at ``t = 0`` rising linearly towards ``SCALED_BASE_LR`` until the end of
-    the warmup ``W``; from there ``min + (base - min) * (1 + cos(pi * t / total)) / 2``, reaching
-    ``SCALED_MIN_LR`` at the last step. With ``TRAIN.LR_SCHEDULER.WARMUP_PREFIX`` the cosine
-    instead starts at the end of the warmup: ``cos(pi * (t - W) / (total - W))``. Call
-    ``step_update(global_step)`` after each optimizer step.
+    the warmup ``W`` (:func:`warmup_epochs`); from there
+    ``min + (base - min) * (1 + cos(pi * t / total)) / 2``, reaching ``SCALED_MIN_LR`` at the last step.
+    With ``TRAIN.LR_SCHEDULER.WARMUP_PREFIX`` the cosine instead starts at the end of the warmup:
+    ``cos(pi * (t - W) / (total - W))``. Call ``step_update(global_step)`` after each optimizer step.
 
     Args:
         config: Reads ``TRAIN.EPOCHS``, ``TRAIN.WARMUP_EPOCHS``, ``TRAIN.LR_SCHEDULER`` and the
@@ -37,7 +47,7 @@ def build_scheduler(config: CfgNode, optimizer: torch.optim.Optimizer, steps_per
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch={steps_per_epoch} must be >= 1; the train loader yields no batch")
     total = config.TRAIN.EPOCHS * steps_per_epoch
-    warmup = config.TRAIN.WARMUP_EPOCHS * steps_per_epoch
+    warmup = warmup_epochs(config) * steps_per_epoch
     prefix = config.TRAIN.LR_SCHEDULER.WARMUP_PREFIX
     return CosineLRScheduler(
         optimizer,

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+import torch
 
-import models  # noqa: F401 - registers the variants that config checks MODEL.NAME against
-from tests.helpers import write_tiny_yaml
+import models  # noqa: F401 - registers the variants with timm, for tests that create them by name
+from tests.helpers import MODEL_DIR, TinyRun, run_main, write_tiny_yaml
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -28,6 +29,27 @@ def file_list_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         del os.environ["XDG_CACHE_HOME"]
     else:
         os.environ["XDG_CACHE_HOME"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread() -> Iterator[None]:
+    """Runs in this process use one thread, as the subprocesses do (``OMP_NUM_THREADS=1``): the tiny
+    models' kernels are too small to share, and two threads on a busy machine wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    """One complete ``python main.py --cfg tiny.yaml`` (2 epochs, EMA) for the tests that only read a
+    finished run: they take its checkpoints and config and write elsewhere (their own ``--output``)."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    yaml = write_tiny_yaml(root)
+    trained = run_main("--cfg", str(yaml), "--output", str(root / "out"), cwd=root)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    return TinyRun(yaml, root / "out" / MODEL_DIR / "default", trained.stdout, trained.stderr)
 
 
 @pytest.fixture(autouse=True)

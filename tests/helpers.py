@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, NamedTuple, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAIN = REPO_ROOT / "main.py"
@@ -57,6 +57,16 @@ def write_tiny_yaml(directory: Path) -> Path:
     path = directory / "tiny.yaml"
     path.write_text(TINY_YAML)
     return path
+
+
+class TinyRun(NamedTuple):
+    """A finished run of :data:`TINY_YAML` (the ``tiny_run`` fixture): ``yaml``, its run directory
+    ``run_dir`` and what training printed (``stdout``, ``stderr``)."""
+
+    yaml: Path
+    run_dir: Path
+    stdout: str
+    stderr: str
 
 
 def run_dir(output: Path, tag: str = "default") -> Path:

@@ -64,6 +64,16 @@ def test_every_named_flag_is_wired(tmp_path: Path) -> None:
     assert (cfg.TRAIN.ACCUMULATION_STEPS, cfg.TRAIN.USE_CHECKPOINT) == (4, True)
     cfg = get_config(parse_option(["--cfg", str(cfg_file), "--pretrained", "p.pth"]))
     assert cfg.MODEL.PRETRAINED == "p.pth"
+    cfg = get_config(parse_option(["--cfg", str(cfg_file), "--resume-changed"]))
+    assert cfg.TRAIN.RESUME_CHANGED is True
+    # A fine-tuned run's config.yaml records the --pretrained file it started from: a typed --resume replaces it
+    # (the printed "evaluate it" command), and a typed --pretrained replaces a recorded --resume.
+    started = write(tmp_path / "finetuned.yaml", "MODEL:\n  PRETRAINED: imagenet.pth\n")
+    cfg = get_config(parse_option(["--cfg", str(started), "--eval", "--resume", "best.pth"]))
+    assert (cfg.MODEL.RESUME, cfg.MODEL.PRETRAINED) == ("best.pth", "")
+    resumed = write(tmp_path / "resumed.yaml", "MODEL:\n  RESUME: other.pth\n")
+    cfg = get_config(parse_option(["--cfg", str(resumed), "--pretrained", "p.pth"]))
+    assert (cfg.MODEL.RESUME, cfg.MODEL.PRETRAINED) == ("", "p.pth")
 
 
 def test_unknown_flag_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -298,6 +308,12 @@ def test_each_key_is_declared_once_and_the_tables_derive_from_it() -> None:
     args = parse_option(["--cfg", "x.yaml", "--batch-size", "8", "--use-ema", "--eval"])
     assert (args.batch_size, args.use_ema, args.eval) == (8, "ema", True)
     assert set(config.keys_on_resume(config.OnResume.OPTIMIZER)) == {
-        "TRAIN.WEIGHT_DECAY", "TRAIN.FREEZE", "TRAIN.OPTIMIZER.NAME", "TRAIN.OPTIMIZER.EPS", "TRAIN.OPTIMIZER.BETAS",
-        "TRAIN.OPTIMIZER.MOMENTUM", "TRAIN.OPTIMIZER.NESTEROV"}
+        "TRAIN.WEIGHT_DECAY", "TRAIN.FREEZE", "TRAIN.LAYER_DECAY", "TRAIN.OPTIMIZER.NAME", "TRAIN.OPTIMIZER.EPS",
+        "TRAIN.OPTIMIZER.BETAS", "TRAIN.OPTIMIZER.MOMENTUM", "TRAIN.OPTIMIZER.NESTEROV"}
+    assert config.keys_on_resume(config.OnResume.LENGTH) == ("TRAIN.EPOCHS",)
+    # What the run computes is a recipe key unless declared otherwise; how it executes is declared runtime.
+    assert {"AUG.MIXUP", "MODEL.DROP_PATH_RATE", "SEED", "TRAIN.EMA.DECAY"} <= set(
+        config.keys_on_resume(config.OnResume.RECIPE))
+    assert {"DATA.NUM_WORKERS", "PRINT_FREQ", "SAVE_STEPS", "TRAIN.STOP_AFTER_STEPS", "TRAIN.COMPILE"} <= set(
+        config.keys_on_resume(config.OnResume.RUNTIME))
     assert "DATA.BATCH_SIZE" in config.keys_on_resume(config.OnResume.NOT_COMPARED)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import shlex
-import subprocess
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import load_config
-from tests.helpers import last_json, read_metrics, run_main
+from tests.helpers import TinyRun, last_json, read_metrics, run_main
 from training.engine import Components, StopReason, evaluate, train_one_epoch
 from training.train_state import TrainState
 
@@ -129,52 +128,52 @@ def test_throughput_prints_a_table_and_json_last(tiny_yaml: Path, tmp_path: Path
     assert not (tmp_path / "output").exists()  # a benchmark writes no run directory
 
 
-def test_a_finished_run_says_where_its_outputs_are_and_how_to_evaluate(tiny_yaml: Path, tmp_path: Path) -> None:
+def test_a_finished_run_says_where_its_outputs_are_and_how_to_evaluate(tiny_run: TinyRun, tmp_path: Path) -> None:
     """The closing lines name existing paths, and the printed command evaluates the best checkpoint."""
-    trained = run_main("--cfg", str(tiny_yaml), "--output", str(tmp_path / "out"), cwd=tmp_path)
-    assert trained.returncode == 0, trained.stderr
-    log = trained.stdout + trained.stderr
-    run_dir = tmp_path / "out" / "crossformerpp_s" / "default"
+    log = tiny_run.stdout + tiny_run.stderr
+    run_dir = tiny_run.run_dir
     assert f"run directory:   {run_dir}" in log
     assert f"tensorboard --logdir {run_dir / 'tensorboard'}" in log and any((run_dir / "tensorboard").iterdir())
     assert f"best checkpoint: {run_dir / 'best.pth'}" in log and (run_dir / "best.pth").is_file()
     command = shlex.split(log.split("evaluate it:")[1].splitlines()[0])
     assert command[:2] == ["python", "main.py"]
-    evaluated = run_main(*command[2:], cwd=tmp_path)
+    evaluated = run_main(*command[2:], "--output", str(tmp_path / "eval"), cwd=tmp_path)  # the run stays as it is
     assert evaluated.returncode == 0, evaluated.stderr
     best = max(row["val_acc1"] for row in read_metrics(run_dir))
     assert last_json(evaluated.stdout)["val_acc1"] == pytest.approx(best)
 
 
-def test_eval_precision_follows_test_amp(tiny_yaml: Path, tmp_path: Path) -> None:
+def test_eval_precision_follows_test_amp(tiny_run: TinyRun, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                        restore_logging: None) -> None:
     """--eval runs in TRAIN.AMP's precision by default and in float32 with TEST.AMP none."""
-    out = str(tmp_path / "out")
-    trained = run_main("--cfg", str(tiny_yaml), "--output", out, "--opts", "TRAIN.STOP_AFTER_STEPS", "2", cwd=tmp_path)
-    assert trained.returncode == 0, trained.stderr
-    checkpoint = str(tmp_path / "out" / "crossformerpp_s" / "default" / "last.pth")
+    import main
 
-    def evaluate_with(test_amp: str) -> subprocess.CompletedProcess:
-        # TRAIN.FORCE_BF16: bf16 also where this CPU only emulates it (utils.precision.resolve_amp)
-        return run_main("--cfg", str(tiny_yaml), "--eval", "--resume", checkpoint, "--output", out,
-                        "--opts", "TRAIN.AMP", "bf16", "TRAIN.FORCE_BF16", "True", "TEST.AMP", test_amp, cwd=tmp_path)
+    out, tiny_yaml = str(tmp_path / "out"), tiny_run.yaml
+    checkpoint = str(tiny_run.run_dir / "last.pth")
+
+    def evaluate_with(*opts: str) -> Tuple[int, str, str]:
+        """main.py --eval in this process: (exit code, stdout, stderr)."""
+        code = main.main(["--cfg", str(tiny_yaml), "--eval", "--resume", checkpoint, "--output", out, "--opts", *opts])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
 
     reports = {}
     for test_amp in ("train", "none"):
-        result = evaluate_with(test_amp)
-        assert result.returncode == 0, result.stderr
-        reports[test_amp] = last_json(result.stdout)
+        # TRAIN.FORCE_BF16: bf16 also where this CPU only emulates it (utils.precision.resolve_amp)
+        code, stdout, stderr = evaluate_with("TRAIN.AMP", "bf16", "TRAIN.FORCE_BF16", "True", "TEST.AMP", test_amp)
+        assert code == 0, stderr
+        reports[test_amp] = last_json(stdout)
     assert reports["train"]["amp"] == "bf16" and reports["none"]["amp"] == "none"
     assert reports["train"]["val_count"] == reports["none"]["val_count"] == 21
     # The same weights: bf16 rounding moves the loss a little, float32 does not round at all.
     assert reports["train"]["val_loss"] != reports["none"]["val_loss"]
     assert abs(reports["train"]["val_loss"] - reports["none"]["val_loss"]) < 0.05
-    failed = evaluate_with("fp16")
-    assert failed.returncode == 1 and "TEST.AMP='fp16' needs a CUDA device" in failed.stderr
+    code, _, stderr = evaluate_with("TRAIN.AMP", "bf16", "TRAIN.FORCE_BF16", "True", "TEST.AMP", "fp16")
+    assert code == 1 and "TEST.AMP='fp16' needs a CUDA device" in stderr
     # The config of an fp16 (GPU) run still evaluates on a CPU in float32.
-    from_fp16 = run_main("--cfg", str(tiny_yaml), "--eval", "--resume", checkpoint, "--output", out,
-                         "--opts", "TRAIN.AMP", "fp16", "TEST.AMP", "none", cwd=tmp_path)
-    assert from_fp16.returncode == 0, from_fp16.stderr
-    assert last_json(from_fp16.stdout)["val_loss"] == reports["none"]["val_loss"]
+    code, stdout, stderr = evaluate_with("TRAIN.AMP", "fp16", "TEST.AMP", "none")
+    assert code == 0, stderr
+    assert last_json(stdout)["val_loss"] == reports["none"]["val_loss"]
 
 
 def test_user_errors_are_one_line_and_debug_shows_the_traceback(

@@ -65,7 +65,8 @@ def test_run_directory_and_metrics(runs: Dict[str, Path]) -> None:
         assert {"epoch", "train_loss", "val_acc1", "val_acc5", "val_loss", "lr", "train_imgs_per_sec",
                 "ema_val_acc1"} <= set(row)
     last = torch.load(run_a / "last.pth", weights_only=True)
-    assert (last["epoch"], last["batch"], last["global_step"], last["world_size"]) == (2, 0, 8, 2)
+    assert (last["epoch"], last["batch"], last["epoch_complete"], last["global_step"], last["world_size"]) == (
+        1, 4, True, 8, 2)
     assert len(last["ranks"]) == 2
     assert not torch.equal(last["ranks"][0]["rng"]["torch"], last["ranks"][1]["rng"]["torch"])
     log = (run_a / "log.txt").read_text()

@@ -178,7 +178,7 @@ def test_a_linear_probe_run_records_what_was_frozen_and_resumes(tmp_path: Path, 
     del last["frozen"]
     torch.save(last, run_dir / "last.pth")
     assert _run(tiny_yaml, out, "TRAIN.EPOCHS", "2", "TRAIN.WARMUP_EPOCHS", "0") == 0
-    assert torch.load(run_dir / "last.pth", weights_only=True)["epoch"] == 2
+    assert torch.load(run_dir / "last.pth", weights_only=True)["epoch"] == 1  # after epochs 0 and 1
     # Another freeze cannot continue the run (the optimizer's groups differ).
     capsys.readouterr()
     assert _run(tiny_yaml, out, "TRAIN.EPOCHS", "3", "TRAIN.WARMUP_EPOCHS", "0", "TRAIN.FREEZE", "stages-2") == 1

@@ -64,6 +64,23 @@ def test_quick_cpu_mode_passes_and_writes_the_report(tmp_path: Path) -> None:
     assert all(f"| {row['name']} | {row['status']} |" in markdown for row in results)
 
 
+def test_without_dali_its_rows_are_skipped_and_the_others_run(tmp_path: Path, monkeypatch) -> None:
+    """The lent GPU machine has no DALI: its rows are skipped by name, the model speed rows still run."""
+    import benchmarks.gpu_check.__main__ as gpu_check
+    from benchmarks.gpu_check.plan import DALI_MISSING
+
+    monkeypatch.setattr(gpu_check, "dali_installed", lambda: False)
+    assert gpu_check.main(["--device", "cpu", "--quick", "--groups", "dali", "speed", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["passed"] and report["environment"]["dali"] == "not installed"
+    skipped_rows = {r["name"] for r in report["results"] if r["status"] == SKIP and r["detail"] == DALI_MISSING}
+    assert skipped_rows == {name for name, _ in CHECKS["dali"]} | {"loader/train", "e2e/main_py_dali"}
+    assert all(r["status"] == SKIP for r in report["results"])
+    assert {row["name"].split("/")[0] for row in report["speed"]} == {"speed", "memory"}
+    assert {t["group"] for t in report["timings"]} == {"dali", "speed"}  # no JPEGs generated for nothing
+    assert not (tmp_path / "data").exists()
+
+
 def test_help_lists_every_check() -> None:
     done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--help"], cwd=REPO_ROOT,
                           env=subprocess_env(), capture_output=True, text=True, timeout=120)
@@ -97,6 +114,9 @@ def test_report_rows_and_exit_decision(tmp_path: Path) -> None:
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert "| a/b | pass | 1 | <= 2 | one / two |" in markdown  # a pipe in the text keeps the table intact
     assert "| speed/m/bf16/infer | img/s | 200 | 100 | 2.00x | batch 2 |" in markdown
+    report.pending = ["speed"]  # as written after a group, before the run's time limit stopped it
+    assert not report.to_dict()["passed"] and "**INCOMPLETE, not run: speed**" in report.markdown()
+    report.pending = []
     report.results.append(Result("a/d", FAIL, 5.0, "<= 2"))
     assert [r.name for r in report.failed] == ["a/d"] and not report.to_dict()["passed"]
 
@@ -145,3 +165,27 @@ def test_dali_gpu_graphs_have_gpu_implementations() -> None:
     assert ("decoders__Image", "mixed") in gpu_graph_operators(False, _C.clone())
     assert check_gpu_operators().status == PASS
     assert missing_implementations([("PeekImageShape", "gpu"), ("Resize", "gpu")]) == [("PeekImageShape", "gpu")]
+
+
+def test_lent_machine_wheels_decision(tmp_path: Path) -> None:
+    """The device command installs a carried wheel where the image lacks the package, and timm where the
+    image's version is not ours; any installed yacs / termcolor / tqdm serves."""
+    from benchmarks.gpu_check.lent import requirement_pins, wheels_to_install
+
+    pins = requirement_pins()
+    assert pins["torch"] == "2.14.1" and pins["timm"] and pins["yacs"]  # requirements.txt and what it includes
+    for name in ("timm-0.0.1", "tqdm-0.0.1", f"yacs-{pins['yacs']}", "no_such_dist-1.0"):
+        (tmp_path / f"{name}-py3-none-any.whl").touch()
+    chosen, lines = wheels_to_install(tmp_path)
+    assert [w.name.split("-")[0] for w in chosen] == ["no_such_dist", "timm"], lines
+    assert any(line.startswith("tqdm: the image's") for line in lines)
+
+
+def test_lent_machine_command_fits_and_is_the_documented_one() -> None:
+    from benchmarks.gpu_check.lent import GROUPS, MAX_COMMAND_CHARS, device_command
+
+    command = device_command()
+    assert len(command) < MAX_COMMAND_CHARS and " --device" not in command.split("benchmarks.gpu_check ")[-1]
+    assert f"--groups {' '.join(GROUPS)}" in command and set(GROUPS) == set(CHECKS)
+    assert "--device cpu --quick" in device_command("cpu", quick=True)
+    assert command in (REPO_ROOT / "docs" / "performance.md").read_text()  # the docs print the command that runs

@@ -111,7 +111,7 @@ def test_unreadable_checkpoints_are_reported_and_skipped_for_older_ones(
     log = (run_dir / "log.txt").read_text()
     assert f"skipping {last} for auto-resume" in log
     assert f"cannot resume {run_dir / 'epoch_0009.pth'} (KeyError" in log
-    assert f"resumed from {run_dir / 'epoch_0000.pth'}: epoch 1, batch 0, global step 8" in log
+    assert f"resumed from {run_dir / 'epoch_0000.pth'}: after epoch 0, global step 8" in log
     assert (run_dir / "epoch_0009.pth").exists()  # reported, never deleted
     assert torch.load(last, weights_only=True)["global_step"] == 12
 
@@ -166,7 +166,7 @@ def test_a_disk_that_fills_during_an_epoch_save_is_named_and_prunes_nothing(
     # Nothing pruned: with SAVE_KEEP 1 a prune after the failed save would have removed epoch_0000.pth.
     assert sorted(p.name for p in run_dir.glob("*.pth*")) == ["best.pth", "ema_best.pth", "epoch_0000.pth",
                                                               "last.pth"]
-    assert torch.load(run_dir / "epoch_0000.pth", weights_only=True)["epoch"] == 1
+    assert torch.load(run_dir / "epoch_0000.pth", weights_only=True)["epoch"] == 0
 
     # The space is checked before every save: a checkpoint that cannot fit is not even started.
     calls.clear()
@@ -450,7 +450,7 @@ def test_eval_and_pretrained_take_the_ema_weights_when_asked(cfg: Path, tmp_path
     assert (raw["val_acc1"], raw["val_loss"]) == (both["val_acc1"], both["val_loss"])
     assert (ema["val_acc1"], ema["val_loss"]) == (both["ema_val_acc1"], both["ema_val_loss"])
     log = (tmp_path / "eval" / MODEL_DIR / "default" / "log.txt").read_text()
-    assert f"evaluating the weights of {ema_best}: epoch 1, batch 0, global step 8" in log
+    assert f"evaluating the weights of {ema_best}: after epoch 0, global step 8" in log
     assert f"loaded the EMA weights of {ema_best}" in log
     evaluate("--resume", str(ema_best), opts=("DATA.IMG_SIZE", "64"))
     assert f"evaluating {ema_best} at 64 px, but it was trained at 32 px" in \
@@ -480,7 +480,7 @@ def test_changed_settings_on_resume_take_effect_or_are_refused(cfg: Path, tmp_pa
     assert _run(cfg, out) == 0  # 2 epochs of 8 steps
     assert _run(cfg, out) == 0
     log = (run_dir / "log.txt").read_text()
-    assert "the run finished at epoch 2 (TRAIN.EPOCHS=2): nothing to train" in log
+    assert "the run has trained 2 epochs (0..1), TRAIN.EPOCHS=2: nothing to train, nothing written" in log
     assert "training epochs 2..1" not in log
 
     capsys.readouterr()
@@ -490,7 +490,7 @@ def test_changed_settings_on_resume_take_effect_or_are_refused(cfg: Path, tmp_pa
                     "--tag NAME")
     assert (run_dir / "config.yaml").read_text() == config_yaml
 
-    assert _run(cfg, out, "TRAIN.EPOCHS", "3", "TRAIN.BASE_LR", "1e-3") == 0
+    assert _run(cfg, out, "TRAIN.EPOCHS", "3", "TRAIN.BASE_LR", "1e-3", extra=("--resume-changed",)) == 0
     log = (run_dir / "log.txt").read_text().split("resumed from")[-1]
     assert "resuming with changed settings (checkpoint -> now): TRAIN.BASE_LR 0.0005 -> 0.001; TRAIN.EPOCHS 2 -> 3" \
         in log and "the LR schedule is rebuilt from the new settings (TRAIN.EPOCHS 3)" in log

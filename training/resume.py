@@ -8,10 +8,13 @@ resume, what a changed setting means, and how a position moves to another total 
 
 On resume every changed key is listed. What a change means is declared with the key in
 ``config.KEYS`` (:class:`config.OnResume`): the run's identity may not change under auto-resume
-(that is another experiment in the same directory); the optimizer's own hyperparameters cannot
-change (its saved state carries them); the LR schedule's keys rebuild the schedule, which continues
-at the current step; every other key takes effect by itself (the components are built from the
-config).
+(that is another experiment in the same directory); its recipe (what it computes, the LR schedule
+included) changes only with ``--resume-changed`` (``TRAIN.RESUME_CHANGED``), under auto-resume and
+``--resume`` alike; ``TRAIN.EPOCHS`` extends or shortens the run; the optimizer's own
+hyperparameters cannot change (its saved state carries them); how the run executes (workers,
+saving, logging, compilation) changes freely. A changed schedule is rebuilt and continues at the
+current step. Every accepted change of what the run computes is kept in ``config_history`` (carried
+by every later checkpoint) with the position it took effect at and the command that made it.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ from config import OnResume, config_to_dict, keys_on_resume
 from models.freeze import summary as frozen_summary
 from optim import current_lr, steps_per_epoch
 from utils import provenance
-from utils.checkpoint import (BEST, EMA_BEST, FORMAT_VERSION, LAST, NONFINITE_PREFIX, CheckpointFiles, IncompatibleCheckpoint,
-                              check_compatible, check_format, epoch_checkpoint_name, find_resume_candidates)
+from utils.checkpoint import (BEST, EMA_BEST, FORMAT_VERSION, LAST, NONFINITE_PREFIX, CheckpointFiles,
+                              IncompatibleCheckpoint, check_compatible, check_format, describe_checkpoint,
+                              describe_position, epoch_checkpoint_name, find_resume_candidates)
 from utils.distributed import DistInfo, all_gather_object
 from utils.file_io import load_file
 from utils.reliability import first_line
@@ -81,12 +85,66 @@ def changes_meaning(found: List[Change], meaning: OnResume) -> List[Change]:
     return [change for change in found if change[0] in keys]
 
 
+def recorded_changes(found: List[Change]) -> List[Change]:
+    """The changes a run's history keeps: all but those of how the run executes (``OnResume.RUNTIME``)."""
+    runtime = set(keys_on_resume(OnResume.RUNTIME))
+    return [change for change in found if change[0] not in runtime]
+
+
+def history_lines(history: Sequence[Dict[str, Any]]) -> List[str]:
+    """One line per entry of a run's ``config_history``: where the changes took effect, what, and by which command.
+
+    Args:
+        history: ``config_history`` entries (``position``, ``global_step``, ``changes``, ``command``).
+    """
+    return [f"from {entry['position']} (global step {entry['global_step']}): "
+            f"{describe([(key, old, new) for key, (old, new) in entry['changes'].items()])}; by: {entry['command']}"
+            for entry in history]
+
+
+def class_names_differ(stored: Optional[Sequence[str]], data: Optional[Sequence[str]]) -> Optional[str]:
+    """How the class names a checkpoint was trained on differ from the data's, or None (also when either is unknown).
+
+    Args:
+        stored: The checkpoint's class names in label order.
+        data: The dataset's class names in label order.
+    """
+    if not stored or not data or list(stored) == list(data):
+        return None
+    if len(stored) != len(data):
+        return f"the data has {len(data)} classes, the weights were trained on {len(stored)}"
+    differing = [i for i, (mine, theirs) in enumerate(zip(data, stored)) if mine != theirs]
+    first = differing[0]
+    return (f"{len(differing)} of {len(data)} labels name other classes, e.g. label {first} is {data[first]!r} in "
+            f"the data and {stored[first]!r} in the checkpoint")
+
+
+def warn_if_other_classes(path: str, stored: Optional[Sequence[str]], data: Optional[Sequence[str]]) -> None:
+    """One warning when the weights of ``path`` were trained on other class names than the data's.
+
+    Args:
+        path: The weights file, for the message.
+        stored: Its class names in label order (None when it stores none).
+        data: The dataset's class names (None for generated data).
+    """
+    found = class_names_differ(stored, data)
+    if found:
+        logger.warning("the weights of %s were trained on other classes than this data's (%s): labels are matched by "
+                       "index, so its predictions name other classes; use the data it was trained on, or fine-tune "
+                       "from it on this data with --pretrained %s --tag NAME", path, found, path)
+
+
 def _batch_keys(checkpoint: Dict[str, Any], config: CfgNode) -> Tuple[int, int, int]:
     """(processes, per-process batch, accumulation steps) of the run that wrote ``checkpoint``."""
     saved = checkpoint.get("config") or {}
     return (int(checkpoint.get("world_size", len(checkpoint["ranks"]))),
             int(saved.get("DATA", {}).get("BATCH_SIZE", config.DATA.BATCH_SIZE)),
             int(saved.get("TRAIN", {}).get("ACCUMULATION_STEPS", config.TRAIN.ACCUMULATION_STEPS)))
+
+
+def _schedule_changed(found: List[Change]) -> bool:
+    """Whether ``found`` changes the LR schedule (its keys, or the run's length)."""
+    return bool(changes_meaning(found, OnResume.SCHEDULE) or changes_meaning(found, OnResume.LENGTH))
 
 
 class RunCheckpoints:
@@ -123,7 +181,12 @@ class RunCheckpoints:
         self.loaded_provenance: Optional[Dict[str, Any]] = None
         self.loaded_config: Optional[Dict[str, Any]] = None
         self.loaded_changes: List[Change] = []
-        self.loaded_position = (0, 0, 0)
+        self.loaded_class_names: Optional[List[str]] = None
+        self.loaded_description = ""  # where the checkpoint is: "after epoch 14, global step 960"
+        # The settings changed on resume, each with where it took effect (from the checkpoint resumed, then this
+        # command's entry); ``new_change`` is this command's entry, None when it changed nothing recorded.
+        self.history: List[Dict[str, Any]] = []
+        self.new_change: Optional[Dict[str, Any]] = None
 
     # --- the checkpoint dict --------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
@@ -135,6 +198,7 @@ class RunCheckpoints:
             "config": self.config_dict,
             "class_names": self.class_names,
             "frozen": self.frozen,
+            "config_history": self.history,
             "provenance": self.provenance,
             "saved_at": time.time(),
         }
@@ -236,7 +300,7 @@ class RunCheckpoints:
         config = self.config
         if config.MODEL.RESUME:
             candidates, explicit = [config.MODEL.RESUME], True
-        elif config.TRAIN.AUTO_RESUME:
+        elif config.TRAIN.AUTO_RESUME and not config.EVAL_MODE:  # --eval evaluates the file named, nothing else
             candidates, explicit = find_resume_candidates(self.run_dir), False
         else:
             return ""
@@ -248,9 +312,10 @@ class RunCheckpoints:
             if errors:
                 logger.warning("cannot resume %s (%s); trying the previous checkpoint", path, errors[0])
                 continue
-            logger.info("%s %s: epoch %d, batch %d, global step %d", "evaluating the weights of" if config.EVAL_MODE
-                        else "resumed from", path, *self.loaded_position)
+            logger.info("%s %s: %s", "evaluating the weights of" if config.EVAL_MODE else "resumed from", path,
+                        self.loaded_description)
             logger.info("checkpoint written by: %s", provenance.describe(self.loaded_provenance))
+            warn_if_other_classes(path, self.loaded_class_names, self.class_names)
             changed = provenance.differences(self.loaded_provenance, self.provenance)
             if changed and not config.EVAL_MODE:
                 logger.warning("resuming with other code or packages than the checkpoint's (%s): the run continues, "
@@ -266,10 +331,20 @@ class RunCheckpoints:
         return ""
 
     def _apply_changes(self) -> None:
-        """Log every changed setting; a changed LR schedule continues, rebuilt, at the current step."""
-        logger.warning("resuming with changed settings (checkpoint -> now): %s; config.yaml records the new values",
-                       describe(self.loaded_changes))
-        if changes_meaning(self.loaded_changes, OnResume.SCHEDULE):
+        """Log every changed setting, record those of what the run computes in the history; a changed LR
+        schedule continues, rebuilt, at the current step."""
+        recorded = recorded_changes(self.loaded_changes)
+        logger.warning("resuming with changed settings (checkpoint -> now): %s%s", describe(self.loaded_changes),
+                       "; the run's records keep them as its history of changes (config.yaml's header, "
+                       "provenance.json, checkpoints, metrics.jsonl)" if recorded else "")
+        if recorded:
+            state = self.state
+            self.new_change = {"position": describe_position(state.epoch, state.batch),
+                               "global_step": state.global_step,
+                               "changes": {key: [old, new] for key, old, new in recorded},
+                               "command": self.provenance.get("command"), "time": time.time()}
+            self.history.append(self.new_change)
+        if _schedule_changed(self.loaded_changes):
             optimizer = self.components.optimizer
             before = current_lr(optimizer)
             self.components.scheduler.step_update(self.state.global_step)
@@ -281,14 +356,21 @@ class RunCheckpoints:
         return self.dist_info.world_size, self.config.DATA.BATCH_SIZE, self.config.TRAIN.ACCUMULATION_STEPS
 
     def _check_changes(self, changed: List[Change], path: str, explicit: bool) -> None:
-        """Refuse what cannot continue this run: another experiment's checkpoint under auto-resume,
-        changed optimizer hyperparameters (its saved state carries them)."""
+        """Refuse what cannot continue this run: another experiment's checkpoint under auto-resume, a
+        changed recipe without ``--resume-changed``, changed optimizer hyperparameters (its saved state
+        carries them)."""
         identity = changes_meaning(changed, OnResume.IDENTITY)
         if identity and not explicit:
             raise IncompatibleCheckpoint(
                 f"the run directory holds another run ({describe(identity)}), and this command would "
                 f"continue it; give this experiment its own directory with --tag NAME (or --output DIR), or start "
                 f"from those weights with --pretrained {path} --tag NAME")
+        recipe = sorted(changes_meaning(changed, OnResume.RECIPE) + changes_meaning(changed, OnResume.SCHEDULE))
+        if recipe and not self.config.TRAIN.RESUME_CHANGED:
+            raise IncompatibleCheckpoint(
+                f"this command changes the recipe of the run it would continue ({describe(recipe)}); start a new run "
+                f"with --tag NAME (from these weights: --pretrained {path} --tag NAME), or add --resume-changed to "
+                "continue this run with the changes (its records keep them as a history)")
         fixed = changes_meaning(changed, OnResume.OPTIMIZER)
         if fixed:
             raise IncompatibleCheckpoint(
@@ -324,10 +406,11 @@ class RunCheckpoints:
             saved_keys = _batch_keys(checkpoint, self.config)
             self.loaded_provenance = checkpoint.get("provenance")
             self.loaded_config = checkpoint.get("config")
-            self.loaded_position = (int(checkpoint["epoch"]), int(checkpoint["batch"]), int(checkpoint["global_step"]))
-            schedule_changed = bool(changes_meaning(changed, OnResume.SCHEDULE))
-            self.load_state_dict(checkpoint, weights_only=self.config.EVAL_MODE,
-                                 restore_schedule=saved_keys == self._batch_keys_now() and not schedule_changed)
+            self.loaded_class_names = checkpoint.get("class_names")
+            self.loaded_description = describe_checkpoint(checkpoint)
+            self.history = list(checkpoint.get("config_history") or [])
+            restore_schedule = saved_keys == self._batch_keys_now() and not _schedule_changed(changed)
+            self.load_state_dict(checkpoint, weights_only=self.config.EVAL_MODE, restore_schedule=restore_schedule)
         except IncompatibleCheckpoint as e:
             raise ValueError(f"cannot resume {path}: {e}") from None
         except (OSError, EOFError, ValueError, KeyError, TypeError, RuntimeError) as e:

@@ -24,6 +24,7 @@ from typing import Optional, Protocol, Tuple
 import torch
 from yacs.config import CfgNode
 
+from utils.checkpoint import describe_position
 from utils.distributed import all_reduce_max_on_host
 from utils.reliability import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_OK, EXIT_PREEMPTED, PreemptionSignal, RunStopped
 
@@ -141,8 +142,9 @@ class StopPolicy:
                         self.stop_after)
             return EXIT_OK
         what, code = self._preemption()
-        logger.warning("%s: last.pth holds epoch %d, batch %d, global step %d; run the same command to continue "
-                       "(exit code %d)", what, state.epoch, state.batch, state.global_step, code)
+        position = describe_position(state.epoch, state.batch).replace("after epoch", "the end of epoch")
+        logger.warning("%s: last.pth holds %s, global step %d; run the same command to continue (exit code %d)",
+                       what, position, state.global_step, code)
         return code
 
     def _preemption(self) -> Tuple[str, int]:

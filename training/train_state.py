@@ -12,12 +12,14 @@ from typing import Any, Dict, List
 import numpy as np
 import torch
 
+from utils.checkpoint import resume_position, stored_position
 from utils.distributed import all_gather_object
 
 logger = logging.getLogger(__name__)
 
-# Keys of the checkpoint dict that TrainState writes and reads back.
-COUNTER_KEYS = ("epoch", "batch", "global_step", "best_acc1", "best_epoch", "best_ema_acc1", "best_ema_epoch")
+# Keys of the checkpoint dict that TrainState writes and reads back, beside the position
+# (utils.checkpoint.stored_position: epoch, batch, epoch_complete).
+COUNTER_KEYS = ("global_step", "best_acc1", "best_epoch", "best_ema_acc1", "best_ema_epoch")
 
 
 def capture_rng_state() -> Dict[str, Any]:
@@ -64,8 +66,9 @@ class TrainState:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.epoch = 0  # epoch in progress (or the next to start)
+        self.epoch = 0  # epoch in progress (or the next to start), 0-based
         self.batch = 0  # next batch of ``epoch`` to train on
+        self.ended_epoch_batches = 0  # the batches of the epoch before ``epoch`` (a checkpoint after it says so)
         self.global_step = 0  # optimizer steps taken
         self.best_acc1 = float("-inf")  # the best validation top-1, or mAP for multi-label data
         self.best_epoch = -1
@@ -91,6 +94,7 @@ class TrainState:
         Args:
             epoch: The epoch about to start.
         """
+        self.ended_epoch_batches = self.batch
         self.epoch, self.batch = epoch, 0
         self.reset_epoch_meters()
 
@@ -112,8 +116,9 @@ class TrainState:
                       "train_time": self.train_time}
         ranks = all_gather_object(rank_state)
         counters = {key: getattr(self, key) for key in COUNTER_KEYS}
-        return {**counters, "nonfinite_total": int(self.nonfinite_total),
-                "nonfinite_streak": int(self.nonfinite_streak), "ranks": ranks, "world_size": len(ranks)}
+        return {**stored_position(self.epoch, self.batch, self.ended_epoch_batches), **counters,
+                "nonfinite_total": int(self.nonfinite_total), "nonfinite_streak": int(self.nonfinite_streak),
+                "ranks": ranks, "world_size": len(ranks)}
 
     def load_state_dict(self, checkpoint: Dict[str, Any], rank: int = 0, world_size: int = 1) -> None:
         """Restore the counters, and this rank's RNG streams and running sums.
@@ -125,6 +130,8 @@ class TrainState:
         """
         for key in COUNTER_KEYS:
             setattr(self, key, checkpoint[key])
+        self.epoch, self.batch = resume_position(checkpoint)
+        self.ended_epoch_batches = int(checkpoint["batch"]) if self.batch == 0 else 0
         self.nonfinite_total.fill_(checkpoint.get("nonfinite_total", 0))
         self.nonfinite_streak.fill_(checkpoint.get("nonfinite_streak", 0))
         ranks: List[Dict[str, Any]] = checkpoint["ranks"]

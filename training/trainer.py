@@ -24,9 +24,10 @@ from yacs.config import CfgNode
 from config import dump_config
 from data import build_loader, build_mixup
 from deploy.analysis import analyze_pass, write_class_ap
+from deploy.stored import read_stored_info
 from models import build_model, freeze, load_pretrained
-from optim import build_optimizer, build_scheduler, current_lr, steps_per_epoch
-from utils.checkpoint import BEST, EMA_BEST
+from optim import build_optimizer, build_scheduler, current_lr, steps_per_epoch, warmup_epochs
+from utils.checkpoint import BEST, EMA_BEST, find_resume_candidates
 from utils.distributed import DistInfo
 from utils.file_io import atomic_write_text, load_file, remove_stale_temp_files
 from utils.metrics import RunRecorder
@@ -37,7 +38,7 @@ from utils.reliability import EXIT_OK, PreemptionSignal, check_free_space, estim
 from .distill import build_distiller
 from .engine import Components, evaluate, measure_throughput, summarize_train_epoch, train_one_epoch
 from .loss import build_criterion
-from .resume import RunCheckpoints
+from .resume import RunCheckpoints, history_lines, warn_if_other_classes
 from .stopping import StopPolicy, StopReason
 from .train_state import TrainState
 
@@ -144,6 +145,15 @@ def _describe(stats: Dict[str, Any]) -> str:
     return f"acc@1 {stats['acc1']:.3f}  acc@5 {stats['acc5']:.3f}  loss {stats['loss']:.4f}"
 
 
+def _no_weights_to_evaluate(run_dir: str) -> str:
+    """The one line for ``--eval`` without ``--resume`` or ``--pretrained``."""
+    newest = find_resume_candidates(run_dir)
+    hint = f" (the newest checkpoint of {run_dir} is {newest[0]})" if newest else ""
+    return ("--eval found no weights to evaluate: name them with --resume FILE (a training checkpoint: its weights, "
+            "and its EMA weights with TRAIN.EMA.ENABLE True) or --pretrained FILE (add --use-ema for its EMA weights)"
+            f"{hint}; --eval never picks a file of the run directory by itself")
+
+
 @dataclass
 class ValidationPass:
     """What one validation pass of the weights computed: the pass's numbers and this rank's rows of
@@ -173,6 +183,8 @@ class Trainer:
 
     def __init__(self, config: CfgNode, dist_info: DistInfo, run_dir: str) -> None:
         self.config, self.dist_info, self.run_dir = config, dist_info, run_dir
+        if config.EVAL_MODE and not (config.MODEL.RESUME or config.MODEL.PRETRAINED):
+            raise ValueError(_no_weights_to_evaluate(run_dir))
         device = dist_info.device
         self._log_batch_and_lr()
         if device.type == "cuda":
@@ -200,12 +212,21 @@ class Trainer:
     def _log_batch_and_lr(self) -> None:
         config, world_size = self.config, self.dist_info.world_size
         train = config.TRAIN
+        if config.EVAL_MODE:  # no step is taken: the total batch and the LRs do not concern it
+            logger.info("%d process(es) on %s; batch %d per process", world_size, self.dist_info.device,
+                        config.DATA.BATCH_SIZE)
+            return
         logger.info("%d process(es) on %s; total batch %d = %d per process x %d x %d accumulation steps",
                     world_size, self.dist_info.device, config.DATA.BATCH_SIZE * world_size * train.ACCUMULATION_STEPS,
                     config.DATA.BATCH_SIZE, world_size, train.ACCUMULATION_STEPS)
         logger.info("LR entered (for a total batch of %d): base %g, warmup %g, min %g; scaled: base %g, warmup %g, "
                     "min %g", train.LR_REFERENCE_BATCH, train.BASE_LR, train.WARMUP_LR, train.MIN_LR,
                     train.SCALED_BASE_LR, train.SCALED_WARMUP_LR, train.SCALED_MIN_LR)
+        warmup = warmup_epochs(config)
+        if warmup != train.WARMUP_EPOCHS and not config.EVAL_MODE:
+            logger.warning("TRAIN.WARMUP_EPOCHS=%d does not end before the last of TRAIN.EPOCHS=%d epochs: the warmup "
+                           "is shortened to %d epoch(s); set --opts TRAIN.WARMUP_EPOCHS N (N < %d) to choose",
+                           train.WARMUP_EPOCHS, train.EPOCHS, warmup, train.EPOCHS)
 
     def _build_components(self, model: nn.Module, amp_dtype: Optional[torch.dtype]) -> Components:
         config = self.config
@@ -224,15 +245,16 @@ class Trainer:
 
     # --- --eval -----------------------------------------------------------------------------
     def evaluate(self) -> int:
-        """Evaluate the loaded weights (and EMA), log them and print one JSON line (rank 0)."""
-        if not (self.resumed_from or self.config.MODEL.PRETRAINED):
-            raise ValueError(f"--eval found no weights: pass --resume PATH or --pretrained PATH (no checkpoint "
-                             f"in {self.run_dir})")
+        """Evaluate the weights named by ``--resume`` or ``--pretrained`` (and the EMA), log them and print one JSON
+        line (rank 0) that names the file and which of its weights were evaluated."""
         config, source = self.config, self.resumed_from or self.config.MODEL.PRETRAINED
         if self.resumed_from:
             warn_if_trained_at_another_size(self.checkpoints.loaded_config, config, source)
+        else:
+            warn_if_other_classes(source, read_stored_info(source)[1], self.loaders.class_names)
         ema_only = not self.resumed_from and config.MODEL.PRETRAINED_WEIGHTS == "ema"  # --pretrained --use-ema
-        result: Dict[str, Any] = {"amp": amp_name(self.eval_dtype), "weights": "ema" if ema_only else "model"}
+        result: Dict[str, Any] = {"amp": amp_name(self.eval_dtype), "checkpoint": source,
+                                  "weights": "ema" if ema_only else "model"}
         # Named by the weights and the data: evaluating best.pth on ImageNet and on ImageNet-V2 keeps both.
         data_path = config.DATA.DATA_PATH
         data = os.path.basename(os.path.normpath(data_path)) if data_path else config.DATA.DATASET
@@ -319,11 +341,25 @@ class Trainer:
         ``EXIT_OK``, or ``EXIT_PREEMPTED`` after a stop signal (``last.pth`` holds the position
         reached); raises :class:`RunStopped` after too many non-finite steps in a row.
         """
-        self._prepare_run_dir()
         state = self.state
+        if state.epoch >= self.config.TRAIN.EPOCHS:  # nothing to train, so nothing is written
+            logger.info("the run has trained %d epochs (0..%d), TRAIN.EPOCHS=%d: nothing to train, nothing written; "
+                        "raise TRAIN.EPOCHS to train longer, or pass --tag NAME for a new run", state.epoch,
+                        state.epoch - 1, self.config.TRAIN.EPOCHS)
+            self.log_outputs()
+            return EXIT_OK
+        stop_after = self.config.TRAIN.STOP_AFTER_STEPS
+        if stop_after and state.global_step >= stop_after:
+            logger.info("the checkpoint resumed is at global step %d, TRAIN.STOP_AFTER_STEPS=%d: nothing to train, "
+                        "nothing written", state.global_step, stop_after)
+            return EXIT_OK
+        self._prepare_run_dir()
         resumed = bool(self.resumed_from)
         recorder = RunRecorder(self.run_dir, self.dist_info.is_main, resume_epoch=state.epoch if resumed else None,
                                resume_step=state.global_step if resumed else None)
+        change = self.checkpoints.new_change
+        if change is not None:
+            recorder.text("config_changes", history_lines([change])[0], state.global_step)
         # Installed only now: before training there is nothing to save, and a process blocked in set-up
         # (e.g. a rendezvous) must still die on the launcher's SIGTERM.
         try:
@@ -337,9 +373,13 @@ class Trainer:
         check_free_space(self.run_dir, estimate_checkpoint_bytes(self.parts.model, self.parts.ema is not None))
         if self.dist_info.is_main:
             remove_stale_temp_files(self.run_dir)
-            # Written only once every input was accepted: a rejected command leaves the old config.yaml.
-            dump_config(self.config, os.path.join(self.run_dir, "config.yaml"))
-            atomic_write_text(json.dumps(self.checkpoints.provenance, indent=1) + "\n",
+            # Written only once every input was accepted and there is something to train: a rejected command, or
+            # one that trains nothing, leaves the old config.yaml. Settings changed on resume are kept as a history.
+            history = self.checkpoints.history
+            header = ["The config this run trains with. Settings changed on resume (checkpoint -> this file):",
+                      *[f"  {line}" for line in history_lines(history)]] if history else []
+            dump_config(self.config, os.path.join(self.run_dir, "config.yaml"), header)
+            atomic_write_text(json.dumps({**self.checkpoints.provenance, "config_history": history}, indent=1) + "\n",
                               os.path.join(self.run_dir, "provenance.json"))
             logger.info("run directory %s; full config in config.yaml, what runs it in provenance.json", self.run_dir)
 
@@ -355,11 +395,6 @@ class Trainer:
             if checkpoints.step_save_due():
                 checkpoints.save_last()
 
-        if state.epoch >= config.TRAIN.EPOCHS:
-            logger.info("the run finished at epoch %d (TRAIN.EPOCHS=%d): nothing to train; raise TRAIN.EPOCHS to "
-                        "train longer, or pass --tag NAME for a new run", state.epoch, config.TRAIN.EPOCHS)
-            self.log_outputs()
-            return EXIT_OK
         logger.info("training epochs %d..%d from batch %d (%d optimizer steps per epoch)", state.epoch,
                     config.TRAIN.EPOCHS - 1, state.batch, epoch_steps)
         start_time = time.time()
@@ -407,6 +442,10 @@ class Trainer:
         row.update({"global_step": state.global_step, f"best_{metric}": state.best_acc1})
         if parts.distiller is not None:
             row.update(self._teacher_cost())
+        change, self.checkpoints.new_change = self.checkpoints.new_change, None
+        if change is not None:  # the first epoch row after settings changed on resume names them
+            row["config_changes"] = {"position": change["position"], "global_step": change["global_step"],
+                                     **change["changes"]}
         state.start_epoch(epoch + 1)  # a checkpoint describes the start of the next epoch
         self.checkpoints.save_epoch_end(epoch, improved)
         recorder.epoch(row, state.global_step)

@@ -3,12 +3,17 @@
 A checkpoint is one ``torch.save`` dict (loadable with ``weights_only=True``):
 
 ``format_version``, ``model``, ``ema``, ``optimizer``, ``scheduler``, ``scaler``, the
-:class:`~training.train_state.TrainState` keys (``epoch`` in progress, its next ``batch``,
-``global_step``, the best accuracies, the skipped-step counts, ``ranks``: per rank every RNG
+:class:`~training.train_state.TrainState` keys (the position: ``epoch``, the 0-based epoch the
+file was saved in or after, as logs and ``metrics.jsonl`` number it (Swin, DeiT and timm store the
+same), ``batch``, the batches of that epoch trained per process, and ``epoch_complete``, whether
+that epoch had ended; ``global_step``, the best accuracies, the skipped-step counts, ``ranks``: per rank every RNG
 state and the epoch's running sums, ``world_size``), ``config`` (plain data), ``class_names`` (the
 dataset's, in label order; None for generated data), ``frozen`` (what ``TRAIN.FREEZE`` froze:
 ``spec``, ``parameters`` frozen, ``trainable``, the frozen top-level ``modules``; older files lack
-it), ``provenance`` (what produced it: :mod:`utils.provenance`) and ``saved_at``. ``training/resume.py`` decides what goes in and
+it), ``provenance`` (what produced it: :mod:`utils.provenance`), ``config_history`` (the settings changed
+on resume, where each took effect; older files lack it) and ``saved_at``. Format 1 stored instead the
+epoch and batch to resume at (the file written after epoch 14 said epoch 15, batch 0); it is read
+as such. ``training/resume.py`` decides what goes in and
 what a run does with it; this module only reads, checks and writes files.
 
 Files of a run directory: ``last.pth`` (newest position), ``epoch_NNNN.pth`` (the newest
@@ -34,7 +39,7 @@ from .reliability import first_line
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LAST = "last.pth"
 BEST = "best.pth"
 EMA_BEST = "ema_best.pth"
@@ -45,6 +50,46 @@ _EPOCH_RE = re.compile(r"^epoch_(\d+)\.pth$")
 def epoch_checkpoint_name(epoch: int) -> str:
     """File name of the checkpoint written after ``epoch`` (0-based) completed."""
     return f"epoch_{epoch:04d}.pth"
+
+
+def stored_position(epoch: int, batch: int, ended_epoch_batches: int) -> Dict[str, Any]:
+    """The position keys a checkpoint stores for the position where training continues.
+
+    Args:
+        epoch: The epoch to train next (0-based).
+        batch: Its next batch; 0 with ``epoch`` > 0 is the end of the epoch before.
+        ended_epoch_batches: The batches the epoch before had (stored when it is the one described).
+    """
+    if batch == 0 and epoch > 0:
+        return {"epoch": epoch - 1, "batch": ended_epoch_batches, "epoch_complete": True}
+    return {"epoch": epoch, "batch": batch, "epoch_complete": False}
+
+
+def resume_position(checkpoint: Dict[str, Any]) -> Tuple[int, int]:
+    """(epoch, batch) where training continues after ``checkpoint``: the epoch and its next batch.
+
+    Args:
+        checkpoint: A training checkpoint of any format version.
+    """
+    epoch, batch = int(checkpoint["epoch"]), int(checkpoint["batch"])
+    if int(checkpoint.get("format_version", 1)) >= 2 and checkpoint.get("epoch_complete"):
+        return epoch + 1, 0
+    return epoch, batch
+
+
+def describe_position(epoch: int, batch: int) -> str:
+    """A position where training continues as logs name it: ``after epoch 14`` or ``epoch 15, batch 37``.
+
+    Args:
+        epoch: The epoch to train next (0-based).
+        batch: Its next batch.
+    """
+    return f"after epoch {epoch - 1}" if batch == 0 and epoch > 0 else f"epoch {epoch}, batch {batch}"
+
+
+def describe_checkpoint(checkpoint: Dict[str, Any]) -> str:
+    """``after epoch 14, global step 960`` (or ``epoch 15, batch 37, global step 997``) for a checkpoint."""
+    return f"{describe_position(*resume_position(checkpoint))}, global step {int(checkpoint['global_step'])}"
 
 
 class IncompatibleCheckpoint(ValueError):
@@ -137,7 +182,7 @@ def find_resume_candidates(run_dir: str) -> List[str]:
         try:
             checkpoint = load_file(path, mmap=True)
             check_format(checkpoint)
-            position = (int(checkpoint["global_step"]), int(checkpoint["epoch"]), int(checkpoint["batch"]))
+            position = (int(checkpoint["global_step"]), *resume_position(checkpoint))
         except (ValueError, KeyError, TypeError) as e:
             logger.warning("skipping %s for auto-resume: %s", path, e)
             continue
@@ -198,8 +243,9 @@ class CheckpointFiles:
         # RuntimeError ("unexpected pos ..."). Either way the previous files are untouched.
         except (OSError, RuntimeError) as e:
             return self._save_error(first, needed, e)
-        logger.info("saved %s (epoch %d, batch %d, step %d) in %.1fs", ", ".join(names), checkpoint["epoch"],
-                    checkpoint["batch"], checkpoint["global_step"], time.perf_counter() - start)
+        logger.info("saved %s (%s, step %d) in %.1fs", ", ".join(names),
+                    describe_position(*resume_position(checkpoint)), checkpoint["global_step"],
+                    time.perf_counter() - start)
         return None
 
     def _save_error(self, path: str, needed: int, error: BaseException) -> str:

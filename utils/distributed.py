@@ -134,6 +134,35 @@ def unanswered_ranks() -> Optional[List[int]]:
         return None
 
 
+def claim(key: str, value: str) -> Optional[str]:
+    """Set ``key`` in the job's store to ``value`` unless a process set it first; the value it holds.
+
+    The job's store is the process group's or, before the group exists, the one torchrun's agent
+    hosts for the job (``TORCHELASTIC_USE_AGENT_STORE``). The key is scoped to this attempt
+    (``TORCHELASTIC_RESTART_COUNT``), so a restarted job starts with no claims.
+
+    Args:
+        key: What is claimed.
+        value: This process's claim.
+
+    Returns:
+        ``value`` when this process was the first, another process's value when it was, None when
+        there is no store to ask (one process, or the store is gone).
+    """
+    key = f"crossformer/claim/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{key}"
+    try:
+        if dist.is_available() and dist.is_initialized():
+            store = dist.distributed_c10d._get_default_store()
+        elif os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=datetime.timedelta(seconds=CLAIM_TIMEOUT_S), wait_for_workers=False)
+        else:
+            return None
+        return store.compare_set(key, "", value).decode()
+    except Exception:  # noqa: BLE001 - the store is unreachable: nobody can be asked
+        return None
+
+
 def cleanup() -> None:
     """Leave the process group (if any)."""
     global _host_group, _host_group_ready
@@ -176,6 +205,7 @@ _host_group_ready = False
 # The run's collective timeout (DIST.TIMEOUT_S), for the groups created after init_distributed.
 _timeout = datetime.timedelta(seconds=600)
 LOST_RANK_WAIT_S = 10.0  # unanswered_ranks: how long the survivors of a failed collective wait for each other
+CLAIM_TIMEOUT_S = 5.0  # claim: how long a process without a group waits for torchrun's store
 
 
 def all_reduce_max_on_host(values: Sequence[int]) -> List[int]:

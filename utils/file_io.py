@@ -36,17 +36,38 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def atomic_publish(path: str, write: Callable[[str], None]) -> None:
+def fsync_file(path: str) -> None:
+    """Flush a file that a library wrote and closed to the disk.
+
+    Args:
+        path: The file.
+    """
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def usual_file_mode() -> int:
+    """The permissions this user's new files get: 0666 less the umask (e.g. 0644 under umask 022)."""
+    mask = os.umask(0o022)  # reading the umask means setting it: put it back at once
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_publish(path: str, write: Callable[[str], None], shared: bool = False) -> None:
     """Atomically make ``path`` the file that ``write(tmp)`` produces: temp file, rename, fsync the
     directory; on any failure the temp file is removed and ``path`` is untouched.
 
     Args:
         path: Destination.
         write: Writes the complete file (and fsyncs it) at the temp path it is given.
+        shared: Give the file the permissions of any new file of the user (:func:`usual_file_mode`)
+            whatever ``write`` created it with (safetensors creates 0600 files): for files meant to be shared.
     """
     tmp = _temp_path(path)
     try:
         write(tmp)
+        if shared:
+            os.chmod(tmp, usual_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -55,12 +76,13 @@ def atomic_publish(path: str, write: Callable[[str], None]) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def atomic_save(obj: Any, path: str) -> None:
+def atomic_save(obj: Any, path: str, shared: bool = False) -> None:
     """``torch.save`` to a temp file, fsync, then rename over ``path``.
 
     Args:
         obj: What to save.
         path: Destination.
+        shared: See :func:`atomic_publish`.
     """
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
@@ -68,7 +90,7 @@ def atomic_save(obj: Any, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
 
-    atomic_publish(path, write)
+    atomic_publish(path, write, shared)
 
 
 def atomic_write_text(text: str, path: str) -> None:
@@ -118,6 +140,10 @@ def load_file(path: str, map_location: Any = "cpu", mmap: bool = False) -> Dict[
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist; check the path given to --resume / --pretrained")
+    if path.endswith(".onnx"):  # the format follows the suffix
+        raise ValueError(f"{path} is an ONNX graph, not PyTorch weights: this command reads a training checkpoint "
+                         "or a .pth / .safetensors export; pass the checkpoint the .onnx was exported from, or run "
+                         "the .onnx with onnxruntime (docs/deploy.md)")
     try:
         if path.endswith(".safetensors"):  # a bare state dict (deploy.export writes them)
             from safetensors.torch import load_file as load_safetensors

@@ -8,7 +8,8 @@ work: rendezvous, worker processes, restarts. Only its ends differ:
 * A worker that exits on purpose (an error explained in one line, a preemption, Ctrl-C, a
   non-finite loss: :mod:`utils.reliability`'s exit codes) has said why on its own stderr; torchrun's
   ``ChildFailedError`` traceback would bury that line, so nothing is added and the launcher exits
-  with the worker's code.
+  with the worker's code: the one its error file records (:func:`utils.reliability.report_failure`;
+  torchrun may have killed the worker after it reported and before it exited), else its exit code.
 * Any other failure (a Python traceback, a worker killed by a signal) gets one line naming the
   rank, the process and the exit code or signal; the worker's own output above it has the details.
 * A stop signal to the launcher (SIGTERM or SIGUSR1: SLURM's warning and ``scancel`` reach every
@@ -37,7 +38,8 @@ import sys
 from types import FrameType
 from typing import List, Optional, Sequence
 
-from utils.reliability import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, first_line
+from utils.reliability import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, first_line,
+                               reported_exit_code)
 
 SHUTDOWN_TIMEOUT_S = 300
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -73,12 +75,12 @@ def exit_code(exitcode: int) -> int:
 
 def _repeats_left_out(record: logging.LogRecord) -> bool:
     """False for torchrun's log lines that repeat what the workers or :func:`failure_line` say:
-    "failed (exitcode: N) local_rank: R ..." and "Sending process P closing signal SIGINT" (the
-    workers received the terminal's Ctrl-C themselves and said so). Its "Received SIGINT death
-    signal" warning is left out by level."""
+    "failed (exitcode: N) local_rank: R ..." and "Sending process P closing signal S" (the workers
+    received the terminal's Ctrl-C themselves and said so; after a failure the others are stopped,
+    which the failure's line implies; a stop signal is announced by the workers). Its "Received
+    SIGINT death signal" warning is left out by level."""
     message = str(record.msg)
-    return not (message.startswith("failed (exitcode")
-                or (message.startswith("Sending process") and "SIGINT" in map(str, record.args or ())))
+    return not message.startswith(("failed (exitcode", "Sending process"))
 
 
 class _FirstStopSignal:
@@ -137,11 +139,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.ERROR)
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").addFilter(_repeats_left_out)
+    # torchrun's record() copies the failed worker's error file to its own launcher's, if any; without one it
+    # logs an error that names only the file: the worker's line has been printed already.
+    logging.getLogger("torch.distributed.elastic.multiprocessing.errors.error_handler").setLevel(logging.CRITICAL)
     argv = _own_stop_signals(sys.argv[1:] if argv is None else argv)
     try:
         torchrun_main(argv)
     except ChildFailedError as e:
         _, failure = e.get_first_failure()
+        reported = reported_exit_code(failure.error_file_data)
+        if reported is not None:  # the worker's own line said why
+            return reported
         line = failure_line(failure.local_rank, failure.pid, failure.exitcode)
         if line:
             print(line, file=sys.stderr)

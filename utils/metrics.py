@@ -62,6 +62,18 @@ class RunRecorder:
             for name, value in values.items():
                 self.tb.add_scalar(name, value, step)
 
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Add a note to TensorBoard's text tab at ``step`` (e.g. the settings changed on resume).
+
+        Args:
+            tag: The text's name.
+            text: The note.
+            step: Global optimizer step.
+        """
+        if self.tb is not None:
+            self.tb.add_text(tag, text, step)
+            self.tb.flush()
+
     def epoch(self, row: Dict[str, Any], step: int) -> None:
         """Append one epoch's row to ``metrics.jsonl`` and its numbers to TensorBoard.
 

@@ -14,17 +14,20 @@ Exit codes of ``main.py`` (documented in ``docs/reliability.md``):
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
 import signal
+import sys
 import time
 from types import FrameType
 from typing import Any, Dict, Optional, Sequence
 
 from torch import nn
 
-from .distributed import all_reduce_max_on_host, broadcast_object, rank_and_world_size
+from .distributed import all_gather_object, all_reduce_max_on_host, broadcast_object, claim, rank_and_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,77 @@ _SECOND_INTERRUPT_AFTER_S = 1.0
 def first_line(error: BaseException) -> str:
     """The first non-empty line of an exception's message (library errors can span pages)."""
     return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+# torchrun's agent sets this in every worker's environment; torch's ``record`` writes there.
+ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
+
+
+def report_failure(line: str, cause: str, exit_code: int, print_without_store: bool = True) -> None:
+    """Put this process's one-line failure on stderr, once per job, and in torchrun's failure summary.
+
+    Processes that fail with the same ``cause`` (a bad config or dataset fails every rank alike)
+    print it once: the first of them to claim it in the job's store
+    (:func:`utils.distributed.claim`) prints its line, the others stay silent. Under torchrun every
+    failing process also writes its line into its error file (``TORCHELASTIC_ERROR_FILE``, in the
+    format of torch's ``record``), so that torchrun's summary shows it where it would say "To enable
+    traceback see ...". The summary's "Root Cause" is the failure with the smallest timestamp
+    (whole seconds; ties go to the lowest rank), so a process repeating a cause already reported
+    records itself a second after the first: the root cause is the line the terminal shows. The
+    file also holds ``exit_code`` (as ``errorCode``, the field torch's handler keeps the root cause's
+    exit code in): torchrun may kill a process that reported its failure before it has exited, and
+    ``utils.launch`` then still exits with the code the process chose.
+
+    Args:
+        line: The whole line, e.g. ``error (rank 1): ... [ValueError; rerun with --debug ...]``.
+        cause: What the line says without naming this process (processes with equal causes print once).
+        exit_code: The exit code this process is about to return.
+        print_without_store: Whether to print when no store can be asked.
+    """
+    rank, now = os.environ.get("RANK", "0"), int(time.time())
+    holder = claim(f"failure/{hashlib.sha256(cause.encode()).hexdigest()[:16]}", f"{rank}:{now}")
+    first = holder == f"{rank}:{now}" if holder is not None else print_without_store
+    if first:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    timestamp = now if first or holder is None else max(now, int(holder.rsplit(":", 1)[1]) + 1)
+    _write_error_file({"message": line, "errorCode": exit_code, "extraInfo": {"timestamp": str(timestamp)}})
+
+
+def record_traceback(error: BaseException) -> None:
+    """Under torchrun, put ``error``'s traceback in torchrun's failure summary (what ``--debug`` asks
+    for; call it inside the ``except`` block that caught ``error``).
+
+    Args:
+        error: The exception being handled.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+    if os.environ.get(ERROR_FILE_ENV):
+        ErrorHandler().record_exception(error)
+
+
+def reported_exit_code(error_file_data: Dict[str, Any]) -> Optional[int]:
+    """The exit code that :func:`report_failure` wrote in a worker's error file, else None.
+
+    Args:
+        error_file_data: The file's JSON (torch's ``ProcessFailure.error_file_data``).
+    """
+    message = error_file_data.get("message")
+    code = message.get("errorCode") if isinstance(message, dict) else None
+    return code if isinstance(code, int) and not isinstance(code, bool) else None
+
+
+def _write_error_file(message: Dict[str, Any]) -> None:
+    """Write ``message`` as torchrun's error file of this worker (nothing outside torchrun)."""
+    path = os.environ.get(ERROR_FILE_ENV)
+    if not path:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"message": message}, f)
+    except OSError:  # torchrun's summary then lacks the line; stderr still has it
+        pass
 
 
 class RunStopped(Exception):
@@ -138,15 +212,19 @@ class PreemptionSignal:
 # Output directory checks (before the first step)
 # -----------------------------------------------------------------------------
 def check_output_writable(run_dir: str) -> None:
-    """Create ``run_dir`` and write, fsync and remove a probe file in it.
+    """Create ``run_dir`` and write, fsync and remove a probe file in it, on every rank (a collective).
+
+    Every rank raises the same error when any rank failed, and when this returns no rank creates
+    ``run_dir`` any more: a rank that removes it after a failure cannot race another one creating it.
 
     Args:
         run_dir: The run directory.
 
     Raises:
-        RunStopped: with the path, the cause and the fix.
+        RunStopped: with the path, the cause, the rank and the fix.
     """
     probe = os.path.join(run_dir, f".write-probe-{os.getpid()}")
+    problem = None
     try:
         os.makedirs(run_dir, exist_ok=True)
         with open(probe, "wb") as f:
@@ -155,8 +233,13 @@ def check_output_writable(run_dir: str) -> None:
             os.fsync(f.fileno())
         os.remove(probe)
     except OSError as e:
-        raise RunStopped(f"the run directory {run_dir} is not writable ({e.strerror or e}); pass --output DIR "
-                         "on a writable file system or fix its permissions", EXIT_ERROR) from None
+        problem = e.strerror or str(e)
+    problems = all_gather_object(problem)
+    failed = next((rank for rank, p in enumerate(problems) if p), None)
+    if failed is not None:
+        where = f" on rank {failed}" if len(problems) > 1 else ""
+        raise RunStopped(f"the run directory {run_dir} is not writable{where} ({problems[failed]}); pass --output "
+                         "DIR on a writable file system or fix its permissions", EXIT_ERROR)
 
 
 def estimate_checkpoint_bytes(model: nn.Module, with_ema: bool) -> int:

@@ -5,6 +5,7 @@ generated data); ``--quick`` runs the same code at sizes that take seconds on tw
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Tuple
@@ -103,6 +104,19 @@ def make_plan(quick: bool) -> Plan:
                 speed_warmup=3, speed_trials=5, e2e_img_size=224, e2e_batch=64, e2e_epochs=2)
 
 
+# The skip reason of every row that needs DALI, where it is not installed (the lent GPU machine's image has
+# no DALI and cannot carry its wheel: docs/performance.md, "The GPU proof on the lent machine").
+DALI_MISSING = "DALI not installed (nvidia.dali is not importable)"
+
+
+def dali_installed() -> bool:
+    """Whether ``nvidia.dali`` can be imported here (found without importing it: that takes seconds)."""
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except ModuleNotFoundError:  # no ``nvidia`` namespace package at all
+        return False
+
+
 @dataclass
 class Context:
     """What every check gets: the device, the plan, where to write, and the JPEGs made once per run.
@@ -112,12 +126,14 @@ class Context:
         quick: Tiny sizes.
         plan: :func:`make_plan`'s plan.
         out: Output directory (the report, the generated data, the main.py run).
+        dali: Whether DALI is installed; without it the rows that need it are skipped, by name.
     """
 
     device: torch.device
     quick: bool
     plan: Plan
     out: Path
+    dali: bool = True
     cache: Dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -77,7 +77,8 @@ class GroupTiming:
 
 @dataclass
 class Report:
-    """Everything one run found; written by :meth:`write`."""
+    """Everything one run found; written by :meth:`write` (after every group: ``pending`` names those still to run,
+    so that a report left by a run stopped at its time limit says it is incomplete)."""
 
     device: str
     quick: bool
@@ -85,6 +86,7 @@ class Report:
     results: List[Result] = field(default_factory=list)
     speed: List[SpeedRow] = field(default_factory=list)
     timings: List[GroupTiming] = field(default_factory=list)
+    pending: List[str] = field(default_factory=list)
 
     @property
     def failed(self) -> List[Result]:
@@ -94,15 +96,19 @@ class Report:
     def to_dict(self) -> Dict[str, Any]:
         """The JSON form (``gpu_check.json``)."""
         return {"device": self.device, "quick": self.quick, "environment": self.environment,
-                "passed": not self.failed, "results": [asdict(r) for r in self.results],
+                "passed": not self.failed and not self.pending, "pending": self.pending,
+                "results": [asdict(r) for r in self.results],
                 "speed": [asdict(r) for r in self.speed], "timings": [asdict(t) for t in self.timings],
                 "total_seconds": sum(t.seconds for t in self.timings)}
 
     def markdown(self) -> str:
         """The short table (``gpu_check.md``): checks, then speed rows, then time per group."""
+        verdict = 'PASSED' if not self.failed else f'FAILED: {len(self.failed)} check(s)'
+        if self.pending:
+            verdict = f"INCOMPLETE, not run: {', '.join(self.pending)}" + (f"; {verdict}" if self.failed else "")
         lines = [f"# GPU check on {self.device}{' (--quick)' if self.quick else ''}", "",
                  ", ".join(f"{k} {v}" for k, v in self.environment.items()), "",
-                 f"**{'PASSED' if not self.failed else f'FAILED: {len(self.failed)} check(s)'}**", "",
+                 f"**{verdict}**", "",
                  "| check | result | measured | bound | detail |", "|---|---|---|---|---|"]
         for r in self.results:
             lines.append(f"| {r.name} | {r.status} | {_fmt(r.value)} | {r.bound} | {_cell(r.detail)} |")

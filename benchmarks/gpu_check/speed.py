@@ -9,6 +9,8 @@
   (``benchmarks.data_throughput.measure``).
 - ``main.py`` row: a short training run with the DALI loader on those JPEGs; its progress lines'
   images/s and the share of time the loop waited for data.
+
+Without DALI installed, the loader and ``main.py`` rows are skipped by name; the model rows run.
 """
 from __future__ import annotations
 
@@ -26,9 +28,8 @@ from benchmarks.benchmark_model import measure, speedups
 from benchmarks.data_throughput import measure as loader_rate
 from data.toy import CLASSES
 
-from .dali_checks import generated_jpegs, train_loader_config
-from .plan import Context
-from .report import Result, SpeedRow, check
+from .plan import DALI_MISSING, Context
+from .report import Result, SpeedRow, check, skipped
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ def model_rows(ctx: Context) -> List[SpeedRow]:
 
 def loader_row(ctx: Context) -> SpeedRow:
     """DALI vs PyTorch loader images/s on the same JPEGs, alternating trials (median of per-trial ratios)."""
+    from .dali_checks import train_loader_config  # imports DALI: only where it is installed
+
     trials = 1 if ctx.quick else 2
     configs = {loader: train_loader_config(ctx, loader, ctx.plan.loader_randaugment) for loader in ("dali", "pytorch")}
     rates: Dict[str, List[float]] = {loader: [] for loader in configs}
@@ -92,6 +95,8 @@ PROGRESS = re.compile(r"([\d.]+) img/s\s+data wait (\d+)%")
 
 def main_py_run(ctx: Context) -> Tuple[Result, Optional[SpeedRow]]:
     """``main.py`` training on the generated JPEGs with the DALI loader: exit code, images/s, data-wait share."""
+    from .dali_checks import generated_jpegs  # imports DALI: only where it is installed
+
     plan = ctx.plan
     data = generated_jpegs(ctx)
     batch = plan.e2e_batch
@@ -130,6 +135,8 @@ def main_py_run(ctx: Context) -> Tuple[Result, Optional[SpeedRow]]:
 
 def check_speed(ctx: Context) -> Tuple[List[Result], List[SpeedRow]]:
     """The ``speed`` group: its one correctness row (main.py ran) and the measured rows."""
+    if not ctx.dali:
+        return [skipped("loader/train", DALI_MISSING), skipped("e2e/main_py_dali", DALI_MISSING)], model_rows(ctx)
     rows = model_rows(ctx) + [loader_row(ctx)]
     result, row = main_py_run(ctx)
     return [result], rows + ([row] if row is not None else [])
