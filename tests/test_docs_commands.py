@@ -82,6 +82,7 @@ NOT_RUN: List[Tuple[str, str]] = [
     (r"^python -m benchmarks\.", "a benchmark or the GPU check: minutes, or a GPU"),
     (r"--throughput", "measures a full-size model: minutes on a CPU"),
     (r"^(mkdir|ln|export) ", "shell set-up of a cluster's files or network"),
+    (r"^set ", "a shell script for a lent GPU machine: the modules it runs must exist"),
     (r"crossformerpp_s_finetune_layer_decay", "a recipe: trained under 2 processes by tests/test_recipes.py"),
     (r"--format onnx", "torch.export takes half a minute: this command line runs in tests/test_onnx_export.py"),
 ]
@@ -135,7 +136,7 @@ SUBSTITUTIONS: Dict[str, str] = {
     "crossformerpp_b.pth": "crossformerpp_s.pth",  # released weights -> the demo's (with the tiny architecture)
 }
 
-SHELL_WORDS = ("pip", "torchrun", "python", "./launch.sh", "srun", "mkdir", "ln", "export", "for")
+SHELL_WORDS = ("pip", "torchrun", "python", "./launch.sh", "srun", "mkdir", "ln", "export", "for", "set")
 TRAINING_FILES = ("config.yaml", "log.txt", "metrics.jsonl", "last.pth", "best.pth", "ema_best.pth", "analysis")
 
 
@@ -212,6 +213,9 @@ def block_commands(source: Path, start: int, lines: List[str]) -> List[Command]:
     """The commands of one bash block, each with the line it starts on."""
     out: List[Command] = []
     for first, tokens in logical_lines(start, lines):
+        if tokens[0] == "set":  # a shell script on one line: one command, its modules checked
+            out.append(Command(f"{source.relative_to(REPO_ROOT)}:{first}", " ".join(tokens), tokens))
+            continue
         for argv in split_commands(tokens):
             env = {}
             while argv and re.fullmatch(r"[A-Z_]+=\S*", argv[0]):
@@ -261,6 +265,8 @@ INLINE = [c for path in DOCS for c in inline_commands(path)]
 def rule_for(command: Command) -> Tuple[str, Optional[List[str]]]:
     """("run", its tiny --opts), (why it is not run, None), or ("", None) where no table covers it."""
     text = command.text
+    if command.argv[0] not in SHELL_WORDS:
+        return "a shell utility or another environment's program, not this project's", None
     for pattern, tiny in RUN:
         if re.search(pattern, text):
             return "run", tiny
@@ -321,6 +327,9 @@ def _last_line(stream: io.StringIO) -> str:
 def parse_with_module(module: str, args: Sequence[str], what: str) -> argparse.Namespace:
     """``python -m MODULE ARGS`` parsed by the module's own parser, stopping before it runs."""
     assert importlib.util.find_spec(module) is not None, f"{what}: no module {module}"
+    # setuptools first, as an import of the programs' dependencies would: otherwise a module that
+    # imports the standard library's distutils leaves setuptools' shim asserting in the next one
+    importlib.import_module("setuptools")
     err = io.StringIO()
     saved_argv = sys.argv
     sys.argv = [module, *args]
@@ -440,7 +449,8 @@ def main_args_of(command: Command) -> Optional[Tuple[List[str], int]]:
 def check(command: Command, produced: Produced) -> None:
     """The checked level of one command (see the module docstring)."""
     argv, what = command.argv, str(command)
-    assert argv[0] in SHELL_WORDS, f"{what}\nunknown program {argv[0]} (SHELL_WORDS lists the ones the docs use)"
+    if argv[0] not in SHELL_WORDS:
+        return  # a shell utility or another environment's program (cd, git, tar, a venv's pip): not ours
     main_args = main_args_of(command)
     if main_args is not None:
         check_main(main_args[0], main_args[1], produced, what)
@@ -454,6 +464,10 @@ def check(command: Command, produced: Produced) -> None:
                 if not path.startswith("-"):
                     require_file(path, produced, what)
             return
+        top = argv[2].split(".")[0]
+        if not ((REPO_ROOT / top).is_dir() or (REPO_ROOT / f"{top}.py").is_file()):  # pip, venv: not ours
+            assert importlib.util.find_spec(argv[2]) is not None, f"{what}\nno module {argv[2]}"
+            return
         namespace = parse_with_module(argv[2], argv[3:], what)
         for name in ("cfg", "pretrained", "checkpoint", "src", "paths"):
             values = getattr(namespace, name, None)
@@ -464,6 +478,11 @@ def check(command: Command, produced: Produced) -> None:
             value = getattr(namespace, name, None)
             if value and value != "-":
                 produced.add(str(value))
+    elif argv[0] == "set":
+        modules = [argv[i + 1] for i in range(1, len(argv) - 1) if argv[i] == "-m" and argv[i - 1].startswith("python")]
+        assert modules, f"{what}\na shell script that runs no python -m module"
+        for module in modules:
+            assert importlib.util.find_spec(module) is not None, f"{what}\nno module {module}"
     elif argv[0] == "mkdir":
         produced.add(argv[-1])
     elif argv[0] == "ln":
@@ -476,7 +495,7 @@ def test_untagged_blocks_hold_no_commands(path: Path) -> None:
     for language, start, lines in fenced_blocks(path):
         if language in ("", "text", "console"):
             for offset, line in enumerate(lines):
-                assert not line.lstrip().startswith(tuple(w + " " for w in SHELL_WORDS)), (
+                assert not line.lstrip().startswith(("pip ", "torchrun ", "python ", "./launch.sh ", "srun ")), (
                     f"{path.name}:{start + offset}: a command in an untagged block: tag the block bash")
 
 
@@ -509,8 +528,8 @@ def check_inline(command: Command, produced: Produced) -> None:
     """A program named in the prose (``python -m predict``, ``torchrun --max-restarts``) must exist;
     a command with arguments is checked as a block's command is."""
     argv = command.argv
-    if argv[0] == "torchrun" and "main.py" not in argv:
-        return  # torchrun's own option, named
+    if (argv[0] == "torchrun" and "main.py" not in argv) or argv[-1] == "main.py":
+        return  # torchrun's own option or main.py under a launcher, named
     if argv[:2] == ["python", "-m"] and len(argv) == 3:
         assert importlib.util.find_spec(argv[2]) is not None, f"{command}\nno module {argv[2]}"
         return
