@@ -185,8 +185,8 @@ KEYS: Tuple[Key, ...] = (
               "is not a file, and MODEL.DISTILL.TYPE={cfg.MODEL.DISTILL.TYPE!r} needs the teacher's weights; pass "
               "the path of the teacher's weights file"),
         resume=_N),  # the teacher's identity (its bytes, not its path) is compared: training/distill.py
-    Key("MODEL.DISTILL.TEACHER_EMA", False, "Take the EMA weights of the teacher's file (ours: \"ema\"; timm's: "
-        '"state_dict_ema").', resume=_I),
+    Key("MODEL.DISTILL.TEACHER_EMA", False, "Take the EMA weights of the teacher's file (ours: \"model_ema\", "
+        'older files "ema"; timm\'s: "state_dict_ema").', resume=_I),
     Key("MODEL.DISTILL.TEACHER_IMG_SIZE", None, "The teacher's input size: the student's batch is resized to it on "
         "the device (bicubic). None: the timm model's pretrained input size, or the IMG_SIZE stored with our "
         "checkpoint.", example=224, resume=_I,
@@ -654,6 +654,51 @@ def fill_optimizer_defaults(cfg: CN) -> None:
             section[name] = value
 
 
+def adopt_pretrained_architecture(cfg: CN) -> None:
+    """``--pretrained`` of a file that stores its training config: the model is the file's.
+
+    The architecture (``MODEL.NAME`` and ``MODEL.CROSSFORMER.*``) comes from the file, the recipe
+    from the config, so a checkpoint or export of any width fine-tunes with the config of its
+    variant; ``config.yaml`` and the run's checkpoints record the widths built. A config that names
+    another variant, or sets a width the file contradicts, is one error naming both.
+
+    Args:
+        cfg: A mutable, validated config.
+    """
+    path = cfg.MODEL.PRETRAINED
+    if not path or not os.path.exists(path):
+        return  # no file: loading it reports that
+    from models.stored import ARCH_KEYS, read_stored_info, stored_architecture
+
+    try:
+        stored, _ = read_stored_info(path)
+    except (OSError, ValueError):
+        return  # unreadable: loading it reports why
+    if not stored:
+        return  # an official release or a bare state dict: the config describes the model
+    name, stored_args = stored_architecture(stored)
+    widths = cfg.MODEL.CROSSFORMER
+    file_keys = {ARCH_KEYS[arg]: value for arg, value in stored_args.items()}
+    described = f"{name} ({', '.join(f'{key} {value}' for key, value in file_keys.items()) or 'its own widths'})"
+    if name != cfg.MODEL.NAME:
+        raise ConfigError(f"--pretrained {path} holds a {described}, but MODEL.NAME={cfg.MODEL.NAME!r}; add --opts "
+                          f"MODEL.NAME {name} (the widths come from the file), or pass weights of a {cfg.MODEL.NAME}")
+    for key in ARCH_KEYS.values():
+        value = widths[key]
+        if value is not None and _as_list(value) != _as_list(file_keys.get(key)):
+            raise ConfigError(f"--pretrained {path} holds a {described}, but MODEL.CROSSFORMER.{key}={value!r}; drop "
+                              f"MODEL.CROSSFORMER.{key} from the config (the file's architecture is built), or pass "
+                              "weights of that architecture")
+    for key, value in file_keys.items():
+        widths[key] = value
+    if file_keys:
+        logger.info("the model is the architecture of --pretrained %s: %s", path, described)
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def load_config(cfg_file: str = "", opts: Sequence[str] = (), flags: Optional[Dict[str, Any]] = None,
                 world_size: int = 1) -> CN:
     """Build the frozen config of a run.
@@ -682,6 +727,7 @@ def load_config(cfg_file: str = "", opts: Sequence[str] = (), flags: Optional[Di
     for key, value in flags.items():
         _set(cfg, key, value, f"the command-line flag for {key}")
     validate(cfg)
+    adopt_pretrained_architecture(cfg)
     scale_learning_rates(cfg, world_size)
     fill_optimizer_defaults(cfg)
     cfg.freeze()

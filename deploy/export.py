@@ -15,9 +15,18 @@ no ``module.`` prefix), the weights or their EMA (``--ema``). ``--pretrained``,
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))`` all load it.
 The training config and the class names travel with it: in the ``.safetensors`` metadata, and in
 a ``.pth`` state dict's ``_metadata`` (where PyTorch keeps module versions; ``torch.load`` still
-returns the bare state dict). :func:`deploy.stored.read_stored_info` reads them back (``predict`` does).
+returns the bare state dict). :func:`models.stored.read_stored_info` reads them back (``predict`` does).
 Exported files get the permissions of any new file of the user (0666 less the umask): they are
 meant to be shared.
+
+    python -m deploy.export output/crossformerpp_b/default/ema_best.pth crossformerpp_b-hub --ema --format hf
+
+writes the Hugging Face Hub folder timm's ``save_for_hf`` writes (``config.json`` and
+``model.safetensors``): the architecture (``model_args``, so the variant's name with them rebuilds
+it), the classes (``num_classes``, ``label_names``), the input size it was trained at, the crop,
+interpolation, mean and std; the training config rides along in ``config.json``. timm loads it
+with ``timm.create_model("local-dir:DIR", pretrained=True)``, or, once uploaded (``hf upload
+ORG/NAME DIR .``), ``timm.create_model("hf-hub:ORG/NAME", pretrained=True)``.
 """
 from __future__ import annotations
 
@@ -25,18 +34,22 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 from collections import OrderedDict
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from utils.checkpoint import ema_weights
 from utils.file_io import atomic_publish, atomic_save, fsync_file, load_file
 
-from .stored import METADATA_KEY
+from models.stored import METADATA_KEY
+
+from .inference import TrainedModel
 
 # Each format and the output suffixes that name it; a format without suffixes is chosen by --format alone.
-FORMAT_SUFFIXES: Dict[str, Tuple[str, ...]] = {"weights": (".pth", ".safetensors"), "onnx": (".onnx",)}
+FORMAT_SUFFIXES: Dict[str, Tuple[str, ...]] = {"weights": (".pth", ".safetensors"), "onnx": (".onnx",), "hf": ()}
 
 
 def output_format(output: str, given: Optional[str] = None) -> str:
@@ -73,12 +86,14 @@ def export_weights(checkpoint_path: str, output: str, ema: bool = False) -> Dict
         raise ValueError(f"output {output} must end in .pth or .safetensors (the format follows the suffix)")
     checkpoint = load_file(checkpoint_path)
     key = "ema" if ema else "model"
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(key), dict):
+    found = checkpoint if isinstance(checkpoint, dict) else {}
+    found = ema_weights(found) if ema else found.get("model")
+    if not isinstance(found, dict):
         what = "EMA weights (it was not trained with TRAIN.EMA.ENABLE True)" if ema else "weights under 'model'"
         raise ValueError(f"{checkpoint_path} holds no {what}; {'drop --ema' if ema else 'pass a training checkpoint'}")
     # Own, contiguous copies: safetensors refuses tensors that share storage or are strided views.
     weights = OrderedDict((name.removeprefix("module."), tensor.detach().clone().contiguous())
-                          for name, tensor in checkpoint[key].items())
+                          for name, tensor in found.items())
     info = {"source": os.path.basename(checkpoint_path), "weights": key, "config": checkpoint.get("config") or {},
             "class_names": checkpoint.get("class_names")}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
@@ -98,6 +113,47 @@ def export_weights(checkpoint_path: str, output: str, ema: bool = False) -> Dict
     return weights
 
 
+def export_hub_folder(checkpoint_path: str, output: str, ema: bool = False, cfg_file: str = "") -> TrainedModel:
+    """Write the model of ``checkpoint_path`` as a Hub folder at ``output``; returns the model exported.
+
+    timm's own ``save_for_hf`` writes it (safetensors), into a temporary folder renamed to
+    ``output`` when complete; an existing, non-empty ``output`` is refused, never overwritten.
+
+    Args:
+        checkpoint_path: A training checkpoint of this framework or an exported weights file.
+        output: The folder to create.
+        ema: Export the EMA weights of a training checkpoint.
+        cfg_file: The model's YAML config; "" takes the config stored in the file.
+    """
+    from timm.models import save_for_hf
+
+    from config import config_to_dict
+    from models.stored import ARCH_KEYS, HF_CONFIG_KEY, stored_data_config
+
+    from .inference import load_trained_model
+
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise ValueError(f"output {output} exists and is not an empty folder; name a new folder for the Hub export "
+                         "(an export never overwrites files)")
+    trained = load_trained_model(checkpoint_path, cfg_file, ema=ema)
+    config, model = config_to_dict(trained.config), trained.model
+    # The model's pretrained_cfg describes these weights: timm's save_for_hf writes it as the folder's data config.
+    # Classes named by their index (a file without names) get none: timm's inference.py then labels ImageNet's.
+    names = None if trained.class_names == [str(i) for i in range(len(trained.class_names))] else trained.class_names
+    model.pretrained_cfg = {**model.pretrained_cfg, **stored_data_config(config, names)}
+    widths = trained.config.MODEL.CROSSFORMER
+    model_args = {arg: list(widths[key]) if isinstance(widths[key], (list, tuple)) else widths[key]
+                  for arg, key in ARCH_KEYS.items() if widths[key] is not None}
+    tmp = f"{output.rstrip(os.sep)}.tmp-{os.getpid()}"
+    try:
+        save_for_hf(model, tmp, model_config={"label_names": names, HF_CONFIG_KEY: config},
+                    model_args=model_args, safe_serialization=True)
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return trained
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The command line; a failure is one line on stderr.
 
@@ -111,7 +167,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--ema", action="store_true", help="export the EMA weights instead of the weights")
     parser.add_argument("--format", choices=tuple(FORMAT_SUFFIXES),
                         help="weights: a bare state dict; onnx: an ONNX graph of the model (default: from the "
-                             "output's suffix)")
+                             "output's suffix); hf: a Hugging Face Hub folder (config.json, model.safetensors) for "
+                             "timm.create_model('local-dir:DIR')")
     onnx = parser.add_argument_group("onnx")
     onnx.add_argument("--cfg", default="", help="the model's YAML config (default: the one stored in the checkpoint)")
     onnx.add_argument("--img-size", type=int, help="input height and width (default: the config's DATA.IMG_SIZE)")
@@ -124,11 +181,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.format = output_format(args.output, args.format)
     except ValueError as e:
         parser.error(str(e))
-    if args.format != "onnx" and (args.cfg or args.img_size or args.dynamic_batch or args.verify
+    if args.format != "onnx" and (args.format != "hf" and args.cfg or args.img_size or args.dynamic_batch or args.verify
                                   or args.batch_size != 1):
         parser.error(f"--cfg, --img-size, --batch-size, --dynamic-batch and --verify apply to ONNX exports "
                      f"(*.onnx), not to {args.output}")
-    exports = {"weights": _export_weights, "onnx": _export_onnx}  # one function per format
+    exports = {"weights": _export_weights, "onnx": _export_onnx, "hf": _export_hub_folder}  # one function per format
     try:
         return exports[args.format](args)
     except (OSError, ValueError) as e:
@@ -143,6 +200,18 @@ def _export_weights(args: argparse.Namespace) -> int:
     sys.stdout.write(f"wrote the {'EMA ' if args.ema else ''}weights of {args.checkpoint} to {args.output}: "
                      f"{len(weights)} tensors, {size / 2**20:.1f} MiB (checkpoint "
                      f"{os.path.getsize(args.checkpoint) / 2**20:.1f} MiB)\n")
+    return 0
+
+
+def _export_hub_folder(args: argparse.Namespace) -> int:
+    """``--format hf``: the folder, then the lines that publish and load it."""
+    trained = export_hub_folder(args.checkpoint, args.output, args.ema, args.cfg)
+    config = trained.config
+    sys.stdout.write(f"wrote the Hub folder {args.output} (config.json, model.safetensors): {config.MODEL.NAME}, "
+                     f"{len(trained.class_names)} classes, input {config.DATA.IMG_SIZE} px\n"
+                     f"load it:    timm.create_model('local-dir:{args.output}', pretrained=True)\n"
+                     f"publish it: hf upload ORG/NAME {args.output} .  (then timm.create_model('hf-hub:ORG/NAME', "
+                     "pretrained=True))\n")
     return 0
 
 

@@ -49,7 +49,7 @@ def load_trained_model(weights_path: str, cfg_file: str = "", opts: Sequence[str
     from config import load_config
     from models import build_model, load_pretrained
 
-    from .stored import read_stored_info
+    from models.stored import read_stored_info
 
     stored_config, class_names = read_stored_info(weights_path)
     if cfg_file:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from functools import partial
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Set, Tuple, Union
 
 import torch
@@ -35,12 +36,13 @@ import torch.utils.checkpoint as checkpoint
 from timm.layers import DropPath, register_notrace_function, register_notrace_module, trunc_normal_
 from timm.layers import Mlp as TimmMlp
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .cpu_kernels import linear_gelu, linear_residual, strided_conv
 from .reference import explicit_attention, official_attention
+from .stored import ARCH_KEYS, read_stored_info, stored_architecture, stored_data_config
 
 _logger = logging.getLogger(__name__)
 
@@ -880,8 +882,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: CrossFormer) -> Dict
     Accepts a checkpoint dict with the weights under ``model`` (the official release and this
     framework) or ``state_dict``, or a bare state dict; strips DDP's ``module.`` prefix; leaves out
     a classifier head that does not fit the model's (another number of classes, or a model
-    without a head), so the model keeps its own, and says so in one log line. Other mismatches
-    are left for ``load_state_dict`` to report. timm's builder (through
+    without a head), so the model keeps its own, and says so in one WARNING (a plain script shows
+    it). Other mismatches are left for ``load_state_dict`` to report. timm's builder (through
     :func:`_pretrained_filter_fn`) and ``models.build.load_pretrained`` both call it.
 
     Args:
@@ -905,28 +907,64 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: CrossFormer) -> Dict
     head = [key for key in weights if key.startswith("head.")]
     own_head = [key for key in own if key.startswith("head.")]
     if any(key not in own or weights[key].shape != own[key].shape for key in head):
-        _logger.info("the checkpoint's classifier head (%s) does not fit the model's (%s): the model keeps its own, "
-                     "freshly initialised", ", ".join(f"{key} {tuple(weights[key].shape)}" for key in head),
-                     ", ".join(f"{key} {tuple(own[key].shape)}" for key in own_head) or "none")
+        _logger.warning("the checkpoint's classifier head (%s) does not fit the model's (%s): the model keeps its "
+                        "own, freshly initialised", ", ".join(f"{key} {tuple(weights[key].shape)}" for key in head),
+                        ", ".join(f"{key} {tuple(own[key].shape)}" for key in own_head) or "none")
         for key in head:
             del weights[key]
     elif own_head and not head:
-        _logger.info("the checkpoint has no classifier head: the model keeps its own, freshly initialised")
+        _logger.warning("the checkpoint has no classifier head: the model keeps its own, freshly initialised")
     return weights
 
 
-def _pretrained_filter_fn(state_dict: Dict[str, Any], model: CrossFormer) -> Dict[str, torch.Tensor]:
+def _pretrained_filter_fn(state_dict: Dict[str, Any], model: CrossFormer, source_names: Optional[Sequence[str]] = None,
+                          wanted_names: Optional[Sequence[str]] = None) -> Dict[str, torch.Tensor]:
     """:func:`checkpoint_filter_fn` for timm's builder, whose load is strict.
 
-    The pretrained config names the model's own class count, so timm keeps the file's head
-    whenever it fits; a head that does not fit (or a file without one) is replaced here by the
-    model's fresh one, so the strict load succeeds with exactly the head a timm user expects
-    from a fine-tune: new, with one log line saying so. Every other tensor stays strict.
+    The file's head is kept when it fits, when the pretrained config's class count is the model's
+    (else timm's builder drops it) and, where both are named, when its classes are the ones asked
+    for (``label_names``); otherwise the model's fresh head takes its place, with one WARNING.
+    Every other tensor stays strict.
+
+    Args:
+        state_dict: the loaded file.
+        model: the model being built (its ``pretrained_cfg`` describes the file).
+        source_names: the file's class names, if it names them.
+        wanted_names: the class names the caller asked for (``pretrained_cfg_overlay``'s ``label_names``).
     """
     weights = checkpoint_filter_fn(state_dict, model)
+    head = [key for key in weights if key.startswith("head.")]
+    source_classes = model.pretrained_cfg.get("num_classes")
+    reason = ""
+    if head and source_classes != model.num_classes:
+        reason = f"the weights are for {source_classes} classes, the model has {model.num_classes}"
+    elif head and source_names and wanted_names and list(source_names) != list(wanted_names):
+        index = next((i for i, (a, b) in enumerate(zip(source_names, wanted_names)) if a != b), len(source_names))
+        reason = (f"the weights' classes are not the ones asked for (class {index}: "
+                  f"{_name_at(source_names, index)} in the file, {_name_at(wanted_names, index)} in label_names)")
+    if reason:
+        _logger.warning("the classifier head of the pretrained weights is replaced by a fresh one: %s", reason)
+        for key in head:
+            del weights[key]
     if not any(key.startswith("head.") for key in weights):
         weights.update((key, value) for key, value in model.state_dict().items() if key.startswith("head."))
     return weights
+
+
+def _name_at(names: Sequence[str], index: int) -> str:
+    return repr(names[index]) if index < len(names) else "none"
+
+
+def _refuse_training_checkpoint(module: nn.Module, state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    """A load_state_dict pre-hook: a whole training checkpoint of ours given as a state dict is one clear
+    error (timm's ``train.py --resume`` passes it so), not hundreds of lines of unexpected keys."""
+    if not prefix and "format_version" in state_dict and isinstance(state_dict.get("model"), dict):
+        raise ValueError(
+            f"this is a training checkpoint of the CrossFormer framework (format_version "
+            f"{state_dict['format_version']}), not a state dict: its optimizer, schedule and data position are this "
+            "framework's, so timm's train.py cannot --resume it; start from its weights with --initial-checkpoint "
+            "FILE (or --pretrained --pretrained-path FILE, which builds the file's architecture), or resume it with "
+            "main.py --resume FILE")
 
 
 # The CEL stem's four convolutions (kernels 4, 8, 16, 32): every one reads the image, so each is a
@@ -957,39 +995,104 @@ default_cfgs = generate_default_cfgs({
     "crossformerpp_h": _cfg(),
 })
 
-# The local weight sources timm's builder accepts in a pretrained config (nothing is downloaded).
-_WEIGHT_SOURCES = ("file", "state_dict")
-
-
-def _create_crossformer(variant: str, pretrained: bool = False, **kwargs: Any) -> CrossFormer:
+def _create_crossformer(variant: str, pretrained: bool, model_args: Dict[str, Any], **kwargs: Any) -> CrossFormer:
     """Build a variant through timm's builder (``pretrained_cfg``, ``features_only``, checkpoint filter).
 
     Args:
         variant: registered name.
-        pretrained: load weights from a file given as ``pretrained_cfg_overlay=dict(file=PATH)``.
+        pretrained: load weights from the source timm's pretrained config names: a file
+            (``pretrained_cfg_overlay=dict(file=PATH)``: one of our checkpoints or exports, an
+            official release, a bare state dict), a Hub folder (``"local-dir:DIR"``,
+            ``"hf-hub:ORG/NAME"``), a ``state_dict``, or an explicit ``url`` / ``hf_hub_id``. A
+            file of ours builds the architecture it stores (:func:`_from_stored_file`).
+        model_args: the variant's constructor arguments; ``kwargs`` replace them.
         **kwargs: constructor arguments and timm's builder arguments; ``out_indices``,
             ``feature_cls`` and a ``feature_cfg`` dict refine the default feature extractor (timm's
             ``getter``: :meth:`CrossFormer.forward_intermediates`, all four stages).
     """
-    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    filter_fn = _pretrained_filter_fn
     if pretrained:
-        if not any(overlay.get(source) for source in _WEIGHT_SOURCES) or overlay.get("url") or overlay.get("hf_hub_id"):
-            raise ValueError(
-                f"pretrained=True for {variant} needs a local file: weights are never downloaded; pass "
-                "pretrained_cfg_overlay=dict(file=PATH) with a released checkpoint, or create the model and load "
-                "one with models.load_pretrained (--pretrained in main.py)"
-            )
-        # timm drops the head when num_classes differs from the config's: the file's head fits the
-        # model being built unless its shape says otherwise (_pretrained_filter_fn decides that).
-        kwargs["pretrained_cfg_overlay"] = {"num_classes": kwargs.get("num_classes", 1000), **overlay}
+        kwargs, names = _weight_source(variant, model_args, kwargs)
+        filter_fn = partial(_pretrained_filter_fn, **names)
+    kwargs = dict(model_args, **kwargs)
     feature_cfg = dict(feature_cls="getter", out_indices=tuple(range(len(kwargs["depths"]))))
     feature_cfg.update(kwargs.pop("feature_cfg", None) or {})
     if "out_indices" in kwargs:  # the builder takes it only with features_only; the model never
         feature_cfg["out_indices"] = kwargs.pop("out_indices")
-    return build_model_with_cfg(
-        CrossFormer, variant, pretrained, pretrained_filter_fn=_pretrained_filter_fn, feature_cfg=feature_cfg,
-        **kwargs,
+    model = build_model_with_cfg(
+        CrossFormer, variant, pretrained, pretrained_filter_fn=filter_fn, feature_cfg=feature_cfg, **kwargs,
     )
+    model.register_load_state_dict_pre_hook(_refuse_training_checkpoint)
+    return model
+
+
+def _weight_source(variant: str, model_args: Dict[str, Any],
+                   kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Optional[Sequence[str]]]]:
+    """The builder's arguments for ``pretrained=True``; ``(kwargs, class names for the head's filter)``.
+
+    Raises:
+        ValueError: no weight source named (nothing is downloaded unless a ``url`` / ``hf_hub_id`` is
+            given), or a file of another architecture than the one asked for.
+    """
+    kwargs = dict(kwargs)
+    given = resolve_pretrained_cfg(variant, kwargs.pop("pretrained_cfg", None)).to_dict()
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    merged = {**given, **overlay}
+    wanted = overlay.get("label_names")
+    if merged.get("source") in ("local-dir", "hf-hub"):  # timm read its config.json: model_args are in kwargs
+        source_names = given.get("label_names")
+    elif merged.get("file") and not merged.get("state_dict"):
+        stored, names = read_stored_info(merged["file"])
+        if stored:
+            given, kwargs = _from_stored_file(variant, merged["file"], stored, names, given, model_args, kwargs)
+            source_names, wanted = given.get("label_names"), wanted or merged.get("label_names")
+        else:  # no stored classes: the head's shape decides (_pretrained_filter_fn), never the count alone
+            overlay = {"num_classes": kwargs.get("num_classes", model_args.get("num_classes", 1000)), **overlay}
+            source_names = None
+    elif merged.get("state_dict") is not None:
+        overlay = {"num_classes": kwargs.get("num_classes", model_args.get("num_classes", 1000)), **overlay}
+        source_names = None
+    elif merged.get("url") or merged.get("hf_hub_id"):  # named by the caller: timm downloads, as for any model
+        source_names = None
+    else:
+        raise ValueError(
+            f"pretrained=True for {variant} names no weights: pass pretrained_cfg_overlay=dict(file=PATH) (a "
+            "checkpoint or export of this framework, an official release), create it from a Hub folder "
+            "(timm.create_model('local-dir:DIR' or 'hf-hub:ORG/NAME', pretrained=True)), or load a file into a "
+            "model with models.load_pretrained (--pretrained in main.py)")
+    source_classes = {**given, **overlay}.get("num_classes")
+    if kwargs.get("num_classes", source_classes) != source_classes:
+        given.pop("label_names", None)  # the model's outputs are not the file's classes
+    kwargs["pretrained_cfg"], kwargs["pretrained_cfg_overlay"] = given, overlay
+    return kwargs, {"source_names": source_names, "wanted_names": wanted}
+
+
+def _from_stored_file(variant: str, path: str, stored: Dict[str, Any], names: Optional[List[str]],
+                      given: Dict[str, Any], model_args: Dict[str, Any],
+                      kwargs: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The pretrained config and constructor arguments for a file that stores its training config.
+
+    The file's architecture (its variant and ``MODEL.CROSSFORMER.*`` widths) is built; an argument
+    that contradicts it is one error naming both. The pretrained config carries the file's classes
+    (``num_classes``, ``label_names``), input size and eval transform.
+    """
+    name, stored_args = stored_architecture(stored)
+    architecture = {arg: _plain(stored_args.get(arg, model_args[arg])) for arg in ARCH_KEYS}
+    described = " ".join(f"{arg}={value}" for arg, value in architecture.items())
+    if name and name != variant:
+        raise ValueError(f"{path} holds a {name} ({described}), not a {variant}: create it as "
+                         f"timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file=...))")
+    for arg, value in architecture.items():
+        if arg in kwargs and _plain(kwargs[arg]) != value:
+            raise ValueError(f"{path} holds a {variant} with {described}, but {arg}={_plain(kwargs[arg])} was asked "
+                             f"for: drop {arg} to build the file's architecture, or pass weights of that architecture")
+    kwargs = dict(kwargs, **{arg: value for arg, value in stored_args.items() if arg not in kwargs})
+    return dict(given, **stored_data_config(stored, names)), kwargs
+
+
+def _plain(value: Any) -> Any:
+    """A width argument in one form (JSON and YAML give lists, the variants tuples)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 _CROSSFORMER = dict(group_size=(7, 7, 7, 7), crs_interval=(8, 4, 2, 1), use_acl=False)
@@ -1000,53 +1103,53 @@ _CROSSFORMERPP = dict(group_size=(4, 4, 14, 7), crs_interval=(4, 2, 1, 1), use_a
 def crossformer_t(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
     """CrossFormer-T: 27.8M params, 2.9 GMACs at 224."""
     model_args = dict(embed_dim=64, depths=(1, 1, 8, 6), num_heads=(2, 4, 8, 16), drop_path_rate=0.1, **_CROSSFORMER)
-    return _create_crossformer("crossformer_t", pretrained, **dict(model_args, **kwargs))
+    return _create_crossformer("crossformer_t", pretrained, model_args, **kwargs)
 
 
 @register_model
 def crossformer_s(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
     """CrossFormer-S: 30.7M params, 4.9 GMACs at 224."""
     model_args = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2, **_CROSSFORMER)
-    return _create_crossformer("crossformer_s", pretrained, **dict(model_args, **kwargs))
+    return _create_crossformer("crossformer_s", pretrained, model_args, **kwargs)
 
 
 @register_model
 def crossformer_b(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
     """CrossFormer-B: 52.0M params, 9.2 GMACs at 224."""
     model_args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3, **_CROSSFORMER)
-    return _create_crossformer("crossformer_b", pretrained, **dict(model_args, **kwargs))
+    return _create_crossformer("crossformer_b", pretrained, model_args, **kwargs)
 
 
 @register_model
 def crossformer_l(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
     """CrossFormer-L: 92.0M params, 16.1 GMACs at 224."""
     model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_CROSSFORMER)
-    return _create_crossformer("crossformer_l", pretrained, **dict(model_args, **kwargs))
+    return _create_crossformer("crossformer_l", pretrained, model_args, **kwargs)
 
 
 @register_model
 def crossformerpp_s(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
     """CrossFormer++-S: 23.3M params, 4.4 GMACs at 224."""
     model_args = dict(embed_dim=64, depths=(2, 2, 18, 2), num_heads=(2, 4, 8, 16), drop_path_rate=0.2, **_CROSSFORMERPP)
-    return _create_crossformer("crossformerpp_s", pretrained, **dict(model_args, **kwargs))
+    return _create_crossformer("crossformerpp_s", pretrained, model_args, **kwargs)
 
 
 @register_model
 def crossformerpp_b(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
     """CrossFormer++-B: 52.0M params, 9.6 GMACs at 224."""
     model_args = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3, **_CROSSFORMERPP)
-    return _create_crossformer("crossformerpp_b", pretrained, **dict(model_args, **kwargs))
+    return _create_crossformer("crossformerpp_b", pretrained, model_args, **kwargs)
 
 
 @register_model
 def crossformerpp_l(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
     """CrossFormer++-L: 92.0M params, 16.7 GMACs at 224."""
     model_args = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_CROSSFORMERPP)
-    return _create_crossformer("crossformerpp_l", pretrained, **dict(model_args, **kwargs))
+    return _create_crossformer("crossformerpp_l", pretrained, model_args, **kwargs)
 
 
 @register_model
 def crossformerpp_h(pretrained: bool = False, **kwargs: Any) -> CrossFormer:
     """CrossFormer++-H: 96.0M params, 22.0 GMACs at 224."""
     model_args = dict(embed_dim=128, depths=(6, 6, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5, **_CROSSFORMERPP)
-    return _create_crossformer("crossformerpp_h", pretrained, **dict(model_args, **kwargs))
+    return _create_crossformer("crossformerpp_h", pretrained, model_args, **kwargs)

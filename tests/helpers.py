@@ -187,7 +187,7 @@ def assert_same_training_state(a: Path, b: Path) -> None:
 
     x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     assert (x["epoch"], x["batch"], x["global_step"]) == (y["epoch"], y["batch"], y["global_step"])
-    for key in ("model", "ema"):
+    for key in ("model", "model_ema"):
         assert (x[key] is None) == (y[key] is None), key
         for name, tensor in (x[key] or {}).items():
             assert torch.equal(tensor, y[key][name]), f"{key}.{name}"

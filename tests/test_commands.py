@@ -212,7 +212,7 @@ def test_a_format_1_checkpoint_resumes_where_it_said(tiny_yaml: Path, finished: 
     assert f"resumed from {run_dir / 'last.pth'}: after epoch 0, global step 8" in (run_dir / "log.txt").read_text()
     assert [row["epoch"] for row in read_metrics(run_dir)] == [1]
     last = torch.load(run_dir / "last.pth", weights_only=True)
-    assert (last["format_version"], last["epoch"], last["epoch_complete"], last["global_step"]) == (2, 1, True, 16)
+    assert (last["format_version"], last["epoch"], last["epoch_complete"], last["global_step"]) == (3, 1, True, 16)
 
 
 # -----------------------------------------------------------------------------

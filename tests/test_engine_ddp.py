@@ -78,7 +78,7 @@ def test_mid_epoch_auto_resume_is_bitwise_exact(runs: Dict[str, Path]) -> None:
     assert "stopping after global step 3" in log and "epoch 0, batch 3, global step 3" in log
     a = torch.load(runs["a"] / "last.pth", weights_only=True)
     b = torch.load(runs["b"] / "last.pth", weights_only=True)
-    for key in ("model", "ema", "optimizer", "scheduler", "global_step", "best_acc1"):
+    for key in ("model", "model_ema", "optimizer", "scheduler", "global_step", "best_acc1"):
         _assert_bitwise_equal(a[key], b[key], key)
     for row_a, row_b in zip(read_metrics(runs["a"]), read_metrics(runs["b"])):
         for key in ("train_loss", "val_acc1", "val_loss", "ema_val_acc1", "lr"):
@@ -91,7 +91,7 @@ def test_explicit_resume_continues_at_the_saved_epoch(runs: Dict[str, Path]) -> 
     assert [row["epoch"] for row in rows] == [1]
     a = torch.load(runs["a"] / "last.pth", weights_only=True)
     c = torch.load(runs["c"] / "last.pth", weights_only=True)
-    for key in ("model", "ema", "optimizer"):
+    for key in ("model", "model_ema", "optimizer"):
         _assert_bitwise_equal(a[key], c[key], key)
 
 
@@ -121,7 +121,7 @@ def test_compiled_ddp_model_trains_and_resumes_like_eager(runs: Dict[str, Path])
     a = torch.load(runs["a"] / "last.pth", weights_only=True)
     d = torch.load(run_d / "last.pth", weights_only=True)
     assert (d["epoch"], d["batch"], d["global_step"]) == (a["epoch"], a["batch"], a["global_step"])
-    for key in ("model", "ema"):
+    for key in ("model", "model_ema"):
         for name, tensor in a[key].items():
             torch.testing.assert_close(d[key][name], tensor, rtol=1e-4, atol=1e-5, msg=f"{key}.{name}")
     assert [row["epoch"] for row in read_metrics(run_d)] == [0, 1]

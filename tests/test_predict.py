@@ -190,7 +190,7 @@ def test_class_names_travel_with_checkpoints_and_exports(toy_run: Dict[str, Any]
     export still loads as a bare state dict."""
     import models
     from deploy.export import main as export
-    from deploy.stored import read_stored_info
+    from models.stored import read_stored_info
 
     names = [f"{i:02d}_{name}" for i, name in enumerate(CLASSES)]
     best = toy_run["run_dir"] / "best.pth"

@@ -120,7 +120,7 @@ def test_kill_9_at_random_moments_always_resumes(tmp_path: Path) -> None:
     a = torch.load(tmp_path / "reference" / MODEL_DIR / "default" / "last.pth", weights_only=True)
     b = torch.load(run_dir / "last.pth", weights_only=True)
     assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"]) == (2, 24)  # after epoch 2
-    for key in ("model", "ema"):
+    for key in ("model", "model_ema"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
     for index, state in a["optimizer"]["state"].items():

@@ -17,6 +17,7 @@ from yacs.config import CfgNode
 
 from deploy.analysis import top_k
 from optim import current_lr, steps_per_epoch
+from utils.checkpoint import EMA_KEY, ema_weights
 from utils.distributed import all_gather_object, all_reduce_sum, rank_and_world_size
 from utils.multilabel import average_precision, mean_average_precision
 from utils.precision import amp_name, autocast, peak_memory_mb
@@ -73,7 +74,7 @@ class Components:
         return {
             "teacher": self.distiller.identity if self.distiller is not None else None,
             "model": self.model.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            EMA_KEY: self.ema.module.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -89,11 +90,11 @@ class Components:
             restore_schedule: Restore the LR scheduler's state; False keeps the freshly built one.
         """
         self.model.load_state_dict(saved["model"])
-        if self.ema is not None and not _load_optional(
-                self.ema, saved.get("ema"), "the checkpoint has no EMA weights; the EMA restarts from the model"):
+        if self.ema is not None and not _load_optional(self.ema.module, ema_weights(saved),
+                                                       "the checkpoint has no EMA weights; the EMA restarts from the model"):
             self.ema.set(self.model)
         if weights_only:
-            if self.ema is None and saved.get("ema") is not None:
+            if self.ema is None and ema_weights(saved) is not None:
                 logger.info("the checkpoint also holds EMA weights: evaluate them with --pretrained FILE --use-ema, "
                             "or --opts TRAIN.EMA.ENABLE True to evaluate both")
             return

@@ -24,8 +24,8 @@ from yacs.config import CfgNode
 from config import dump_config
 from data import build_loader, build_mixup
 from deploy.analysis import analyze_pass, write_class_ap
-from deploy.stored import read_stored_info
-from models import build_model, freeze, load_pretrained
+from models import build_model, freeze, keep_head_for_classes, load_pretrained
+from models.stored import read_stored_info
 from optim import build_optimizer, build_scheduler, current_lr, steps_per_epoch, warmup_epochs
 from utils.checkpoint import BEST, EMA_BEST, find_resume_candidates
 from utils.distributed import DistInfo
@@ -196,6 +196,8 @@ class Trainer:
         if self.loaders.num_classes != config.MODEL.NUM_CLASSES:
             raise ValueError(f"the dataset has {self.loaders.num_classes} classes but MODEL.NUM_CLASSES="
                              f"{config.MODEL.NUM_CLASSES}; set --opts MODEL.NUM_CLASSES {self.loaders.num_classes}")
+        if config.MODEL.PRETRAINED and not config.EVAL_MODE:  # rank 0's head reaches every rank through DDP
+            keep_head_for_classes(model, config.MODEL.PRETRAINED, self.loaders.class_names)
         self.parts = self._build_components(model, amp_dtype)
         # Evaluation runs the unwrapped weights: DDP's forward would add collectives that hang on uneven rank parts.
         self.eval_model = model

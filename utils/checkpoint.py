@@ -2,7 +2,9 @@
 
 A checkpoint is one ``torch.save`` dict (loadable with ``weights_only=True``):
 
-``format_version``, ``model``, ``ema``, ``optimizer``, ``scheduler``, ``scaler``, the
+``format_version``, ``model``, ``model_ema`` (the EMA weights with the model's key names, where
+timm's ``load_checkpoint(use_ema=True)`` and DeiT look; files of formats 1 and 2 hold them under
+``ema``, with ``module.`` prefixes: :func:`ema_weights` reads both), ``optimizer``, ``scheduler``, ``scaler``, the
 :class:`~training.train_state.TrainState` keys (the position: ``epoch``, the 0-based epoch the
 file was saved in or after, as logs and ``metrics.jsonl`` number it (Swin, DeiT and timm store the
 same), ``batch``, the batches of that epoch trained per process, and ``epoch_complete``, whether
@@ -39,7 +41,9 @@ from .reliability import first_line
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 2: epochs numbered as logs number them; 3: the EMA under EMA_KEY with the model's key names
+EMA_KEY = "model_ema"
+LEGACY_EMA_KEY = "ema"  # formats 1 and 2: ModelEmaV3.state_dict(), keys prefixed with "module."
 LAST = "last.pth"
 BEST = "best.pth"
 EMA_BEST = "ema_best.pth"
@@ -50,6 +54,19 @@ _EPOCH_RE = re.compile(r"^epoch_(\d+)\.pth$")
 def epoch_checkpoint_name(epoch: int) -> str:
     """File name of the checkpoint written after ``epoch`` (0-based) completed."""
     return f"epoch_{epoch:04d}.pth"
+
+
+def ema_weights(checkpoint: Dict[str, Any]) -> Optional[Dict[str, torch.Tensor]]:
+    """The EMA weights of a checkpoint dict with the model's key names (any format), or None.
+
+    Args:
+        checkpoint: A training checkpoint of this framework (any format).
+    """
+    for key in (EMA_KEY, LEGACY_EMA_KEY):
+        weights = checkpoint.get(key)
+        if isinstance(weights, dict):
+            return {name.removeprefix("module."): tensor for name, tensor in weights.items()}
+    return None
 
 
 def stored_position(epoch: int, batch: int, ended_epoch_batches: int) -> Dict[str, Any]:
