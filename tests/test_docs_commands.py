@@ -82,6 +82,7 @@ NOT_RUN: List[Tuple[str, str]] = [
     (r"^python -m benchmarks\.", "a benchmark or the GPU check: minutes, or a GPU"),
     (r"--throughput", "measures a full-size model: minutes on a CPU"),
     (r"^(mkdir|ln|export) ", "shell set-up of a cluster's files or network"),
+    (r"^python -c ", "Python code: compiled and its imports run (the Hub folder it loads: tests/test_hub.py)"),
     (r"^set ", "a shell script for a lent GPU machine: the modules it runs must exist"),
     (r"crossformerpp_s_finetune_layer_decay", "a recipe: trained under 2 processes by tests/test_recipes.py"),
     (r"--format onnx", "torch.export takes half a minute: this command line runs in tests/test_onnx_export.py"),
@@ -458,6 +459,13 @@ def check(command: Command, produced: Produced) -> None:
         if "-r" in argv:
             require_file(argv[argv.index("-r") + 1], produced, what)
     elif argv[0] == "python":
+        if argv[1] == "-c":  # Python code: compiled, its imports run
+            code = compile(argv[2], what, "exec")
+            for statement in argv[2].split(";"):
+                if re.match(r"\s*(from \S+ )?import ", statement):
+                    exec(statement.strip(), {})  # noqa: S102 - the docs' own import statements
+            assert code is not None
+            return
         assert argv[1] == "-m", f"{what}\nrun a module with python -m, or main.py"
         if argv[2] == "pytest":  # not parsed in-process: pytest inside pytest
             for path in argv[3:]:
