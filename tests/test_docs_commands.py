@@ -67,8 +67,6 @@ RUN: List[Tuple[str, List[str]]] = [
     (r"^python -m deploy\.export output/crossformerpp_s/demo/(?!.*--format onnx)", []),
     (r"^torchrun --nproc_per_node=2 main\.py --cfg configs/demo\.yaml --data-path my_images --tag mine ", TINY_TRAIN),
     (r"^torchrun --nproc_per_node=2 main\.py --cfg configs/transfer_small\.yaml --data-path my_images ", TINY_TRAIN),
-    # a GPU node's command through SUBSTITUTIONS: 2 CPU processes, the generated folder, the demo's weights
-    (r"crossformerpp_b_384_finetune", TINY_TRAIN + ["MODEL.NUM_CLASSES", "10"]),
 ]
 
 # Why a command is only checked: the first pattern that matches gives the reason.
