@@ -64,7 +64,7 @@ RUN: List[Tuple[str, List[str]]] = [
     (r"^torchrun --nproc_per_node=2 main\.py --cfg configs/demo\.yaml$", TINY_TRAIN),
     (r"^python main\.py --cfg output/crossformerpp_s/demo/config\.yaml --eval ", []),
     (r"^python -m predict --cfg output/crossformerpp_s/demo/config\.yaml ", []),
-    (r"^python -m deploy\.export output/crossformerpp_s/demo/(?!.*--format onnx)", []),
+    (r"^python -m deploy\.export output/crossformerpp_s/demo/\S+ (?!\S+\.onnx )", []),
     (r"^torchrun --nproc_per_node=2 main\.py --cfg configs/demo\.yaml --data-path my_images --tag mine ", TINY_TRAIN),
     (r"^torchrun --nproc_per_node=2 main\.py --cfg configs/transfer_small\.yaml --data-path my_images ", TINY_TRAIN),
 ]
@@ -83,7 +83,7 @@ NOT_RUN: List[Tuple[str, str]] = [
     (r"^python -c ", "Python code: compiled and its imports run (the Hub folder it loads: tests/test_hub.py)"),
     (r"^set ", "a shell script for a lent GPU machine: the modules it runs must exist"),
     (r"crossformerpp_s_finetune_layer_decay", "a recipe: trained under 2 processes by tests/test_recipes.py"),
-    (r"--format onnx", "torch.export takes half a minute: this command line runs in tests/test_onnx_export.py"),
+    (r"\.onnx( |$)", "torch.export takes half a minute: an ONNX export runs in tests/test_export_cli.py"),
 ]
 
 # What the user brings (data folders, downloaded weights, their images): named by the docs, not
