@@ -112,7 +112,10 @@ def test_a_compiled_model_validates_with_one_graph_and_the_eager_numbers() -> No
     counters.clear()
     compiled = evaluate(torch.compile(model, backend="eager"), _ListLoader(batches), torch.device("cpu"))
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
-    assert compiled == eager and eager["count"] == 21
+    # The counts and accuracies exactly; the loss to float32 rounding (under torch.compile torch 2.11
+    # runs fc2 + residual as two ops where eager fuses them: models/cpu_kernels.py).
+    assert {**compiled, "loss": None} == {**eager, "loss": None} and eager["count"] == 21
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-6)
     torch._dynamo.reset()
 
 

@@ -123,8 +123,11 @@ def test_report_rows_and_exit_decision(tmp_path: Path) -> None:
 
 def test_sdpa_kernel_decision() -> None:
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert expected_kernels(cuda, True) == expected_kernels(cuda, False) == {"efficient"}
-    assert expected_kernels(cpu, True) == set() and expected_kernels(cpu, False) == {"flash"}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert expected_kernels(cuda, True, dtype) == expected_kernels(cuda, False, dtype) == {"efficient"}
+        assert expected_kernels(cpu, True, dtype) == set()
+    assert expected_kernels(cpu, False, torch.float32) == {"flash"}
+    assert expected_kernels(cpu, False, torch.bfloat16) == set()  # bf16 CPU inference: the explicit form
     ops = {"aten::scaled_dot_product_attention", "aten::_scaled_dot_product_efficient_attention",
            "aten::_efficient_attention_backward", "aten::linear"}
     assert kernels_seen(ops) == {"efficient"}

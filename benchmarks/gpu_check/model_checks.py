@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend
 from torch.profiler import ProfilerActivity, profile
 
 import models
-from models import crossformer
+from models import crossformer, kernel_choice
 from utils.precision import autocast, set_tf32
 
 from .plan import Context
@@ -159,13 +159,14 @@ def kernels_seen(op_names: Set[str]) -> Set[str]:
             if any(op.startswith(prefix) for op in op_names for prefix in prefixes)}
 
 
-def expected_kernels(device: torch.device, training: bool) -> Set[str]:
+def expected_kernels(device: torch.device, training: bool, dtype: torch.dtype) -> Set[str]:
     """The SDPA backends our configuration should run: ``models.crossformer.sdpa_backends`` pins the
     memory-efficient kernel on CUDA; on CPU inference takes PyTorch's choice (its flash kernel takes
-    a bias) and training the explicit form (``Attention.explicit_cpu_training``), no SDPA."""
+    a bias) where ``models.kernel_choice`` picks SDPA for the dtype (not bf16), and training the
+    explicit form (``Attention.explicit_cpu_training``), no SDPA."""
     if device.type == "cuda":
         return {"efficient"}
-    return set() if training else {"flash"}
+    return {"flash"} if not training and kernel_choice.cpu_inference_uses_sdpa(dtype) else set()
 
 
 def profiled_ops(step: Callable[[], None], device: torch.device) -> Set[str]:
@@ -225,7 +226,7 @@ def check_sdpa(ctx: Context) -> List[Result]:
     for kind, step in steps.items():
         step()  # warm-up: caches, cuDNN autotuning
         seen = kernels_seen(profiled_ops(step, ctx.device))
-        expected = expected_kernels(ctx.device, kind == "training")
+        expected = expected_kernels(ctx.device, kind == "training", torch.bfloat16)
         results.append(check(f"sdpa/{name}/{size}/bf16/{kind}/kernel", seen == expected,
                              ", ".join(sorted(seen)) or "none (explicit form)",
                              f"== {', '.join(sorted(expected)) or 'none'}",
