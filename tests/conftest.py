@@ -18,6 +18,38 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: long-running test (still run in CI)")
 
 
+# `python -m pytest -q -n auto tests` (the README's command) runs the files in parallel processes
+# (pytest-xdist): as many as this process may use CPUs, at most MAX_WORKERS. A file runs whole in
+# one process, so its module fixtures (a trained run several tests read) are made once; the files
+# marked slow, which start several training processes each, are handed out first, so that the
+# quick in-process files fill the gaps at the end instead of one long file running alone.
+MAX_WORKERS = 8
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: the CPUs this process may run on (``PYTEST_XDIST_AUTO_NUM_WORKERS`` overrides), at most 8."""
+    chosen = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
+    if chosen:
+        return int(chosen)
+    return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Whole files to each worker, in the order :func:`pytest_collection_modifyitems` leaves them."""
+    from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False  # keep our order, not "most tests first"
+    return LoadFileScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
+    """Under xdist, the files marked slow first (each keeps its own order); a serial run is left as collected."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.getparent(pytest.Module).get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def file_list_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Scanned file lists go to a temporary cache (XDG_CACHE_HOME), for this process and its subprocesses."""

@@ -49,6 +49,8 @@ import pytest
 
 from tests.helpers import REPO_ROOT, free_port, run
 
+pytestmark = pytest.mark.slow
+
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 
 # The tiny scale of a training command: one short epoch of the demo's model at 32 px on the
@@ -382,6 +384,10 @@ class Produced:
         return out
 
 
+# pytest's options (pytest-xdist's included) whose value is the next word: "-n auto" names no path.
+PYTEST_OPTIONS_WITH_VALUE = {"-n", "--numprocesses", "--maxprocesses", "--dist", "-k", "-m", "-p", "--durations"}
+
+
 def require_file(path: str, produced: Produced, what: str) -> None:
     """``path`` exists in the repository, is made by an earlier command, or is the user's."""
     if path in USER_FILES or path.rstrip("/") + "/" in USER_FILES or produced.has(path):
@@ -465,10 +471,13 @@ def check(command: Command, produced: Produced) -> None:
             assert code is not None
             return
         assert argv[1] == "-m", f"{what}\nrun a module with python -m, or main.py"
-        if argv[2] == "pytest":  # not parsed in-process: pytest inside pytest
-            for path in argv[3:]:
-                if not path.startswith("-"):
-                    require_file(path, produced, what)
+        if argv[2] == "pytest":  # not parsed in-process: pytest inside pytest; its paths must exist
+            args = iter(argv[3:])
+            for arg in args:
+                if arg in PYTEST_OPTIONS_WITH_VALUE:
+                    next(args, None)
+                elif not arg.startswith("-"):
+                    require_file(arg, produced, what)
             return
         top = argv[2].split(".")[0]
         if not ((REPO_ROOT / top).is_dir() or (REPO_ROOT / f"{top}.py").is_file()):  # pip, venv: not ours
@@ -638,4 +647,4 @@ def test_ci_reads_the_test_command_the_readme_prints() -> None:
     lines = (REPO_ROOT / "README.md").read_text().splitlines()
     start = lines.index("Run the tests:")
     fence = next(i for i in range(start, len(lines)) if lines[i].startswith("```"))
-    assert lines[fence + 1] == "pip install -r requirements.txt && python -m pytest -q tests"
+    assert lines[fence + 1] == "pip install -r requirements.txt && python -m pytest -q -n auto tests"

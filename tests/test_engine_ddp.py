@@ -15,6 +15,8 @@ import torch
 
 from tests.helpers import last_json, read_metrics, run, run_dir, torchrun_command, write_tiny_yaml
 
+pytestmark = pytest.mark.slow
+
 # 64 samples / 2 ranks / batch 8 = 4 steps per epoch, 2 epochs; a checkpoint every 3 steps.
 COMMON = ["--opts", "SAVE_STEPS", "3", "SAVE_KEEP", "2"]
 
