@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Any, List, Optional, Sequence
 
 from yacs.config import CfgNode
@@ -165,4 +164,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils.process import exit_with
+
+    exit_with(main())

@@ -236,4 +236,6 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils.process import exit_with
+
+    exit_with(main())
