@@ -669,4 +669,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from utils.process import exit_with
+
+    exit_with(main())
