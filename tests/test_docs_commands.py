@@ -75,6 +75,7 @@ RUN: List[Tuple[str, List[str]]] = [
 NOT_RUN: List[Tuple[str, str]] = [
     (r"^pip install", "a download (the environment is the one under test)"),
     (r"^python -m pytest", "the suite itself (CI runs it: .ci/run); its paths are checked"),
+    (r"^SUITE_CPU_DIR=\S+ python -m pytest", "the suite itself, timed per test (benchmarks/suite_cpu.py)"),
     (r"--cfg configs/demo\.yaml( |$)", "the demo's recipe at full scale: minutes (the tiny runs cover the command)"),
     (r"--nproc_per_node=8|(^| )\./launch\.sh|^srun ", "GPU-only or a cluster: one process per GPU, several nodes"),
     (r"/data/imagenet|imagenet-v2|/data/real\.json", "ImageNet-scale data"),
