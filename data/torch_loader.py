@@ -176,11 +176,15 @@ class TorchLoader(BatchLoader):
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         if self.loader.num_workers > 0 and getattr(self.loader, "_iterator", None) is None:
-            gc.freeze()  # the workers fork inside iter(): what they inherit stays out of their collector's reach
+            # The workers fork inside iter(): what they inherit stays out of their collector's reach. A
+            # process that had frozen objects itself keeps them (and these) frozen: unfreeze is all or nothing.
+            frozen_before = gc.get_freeze_count()
+            gc.freeze()
             try:
                 batches = iter(self.loader)
             finally:
-                gc.unfreeze()
+                if frozen_before == 0:
+                    gc.unfreeze()
         else:
             batches = iter(self.loader)
         for images, labels, seeds, bad in batches:
