@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 import torch
@@ -27,11 +27,11 @@ MAX_WORKERS = 8
 
 
 @pytest.hookimpl(optionalhook=True)
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto``: the CPUs this process may run on (``PYTEST_XDIST_AUTO_NUM_WORKERS`` overrides), at most 8."""
-    chosen = os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS")
-    if chosen:
-        return int(chosen)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> Optional[int]:
+    """``-n auto``: the CPUs this process may run on, at most 8; with ``PYTEST_XDIST_AUTO_NUM_WORKERS``
+    set, None leaves the count to xdist's own hook, which reads it."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
     return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
 
 
